@@ -1,0 +1,35 @@
+//! The moeval engine: loads FlexOlmo, OLMoE and OLMo2 checkpoints in Hugging Face layout and runs them on
+//! the CPU in f32, with a per-sequence KV cache, batched log-likelihood scoring and generation.
+//!
+//! ```no_run
+//! use engine::{Model, LoadOptions, score::{loglikelihood, ScoreRequest, ScoreOptions}};
+//! let model = Model::load("path/to/model".as_ref(), &LoadOptions { opt_out: vec![2] })?;
+//! let tok = model.require_tokenizer()?;
+//! let req = ScoreRequest { context: tok.encode("The capital of France is")?, continuation: tok.encode(" Paris")? };
+//! let scores = loglikelihood(&model, &[req], &ScoreOptions::default())?;
+//! println!("{}", scores[0].total());
+//! # Ok::<(), engine::Error>(())
+//! ```
+
+mod attention;
+pub mod config;
+mod error;
+mod flex_olmo;
+pub mod generate;
+pub mod init;
+mod layers;
+mod model;
+mod olmo2;
+mod olmoe;
+pub mod score;
+mod tokenizer;
+mod weights;
+
+pub use attention::KvCache;
+pub use config::{Architecture, Config};
+pub use error::{Error, Result};
+pub use layers::TensorSource;
+pub use model::{Forward, LoadOptions, Model, SeqInput};
+pub use tokenizer::Tokenizer;
+pub use weights::Weights;
+pub use routers::ExpertMask;

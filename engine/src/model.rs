@@ -1,0 +1,240 @@
+//! A loaded causal language model: embeddings, decoder blocks of one architecture, final norm and head.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Module, Tensor};
+use candle_nn::Linear;
+use routers::ExpertMask;
+
+use crate::attention::{KvCache, SeqSpan};
+use crate::config::{Architecture, Config};
+use crate::layers::{self, Batch, RmsNorm, TensorSource};
+use crate::tokenizer::Tokenizer;
+use crate::weights::Weights;
+use crate::{flex_olmo, olmo2, olmoe, Error, Result};
+
+enum Block {
+    FlexOlmo(flex_olmo::Block),
+    Olmoe(olmoe::Block),
+    Olmo2(olmo2::Block),
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, layer: usize, batch: &mut Batch<'_>) -> Result<Tensor> {
+        match self {
+            Block::FlexOlmo(b) => b.forward(x, layer, batch),
+            Block::Olmoe(b) => b.forward(x, layer, batch),
+            Block::Olmo2(b) => b.forward(x, layer, batch),
+        }
+    }
+}
+
+/// Options for [`Model::load`].
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Experts to leave out (indices). Their weights are never read, and no sequence can route to them.
+    pub opt_out: Vec<usize>,
+}
+
+/// One sequence of a forward call: new tokens, the cache they extend, and optionally a narrower expert mask.
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Experts this sequence may use; `None` means every loaded expert. Must be within the loaded experts.
+    pub mask: Option<&'a ExpertMask>,
+}
+
+/// What a forward call returns.
+pub struct Forward {
+    /// Final hidden states (after the final norm, the input of the LM head), one row per new token, sequences
+    /// concatenated in input order.
+    pub hidden: Tensor,
+    /// First row of each sequence in `hidden`.
+    pub starts: Vec<usize>,
+    /// Router logits `[tokens, experts]` per MoE layer, when asked for.
+    pub router_logits: Option<Vec<Tensor>>,
+}
+
+/// A FlexOlmo, OLMoE or OLMo2 model on the CPU, computing in f32.
+pub struct Model {
+    config: Config,
+    embed_tokens: Tensor,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    loaded: Option<ExpertMask>,
+    tokenizer: Option<Tokenizer>,
+    dir: Option<PathBuf>,
+    expert_params: usize,
+}
+
+impl Model {
+    /// Loads a Hugging Face model directory: `config.json`, `tokenizer.json` and the safetensors weights.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Input(format!(
+                "model directory {} does not exist",
+                dir.display()
+            )));
+        }
+        let config = Config::from_file(&dir.join("config.json"))?;
+        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let weights = Weights::open(dir)?;
+        let mut model = Self::from_source(config, &weights, opts)?;
+        model.tokenizer = Some(tokenizer);
+        model.dir = Some(dir.to_path_buf());
+        Ok(model)
+    }
+
+    /// Builds a model from any tensor source (used for random-weight presets); no tokenizer.
+    pub fn from_source(config: Config, src: &dyn TensorSource, opts: &LoadOptions) -> Result<Self> {
+        let loaded = if config.is_moe() {
+            Some(ExpertMask::all(config.num_experts).without(&opts.opt_out)?)
+        } else if !opts.opt_out.is_empty() {
+            return Err(Error::Input(format!(
+                "this {} model is dense: it has no experts to opt out",
+                config.architecture.model_type()
+            )));
+        } else {
+            None
+        };
+        let (h, v) = (config.hidden_size, config.vocab_size);
+        let embed_tokens = src.tensor("model.embed_tokens.weight", &[v, h])?;
+        let mut blocks = Vec::with_capacity(config.num_hidden_layers);
+        let mut expert_params = 0;
+        for layer in 0..config.num_hidden_layers {
+            let block = match (config.architecture, &loaded) {
+                (Architecture::FlexOlmo, Some(m)) => {
+                    let b = flex_olmo::Block::load(src, &config, layer, m)?;
+                    expert_params += b.expert_params();
+                    Block::FlexOlmo(b)
+                }
+                (Architecture::Olmoe, Some(m)) => {
+                    let b = olmoe::Block::load(src, &config, layer, m)?;
+                    expert_params += b.expert_params();
+                    Block::Olmoe(b)
+                }
+                _ => Block::Olmo2(olmo2::Block::load(src, &config, layer)?),
+            };
+            blocks.push(block);
+        }
+        let norm = RmsNorm::load(src, "model.norm", h, config.rms_norm_eps)?;
+        let lm_head = if config.tie_word_embeddings && !src.contains("lm_head.weight") {
+            Linear::new(embed_tokens.clone(), None)
+        } else {
+            layers::linear(src, "lm_head", v, h)?
+        };
+        Ok(Self {
+            config,
+            embed_tokens,
+            blocks,
+            norm,
+            lm_head,
+            loaded,
+            tokenizer: None,
+            dir: None,
+            expert_params,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The tokenizer, when the model was loaded from a directory.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    /// The tokenizer, or an error saying the model has none.
+    pub fn require_tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::Input("this model has no tokenizer (random-weight preset)".into()))
+    }
+
+    /// The directory the model was loaded from.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// Experts loaded (all minus the opted-out ones); `None` for dense models.
+    pub fn loaded_experts(&self) -> Option<&ExpertMask> {
+        self.loaded.as_ref()
+    }
+
+    /// Parameters of all loaded experts, summed over layers.
+    pub fn loaded_expert_params(&self) -> usize {
+        self.expert_params
+    }
+
+    /// An empty KV cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        layers::new_cache(&self.config)
+    }
+
+    /// Runs new tokens of several sequences through the model, extending each sequence's cache.
+    ///
+    /// Sequences are never padded: each one's result is the same whatever else is in the batch.
+    pub fn forward(&self, seqs: &mut [SeqInput<'_>], record_router_logits: bool) -> Result<Forward> {
+        let v = self.config.vocab_size as u32;
+        let mut ids = Vec::new();
+        let mut starts = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            if s.tokens.is_empty() {
+                return Err(Error::Input("a sequence in the batch has no new tokens".into()));
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t >= v) {
+                return Err(Error::Input(format!(
+                    "token id {bad} is outside the vocabulary (size {v})"
+                )));
+            }
+            if let (Some(m), Some(loaded)) = (s.mask, &self.loaded) {
+                if m.num_experts() != loaded.num_experts() || !m.is_subset_of(loaded) {
+                    return Err(Error::Input(format!(
+                        "expert mask {m:?} asks for experts that were not loaded ({loaded:?})"
+                    )));
+                }
+            }
+            starts.push(ids.len());
+            ids.extend_from_slice(s.tokens);
+        }
+        let mut token_masks = Vec::new();
+        if let Some(loaded) = &self.loaded {
+            for s in seqs.iter() {
+                let m = s.mask.unwrap_or(loaded);
+                token_masks.extend(std::iter::repeat_n(m, s.tokens.len()));
+            }
+        }
+        let spans = seqs
+            .iter_mut()
+            .zip(&starts)
+            .map(|(s, &start)| SeqSpan {
+                start,
+                len: s.tokens.len(),
+                cache: &mut *s.cache,
+            })
+            .collect();
+        let mut batch = Batch {
+            spans,
+            token_masks,
+            router_logits: (record_router_logits && self.loaded.is_some()).then(Vec::new),
+        };
+        let n = ids.len();
+        let idx = Tensor::from_vec(ids, n, &Device::Cpu)?;
+        let mut x = self.embed_tokens.index_select(&idx, 0)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, layer, &mut batch)?;
+        }
+        Ok(Forward {
+            hidden: self.norm.forward(&x)?,
+            starts,
+            router_logits: batch.router_logits,
+        })
+    }
+
+    /// Logits `[rows, vocab]` for rows of final hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?)
+    }
+}

@@ -1,0 +1,200 @@
+//! Reading tensors from a checkpoint's safetensors files (one file or shards listed in an index).
+//!
+//! Files are memory-mapped and opened on first use, so a tensor that is never asked for (an opted-out
+//! expert, say) is never read, and a shard holding only such tensors is never opened.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::{Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::Metadata;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::{Error, Result};
+
+struct Shard {
+    path: PathBuf,
+    open: OnceLock<std::result::Result<OpenShard, String>>,
+}
+
+/// A mapped file with its parsed header, so each tensor read costs no header parse.
+struct OpenShard {
+    mmap: Mmap,
+    data_start: usize,
+    metadata: Metadata,
+}
+
+/// The tensors of a checkpoint directory, read lazily and converted to f32.
+pub struct Weights {
+    shards: Vec<Shard>,
+    /// Tensor name -> index into `shards`.
+    index: HashMap<String, usize>,
+}
+
+impl Weights {
+    /// Opens `model.safetensors.index.json` when present, else `model.safetensors`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        if index_path.exists() {
+            return Self::open_index(dir, &index_path);
+        }
+        let path = dir.join("model.safetensors");
+        if !path.exists() {
+            return Err(Error::Weights {
+                path,
+                message: "not found (nor model.safetensors.index.json); is this a model directory?".into(),
+            });
+        }
+        let mut weights = Weights {
+            shards: vec![Shard {
+                path: path.clone(),
+                open: OnceLock::new(),
+            }],
+            index: HashMap::new(),
+        };
+        let names: Vec<String> = weights
+            .open_shard(0)?
+            .metadata
+            .tensors()
+            .into_keys()
+            .collect();
+        weights.index = names.into_iter().map(|n| (n, 0)).collect();
+        Ok(weights)
+    }
+
+    fn open_index(dir: &Path, index_path: &Path) -> Result<Self> {
+        let err = |message: String| Error::Weights {
+            path: index_path.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(index_path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| err("missing object `weight_map`".into()))?;
+        let files: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        if map.values().any(|v| !v.is_string()) {
+            return Err(err("`weight_map` values must be file names".into()));
+        }
+        let files: Vec<&str> = files.into_iter().collect();
+        let mut shards = Vec::with_capacity(files.len());
+        for f in &files {
+            let path = dir.join(f);
+            if !path.exists() {
+                return Err(err(format!("shard `{f}` is listed in weight_map but missing from {}", dir.display())));
+            }
+            shards.push(Shard {
+                path,
+                open: OnceLock::new(),
+            });
+        }
+        let index = map
+            .iter()
+            .map(|(name, file)| {
+                let f = file.as_str().unwrap_or_default();
+                (name.clone(), files.iter().position(|x| *x == f).unwrap_or(0))
+            })
+            .collect();
+        Ok(Weights { shards, index })
+    }
+
+    fn open_shard(&self, shard: usize) -> Result<&OpenShard> {
+        let s = &self.shards[shard];
+        let open = s.open.get_or_init(|| {
+            let file = File::open(&s.path).map_err(|e| format!("cannot open: {e}"))?;
+            // SAFETY: checkpoint files are not modified while a model is loading; the map is read-only.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot memory-map: {e}"))?;
+            let (n, metadata) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| format!("corrupt or truncated safetensors file: {e}"))?;
+            Ok(OpenShard {
+                mmap,
+                data_start: 8 + n,
+                metadata,
+            })
+        });
+        open.as_ref().map_err(|message| Error::Weights {
+            path: s.path.clone(),
+            message: message.clone(),
+        })
+    }
+
+    /// True when the checkpoint has a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Names of all tensors in the checkpoint.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// The file holding `name` (for error messages and hashing).
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.index.get(name).map(|&i| self.shards[i].path.as_path())
+    }
+
+    /// Paths of all weight files.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.shards.iter().map(|s| s.path.as_path())
+    }
+
+    /// Reads tensor `name` as f32 and checks its shape.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (data, found) = self.get_raw(name)?;
+        if found != shape {
+            return Err(Error::Weights {
+                path: self.file_of(name).map(Path::to_path_buf).unwrap_or_default(),
+                message: format!("tensor `{name}` has shape {found:?}, expected {shape:?}"),
+            });
+        }
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+
+    /// Reads tensor `name` as f32 values with its shape, whatever its shape.
+    pub fn get_raw(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let &shard = self.index.get(name).ok_or_else(|| Error::Weights {
+            path: self.shards.first().map(|s| s.path.clone()).unwrap_or_default(),
+            message: format!("missing tensor `{name}`"),
+        })?;
+        let path = &self.shards[shard].path;
+        let open = self.open_shard(shard)?;
+        let info = open.metadata.info(name).ok_or_else(|| Error::Weights {
+            path: path.clone(),
+            message: format!("tensor `{name}` (listed in the index) is not in this file"),
+        })?;
+        let (begin, end) = info.data_offsets;
+        let bytes = &open.mmap[open.data_start + begin..open.data_start + end];
+        let data = to_f32(info.dtype, bytes).ok_or_else(|| Error::Weights {
+            path: path.clone(),
+            message: format!(
+                "tensor `{name}` has dtype {:?}; supported: F32, BF16, F16",
+                info.dtype
+            ),
+        })?;
+        Ok((data, info.shape.clone()))
+    }
+}
+
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    let out = match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    };
+    Some(out)
+}

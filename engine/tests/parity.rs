@@ -1,0 +1,138 @@
+//! Parity with the Hugging Face reference outputs in `shared/fixtures`.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use engine::generate::{generate, GenParams};
+use engine::{LoadOptions, Model, SeqInput};
+
+const PROMPTS: usize = 4;
+
+/// Full logits and router logits of one unbatched prompt.
+fn run(model: &Model, tokens: &[u32]) -> (Tensor, Vec<Tensor>) {
+    let mut cache = model.new_cache();
+    let fwd = model
+        .forward(
+            &mut [SeqInput {
+                tokens,
+                cache: &mut cache,
+                mask: None,
+            }],
+            true,
+        )
+        .unwrap();
+    (model.logits(&fwd.hidden).unwrap(), fwd.router_logits.unwrap_or_default())
+}
+
+fn check_fixture(name: &str, tol: f32) {
+    let model = Model::load(&fixture(name), &LoadOptions::default()).unwrap();
+    let reference = reference(name);
+    let prompts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap();
+    for i in 0..PROMPTS {
+        let text = prompts["prompts"][i].as_str().unwrap();
+        let tokens = model.require_tokenizer().unwrap().encode(text).unwrap();
+        assert_eq!(tokens, ids(&reference[&format!("input_ids.{i}")]), "{name}: tokens of prompt {i}");
+        let (logits, router) = run(&model, &tokens);
+        let d = max_abs_diff(&logits, &reference[&format!("logits.{i}")]);
+        assert!(d <= tol, "{name}: logits of prompt {i} differ by {d}");
+        for (l, r) in router.iter().enumerate() {
+            let d = max_abs_diff(r, &reference[&format!("router_logits.{i}.layer{l}")]);
+            assert!(d <= tol, "{name}: router logits of prompt {i} layer {l} differ by {d}");
+        }
+        assert_eq!(router.len(), if model.config().is_moe() { model.config().num_hidden_layers } else { 0 });
+    }
+    let prompt = ids(&reference["greedy.prompt"]);
+    let params = GenParams {
+        max_new_tokens: 16,
+        stop_at_eos: false,
+        ..GenParams::default()
+    };
+    let out = generate(&model, &[(prompt, params)], None).unwrap();
+    assert_eq!(out[0].tokens, ids(&reference["greedy.output"]), "{name}: greedy generation");
+}
+
+#[test]
+fn flexolmo_matches_reference() {
+    check_fixture("tiny-flexolmo", 1e-4);
+}
+
+#[test]
+fn flexolmo_bf16_sharded_matches_reference() {
+    check_fixture("tiny-flexolmo-bf16-sharded", 1e-4);
+}
+
+#[test]
+fn olmoe_matches_reference() {
+    check_fixture("tiny-olmoe", 1e-4);
+}
+
+#[test]
+fn olmo2_matches_reference() {
+    check_fixture("tiny-olmo2", 1e-4);
+}
+
+#[test]
+fn opt_out_equals_physical_removal() {
+    let name = "tiny-flexolmo";
+    let model = Model::load(&fixture(name), &LoadOptions { opt_out: vec![2] }).unwrap();
+    let reference = reference(name);
+    for i in 0..PROMPTS {
+        let (logits, _) = run(&model, &ids(&reference[&format!("input_ids.{i}")]));
+        let d = max_abs_diff(&logits, &reference[&format!("optout2.logits.{i}")]);
+        assert!(d <= 1e-5, "opt-out logits of prompt {i} differ by {d}");
+    }
+}
+
+#[test]
+fn per_sequence_mask_equals_load_time_opt_out() {
+    let name = "tiny-flexolmo";
+    let full = Model::load(&fixture(name), &LoadOptions::default()).unwrap();
+    let reference = reference(name);
+    let mask = full.loaded_experts().unwrap().without(&[2]).unwrap();
+    let a = ids(&reference["input_ids.0"]);
+    let b = ids(&reference["input_ids.1"]);
+    let (mut ca, mut cb) = (full.new_cache(), full.new_cache());
+    let fwd = full
+        .forward(
+            &mut [
+                SeqInput { tokens: &a, cache: &mut ca, mask: Some(&mask) },
+                SeqInput { tokens: &b, cache: &mut cb, mask: None },
+            ],
+            false,
+        )
+        .unwrap();
+    let logits = full.logits(&fwd.hidden).unwrap();
+    let masked = logits.narrow(0, 0, a.len()).unwrap();
+    let unmasked = logits.narrow(0, a.len(), b.len()).unwrap();
+    assert!(max_abs_diff(&masked, &reference["optout2.logits.0"]) <= 1e-5);
+    assert!(max_abs_diff(&unmasked, &reference["logits.1"]) <= 1e-4);
+}
+
+#[test]
+fn incremental_decoding_matches_full_forward() {
+    let model = Model::load(&fixture("tiny-flexolmo"), &LoadOptions::default()).unwrap();
+    let reference = reference("tiny-flexolmo");
+    let tokens = ids(&reference["input_ids.3"]);
+    let mut cache = model.new_cache();
+    let mut rows = Vec::new();
+    // Prefill 10 tokens, then feed the rest in steps of 1, 2 and 3 tokens.
+    let mut at = 0;
+    for step in [10, 1, 2, 3, 1, 1, 5, 100] {
+        let end = (at + step).min(tokens.len());
+        if at == end {
+            break;
+        }
+        let fwd = model
+            .forward(&mut [SeqInput { tokens: &tokens[at..end], cache: &mut cache, mask: None }], false)
+            .unwrap();
+        rows.push(model.logits(&fwd.hidden).unwrap());
+        at = end;
+    }
+    let logits = Tensor::cat(&rows, 0).unwrap();
+    let d = max_abs_diff(&logits, &reference["logits.3"]);
+    assert!(d <= 1e-4, "incremental logits differ by {d}");
+    assert_eq!(cache.len(), tokens.len());
+    let _ = Device::Cpu;
+}
