@@ -114,7 +114,9 @@ def main():
     keep_kw = "logits_to_keep" if "logits_to_keep" in sig else "num_logits_to_keep"
 
     def out_cache(out):
-        return getattr(out, "cache", None) or out.past_key_values
+        # Explicit None check: a Cache object defines __len__, so `or` would misfire.
+        cache = getattr(out, "cache", None)
+        return cache if cache is not None else out.past_key_values
 
     gen = torch.Generator().manual_seed(args.seed)
     prefill_ids = torch.randint(0, cfg.vocab_size, (PREFILL_BATCH, PREFILL_LEN), generator=gen)

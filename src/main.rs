@@ -1,1 +1,56 @@
-fn main() {}
+//! `moeval`: evaluate and serve Mixture-of-Experts language models with exact expert opt-out.
+
+mod commands;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "moeval", version, about, long_about = None)]
+#[command(after_help = "Examples:
+  moeval forward --model ./my-flexolmo --prompt 'Hello' --out logits.safetensors
+  moeval generate --model ./my-flexolmo --prompt 'Once upon a time' --max-new-tokens 32
+  moeval init-model --preset small --seed 0 --out ./small-random
+  moeval bench --preset small --threads 2 --json")]
+struct Cli {
+    /// Worker threads for tensor math (default: all cores). Same as RAYON_NUM_THREADS.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one prompt through a model and save input ids, logits and router logits (parity and inspection).
+    Forward(commands::forward::Args),
+    /// Continue a prompt with greedy decoding or seeded sampling.
+    Generate(commands::generate::Args),
+    /// Write a seeded random-weight checkpoint of a named shape (for benchmarks and examples).
+    InitModel(commands::init_model::Args),
+    /// Measure prefill and decode throughput and peak memory.
+    Bench(commands::bench::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        anyhow::ensure!(n > 0, "--threads must be at least 1");
+        // The tensor library reads this variable for its matmul threads; rayon's pool is sized to match.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+    }
+    match cli.command {
+        Command::Forward(a) => commands::forward::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::InitModel(a) => commands::init_model::run(a),
+        Command::Bench(a) => commands::bench::run(a, cli.threads),
+    }
+}

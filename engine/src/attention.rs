@@ -121,6 +121,23 @@ impl Rope {
     }
 }
 
+/// Up to this many new tokens per sequence, attention uses direct dot products instead of GEMM calls.
+const DIRECT_MAX_ROWS: usize = 4;
+
+/// Dot product with 8 independent accumulators, so the compiler can vectorise it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// One sequence's part of a batched attention call.
 pub(crate) struct SeqSpan<'a> {
     /// First row of the sequence in the batch.
@@ -202,33 +219,48 @@ unsafe fn attend_head(
     let total: usize = segments.iter().map(|s| s.0.len() / kvw).sum();
     let scale = 1.0 / (hd as f32).sqrt();
     let mut scores = vec![0f32; t * total];
-    let q_ptr = q.as_ptr().add(start * qw + head * hd);
-    let mut col = 0;
-    for (keys, _) in segments {
-        let n = keys.len() / kvw;
-        // scores[:, col..col+n] = q_head (t x hd) . keys_head^T (hd x n) * scale
-        gemm(
-            t,
-            n,
-            hd,
-            scores.as_mut_ptr().add(col),
-            1,
-            total as isize,
-            false,
-            q_ptr,
-            1,
-            qw as isize,
-            keys.as_ptr().add(kv_head * hd),
-            kvw as isize,
-            1,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-        col += n;
+    if t <= DIRECT_MAX_ROWS {
+        // Decoding: a handful of queries; plain dot products beat a GEMM call's set-up cost.
+        for i in 0..t {
+            let qi = &q[(start + i) * qw + head * hd..][..hd];
+            let row = &mut scores[i * total..(i + 1) * total];
+            let mut j = 0;
+            for (keys, _) in segments {
+                for key in keys.chunks_exact(kvw) {
+                    row[j] = dot(qi, &key[kv_head * hd..][..hd]) * scale;
+                    j += 1;
+                }
+            }
+        }
+    } else {
+        let q_ptr = q.as_ptr().add(start * qw + head * hd);
+        let mut col = 0;
+        for (keys, _) in segments {
+            let n = keys.len() / kvw;
+            // scores[:, col..col+n] = q_head (t x hd) . keys_head^T (hd x n) * scale
+            gemm(
+                t,
+                n,
+                hd,
+                scores.as_mut_ptr().add(col),
+                1,
+                total as isize,
+                false,
+                q_ptr,
+                1,
+                qw as isize,
+                keys.as_ptr().add(kv_head * hd),
+                kvw as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+            col += n;
+        }
     }
     for (i, row) in scores.chunks_exact_mut(total).enumerate() {
         // Query i sits at position pos0 + i and sees keys 0..=pos0 + i.
@@ -247,6 +279,26 @@ unsafe fn attend_head(
         hidden.fill(0.0);
     }
     let out_head = out.add(start * qw + head * hd);
+    if t <= DIRECT_MAX_ROWS {
+        for i in 0..t {
+            let probs = &scores[i * total..(i + 1) * total];
+            let mut acc = vec![0f32; hd];
+            let mut j = 0;
+            for (_, values) in segments {
+                for value in values.chunks_exact(kvw) {
+                    let p = probs[j];
+                    if p != 0.0 {
+                        for (a, &v) in acc.iter_mut().zip(&value[kv_head * hd..][..hd]) {
+                            *a += p * v;
+                        }
+                    }
+                    j += 1;
+                }
+            }
+            std::ptr::copy_nonoverlapping(acc.as_ptr(), out_head.add(i * qw), hd);
+        }
+        return;
+    }
     let mut col = 0;
     for (seg, (_, values)) in segments.iter().enumerate() {
         let n = values.len() / kvw;

@@ -1,12 +1,12 @@
 //! Building blocks shared by the architectures: RMSNorm, projections, the dense SwiGLU MLP, the sparse MoE
 //! and the attention layer.
 
-use candle_core::{Device, Module, Tensor};
-use candle_nn::Linear;
+use candle_core::{Device, Tensor};
 use routers::{ExpertMask, Routing};
 
 use crate::attention::{self, Heads, KvCache, Rope, SeqSpan};
 use crate::config::Config;
+use crate::matmul::{with_f32, Linear};
 use crate::{Error, Result};
 
 /// Where a model's tensors come from: a checkpoint on disk, or a seeded random initialisation.
@@ -27,7 +27,7 @@ impl TensorSource for crate::weights::Weights {
 }
 
 pub(crate) fn linear(src: &dyn TensorSource, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    Ok(Linear::new(src.tensor(&format!("{name}.weight"), &[out, inp])?, None))
+    Ok(Linear::new(src.tensor(&format!("{name}.weight"), &[out, inp])?))
 }
 
 /// RMSNorm computed in f32: `w * (x / sqrt(mean(x^2) + eps))`. In f32 the OLMo2 and Llama variants
@@ -49,6 +49,19 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
     }
+
+    /// Normalises each `weight.len()`-wide row of `rows` in place.
+    pub fn apply_rows(&self, rows: &mut [f32]) -> Result<()> {
+        with_f32(&self.weight, |w| {
+            for row in rows.chunks_exact_mut(w.len()) {
+                let ms = row.iter().map(|x| x * x).sum::<f32>() / w.len() as f32;
+                let inv = 1.0 / (ms + self.eps).sqrt();
+                for (x, g) in row.iter_mut().zip(w) {
+                    *x = g * (*x * inv);
+                }
+            }
+        })
+    }
 }
 
 /// SwiGLU feed-forward `down(silu(gate(x)) * up(x))`, with gate and up fused into one matmul.
@@ -66,18 +79,30 @@ impl Mlp {
         let up = src.tensor(&format!("{prefix}.up_proj.weight"), &[intermediate, hidden])?;
         let gate_up = Tensor::cat(&[gate, up], 0)?;
         Ok(Self {
-            gate_up: Linear::new(gate_up, None),
+            gate_up: Linear::new(gate_up),
             down: linear(src, &format!("{prefix}.down_proj"), hidden, intermediate)?,
             intermediate,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gu = self.gate_up.forward(x)?;
-        let gate = gu.narrow(1, 0, self.intermediate)?;
-        let up = gu.narrow(1, self.intermediate, self.intermediate)?;
-        let h = (candle_nn::ops::silu(&gate)? * up)?;
-        Ok(self.down.forward(&h)?)
+        let (m, h) = x.dims2()?;
+        let out = with_f32(&x.contiguous()?, |xs| self.forward_rows(xs, m))??;
+        Ok(Tensor::from_vec(out, (m, h), &Device::Cpu)?)
+    }
+
+    /// The MLP on `m` rows of `x`.
+    pub fn forward_rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let i = self.intermediate;
+        let gu = self.gate_up.forward_rows(x, m)?;
+        let mut act = vec![0f32; m * i];
+        for (a, row) in act.chunks_exact_mut(i).zip(gu.chunks_exact(2 * i)) {
+            let (g, u) = row.split_at(i);
+            for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                *a = g / (1.0 + (-g).exp()) * u;
+            }
+        }
+        self.down.forward_rows(&act, m)
     }
 
     /// Number of parameters.
@@ -130,22 +155,26 @@ impl SparseMoe {
     }
 
     pub fn forward(&self, x: &Tensor, batch: &mut Batch<'_>) -> Result<Tensor> {
-        let n = x.dim(0)?;
-        let num_experts = self.experts.len();
-        let logits = self.gate.forward(x)?;
-        let lv = logits.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(all) = batch.router_logits.as_mut() {
-            all.push(logits);
-        }
-        let mut routed: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); num_experts];
+        let (n, h) = x.dims2()?;
+        let out = with_f32(&x.contiguous()?, |xs| self.forward_rows(xs, n, batch))??;
+        Ok(Tensor::from_vec(out, (n, h), &Device::Cpu)?)
+    }
+
+    fn forward_rows(&self, x: &[f32], n: usize, batch: &mut Batch<'_>) -> Result<Vec<f32>> {
+        let (h, num_experts) = (self.hidden, self.experts.len());
+        let logits = self.gate.forward_rows(x, n)?;
+        let mut routed: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); num_experts];
         for (row, mask) in batch.token_masks.iter().enumerate() {
-            for (e, w) in self.routing.route(&lv[row * num_experts..(row + 1) * num_experts], mask) {
-                routed[e].0.push(row as u32);
+            for (e, w) in self.routing.route(&logits[row * num_experts..(row + 1) * num_experts], mask) {
+                routed[e].0.push(row);
                 routed[e].1.push(w);
             }
         }
-        let mut out = vec![0f32; n * self.hidden];
-        // Experts in index order, each over its tokens: the reference accumulates in the same order.
+        if let Some(all) = batch.router_logits.as_mut() {
+            all.push(Tensor::from_vec(logits, (n, num_experts), &Device::Cpu)?);
+        }
+        let mut out = vec![0f32; n * h];
+        // Experts in index order, each over exactly its tokens: the reference accumulates in the same order.
         for (e, (rows, weights)) in routed.into_iter().enumerate() {
             if rows.is_empty() {
                 continue;
@@ -153,17 +182,18 @@ impl SparseMoe {
             let expert = self.experts[e].as_ref().ok_or_else(|| {
                 Error::Input(format!("expert {e} was opted out when the model was loaded"))
             })?;
-            let idx = Tensor::from_vec(rows.clone(), rows.len(), x.device())?;
-            let ys = expert.forward(&x.index_select(&idx, 0)?)?;
-            let ys = ys.flatten_all()?.to_vec1::<f32>()?;
-            for ((&row, &w), y) in rows.iter().zip(&weights).zip(ys.chunks_exact(self.hidden)) {
-                let dst = &mut out[row as usize * self.hidden..(row as usize + 1) * self.hidden];
-                for (d, &v) in dst.iter_mut().zip(y) {
+            let mut xs = Vec::with_capacity(rows.len() * h);
+            for &row in &rows {
+                xs.extend_from_slice(&x[row * h..(row + 1) * h]);
+            }
+            let ys = expert.forward_rows(&xs, rows.len())?;
+            for ((&row, &w), y) in rows.iter().zip(&weights).zip(ys.chunks_exact(h)) {
+                for (d, &v) in out[row * h..(row + 1) * h].iter_mut().zip(y) {
                     *d += w * v;
                 }
             }
         }
-        Ok(Tensor::from_vec(out, (n, self.hidden), x.device())?)
+        Ok(out)
     }
 
     /// Parameters of one expert (0 when none is loaded).
@@ -175,9 +205,8 @@ impl SparseMoe {
 /// Self-attention with full-width q/k RMSNorm (OLMo2, FlexOlmo, OLMoE) and optional q/k/v clipping (OLMoE).
 #[derive(Clone, Debug)]
 pub(crate) struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v projections stacked into one `[q + 2 kv, hidden]` matmul.
+    qkv_proj: Linear,
     o_proj: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
@@ -191,10 +220,11 @@ impl Attention {
         let h = cfg.hidden_size;
         let qw = cfg.num_attention_heads * cfg.head_dim;
         let kvw = cfg.num_key_value_heads * cfg.head_dim;
+        let q = src.tensor(&format!("{prefix}.q_proj.weight"), &[qw, h])?;
+        let k = src.tensor(&format!("{prefix}.k_proj.weight"), &[kvw, h])?;
+        let v = src.tensor(&format!("{prefix}.v_proj.weight"), &[kvw, h])?;
         Ok(Self {
-            q_proj: linear(src, &format!("{prefix}.q_proj"), qw, h)?,
-            k_proj: linear(src, &format!("{prefix}.k_proj"), kvw, h)?,
-            v_proj: linear(src, &format!("{prefix}.v_proj"), kvw, h)?,
+            qkv_proj: Linear::new(Tensor::cat(&[q, k, v], 0)?),
             o_proj: linear(src, &format!("{prefix}.o_proj"), h, qw)?,
             q_norm: RmsNorm::load(src, &format!("{prefix}.q_norm"), qw, cfg.rms_norm_eps)?,
             k_norm: RmsNorm::load(src, &format!("{prefix}.k_norm"), kvw, cfg.rms_norm_eps)?,
@@ -209,21 +239,27 @@ impl Attention {
     }
 
     pub fn forward(&self, x: &Tensor, layer: usize, batch: &mut Batch<'_>) -> Result<Tensor> {
-        let n = x.dim(0)?;
-        let mut q = self.q_norm.forward(&self.q_proj.forward(x)?)?;
-        let mut k = self.k_norm.forward(&self.k_proj.forward(x)?)?;
-        let mut v = self.v_proj.forward(x)?;
-        if let Some(c) = self.clip_qkv {
-            q = q.clamp(-c, c)?;
-            k = k.clamp(-c, c)?;
-            v = v.clamp(-c, c)?;
+        let (n, h) = x.dims2()?;
+        let qw = self.heads.heads * self.heads.head_dim;
+        let kvw = self.heads.kv_heads * self.heads.head_dim;
+        let qkv = with_f32(&x.contiguous()?, |xs| self.qkv_proj.forward_rows(xs, n))??;
+        let (mut q, mut k, mut v) = (Vec::with_capacity(n * qw), Vec::with_capacity(n * kvw), Vec::with_capacity(n * kvw));
+        for row in qkv.chunks_exact(qw + 2 * kvw) {
+            q.extend_from_slice(&row[..qw]);
+            k.extend_from_slice(&row[qw..qw + kvw]);
+            v.extend_from_slice(&row[qw + kvw..]);
         }
-        let mut q = q.flatten_all()?.to_vec1::<f32>()?;
-        let mut k = k.flatten_all()?.to_vec1::<f32>()?;
-        let v = v.flatten_all()?.to_vec1::<f32>()?;
+        self.q_norm.apply_rows(&mut q)?;
+        self.k_norm.apply_rows(&mut k)?;
+        if let Some(c) = self.clip_qkv {
+            let c = c as f32;
+            for x in q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()) {
+                *x = x.clamp(-c, c);
+            }
+        }
         let out = attention::attend(self.heads, &self.rope, layer, &mut q, &mut k, &v, &mut batch.spans);
-        let out = Tensor::from_vec(out, (n, self.heads.heads * self.heads.head_dim), &Device::Cpu)?;
-        Ok(self.o_proj.forward(&out)?)
+        let out = self.o_proj.forward_rows(&out, n)?;
+        Ok(Tensor::from_vec(out, (n, h), &Device::Cpu)?)
     }
 }
 

@@ -18,6 +18,7 @@ mod flex_olmo;
 pub mod generate;
 pub mod init;
 mod layers;
+pub mod matmul;
 mod model;
 mod olmo2;
 mod olmoe;

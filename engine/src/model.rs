@@ -2,12 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Module, Tensor};
-use candle_nn::Linear;
+use candle_core::{Device, Tensor};
 use routers::ExpertMask;
 
 use crate::attention::{KvCache, SeqSpan};
 use crate::config::{Architecture, Config};
+use crate::matmul::Linear;
 use crate::layers::{self, Batch, RmsNorm, TensorSource};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
@@ -120,7 +120,7 @@ impl Model {
         }
         let norm = RmsNorm::load(src, "model.norm", h, config.rms_norm_eps)?;
         let lm_head = if config.tie_word_embeddings && !src.contains("lm_head.weight") {
-            Linear::new(embed_tokens.clone(), None)
+            Linear::new(embed_tokens.clone())
         } else {
             layers::linear(src, "lm_head", v, h)?
         };

@@ -1,0 +1,171 @@
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use engine::init::{Preset, RandomInit};
+use engine::{LoadOptions, Model, SeqInput};
+
+/// `moeval bench`: prefill and decode throughput of the CPU engine, and peak memory.
+///
+/// Prefill: a batch of sequences run through the model from an empty cache, producing each sequence's
+/// last-position logits (what generation needs). Decode: after a prompt is prefilled (not timed), greedy
+/// steps of one token per sequence with the KV cache, logits and argmax included. Each figure is the
+/// median of `--repeats` runs after one warm-up.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Random-weight model shape (the same weights `moeval init-model --preset P --seed 0` writes).
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// Benchmark a checkpoint directory instead of a preset.
+    #[arg(long, conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Prefill length in tokens.
+    #[arg(long, default_value_t = 256)]
+    prefill_len: usize,
+    /// Prompt length before decoding.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Decode steps.
+    #[arg(long, default_value_t = 32)]
+    decode_steps: usize,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Deterministic pseudo-random token ids (splitmix64).
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Peak resident set size of this process, in MiB (VmHWM).
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Runs `seqs` through fresh caches and returns the caches and each sequence's last-position logits.
+fn prefill(model: &Model, seqs: &[Vec<u32>]) -> Result<(Vec<engine::KvCache>, Tensor)> {
+    let mut caches: Vec<_> = seqs.iter().map(|_| model.new_cache()).collect();
+    let mut inputs: Vec<SeqInput> = seqs
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(s, c)| SeqInput { tokens: s, cache: c, mask: None })
+        .collect();
+    let fwd = model.forward(&mut inputs, false)?;
+    drop(inputs);
+    let last: Vec<u32> = seqs.iter().zip(&fwd.starts).map(|(s, &st)| (st + s.len() - 1) as u32).collect();
+    let idx = Tensor::from_vec(last, seqs.len(), fwd.hidden.device())?;
+    let logits = model.logits(&fwd.hidden.index_select(&idx, 0)?)?;
+    Ok((caches, logits))
+}
+
+fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(1)?.to_vec1::<u32>()?)
+}
+
+pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
+    anyhow::ensure!(a.batch > 0 && a.repeats > 0 && a.prefill_len > 0 && a.prompt_len > 0, "sizes must be positive");
+    let load_start = Instant::now();
+    let (model, source) = match &a.model {
+        Some(dir) => {
+            // No tokenizer needed: the benchmark feeds token ids.
+            let cfg = engine::Config::from_file(&dir.join("config.json"))?;
+            let weights = engine::Weights::open(dir)?;
+            (Model::from_source(cfg, &weights, &LoadOptions::default())?, dir.display().to_string())
+        }
+        None => {
+            let cfg = Preset::parse(&a.preset)?.config();
+            let model = Model::from_source(cfg, &RandomInit { seed: 0 }, &LoadOptions::default())
+                .context("cannot build the preset model")?;
+            (model, format!("preset {}", a.preset))
+        }
+    };
+    let load_s = load_start.elapsed().as_secs_f64();
+    let cfg = model.config().clone();
+    let v = cfg.vocab_size;
+    let prefill_seqs: Vec<Vec<u32>> = (0..a.batch).map(|i| tokens(a.prefill_len, v, i as u64)).collect();
+    let prompts: Vec<Vec<u32>> = (0..a.batch).map(|i| tokens(a.prompt_len, v, 1000 + i as u64)).collect();
+
+    let mut prefill_times = Vec::new();
+    for r in 0..=a.repeats {
+        let t = Instant::now();
+        let (_, logits) = prefill(&model, &prefill_seqs)?;
+        std::hint::black_box(logits);
+        if r > 0 {
+            prefill_times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let mut decode_times = Vec::new();
+    for r in 0..=a.repeats {
+        let (mut caches, logits) = prefill(&model, &prompts)?;
+        let mut next = argmax_rows(&logits)?;
+        let t = Instant::now();
+        for _ in 0..a.decode_steps {
+            let feeds: Vec<[u32; 1]> = next.iter().map(|&x| [x]).collect();
+            let mut inputs: Vec<SeqInput> = feeds
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(f, c)| SeqInput { tokens: f, cache: c, mask: None })
+                .collect();
+            let fwd = model.forward(&mut inputs, false)?;
+            next = argmax_rows(&model.logits(&fwd.hidden)?)?;
+        }
+        if r > 0 {
+            decode_times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let prefill_tok_s = (a.batch * a.prefill_len) as f64 / median(prefill_times);
+    let decode_tok_s = (a.batch * a.decode_steps) as f64 / median(decode_times);
+    let params: usize = engine::init::tensor_specs(&cfg).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let weights_mb = params as f64 * 4.0 / (1024.0 * 1024.0);
+    let rss = peak_rss_mb().unwrap_or(f64::NAN);
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if a.json {
+        let out = serde_json::json!({
+            "impl": "moeval",
+            "model": source,
+            "threads": threads,
+            "batch": a.batch,
+            "prefill_len": a.prefill_len,
+            "prompt_len": a.prompt_len,
+            "decode_steps": a.decode_steps,
+            "prefill_tok_s": prefill_tok_s,
+            "decode_tok_s": decode_tok_s,
+            "peak_rss_mb": rss,
+            "weights_mb_f32": weights_mb,
+            "params": params,
+            "load_s": load_s,
+        });
+        println!("{out}");
+    } else {
+        println!("model          {source} ({params} parameters, {weights_mb:.0} MiB in f32)");
+        println!("threads        {threads}");
+        println!("prefill        {prefill_tok_s:.0} tok/s  (batch {} x {} tokens)", a.batch, a.prefill_len);
+        println!("decode         {decode_tok_s:.0} tok/s  (batch {}, {} steps after {} tokens)", a.batch, a.decode_steps, a.prompt_len);
+        println!("peak RSS       {rss:.0} MiB ({:.2}x the f32 weights)", rss / weights_mb);
+    }
+    Ok(())
+}
