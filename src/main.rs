@@ -45,7 +45,9 @@ fn run(cli: Cli) -> Result<()> {
         anyhow::ensure!(n > 0, "--threads must be at least 1");
         // The tensor library reads this variable for its matmul threads; rayon's pool is sized to match.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()?;
     }
     match cli.command {
         Command::Forward(a) => commands::forward::run(a),

@@ -185,15 +185,25 @@ pub(crate) fn attend(
         .collect();
     let spans = &*spans;
     let q = &*q;
-    work.par_iter().for_each(|&(s, head)| {
+    let run = |&(s, head): &(usize, usize)| {
         let span = &spans[s];
         let segments = span.cache.segments(layer);
         let ptr = out_ptr;
         // SAFETY: `out` outlives the loop; this item writes only rows of sequence `s`, columns of `head`.
         unsafe {
-            attend_head(h, head, q, span.start, span.len, positions[s], &segments, ptr.0)
+            attend_head(
+                h,
+                head,
+                q,
+                span.start,
+                span.len,
+                positions[s],
+                &segments,
+                ptr.0,
+            )
         }
-    });
+    };
+    work.par_iter().for_each(run);
     out
 }
 
@@ -266,16 +276,7 @@ unsafe fn attend_head(
         // Query i sits at position pos0 + i and sees keys 0..=pos0 + i.
         let visible = pos0 + i + 1;
         let (seen, hidden) = row.split_at_mut(visible);
-        let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for x in seen.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        for x in seen.iter_mut() {
-            *x *= inv;
-        }
+        crate::vecmath::softmax(seen);
         hidden.fill(0.0);
     }
     let out_head = out.add(start * qw + head * hd);

@@ -94,7 +94,9 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
             path: path.to_path_buf(),
-            message: format!("cannot read the model config ({e}); a model directory needs a config.json"),
+            message: format!(
+                "cannot read the model config ({e}); a model directory needs a config.json"
+            ),
         })?;
         Self::from_json(&text).map_err(|message| Error::Config {
             path: path.to_path_buf(),
@@ -104,7 +106,8 @@ impl Config {
 
     /// Parses and validates the text of a `config.json`; the error is a message without the path.
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| format!("invalid config: {e}"))?;
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| format!("invalid config: {e}"))?;
         let architecture = match raw.model_type.as_str() {
             "flex_olmo" => Architecture::FlexOlmo,
             "olmoe" => Architecture::Olmoe,
@@ -115,7 +118,10 @@ impl Config {
                 ))
             }
         };
-        let rope_type = raw.rope_parameters.as_ref().and_then(|r| r.rope_type.clone());
+        let rope_type = raw
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_type.clone());
         if let Some(t) = rope_type.filter(|t| t != "default") {
             return Err(format!("rope_type `{t}` is not supported (only `default`)"));
         }
@@ -134,27 +140,29 @@ impl Config {
             .unwrap_or(default_theta);
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || raw.hidden_size % heads != 0 {
+        if heads == 0 || !raw.hidden_size.is_multiple_of(heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {heads}",
                 raw.hidden_size
             ));
         }
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(format!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             ));
         }
         let head_dim = raw.hidden_size / heads;
-        if head_dim % 2 != 0 {
-            return Err(format!("head_dim {head_dim} must be even for rotary embeddings"));
+        if !head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "head_dim {head_dim} must be even for rotary embeddings"
+            ));
         }
         let (num_experts, num_experts_per_tok) = match architecture {
             Architecture::Olmo2 => (0, 0),
             _ => {
-                let e = raw
-                    .num_experts
-                    .ok_or_else(|| "missing field `num_experts` (required for MoE models)".to_string())?;
+                let e = raw.num_experts.ok_or_else(|| {
+                    "missing field `num_experts` (required for MoE models)".to_string()
+                })?;
                 let k = raw.num_experts_per_tok.ok_or_else(|| {
                     "missing field `num_experts_per_tok` (required for MoE models)".to_string()
                 })?;

@@ -22,15 +22,30 @@ pub(crate) struct Block {
 }
 
 impl Block {
-    pub fn load(src: &dyn TensorSource, cfg: &Config, layer: usize, loaded: &ExpertMask) -> Result<Self> {
+    pub fn load(
+        src: &dyn TensorSource,
+        cfg: &Config,
+        layer: usize,
+        loaded: &ExpertMask,
+    ) -> Result<Self> {
         let p = format!("model.layers.{layer}");
         let h = cfg.hidden_size;
         let eps = cfg.rms_norm_eps;
         Ok(Self {
             self_attn: Attention::load(src, &format!("{p}.self_attn"), cfg)?,
-            post_attention_layernorm: RmsNorm::load(src, &format!("{p}.post_attention_layernorm"), h, eps)?,
+            post_attention_layernorm: RmsNorm::load(
+                src,
+                &format!("{p}.post_attention_layernorm"),
+                h,
+                eps,
+            )?,
             mlp: SparseMoe::load(src, &format!("{p}.mlp"), cfg, loaded)?,
-            post_feedforward_layernorm: RmsNorm::load(src, &format!("{p}.post_feedforward_layernorm"), h, eps)?,
+            post_feedforward_layernorm: RmsNorm::load(
+                src,
+                &format!("{p}.post_feedforward_layernorm"),
+                h,
+                eps,
+            )?,
         })
     }
 

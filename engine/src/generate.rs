@@ -68,7 +68,11 @@ struct Active {
 
 /// Continues each prompt (token ids) under its parameters. Prompts are decoded together, one token per
 /// step each, until every one has finished; each result is what that prompt would give alone.
-pub fn generate(model: &Model, prompts: &[(Vec<u32>, GenParams)], mask: Option<&ExpertMask>) -> Result<Vec<Generation>> {
+pub fn generate(
+    model: &Model,
+    prompts: &[(Vec<u32>, GenParams)],
+    mask: Option<&ExpertMask>,
+) -> Result<Vec<Generation>> {
     if let Some(i) = prompts.iter().position(|p| p.0.is_empty()) {
         return Err(Error::Input(format!("prompt {i} has no tokens")));
     }
@@ -104,7 +108,9 @@ pub fn generate(model: &Model, prompts: &[(Vec<u32>, GenParams)], mask: Option<&
     // The first step feeds each prompt; later steps feed each live sequence its last token.
     let mut first = true;
     loop {
-        let live: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].done.is_none()).collect();
+        let live: Vec<usize> = (0..seqs.len())
+            .filter(|&i| seqs[i].done.is_none())
+            .collect();
         if live.is_empty() {
             break;
         }
@@ -114,7 +120,10 @@ pub fn generate(model: &Model, prompts: &[(Vec<u32>, GenParams)], mask: Option<&
                 if first {
                     prompts[i].0.clone()
                 } else {
-                    vec![*seqs[i].tokens.last().expect("a live sequence after step one has a token")]
+                    vec![*seqs[i]
+                        .tokens
+                        .last()
+                        .expect("a live sequence after step one has a token")]
                 }
             })
             .collect();
@@ -148,7 +157,12 @@ pub fn generate(model: &Model, prompts: &[(Vec<u32>, GenParams)], mask: Option<&
             seq.tokens.push(next);
             if !params.stop.is_empty() {
                 let text = model.require_tokenizer()?.decode(&seq.tokens)?;
-                if let Some(cut) = params.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                if let Some(cut) = params
+                    .stop
+                    .iter()
+                    .filter_map(|s| text.find(s.as_str()))
+                    .min()
+                {
                     seq.text = text[..cut].to_string();
                     seq.done = Some(FinishReason::Stop);
                     continue;

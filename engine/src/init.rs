@@ -28,7 +28,9 @@ impl Preset {
         match name {
             "small" => Ok(Preset::Small),
             "tiny" => Ok(Preset::Tiny),
-            other => Err(Error::Input(format!("unknown preset `{other}`; choose small or tiny"))),
+            other => Err(Error::Input(format!(
+                "unknown preset `{other}`; choose small or tiny"
+            ))),
         }
     }
 
@@ -69,7 +71,12 @@ pub fn tensor_specs(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        for (n, s) in [("q_proj", vec![qw, h]), ("k_proj", vec![kvw, h]), ("v_proj", vec![kvw, h]), ("o_proj", vec![h, qw])] {
+        for (n, s) in [
+            ("q_proj", vec![qw, h]),
+            ("k_proj", vec![kvw, h]),
+            ("v_proj", vec![kvw, h]),
+            ("o_proj", vec![h, qw]),
+        ] {
             out.push((format!("{p}.self_attn.{n}.weight"), s));
         }
         out.push((format!("{p}.self_attn.q_norm.weight"), vec![qw]));
@@ -120,20 +127,23 @@ impl RandomInit {
         }
         const CHUNK: usize = 1 << 16;
         let mut data = vec![0f32; len];
-        data.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-            let mut rng = ChaCha8Rng::seed_from_u64(key ^ (c as u64).wrapping_mul(0xd6e8_feb8_6659_fd93));
-            for pair in chunk.chunks_mut(2) {
-                // Box-Muller: two standard normals from two uniforms in (0, 1].
-                let u1: f64 = 1.0 - rng.random::<f64>();
-                let u2: f64 = rng.random::<f64>();
-                let r = (-2.0 * u1.ln()).sqrt() * 0.02;
-                let t = std::f64::consts::TAU * u2;
-                pair[0] = (r * t.cos()) as f32;
-                if pair.len() > 1 {
-                    pair[1] = (r * t.sin()) as f32;
+        data.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let mut rng =
+                    ChaCha8Rng::seed_from_u64(key ^ (c as u64).wrapping_mul(0xd6e8_feb8_6659_fd93));
+                for pair in chunk.chunks_mut(2) {
+                    // Box-Muller: two standard normals from two uniforms in (0, 1].
+                    let u1: f64 = 1.0 - rng.random::<f64>();
+                    let u2: f64 = rng.random::<f64>();
+                    let r = (-2.0 * u1.ln()).sqrt() * 0.02;
+                    let t = std::f64::consts::TAU * u2;
+                    pair[0] = (r * t.cos()) as f32;
+                    if pair.len() > 1 {
+                        pair[1] = (r * t.sin()) as f32;
+                    }
                 }
-            }
-        });
+            });
         data
     }
 }
@@ -141,7 +151,11 @@ impl RandomInit {
 impl TensorSource for RandomInit {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let len = shape.iter().product();
-        Ok(Tensor::from_vec(self.values(name, len), shape, &Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            self.values(name, len),
+            shape,
+            &Device::Cpu,
+        )?)
     }
     fn contains(&self, _name: &str) -> bool {
         true
@@ -178,7 +192,8 @@ pub fn write_random_checkpoint(cfg: &Config, init: &RandomInit, dir: &Path) -> R
     })?;
     std::fs::rename(&tmp, &weights_path).map_err(io(format!("cannot rename {}", tmp.display())))?;
     let config = serde_json::to_string_pretty(&cfg.to_json()).expect("JSON values serialise");
-    std::fs::write(dir.join("config.json"), config).map_err(io("cannot write config.json".into()))?;
+    std::fs::write(dir.join("config.json"), config)
+        .map_err(io("cannot write config.json".into()))?;
     let generation = serde_json::json!({"eos_token_id": cfg.eos_token_ids.first(), "pad_token_id": cfg.pad_token_id});
     std::fs::write(dir.join("generation_config.json"), generation.to_string())
         .map_err(io("cannot write generation_config.json".into()))?;

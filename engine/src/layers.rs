@@ -2,6 +2,7 @@
 //! and the attention layer.
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 use routers::{ExpertMask, Routing};
 
 use crate::attention::{self, Heads, KvCache, Rope, SeqSpan};
@@ -27,7 +28,7 @@ impl TensorSource for crate::weights::Weights {
 }
 
 pub(crate) fn linear(src: &dyn TensorSource, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    Ok(Linear::new(src.tensor(&format!("{name}.weight"), &[out, inp])?))
+    Linear::new(src.tensor(&format!("{name}.weight"), &[out, inp])?)
 }
 
 /// RMSNorm computed in f32: `w * (x / sqrt(mean(x^2) + eps))`. In f32 the OLMo2 and Llama variants
@@ -47,7 +48,11 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight,
+            self.eps,
+        )?)
     }
 
     /// Normalises each `weight.len()`-wide row of `rows` in place.
@@ -74,12 +79,20 @@ pub(crate) struct Mlp {
 
 impl Mlp {
     /// Loads `{prefix}.{gate,up,down}_proj.weight`.
-    pub fn load(src: &dyn TensorSource, prefix: &str, hidden: usize, intermediate: usize) -> Result<Self> {
-        let gate = src.tensor(&format!("{prefix}.gate_proj.weight"), &[intermediate, hidden])?;
+    pub fn load(
+        src: &dyn TensorSource,
+        prefix: &str,
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<Self> {
+        let gate = src.tensor(
+            &format!("{prefix}.gate_proj.weight"),
+            &[intermediate, hidden],
+        )?;
         let up = src.tensor(&format!("{prefix}.up_proj.weight"), &[intermediate, hidden])?;
         let gate_up = Tensor::cat(&[gate, up], 0)?;
         Ok(Self {
-            gate_up: Linear::new(gate_up),
+            gate_up: Linear::new(gate_up)?,
             down: linear(src, &format!("{prefix}.down_proj"), hidden, intermediate)?,
             intermediate,
         })
@@ -96,18 +109,18 @@ impl Mlp {
         let i = self.intermediate;
         let gu = self.gate_up.forward_rows(x, m)?;
         let mut act = vec![0f32; m * i];
-        for (a, row) in act.chunks_exact_mut(i).zip(gu.chunks_exact(2 * i)) {
-            let (g, u) = row.split_at(i);
-            for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                *a = g / (1.0 + (-g).exp()) * u;
-            }
-        }
+        act.par_chunks_mut(i)
+            .zip(gu.par_chunks(2 * i))
+            .for_each(|(a, row)| {
+                let (g, u) = row.split_at(i);
+                crate::vecmath::silu_mul(a, g, u);
+            });
         self.down.forward_rows(&act, m)
     }
 
     /// Number of parameters.
     pub fn num_params(&self) -> usize {
-        self.gate_up.weight().elem_count() + self.down.weight().elem_count()
+        self.gate_up.num_params() + self.down.num_params()
     }
 }
 
@@ -133,13 +146,25 @@ pub(crate) struct SparseMoe {
 
 impl SparseMoe {
     /// Loads `{prefix}.gate` and `{prefix}.experts.{e}` for the experts `loaded` allows.
-    pub fn load(src: &dyn TensorSource, prefix: &str, cfg: &Config, loaded: &ExpertMask) -> Result<Self> {
+    pub fn load(
+        src: &dyn TensorSource,
+        prefix: &str,
+        cfg: &Config,
+        loaded: &ExpertMask,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let experts = (0..cfg.num_experts)
             .map(|e| {
                 loaded
                     .is_allowed(e)
-                    .then(|| Mlp::load(src, &format!("{prefix}.experts.{e}"), h, cfg.intermediate_size))
+                    .then(|| {
+                        Mlp::load(
+                            src,
+                            &format!("{prefix}.experts.{e}"),
+                            h,
+                            cfg.intermediate_size,
+                        )
+                    })
                     .transpose()
             })
             .collect::<Result<Vec<_>>>()?;
@@ -165,7 +190,10 @@ impl SparseMoe {
         let logits = self.gate.forward_rows(x, n)?;
         let mut routed: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); num_experts];
         for (row, mask) in batch.token_masks.iter().enumerate() {
-            for (e, w) in self.routing.route(&logits[row * num_experts..(row + 1) * num_experts], mask) {
+            for (e, w) in self
+                .routing
+                .route(&logits[row * num_experts..(row + 1) * num_experts], mask)
+            {
                 routed[e].0.push(row);
                 routed[e].1.push(w);
             }
@@ -180,7 +208,9 @@ impl SparseMoe {
                 continue;
             }
             let expert = self.experts[e].as_ref().ok_or_else(|| {
-                Error::Input(format!("expert {e} was opted out when the model was loaded"))
+                Error::Input(format!(
+                    "expert {e} was opted out when the model was loaded"
+                ))
             })?;
             let mut xs = Vec::with_capacity(rows.len() * h);
             for &row in &rows {
@@ -198,7 +228,12 @@ impl SparseMoe {
 
     /// Parameters of one expert (0 when none is loaded).
     pub fn expert_params(&self) -> usize {
-        self.experts.iter().flatten().map(Mlp::num_params).next().unwrap_or(0)
+        self.experts
+            .iter()
+            .flatten()
+            .map(Mlp::num_params)
+            .next()
+            .unwrap_or(0)
     }
 }
 
@@ -224,7 +259,7 @@ impl Attention {
         let k = src.tensor(&format!("{prefix}.k_proj.weight"), &[kvw, h])?;
         let v = src.tensor(&format!("{prefix}.v_proj.weight"), &[kvw, h])?;
         Ok(Self {
-            qkv_proj: Linear::new(Tensor::cat(&[q, k, v], 0)?),
+            qkv_proj: Linear::new(Tensor::cat(&[q, k, v], 0)?)?,
             o_proj: linear(src, &format!("{prefix}.o_proj"), h, qw)?,
             q_norm: RmsNorm::load(src, &format!("{prefix}.q_norm"), qw, cfg.rms_norm_eps)?,
             k_norm: RmsNorm::load(src, &format!("{prefix}.k_norm"), kvw, cfg.rms_norm_eps)?,
@@ -243,7 +278,11 @@ impl Attention {
         let qw = self.heads.heads * self.heads.head_dim;
         let kvw = self.heads.kv_heads * self.heads.head_dim;
         let qkv = with_f32(&x.contiguous()?, |xs| self.qkv_proj.forward_rows(xs, n))??;
-        let (mut q, mut k, mut v) = (Vec::with_capacity(n * qw), Vec::with_capacity(n * kvw), Vec::with_capacity(n * kvw));
+        let (mut q, mut k, mut v) = (
+            Vec::with_capacity(n * qw),
+            Vec::with_capacity(n * kvw),
+            Vec::with_capacity(n * kvw),
+        );
         for row in qkv.chunks_exact(qw + 2 * kvw) {
             q.extend_from_slice(&row[..qw]);
             k.extend_from_slice(&row[qw..qw + kvw]);
@@ -257,7 +296,15 @@ impl Attention {
                 *x = x.clamp(-c, c);
             }
         }
-        let out = attention::attend(self.heads, &self.rope, layer, &mut q, &mut k, &v, &mut batch.spans);
+        let out = attention::attend(
+            self.heads,
+            &self.rope,
+            layer,
+            &mut q,
+            &mut k,
+            &v,
+            &mut batch.spans,
+        );
         let out = self.o_proj.forward_rows(&out, n)?;
         Ok(Tensor::from_vec(out, (n, h), &Device::Cpu)?)
     }
@@ -265,5 +312,8 @@ impl Attention {
 
 /// An empty cache shaped for `cfg`.
 pub(crate) fn new_cache(cfg: &Config) -> KvCache {
-    KvCache::new(cfg.num_hidden_layers, cfg.num_key_value_heads * cfg.head_dim)
+    KvCache::new(
+        cfg.num_hidden_layers,
+        cfg.num_key_value_heads * cfg.head_dim,
+    )
 }

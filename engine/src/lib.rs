@@ -24,6 +24,7 @@ mod olmo2;
 mod olmoe;
 pub mod score;
 mod tokenizer;
+mod vecmath;
 mod weights;
 
 pub use attention::KvCache;
@@ -31,6 +32,6 @@ pub use config::{Architecture, Config};
 pub use error::{Error, Result};
 pub use layers::TensorSource;
 pub use model::{Forward, LoadOptions, Model, SeqInput};
+pub use routers::ExpertMask;
 pub use tokenizer::Tokenizer;
 pub use weights::Weights;
-pub use routers::ExpertMask;

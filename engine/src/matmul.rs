@@ -1,21 +1,26 @@
-//! `y = x W^T` for row-major `x [m, k]` and weights `W [n, k]` (the layout checkpoints store), the matmul
+//! `y = x W^T` for row-major `x [m, k]` and weights `W [n, k]` (the layout checkpoints store): the matmul
 //! behind every projection.
 //!
-//! Each output element is one dot product of two contiguous rows, computed by the same instruction sequence
-//! wherever it falls in a tile: 16 lane-wise FMA accumulators over `k`, a fixed-order lane reduction, then
-//! the tail. A row's result is therefore bit-identical whatever else is in the batch, so scores cannot
-//! depend on batch size, and routing decisions cannot flip with it. Weights are read in place, without the
-//! packing copy a general GEMM makes, which matters most when decoding (few rows, every weight read once).
+//! Weights are repacked once at load time into panels of [`NR`] output columns, each panel `[k][NR]`
+//! contiguous, so every pass over a weight streams memory in order (what decoding, which reads each weight
+//! once per step, is bound by). The micro-kernel accumulates each output element as one fused multiply-add
+//! chain over `k` in order, whatever tile or kernel computes it: a row's result is bit-identical whatever
+//! else is in the batch (scores cannot depend on batch size, and routing cannot flip with it), and the
+//! AVX-512, AVX2 and portable kernels agree exactly.
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::{Error, Result};
 
-/// Rows of `x` per parallel work item; a block of `x` stays in L2 while weight rows stream past it.
-const M_BLOCK: usize = 64;
-/// Weight rows per parallel work item.
-const N_BLOCK: usize = 64;
+/// Output columns per packed panel (two 16-lane vectors).
+const NR: usize = 32;
+/// Rows of `x` per micro-kernel call.
+const MR: usize = 8;
+/// Rows of `x` per parallel work item: a block stays in L2 while panels stream past it.
+const M_BLOCK: usize = 128;
+/// Panels per parallel work item.
+const P_BLOCK: usize = 4;
 
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -23,40 +28,45 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// A projection `y = x W^T` with the weight kept as `[out, in]`.
+/// A projection `y = x W^T`, its weight `W [out, in]` held in packed panels.
 #[derive(Clone, Debug)]
 pub(crate) struct Linear {
-    weight: Tensor,
+    n: usize,
+    k: usize,
+    /// `ceil(n / NR)` panels of `k * NR` floats; panel `p` row `t` holds `W[p*NR .. p*NR+NR, t]`, zero-padded.
+    panels: Vec<f32>,
 }
 
 impl Linear {
-    pub fn new(weight: Tensor) -> Self {
-        Self { weight }
+    /// Packs a `[out, in]` weight tensor.
+    pub fn new(weight: Tensor) -> Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let panels = with_f32(&weight.contiguous()?, |w| pack(w, n, k))?;
+        Ok(Self { n, k, panels })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// Number of weight elements (`out * in`).
+    pub fn num_params(&self) -> usize {
+        self.n * self.k
     }
 
     /// `x [m, in] -> [m, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (m, k) = x.dims2()?;
-        let (n, kw) = self.weight.dims2()?;
-        if k != kw {
-            return Err(Error::Input(format!("matmul: input width {k} but weight width {kw}")));
-        }
-        let x = x.contiguous()?;
-        let out = with_f32(&x, |xs| self.forward_rows(xs, m))??;
-        Ok(Tensor::from_vec(out, (m, n), &Device::Cpu)?)
+        let (m, _) = x.dims2()?;
+        let out = with_f32(&x.contiguous()?, |xs| self.forward_rows(xs, m))??;
+        Ok(Tensor::from_vec(out, (m, self.n), &Device::Cpu)?)
     }
 
     /// `m` rows of `x` (each `in` wide) -> `m` rows of `out` values.
     pub fn forward_rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        let (n, k) = self.weight.dims2()?;
-        if x.len() != m * k {
-            return Err(Error::Input(format!("matmul: {} inputs for {m} rows of width {k}", x.len())));
+        if x.len() != m * self.k {
+            return Err(Error::Input(format!(
+                "matmul: {} inputs for {m} rows of width {}",
+                x.len(),
+                self.k
+            )));
         }
-        with_f32(&self.weight, |ws| matmul_nt(x, ws, m, n, k))
+        Ok(matmul_packed(x, m, &self.panels, self.n, self.k))
     }
 }
 
@@ -67,31 +77,69 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
         candle_core::Storage::Cpu(c) => c,
         _ => return Err(Error::Input("the CPU engine needs CPU tensors".into())),
     };
+    if !layout.is_contiguous() {
+        return Err(Error::Input(
+            "internal: expected a contiguous tensor".into(),
+        ));
+    }
     let all = cpu.as_slice::<f32>()?;
     let start = layout.start_offset();
-    if !layout.is_contiguous() {
-        return Err(Error::Input("internal: expected a contiguous tensor".into()));
-    }
     Ok(f(&all[start..start + t.elem_count()]))
 }
 
-/// `x [m, k] . w [n, k]^T -> [m, n]`.
-pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    debug_assert_eq!(x.len(), m * k);
-    debug_assert_eq!(w.len(), n * k);
-    let mut out = vec![0f32; m * n];
+fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let panels = n.div_ceil(NR);
+    let mut out = vec![0f32; panels * k * NR];
+    out.par_chunks_mut(k * NR)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            for j in 0..NR.min(n - p * NR) {
+                let row = &w[(p * NR + j) * k..][..k];
+                for (t, &v) in row.iter().enumerate() {
+                    panel[t * NR + j] = v;
+                }
+            }
+        });
+    out
+}
+
+/// `x [m, k] . W^T -> [m, n]` with `W` packed by [`pack`].
+pub fn matmul_packed(x: &[f32], m: usize, panels: &[f32], n: usize, k: usize) -> Vec<f32> {
+    // Every element is written below, so the buffer is not zeroed first.
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let ptr = OutPtr(out.as_mut_ptr());
-    let blocks: Vec<(usize, usize)> = (0..m.div_ceil(M_BLOCK))
-        .flat_map(|mb| (0..n.div_ceil(N_BLOCK)).map(move |nb| (mb, nb)))
+    let n_panels = n.div_ceil(NR);
+    let items: Vec<(usize, usize)> = (0..m.div_ceil(M_BLOCK))
+        .flat_map(|mb| (0..n_panels.div_ceil(P_BLOCK)).map(move |pb| (mb, pb)))
         .collect();
     let kernel = Kernel::detect();
-    blocks.par_iter().for_each(|&(mb, nb)| {
+    items.par_iter().for_each(|&(mb, pb)| {
         let rows = mb * M_BLOCK..((mb + 1) * M_BLOCK).min(m);
-        let cols = nb * N_BLOCK..((nb + 1) * N_BLOCK).min(n);
-        let p = ptr;
-        // SAFETY: this item writes only out[rows, cols]; `out` outlives the parallel loop.
-        unsafe { kernel.block(x, w, k, n, rows, cols, p.0) };
+        for p in pb * P_BLOCK..((pb + 1) * P_BLOCK).min(n_panels) {
+            let panel = &panels[p * k * NR..][..k * NR];
+            let cols = NR.min(n - p * NR);
+            let mut r = rows.start;
+            while r < rows.end {
+                let nr = MR.min(rows.end - r);
+                let mut tile = [[0f32; NR]; MR];
+                kernel.tile(&x[r * k..(r + nr) * k], nr, k, panel, &mut tile);
+                let o = ptr;
+                for (i, vals) in tile.iter().enumerate().take(nr) {
+                    // SAFETY: row r+i < m and columns p*NR..p*NR+cols < n belong to this item alone.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            vals.as_ptr(),
+                            o.0.add((r + i) * n + p * NR),
+                            cols,
+                        );
+                    }
+                }
+                r += nr;
+            }
+        }
     });
+    // SAFETY: the row blocks cover 0..m and the panels cover 0..n, so all m * n elements were written.
+    unsafe { out.set_len(m * n) };
     out
 }
 
@@ -111,169 +159,135 @@ impl Kernel {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 return Kernel::Avx512;
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 return Kernel::Avx2;
             }
         }
         Kernel::Portable
     }
 
-    /// Computes `out[r, c] = dot(x[r], w[c])` for `r in rows`, `c in cols`, in 4 x 4 tiles.
-    ///
-    /// # Safety
-    /// `out` must be valid for writes of `rows.end * ldo` floats.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block(
-        self,
-        x: &[f32],
-        w: &[f32],
-        k: usize,
-        ldo: usize,
-        rows: std::ops::Range<usize>,
-        cols: std::ops::Range<usize>,
-        out: *mut f32,
-    ) {
-        let mut c = cols.start;
-        while c < cols.end {
-            let nc = (cols.end - c).min(4);
-            let mut r = rows.start;
-            while r < rows.end {
-                let nr = (rows.end - r).min(4);
-                let mut acc = [[0f32; 4]; 4];
-                match self {
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512 => avx512::tile(x, w, k, r, nr, c, nc, &mut acc),
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx2 => avx2::tile(x, w, k, r, nr, c, nc, &mut acc),
-                    Kernel::Portable => portable_tile(x, w, k, r, nr, c, nc, &mut acc),
-                }
-                for (i, row) in acc.iter().enumerate().take(nr) {
-                    for (j, &v) in row.iter().enumerate().take(nc) {
-                        *out.add((r + i) * ldo + c + j) = v;
+    /// `tile[i][j] = sum_t x[i][t] * panel[t][j]` for the `rows` (<= MR) rows of `x`.
+    fn tile(self, x: &[f32], rows: usize, k: usize, panel: &[f32], tile: &mut [[f32; NR]; MR]) {
+        debug_assert!((1..=MR).contains(&rows) && x.len() == rows * k && panel.len() == k * NR);
+        match self {
+            // SAFETY: the features were detected at run time; the slices' lengths are checked above.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => unsafe { x86::tile_avx512(x, rows, k, panel, tile) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { x86::tile_avx2(x, rows, k, panel, tile) },
+            Kernel::Portable => {
+                for (i, out) in tile.iter_mut().enumerate().take(rows) {
+                    let xr = &x[i * k..(i + 1) * k];
+                    for (t, &a) in xr.iter().enumerate() {
+                        for (o, &b) in out.iter_mut().zip(&panel[t * NR..(t + 1) * NR]) {
+                            *o = a.mul_add(b, *o);
+                        }
                     }
                 }
-                r += nr;
             }
-            c += nc;
-        }
-    }
-}
-
-/// Reference kernel for CPUs without AVX2: 16 lane accumulators per element, like the SIMD kernels.
-#[allow(clippy::too_many_arguments)]
-fn portable_tile(x: &[f32], w: &[f32], k: usize, r: usize, nr: usize, c: usize, nc: usize, acc: &mut [[f32; 4]; 4]) {
-    for i in 0..nr {
-        for j in 0..nc {
-            let xr = &x[(r + i) * k..(r + i + 1) * k];
-            let wr = &w[(c + j) * k..(c + j + 1) * k];
-            let mut lanes = [0f32; 16];
-            let body = k / 16 * 16;
-            for (xc, wc) in xr[..body].chunks_exact(16).zip(wr[..body].chunks_exact(16)) {
-                for l in 0..16 {
-                    lanes[l] = xc[l].mul_add(wc[l], lanes[l]);
-                }
-            }
-            let mut s = lanes.iter().sum::<f32>();
-            for t in body..k {
-                s = xr[t].mul_add(wr[t], s);
-            }
-            acc[i][j] = s;
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+mod x86 {
+    use super::{MR, NR};
     use std::arch::x86_64::*;
 
-    /// Dot products of up to 4 rows of `x` with up to 4 rows of `w`, 16 lanes at a time.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn tile(x: &[f32], w: &[f32], k: usize, r: usize, nr: usize, c: usize, nc: usize, acc: &mut [[f32; 4]; 4]) {
-        // SAFETY: the caller checked for AVX-512F; all loads are within the rows sliced below.
-        unsafe { tile_impl(x, w, k, r, nr, c, nc, acc) }
+    /// Up to 8 rows x 32 columns in zmm accumulators, specialised per row count so small batches (decoding)
+    /// do no wasted work.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_avx512(
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        panel: &[f32],
+        tile: &mut [[f32; NR]; MR],
+    ) {
+        match rows {
+            1 => rows_avx512::<1>(x, k, panel, tile),
+            2 => rows_avx512::<2>(x, k, panel, tile),
+            3 => rows_avx512::<3>(x, k, panel, tile),
+            4 => rows_avx512::<4>(x, k, panel, tile),
+            5 => rows_avx512::<5>(x, k, panel, tile),
+            6 => rows_avx512::<6>(x, k, panel, tile),
+            7 => rows_avx512::<7>(x, k, panel, tile),
+            _ => rows_avx512::<8>(x, k, panel, tile),
+        }
     }
+
+    /// Floats ahead of the current panel row to prefetch: the hardware prefetcher stops at page boundaries.
+    const PREFETCH: usize = 32 * NR;
 
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile_impl(x: &[f32], w: &[f32], k: usize, r: usize, nr: usize, c: usize, nc: usize, acc: &mut [[f32; 4]; 4]) {
-        let xs: [&[f32]; 4] = std::array::from_fn(|i| &x[(r + i.min(nr - 1)) * k..][..k]);
-        let ws: [&[f32]; 4] = std::array::from_fn(|j| &w[(c + j.min(nc - 1)) * k..][..k]);
-        let mut a = [[_mm512_setzero_ps(); 4]; 4];
-        let body = k / 16 * 16;
-        let mut t = 0;
-        // The next tile's weight rows follow these four in memory: fetch them while this tile computes.
-        let ahead = w.as_ptr().wrapping_add((c + 4) * k);
-        while t < body {
-            for j in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(j * k + t) as *const i8);
-            }
-            // Plain loads, not `array::from_fn`: closures do not inherit `target_feature` and would not inline.
-            let wv = [
-                _mm512_loadu_ps(ws[0].as_ptr().add(t)),
-                _mm512_loadu_ps(ws[1].as_ptr().add(t)),
-                _mm512_loadu_ps(ws[2].as_ptr().add(t)),
-                _mm512_loadu_ps(ws[3].as_ptr().add(t)),
-            ];
-            for i in 0..4 {
-                let xv = _mm512_loadu_ps(xs[i].as_ptr().add(t));
-                for j in 0..4 {
-                    a[i][j] = _mm512_fmadd_ps(xv, wv[j], a[i][j]);
-                }
-            }
-            t += 16;
+    unsafe fn rows_avx512<const R: usize>(
+        x: &[f32],
+        k: usize,
+        panel: &[f32],
+        tile: &mut [[f32; NR]; MR],
+    ) {
+        let mut xp = [x.as_ptr(); R];
+        for (i, p) in xp.iter_mut().enumerate() {
+            *p = x.as_ptr().add(i * k);
         }
-        for i in 0..nr {
-            for j in 0..nc {
-                let mut s = _mm512_reduce_add_ps(a[i][j]);
-                for u in body..k {
-                    s = xs[i][u].mul_add(ws[j][u], s);
-                }
-                acc[i][j] = s;
+        let b = panel.as_ptr();
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for t in 0..k {
+            let ahead = b.wrapping_add(t * NR + PREFETCH);
+            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16) as *const i8);
+            let b0 = _mm512_loadu_ps(b.add(t * NR));
+            let b1 = _mm512_loadu_ps(b.add(t * NR + 16));
+            for i in 0..R {
+                let a = _mm512_set1_ps(*xp[i].add(t));
+                acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
             }
         }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    /// Dot products of up to 4 rows of `x` with up to 4 rows of `w`, as two 8-lane halves per 16 floats so
-    /// each element sees the same 16-lane accumulation pattern as the other kernels.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn tile(x: &[f32], w: &[f32], k: usize, r: usize, nr: usize, c: usize, nc: usize, acc: &mut [[f32; 4]; 4]) {
-        // SAFETY: the caller checked for AVX2 and FMA; all loads are within the rows sliced below.
-        unsafe { tile_impl(x, w, k, r, nr, c, nc, acc) }
+        for i in 0..R {
+            _mm512_storeu_ps(tile[i].as_mut_ptr(), acc[i][0]);
+            _mm512_storeu_ps(tile[i].as_mut_ptr().add(16), acc[i][1]);
+        }
     }
 
+    /// 4 rows x 32 columns at a time in 16 ymm accumulators.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile_impl(x: &[f32], w: &[f32], k: usize, r: usize, nr: usize, c: usize, nc: usize, acc: &mut [[f32; 4]; 4]) {
-        for i in 0..nr {
-            let xr = &x[(r + i) * k..][..k];
-            for j in 0..nc {
-                let wr = &w[(c + j) * k..][..k];
-                let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let body = k / 16 * 16;
-                let mut t = 0;
-                while t < body {
-                    lo = _mm256_fmadd_ps(_mm256_loadu_ps(xr.as_ptr().add(t)), _mm256_loadu_ps(wr.as_ptr().add(t)), lo);
-                    hi = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(xr.as_ptr().add(t + 8)),
-                        _mm256_loadu_ps(wr.as_ptr().add(t + 8)),
-                        hi,
-                    );
-                    t += 16;
+    #[allow(clippy::needless_range_loop)]
+    pub(super) unsafe fn tile_avx2(
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        panel: &[f32],
+        tile: &mut [[f32; NR]; MR],
+    ) {
+        let b = panel.as_ptr();
+        let mut r0 = 0;
+        while r0 < rows {
+            let xp: [*const f32; 4] =
+                [0, 1, 2, 3].map(|i: usize| x.as_ptr().add((r0 + i).min(rows - 1) * k));
+            let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+            for t in 0..k {
+                let bv = [
+                    _mm256_loadu_ps(b.add(t * NR)),
+                    _mm256_loadu_ps(b.add(t * NR + 8)),
+                    _mm256_loadu_ps(b.add(t * NR + 16)),
+                    _mm256_loadu_ps(b.add(t * NR + 24)),
+                ];
+                for i in 0..4 {
+                    let a = _mm256_set1_ps(*xp[i].add(t));
+                    for j in 0..4 {
+                        acc[i][j] = _mm256_fmadd_ps(a, bv[j], acc[i][j]);
+                    }
                 }
-                let mut lanes = [0f32; 16];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
-                let mut s = lanes.iter().sum::<f32>();
-                for u in body..k {
-                    s = xr[u].mul_add(wr[u], s);
-                }
-                acc[i][j] = s;
             }
+            for i in 0..4.min(rows - r0) {
+                for j in 0..4 {
+                    _mm256_storeu_ps(tile[r0 + i].as_mut_ptr().add(8 * j), acc[i][j]);
+                }
+            }
+            r0 += 4;
         }
     }
 }
@@ -283,26 +297,74 @@ mod tests {
     use super::*;
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        let mut ks = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                ks.push(Kernel::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                ks.push(Kernel::Avx2);
+            }
+        }
+        ks
     }
 
     #[test]
     fn matches_naive_and_is_row_independent() {
-        for &(m, n, k) in &[(1, 1, 1), (3, 5, 17), (9, 70, 64), (70, 7, 130), (130, 131, 40)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (3, 5, 17),
+            (9, 70, 64),
+            (70, 33, 130),
+            (300, 131, 40),
+        ] {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
-            let y = matmul_nt(&x, &w, m, n, k);
+            let panels = pack(&w, n, k);
+            let y = matmul_packed(&x, m, &panels, n, k);
             for i in 0..m {
                 for j in 0..n {
-                    let naive: f64 = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
-                    assert!((y[i * n + j] as f64 - naive).abs() < 1e-4, "{m}x{n}x{k} at {i},{j}");
+                    let naive: f64 = (0..k)
+                        .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                        .sum();
+                    assert!(
+                        (y[i * n + j] as f64 - naive).abs() < 1e-4,
+                        "{m}x{n}x{k} at {i},{j}"
+                    );
                 }
             }
             // Any row alone gives bit-identical results.
             for i in [0, m / 2, m - 1] {
-                let alone = matmul_nt(&x[i * k..(i + 1) * k], &w, 1, n, k);
+                let alone = matmul_packed(&x[i * k..(i + 1) * k], 1, &panels, n, k);
                 assert_eq!(alone, y[i * n..(i + 1) * n].to_vec(), "{m}x{n}x{k} row {i}");
             }
+        }
+    }
+
+    #[test]
+    fn kernels_agree_bit_for_bit() {
+        let (m, k) = (7, 45);
+        let x = data(m * k, 3);
+        let panel = data(k * NR, 4);
+        let results: Vec<_> = kernels()
+            .into_iter()
+            .map(|kern| {
+                let mut tile = [[0f32; NR]; MR];
+                kern.tile(&x, m, k, &panel, &mut tile);
+                tile
+            })
+            .collect();
+        for r in &results[1..] {
+            assert_eq!(r, &results[0]);
         }
     }
 }

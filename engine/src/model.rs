@@ -7,8 +7,8 @@ use routers::ExpertMask;
 
 use crate::attention::{KvCache, SeqSpan};
 use crate::config::{Architecture, Config};
-use crate::matmul::Linear;
 use crate::layers::{self, Batch, RmsNorm, TensorSource};
+use crate::matmul::Linear;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
 use crate::{flex_olmo, olmo2, olmoe, Error, Result};
@@ -120,7 +120,7 @@ impl Model {
         }
         let norm = RmsNorm::load(src, "model.norm", h, config.rms_norm_eps)?;
         let lm_head = if config.tie_word_embeddings && !src.contains("lm_head.weight") {
-            Linear::new(embed_tokens.clone())
+            Linear::new(embed_tokens.clone())?
         } else {
             layers::linear(src, "lm_head", v, h)?
         };
@@ -148,9 +148,9 @@ impl Model {
 
     /// The tokenizer, or an error saying the model has none.
     pub fn require_tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer
-            .as_ref()
-            .ok_or_else(|| Error::Input("this model has no tokenizer (random-weight preset)".into()))
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::Input("this model has no tokenizer (random-weight preset)".into())
+        })
     }
 
     /// The directory the model was loaded from.
@@ -176,13 +176,19 @@ impl Model {
     /// Runs new tokens of several sequences through the model, extending each sequence's cache.
     ///
     /// Sequences are never padded: each one's result is the same whatever else is in the batch.
-    pub fn forward(&self, seqs: &mut [SeqInput<'_>], record_router_logits: bool) -> Result<Forward> {
+    pub fn forward(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        record_router_logits: bool,
+    ) -> Result<Forward> {
         let v = self.config.vocab_size as u32;
         let mut ids = Vec::new();
         let mut starts = Vec::with_capacity(seqs.len());
         for s in seqs.iter() {
             if s.tokens.is_empty() {
-                return Err(Error::Input("a sequence in the batch has no new tokens".into()));
+                return Err(Error::Input(
+                    "a sequence in the batch has no new tokens".into(),
+                ));
             }
             if let Some(&bad) = s.tokens.iter().find(|&&t| t >= v) {
                 return Err(Error::Input(format!(
@@ -235,6 +241,6 @@ impl Model {
 
     /// Logits `[rows, vocab]` for rows of final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?)
+        self.lm_head.forward(hidden)
     }
 }

@@ -27,9 +27,19 @@ impl Block {
         let eps = cfg.rms_norm_eps;
         Ok(Self {
             self_attn: Attention::load(src, &format!("{p}.self_attn"), cfg)?,
-            post_attention_layernorm: RmsNorm::load(src, &format!("{p}.post_attention_layernorm"), h, eps)?,
+            post_attention_layernorm: RmsNorm::load(
+                src,
+                &format!("{p}.post_attention_layernorm"),
+                h,
+                eps,
+            )?,
             mlp: Mlp::load(src, &format!("{p}.mlp"), h, cfg.intermediate_size)?,
-            post_feedforward_layernorm: RmsNorm::load(src, &format!("{p}.post_feedforward_layernorm"), h, eps)?,
+            post_feedforward_layernorm: RmsNorm::load(
+                src,
+                &format!("{p}.post_feedforward_layernorm"),
+                h,
+                eps,
+            )?,
         })
     }
 

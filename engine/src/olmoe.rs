@@ -21,22 +21,36 @@ pub(crate) struct Block {
 }
 
 impl Block {
-    pub fn load(src: &dyn TensorSource, cfg: &Config, layer: usize, loaded: &ExpertMask) -> Result<Self> {
+    pub fn load(
+        src: &dyn TensorSource,
+        cfg: &Config,
+        layer: usize,
+        loaded: &ExpertMask,
+    ) -> Result<Self> {
         let p = format!("model.layers.{layer}");
         let h = cfg.hidden_size;
         let eps = cfg.rms_norm_eps;
         Ok(Self {
             input_layernorm: RmsNorm::load(src, &format!("{p}.input_layernorm"), h, eps)?,
             self_attn: Attention::load(src, &format!("{p}.self_attn"), cfg)?,
-            post_attention_layernorm: RmsNorm::load(src, &format!("{p}.post_attention_layernorm"), h, eps)?,
+            post_attention_layernorm: RmsNorm::load(
+                src,
+                &format!("{p}.post_attention_layernorm"),
+                h,
+                eps,
+            )?,
             mlp: SparseMoe::load(src, &format!("{p}.mlp"), cfg, loaded)?,
         })
     }
 
     pub fn forward(&self, x: &Tensor, layer: usize, batch: &mut Batch<'_>) -> Result<Tensor> {
-        let a = self.self_attn.forward(&self.input_layernorm.forward(x)?, layer, batch)?;
+        let a = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, layer, batch)?;
         let x = (x + a)?;
-        let m = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, batch)?;
+        let m = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?, batch)?;
         Ok((x + m)?)
     }
 

@@ -57,7 +57,11 @@ impl Default for ScoreOptions {
 
 /// Scores every request. Requests that share a context compute it once and extend its KV cache
 /// (a fork per continuation); results come back in request order and do not depend on batching.
-pub fn loglikelihood(model: &Model, requests: &[ScoreRequest], opts: &ScoreOptions) -> Result<Vec<Score>> {
+pub fn loglikelihood(
+    model: &Model,
+    requests: &[ScoreRequest],
+    opts: &ScoreOptions,
+) -> Result<Vec<Score>> {
     for (i, r) in requests.iter().enumerate() {
         if r.context.is_empty() || r.continuation.is_empty() {
             return Err(Error::Input(format!(
@@ -88,7 +92,8 @@ pub fn loglikelihood(model: &Model, requests: &[ScoreRequest], opts: &ScoreOptio
     while g < groups.len() {
         let mut end = g;
         let mut tokens = 0;
-        while end < groups.len() && (end == g || tokens + groups[end].0.len() <= opts.batch_tokens) {
+        while end < groups.len() && (end == g || tokens + groups[end].0.len() <= opts.batch_tokens)
+        {
             tokens += groups[end].0.len();
             end += 1;
         }
@@ -145,7 +150,10 @@ pub fn loglikelihood(model: &Model, requests: &[ScoreRequest], opts: &ScoreOptio
                 q += 1;
             }
             let part = &pending[p..q];
-            let mut forks: Vec<KvCache> = part.iter().map(|&(ci, _)| KvCache::fork(&caches[ci])).collect();
+            let mut forks: Vec<KvCache> = part
+                .iter()
+                .map(|&(ci, _)| KvCache::fork(&caches[ci]))
+                .collect();
             let mut inputs: Vec<SeqInput> = part
                 .iter()
                 .zip(forks.iter_mut())
@@ -182,13 +190,20 @@ pub fn loglikelihood(model: &Model, requests: &[ScoreRequest], opts: &ScoreOptio
         }
         g = end;
     }
-    Ok(results.into_iter().map(|r| r.expect("every request scored")).collect())
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every request scored"))
+        .collect())
 }
 
 /// For each (row of `hidden`, tokens) query: the log-probability of each token under that row's
 /// distribution and whether it is the argmax (the first maximum, as `torch.argmax`). Logits are computed
 /// a slice of rows at a time, so memory stays bounded however many rows are asked for.
-fn gather_logprobs(model: &Model, hidden: &Tensor, queries: &[(u32, Vec<u32>)]) -> Result<Vec<Vec<(f32, bool)>>> {
+fn gather_logprobs(
+    model: &Model,
+    hidden: &Tensor,
+    queries: &[(u32, Vec<u32>)],
+) -> Result<Vec<Vec<(f32, bool)>>> {
     const SLICE: usize = 64;
     let v = model.config().vocab_size;
     let mut out = Vec::with_capacity(queries.len());
@@ -210,7 +225,12 @@ fn gather_logprobs(model: &Model, hidden: &Tensor, queries: &[(u32, Vec<u32>)]) 
             out.push(
                 tokens
                     .iter()
-                    .map(|&t| ((row[t as usize] as f64 - log_z) as f32, t as usize == argmax))
+                    .map(|&t| {
+                        (
+                            (row[t as usize] as f64 - log_z) as f32,
+                            t as usize == argmax,
+                        )
+                    })
                     .collect(),
             );
         }

@@ -15,7 +15,9 @@ impl Tokenizer {
         if !path.exists() {
             return Err(Error::Tokenizer {
                 path: path.to_path_buf(),
-                message: "not found; the model directory needs the tokenizer.json it was trained with".into(),
+                message:
+                    "not found; the model directory needs the tokenizer.json it was trained with"
+                        .into(),
             });
         }
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
@@ -30,10 +32,13 @@ impl Tokenizer {
 
     /// Token ids of `text`, without special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer {
-            path: self.path.clone(),
-            message: format!("cannot encode text: {e}"),
-        })?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                message: format!("cannot encode text: {e}"),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 

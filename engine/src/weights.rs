@@ -45,7 +45,8 @@ impl Weights {
         if !path.exists() {
             return Err(Error::Weights {
                 path,
-                message: "not found (nor model.safetensors.index.json); is this a model directory?".into(),
+                message: "not found (nor model.safetensors.index.json); is this a model directory?"
+                    .into(),
             });
         }
         let mut weights = Weights {
@@ -70,7 +71,8 @@ impl Weights {
             path: index_path.to_path_buf(),
             message,
         };
-        let text = std::fs::read_to_string(index_path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let text =
+            std::fs::read_to_string(index_path).map_err(|e| err(format!("cannot read: {e}")))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| err(format!("invalid JSON: {e}")))?;
         let map = json
@@ -86,7 +88,10 @@ impl Weights {
         for f in &files {
             let path = dir.join(f);
             if !path.exists() {
-                return Err(err(format!("shard `{f}` is listed in weight_map but missing from {}", dir.display())));
+                return Err(err(format!(
+                    "shard `{f}` is listed in weight_map but missing from {}",
+                    dir.display()
+                )));
             }
             shards.push(Shard {
                 path,
@@ -97,7 +102,10 @@ impl Weights {
             .iter()
             .map(|(name, file)| {
                 let f = file.as_str().unwrap_or_default();
-                (name.clone(), files.iter().position(|x| *x == f).unwrap_or(0))
+                (
+                    name.clone(),
+                    files.iter().position(|x| *x == f).unwrap_or(0),
+                )
             })
             .collect();
         Ok(Weights { shards, index })
@@ -108,7 +116,8 @@ impl Weights {
         let open = s.open.get_or_init(|| {
             let file = File::open(&s.path).map_err(|e| format!("cannot open: {e}"))?;
             // SAFETY: checkpoint files are not modified while a model is loading; the map is read-only.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot memory-map: {e}"))?;
+            let mmap =
+                unsafe { Mmap::map(&file) }.map_err(|e| format!("cannot memory-map: {e}"))?;
             let (n, metadata) = SafeTensors::read_metadata(&mmap)
                 .map_err(|e| format!("corrupt or truncated safetensors file: {e}"))?;
             Ok(OpenShard {
@@ -148,7 +157,10 @@ impl Weights {
         let (data, found) = self.get_raw(name)?;
         if found != shape {
             return Err(Error::Weights {
-                path: self.file_of(name).map(Path::to_path_buf).unwrap_or_default(),
+                path: self
+                    .file_of(name)
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
                 message: format!("tensor `{name}` has shape {found:?}, expected {shape:?}"),
             });
         }
@@ -158,7 +170,11 @@ impl Weights {
     /// Reads tensor `name` as f32 values with its shape, whatever its shape.
     pub fn get_raw(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let &shard = self.index.get(name).ok_or_else(|| Error::Weights {
-            path: self.shards.first().map(|s| s.path.clone()).unwrap_or_default(),
+            path: self
+                .shards
+                .first()
+                .map(|s| s.path.clone())
+                .unwrap_or_default(),
             message: format!("missing tensor `{name}`"),
         })?;
         let path = &self.shards[shard].path;

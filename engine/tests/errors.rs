@@ -14,7 +14,8 @@ fn load_err(dir: &std::path::Path) -> String {
 
 fn edit_config(dir: &std::path::Path, f: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(&path, v.to_string()).unwrap();
 }
@@ -24,7 +25,10 @@ fn unknown_model_type() {
     let dir = copy_fixture("tiny-flexolmo");
     edit_config(dir.path(), |v| v["model_type"] = "llama".into());
     let e = load_err(dir.path());
-    assert!(e.contains("config.json") && e.contains("unknown model_type `llama`"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("unknown model_type `llama`"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -34,7 +38,10 @@ fn missing_config_field() {
         v.as_object_mut().unwrap().remove("num_hidden_layers");
     });
     let e = load_err(dir.path());
-    assert!(e.contains("config.json") && e.contains("missing field `num_hidden_layers`"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("missing field `num_hidden_layers`"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -42,7 +49,10 @@ fn missing_config_file() {
     let dir = copy_fixture("tiny-olmo2");
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("config.json") && e.contains("cannot read"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("cannot read"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -70,7 +80,10 @@ fn truncated_safetensors() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("model.safetensors") && e.contains("corrupt or truncated"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("corrupt or truncated"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -90,7 +103,10 @@ fn missing_shard() {
     std::fs::remove_file(dir.path().join("model-00004-of-00006.safetensors")).unwrap();
     let e = load_err(dir.path());
     assert!(e.contains("model.safetensors.index.json"), "{e}");
-    assert!(e.contains("shard `model-00004-of-00006.safetensors`") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("shard `model-00004-of-00006.safetensors`") && e.contains("missing"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -98,7 +114,10 @@ fn missing_tokenizer() {
     let dir = copy_fixture("tiny-olmoe");
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("tokenizer.json") && e.contains("not found"), "{e}");
+    assert!(
+        e.contains("tokenizer.json") && e.contains("not found"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -106,17 +125,34 @@ fn missing_weights() {
     let dir = copy_fixture("tiny-olmoe");
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("model.safetensors") && e.contains("not found"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("not found"),
+        "{e}"
+    );
 }
 
 #[test]
 fn opting_out_everything_or_unknown_expert() {
     let dir = fixture("tiny-flexolmo");
-    let e = Model::load(&dir, &LoadOptions { opt_out: vec![0, 1, 2, 3] }).err().unwrap().to_string();
+    let e = Model::load(
+        &dir,
+        &LoadOptions {
+            opt_out: vec![0, 1, 2, 3],
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("every expert would be opted out"), "{e}");
-    let e = Model::load(&dir, &LoadOptions { opt_out: vec![7] }).err().unwrap().to_string();
+    let e = Model::load(&dir, &LoadOptions { opt_out: vec![7] })
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("expert index 7 is out of range"), "{e}");
-    let e = Model::load(&fixture("tiny-olmo2"), &LoadOptions { opt_out: vec![0] }).err().unwrap().to_string();
+    let e = Model::load(&fixture("tiny-olmo2"), &LoadOptions { opt_out: vec![0] })
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("dense"), "{e}");
 }
 
@@ -132,7 +168,10 @@ fn opted_out_expert_is_never_read() {
     for (name, info) in header.as_object().unwrap() {
         if name.contains(".experts.2.") {
             let off = &info["data_offsets"];
-            let (a, b) = (off[0].as_u64().unwrap() as usize, off[1].as_u64().unwrap() as usize);
+            let (a, b) = (
+                off[0].as_u64().unwrap() as usize,
+                off[1].as_u64().unwrap() as usize,
+            );
             bytes[8 + n + a..8 + n + b].fill(0xff); // NaNs
             hit += 1;
         }
@@ -144,7 +183,14 @@ fn opted_out_expert_is_never_read() {
     let tokens = ids(&reference["input_ids.2"]);
     let mut cache = model.new_cache();
     let fwd = model
-        .forward(&mut [engine::SeqInput { tokens: &tokens, cache: &mut cache, mask: None }], false)
+        .forward(
+            &mut [engine::SeqInput {
+                tokens: &tokens,
+                cache: &mut cache,
+                mask: None,
+            }],
+            false,
+        )
         .unwrap();
     let logits = model.logits(&fwd.hidden).unwrap();
     let d = max_abs_diff(&logits, &reference["optout2.logits.2"]);
@@ -153,8 +199,21 @@ fn opted_out_expert_is_never_read() {
     let all = Model::load(dir.path(), &LoadOptions::default()).unwrap();
     let mut cache = all.new_cache();
     let fwd = all
-        .forward(&mut [engine::SeqInput { tokens: &tokens, cache: &mut cache, mask: None }], false)
+        .forward(
+            &mut [engine::SeqInput {
+                tokens: &tokens,
+                cache: &mut cache,
+                mask: None,
+            }],
+            false,
+        )
         .unwrap();
-    let logits = all.logits(&fwd.hidden).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let logits = all
+        .logits(&fwd.hidden)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(logits.iter().any(|x| x.is_nan()));
 }

@@ -22,26 +22,45 @@ fn run(model: &Model, tokens: &[u32]) -> (Tensor, Vec<Tensor>) {
             true,
         )
         .unwrap();
-    (model.logits(&fwd.hidden).unwrap(), fwd.router_logits.unwrap_or_default())
+    (
+        model.logits(&fwd.hidden).unwrap(),
+        fwd.router_logits.unwrap_or_default(),
+    )
 }
 
 fn check_fixture(name: &str, tol: f32) {
     let model = Model::load(&fixture(name), &LoadOptions::default()).unwrap();
     let reference = reference(name);
-    let prompts: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap();
+    let prompts: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(name).join("reference.json")).unwrap(),
+    )
+    .unwrap();
     for i in 0..PROMPTS {
         let text = prompts["prompts"][i].as_str().unwrap();
         let tokens = model.require_tokenizer().unwrap().encode(text).unwrap();
-        assert_eq!(tokens, ids(&reference[&format!("input_ids.{i}")]), "{name}: tokens of prompt {i}");
+        assert_eq!(
+            tokens,
+            ids(&reference[&format!("input_ids.{i}")]),
+            "{name}: tokens of prompt {i}"
+        );
         let (logits, router) = run(&model, &tokens);
         let d = max_abs_diff(&logits, &reference[&format!("logits.{i}")]);
         assert!(d <= tol, "{name}: logits of prompt {i} differ by {d}");
         for (l, r) in router.iter().enumerate() {
             let d = max_abs_diff(r, &reference[&format!("router_logits.{i}.layer{l}")]);
-            assert!(d <= tol, "{name}: router logits of prompt {i} layer {l} differ by {d}");
+            assert!(
+                d <= tol,
+                "{name}: router logits of prompt {i} layer {l} differ by {d}"
+            );
         }
-        assert_eq!(router.len(), if model.config().is_moe() { model.config().num_hidden_layers } else { 0 });
+        assert_eq!(
+            router.len(),
+            if model.config().is_moe() {
+                model.config().num_hidden_layers
+            } else {
+                0
+            }
+        );
     }
     let prompt = ids(&reference["greedy.prompt"]);
     let params = GenParams {
@@ -50,7 +69,11 @@ fn check_fixture(name: &str, tol: f32) {
         ..GenParams::default()
     };
     let out = generate(&model, &[(prompt, params)], None).unwrap();
-    assert_eq!(out[0].tokens, ids(&reference["greedy.output"]), "{name}: greedy generation");
+    assert_eq!(
+        out[0].tokens,
+        ids(&reference["greedy.output"]),
+        "{name}: greedy generation"
+    );
 }
 
 #[test]
@@ -97,8 +120,16 @@ fn per_sequence_mask_equals_load_time_opt_out() {
     let fwd = full
         .forward(
             &mut [
-                SeqInput { tokens: &a, cache: &mut ca, mask: Some(&mask) },
-                SeqInput { tokens: &b, cache: &mut cb, mask: None },
+                SeqInput {
+                    tokens: &a,
+                    cache: &mut ca,
+                    mask: Some(&mask),
+                },
+                SeqInput {
+                    tokens: &b,
+                    cache: &mut cb,
+                    mask: None,
+                },
             ],
             false,
         )
@@ -125,7 +156,14 @@ fn incremental_decoding_matches_full_forward() {
             break;
         }
         let fwd = model
-            .forward(&mut [SeqInput { tokens: &tokens[at..end], cache: &mut cache, mask: None }], false)
+            .forward(
+                &mut [SeqInput {
+                    tokens: &tokens[at..end],
+                    cache: &mut cache,
+                    mask: None,
+                }],
+                false,
+            )
             .unwrap();
         rows.push(model.logits(&fwd.hidden).unwrap());
         at = end;

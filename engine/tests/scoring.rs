@@ -4,8 +4,8 @@ mod common;
 
 use candle_core::Tensor;
 use common::*;
-use engine::score::{loglikelihood, Score, ScoreOptions, ScoreRequest};
 use engine::generate::{generate, FinishReason, GenParams};
+use engine::score::{loglikelihood, Score, ScoreOptions, ScoreRequest};
 use engine::{LoadOptions, Model, SeqInput};
 
 fn model() -> Model {
@@ -13,7 +13,10 @@ fn model() -> Model {
 }
 
 fn log_softmax_rows(logits: &Tensor) -> Vec<Vec<f32>> {
-    candle_nn::ops::log_softmax(logits, 1).unwrap().to_vec2::<f32>().unwrap()
+    candle_nn::ops::log_softmax(logits, 1)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
 }
 
 fn requests(model: &Model) -> Vec<ScoreRequest> {
@@ -51,12 +54,24 @@ fn scores_equal_log_softmax_of_full_logits() {
     for (r, s) in reqs.iter().zip(&scores) {
         let all: Vec<u32> = r.context.iter().chain(&r.continuation).copied().collect();
         let mut cache = model.new_cache();
-        let fwd = model.forward(&mut [SeqInput { tokens: &all, cache: &mut cache, mask: None }], false).unwrap();
+        let fwd = model
+            .forward(
+                &mut [SeqInput {
+                    tokens: &all,
+                    cache: &mut cache,
+                    mask: None,
+                }],
+                false,
+            )
+            .unwrap();
         let lp = log_softmax_rows(&model.logits(&fwd.hidden).unwrap());
         for (j, &tok) in r.continuation.iter().enumerate() {
             let row = &lp[r.context.len() - 1 + j];
             assert!((row[tok as usize] - s.logprobs[j]).abs() <= 1e-5);
-            let argmax = row.iter().enumerate().fold(0, |b, (i, &x)| if x > row[b] { i } else { b });
+            let argmax = row
+                .iter()
+                .enumerate()
+                .fold(0, |b, (i, &x)| if x > row[b] { i } else { b });
             assert_eq!(s.greedy[j], argmax == tok as usize);
         }
     }
@@ -66,16 +81,43 @@ fn scores_equal_log_softmax_of_full_logits() {
 fn results_do_not_depend_on_batch_size_or_order() {
     let model = model();
     let reqs = requests(&model);
-    let big = loglikelihood(&model, &reqs, &ScoreOptions { batch_tokens: 4096, mask: None }).unwrap();
+    let big = loglikelihood(
+        &model,
+        &reqs,
+        &ScoreOptions {
+            batch_tokens: 4096,
+            mask: None,
+        },
+    )
+    .unwrap();
     // One request per call: nothing shared, nothing batched.
     let alone: Vec<Score> = reqs
         .iter()
-        .map(|r| loglikelihood(&model, std::slice::from_ref(r), &ScoreOptions { batch_tokens: 1, mask: None }).unwrap().remove(0))
+        .map(|r| {
+            loglikelihood(
+                &model,
+                std::slice::from_ref(r),
+                &ScoreOptions {
+                    batch_tokens: 1,
+                    mask: None,
+                },
+            )
+            .unwrap()
+            .remove(0)
+        })
         .collect();
     assert_close(&big, &alone, 1e-5);
     let mut reversed = reqs.clone();
     reversed.reverse();
-    let mut rev = loglikelihood(&model, &reversed, &ScoreOptions { batch_tokens: 7, mask: None }).unwrap();
+    let mut rev = loglikelihood(
+        &model,
+        &reversed,
+        &ScoreOptions {
+            batch_tokens: 7,
+            mask: None,
+        },
+    )
+    .unwrap();
     rev.reverse();
     assert_close(&big, &rev, 1e-5);
 }
@@ -84,22 +126,41 @@ fn results_do_not_depend_on_batch_size_or_order() {
 fn mixed_length_batch_equals_alone() {
     let model = model();
     let reference = reference("tiny-flexolmo");
-    let seqs: Vec<Vec<u32>> = (0..4).map(|i| ids(&reference[&format!("input_ids.{i}")])).collect();
+    let seqs: Vec<Vec<u32>> = (0..4)
+        .map(|i| ids(&reference[&format!("input_ids.{i}")]))
+        .collect();
     let mut caches: Vec<_> = seqs.iter().map(|_| model.new_cache()).collect();
     let mut inputs: Vec<SeqInput> = seqs
         .iter()
         .zip(caches.iter_mut())
-        .map(|(s, c)| SeqInput { tokens: s, cache: c, mask: None })
+        .map(|(s, c)| SeqInput {
+            tokens: s,
+            cache: c,
+            mask: None,
+        })
         .collect();
     let fwd = model.forward(&mut inputs, false).unwrap();
     let batched = log_softmax_rows(&model.logits(&fwd.hidden).unwrap());
     for (i, s) in seqs.iter().enumerate() {
         let mut cache = model.new_cache();
-        let one = model.forward(&mut [SeqInput { tokens: s, cache: &mut cache, mask: None }], false).unwrap();
+        let one = model
+            .forward(
+                &mut [SeqInput {
+                    tokens: s,
+                    cache: &mut cache,
+                    mask: None,
+                }],
+                false,
+            )
+            .unwrap();
         let alone = log_softmax_rows(&model.logits(&one.hidden).unwrap());
         for (t, row) in alone.iter().enumerate() {
             let other = &batched[fwd.starts[i] + t];
-            let d = row.iter().zip(other).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let d = row
+                .iter()
+                .zip(other)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(d <= 1e-5, "sequence {i} token {t}: {d}");
         }
     }
@@ -108,10 +169,27 @@ fn mixed_length_batch_equals_alone() {
 #[test]
 fn bad_requests_are_errors() {
     let model = model();
-    let e = loglikelihood(&model, &[ScoreRequest { context: vec![], continuation: vec![5] }], &ScoreOptions::default());
+    let e = loglikelihood(
+        &model,
+        &[ScoreRequest {
+            context: vec![],
+            continuation: vec![5],
+        }],
+        &ScoreOptions::default(),
+    );
     assert!(e.unwrap_err().to_string().contains("non-empty"));
-    let e = loglikelihood(&model, &[ScoreRequest { context: vec![3], continuation: vec![100_000] }], &ScoreOptions::default());
-    assert!(e.unwrap_err().to_string().contains("outside the vocabulary"));
+    let e = loglikelihood(
+        &model,
+        &[ScoreRequest {
+            context: vec![3],
+            continuation: vec![100_000],
+        }],
+        &ScoreOptions::default(),
+    );
+    assert!(e
+        .unwrap_err()
+        .to_string()
+        .contains("outside the vocabulary"));
 }
 
 #[test]
@@ -119,25 +197,53 @@ fn generation_stops_and_batches() {
     let model = model();
     let tok = model.require_tokenizer().unwrap();
     let prompt = tok.encode("The quick brown fox").unwrap();
-    let greedy = GenParams { max_new_tokens: 12, stop_at_eos: false, ..GenParams::default() };
-    let alone = generate(&model, &[(prompt.clone(), greedy.clone())], None).unwrap().remove(0);
+    let greedy = GenParams {
+        max_new_tokens: 12,
+        stop_at_eos: false,
+        ..GenParams::default()
+    };
+    let alone = generate(&model, &[(prompt.clone(), greedy.clone())], None)
+        .unwrap()
+        .remove(0);
     assert_eq!(alone.tokens.len(), 12);
     assert_eq!(alone.finish, FinishReason::Length);
     // A stop string taken from the greedy text cuts the output right before it.
-    let cut_at = alone.text.char_indices().nth(alone.text.chars().count() / 2).unwrap().0;
+    let cut_at = alone
+        .text
+        .char_indices()
+        .nth(alone.text.chars().count() / 2)
+        .unwrap()
+        .0;
     let stop: String = alone.text[cut_at..].chars().take(2).collect();
-    let stopped = GenParams { stop: vec![stop.clone()], ..greedy.clone() };
-    let sampled = GenParams { temperature: 0.8, top_p: Some(0.9), seed: 7, ..greedy.clone() };
+    let stopped = GenParams {
+        stop: vec![stop.clone()],
+        ..greedy.clone()
+    };
+    let sampled = GenParams {
+        temperature: 0.8,
+        top_p: Some(0.9),
+        seed: 7,
+        ..greedy.clone()
+    };
     let other = tok.encode("def add(a, b):").unwrap();
     let batch = generate(
         &model,
-        &[(prompt.clone(), greedy.clone()), (other.clone(), sampled.clone()), (prompt.clone(), stopped)],
+        &[
+            (prompt.clone(), greedy.clone()),
+            (other.clone(), sampled.clone()),
+            (prompt.clone(), stopped),
+        ],
         None,
     )
     .unwrap();
     assert_eq!(batch[0], alone, "batched greedy equals alone");
     assert_eq!(batch[2].finish, FinishReason::Stop);
     assert_eq!(batch[2].text, alone.text[..alone.text.find(&stop).unwrap()]);
-    let again = generate(&model, &[(other, sampled)], None).unwrap().remove(0);
-    assert_eq!(batch[1], again, "seeded sampling is reproducible and batch-independent");
+    let again = generate(&model, &[(other, sampled)], None)
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        batch[1], again,
+        "seeded sampling is reproducible and batch-independent"
+    );
 }

@@ -72,11 +72,19 @@ fn prefill(model: &Model, seqs: &[Vec<u32>]) -> Result<(Vec<engine::KvCache>, Te
     let mut inputs: Vec<SeqInput> = seqs
         .iter()
         .zip(caches.iter_mut())
-        .map(|(s, c)| SeqInput { tokens: s, cache: c, mask: None })
+        .map(|(s, c)| SeqInput {
+            tokens: s,
+            cache: c,
+            mask: None,
+        })
         .collect();
     let fwd = model.forward(&mut inputs, false)?;
     drop(inputs);
-    let last: Vec<u32> = seqs.iter().zip(&fwd.starts).map(|(s, &st)| (st + s.len() - 1) as u32).collect();
+    let last: Vec<u32> = seqs
+        .iter()
+        .zip(&fwd.starts)
+        .map(|(s, &st)| (st + s.len() - 1) as u32)
+        .collect();
     let idx = Tensor::from_vec(last, seqs.len(), fwd.hidden.device())?;
     let logits = model.logits(&fwd.hidden.index_select(&idx, 0)?)?;
     Ok((caches, logits))
@@ -87,14 +95,20 @@ fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
 }
 
 pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
-    anyhow::ensure!(a.batch > 0 && a.repeats > 0 && a.prefill_len > 0 && a.prompt_len > 0, "sizes must be positive");
+    anyhow::ensure!(
+        a.batch > 0 && a.repeats > 0 && a.prefill_len > 0 && a.prompt_len > 0,
+        "sizes must be positive"
+    );
     let load_start = Instant::now();
     let (model, source) = match &a.model {
         Some(dir) => {
             // No tokenizer needed: the benchmark feeds token ids.
             let cfg = engine::Config::from_file(&dir.join("config.json"))?;
             let weights = engine::Weights::open(dir)?;
-            (Model::from_source(cfg, &weights, &LoadOptions::default())?, dir.display().to_string())
+            (
+                Model::from_source(cfg, &weights, &LoadOptions::default())?,
+                dir.display().to_string(),
+            )
         }
         None => {
             let cfg = Preset::parse(&a.preset)?.config();
@@ -106,8 +120,12 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     let load_s = load_start.elapsed().as_secs_f64();
     let cfg = model.config().clone();
     let v = cfg.vocab_size;
-    let prefill_seqs: Vec<Vec<u32>> = (0..a.batch).map(|i| tokens(a.prefill_len, v, i as u64)).collect();
-    let prompts: Vec<Vec<u32>> = (0..a.batch).map(|i| tokens(a.prompt_len, v, 1000 + i as u64)).collect();
+    let prefill_seqs: Vec<Vec<u32>> = (0..a.batch)
+        .map(|i| tokens(a.prefill_len, v, i as u64))
+        .collect();
+    let prompts: Vec<Vec<u32>> = (0..a.batch)
+        .map(|i| tokens(a.prompt_len, v, 1000 + i as u64))
+        .collect();
 
     let mut prefill_times = Vec::new();
     for r in 0..=a.repeats {
@@ -128,7 +146,11 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
             let mut inputs: Vec<SeqInput> = feeds
                 .iter()
                 .zip(caches.iter_mut())
-                .map(|(f, c)| SeqInput { tokens: f, cache: c, mask: None })
+                .map(|(f, c)| SeqInput {
+                    tokens: f,
+                    cache: c,
+                    mask: None,
+                })
                 .collect();
             let fwd = model.forward(&mut inputs, false)?;
             next = argmax_rows(&model.logits(&fwd.hidden)?)?;
@@ -139,10 +161,14 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     }
     let prefill_tok_s = (a.batch * a.prefill_len) as f64 / median(prefill_times);
     let decode_tok_s = (a.batch * a.decode_steps) as f64 / median(decode_times);
-    let params: usize = engine::init::tensor_specs(&cfg).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let params: usize = engine::init::tensor_specs(&cfg)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
     let weights_mb = params as f64 * 4.0 / (1024.0 * 1024.0);
     let rss = peak_rss_mb().unwrap_or(f64::NAN);
-    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if a.json {
         let out = serde_json::json!({
             "impl": "moeval",
@@ -163,9 +189,18 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     } else {
         println!("model          {source} ({params} parameters, {weights_mb:.0} MiB in f32)");
         println!("threads        {threads}");
-        println!("prefill        {prefill_tok_s:.0} tok/s  (batch {} x {} tokens)", a.batch, a.prefill_len);
-        println!("decode         {decode_tok_s:.0} tok/s  (batch {}, {} steps after {} tokens)", a.batch, a.decode_steps, a.prompt_len);
-        println!("peak RSS       {rss:.0} MiB ({:.2}x the f32 weights)", rss / weights_mb);
+        println!(
+            "prefill        {prefill_tok_s:.0} tok/s  (batch {} x {} tokens)",
+            a.batch, a.prefill_len
+        );
+        println!(
+            "decode         {decode_tok_s:.0} tok/s  (batch {}, {} steps after {} tokens)",
+            a.batch, a.decode_steps, a.prompt_len
+        );
+        println!(
+            "peak RSS       {rss:.0} MiB ({:.2}x the f32 weights)",
+            rss / weights_mb
+        );
     }
     Ok(())
 }

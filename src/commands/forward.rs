@@ -40,13 +40,22 @@ pub fn run(a: Args) -> Result<()> {
     )?;
     let mut out = HashMap::new();
     let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-    out.insert("input_ids".to_string(), Tensor::from_vec(ids, tokens.len(), &Device::Cpu)?);
+    out.insert(
+        "input_ids".to_string(),
+        Tensor::from_vec(ids, tokens.len(), &Device::Cpu)?,
+    );
     out.insert("logits".to_string(), model.logits(&fwd.hidden)?);
-    for (l, r) in fwd.router_logits.unwrap_or_default().into_iter().enumerate() {
+    for (l, r) in fwd
+        .router_logits
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
         out.insert(format!("router_logits.layer{l}"), r);
     }
     super::write_atomic(&a.out, |tmp| {
-        candle_core::safetensors::save(&out, tmp).with_context(|| format!("cannot write {}", tmp.display()))
+        candle_core::safetensors::save(&out, tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))
     })?;
     eprintln!(
         "wrote {} ({} tokens, vocab {})",

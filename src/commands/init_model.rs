@@ -22,6 +22,11 @@ pub fn run(a: Args) -> Result<()> {
     let cfg = preset.config();
     write_random_checkpoint(&cfg, &RandomInit { seed: a.seed }, &a.out)
         .with_context(|| format!("cannot write the checkpoint to {}", a.out.display()))?;
-    eprintln!("wrote {} preset (seed {}) to {}", a.preset, a.seed, a.out.display());
+    eprintln!(
+        "wrote {} preset (seed {}) to {}",
+        a.preset,
+        a.seed,
+        a.out.display()
+    );
     Ok(())
 }

@@ -20,7 +20,9 @@ pub fn parse_opt_out(list: &[String]) -> Result<Vec<usize>> {
             s.strip_prefix("expert-")
                 .unwrap_or(s)
                 .parse::<usize>()
-                .with_context(|| format!("--opt-out `{s}`: expected an expert index such as 2 or expert-2"))
+                .with_context(|| {
+                    format!("--opt-out `{s}`: expected an expert index such as 2 or expert-2")
+                })
         })
         .collect()
 }
