@@ -5,7 +5,6 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -116,7 +115,7 @@ pub struct RandomInit {
 
 impl RandomInit {
     /// The values of tensor `name` with `len` elements.
-    pub fn values(&self, name: &str, len: usize) -> Vec<f32> {
+    pub fn generate(&self, name: &str, len: usize) -> Vec<f32> {
         if name.contains("norm") {
             return vec![1.0; len];
         }
@@ -149,13 +148,8 @@ impl RandomInit {
 }
 
 impl TensorSource for RandomInit {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let len = shape.iter().product();
-        Ok(Tensor::from_vec(
-            self.values(name, len),
-            shape,
-            &Device::Cpu,
-        )?)
+    fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Ok(self.generate(name, shape.iter().product()))
     }
     fn contains(&self, _name: &str) -> bool {
         true
@@ -171,7 +165,7 @@ pub fn write_random_checkpoint(cfg: &Config, init: &RandomInit, dir: &Path) -> R
     let data: Vec<(String, Vec<usize>, Vec<u8>)> = specs
         .into_iter()
         .map(|(name, shape)| {
-            let values = init.values(&name, shape.iter().product());
+            let values = init.generate(&name, shape.iter().product());
             let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
             (name, shape, bytes)
         })

@@ -12,15 +12,24 @@ use crate::{Error, Result};
 
 /// Where a model's tensors come from: a checkpoint on disk, or a seeded random initialisation.
 pub trait TensorSource {
+    /// The values of tensor `name` as f32 (row-major), checked against `shape`.
+    fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+
     /// The tensor `name` as f32, checked against `shape`.
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            self.values(name, shape)?,
+            shape,
+            &Device::Cpu,
+        )?)
+    }
     /// True when the source holds `name` (used for optional tensors such as an untied `lm_head`).
     fn contains(&self, name: &str) -> bool;
 }
 
 impl TensorSource for crate::weights::Weights {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.get(name, shape)
+    fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.get_values(name, shape)
     }
     fn contains(&self, name: &str) -> bool {
         crate::weights::Weights::contains(self, name)
@@ -28,7 +37,11 @@ impl TensorSource for crate::weights::Weights {
 }
 
 pub(crate) fn linear(src: &dyn TensorSource, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    Linear::new(src.tensor(&format!("{name}.weight"), &[out, inp])?)
+    Ok(Linear::new(
+        src.values(&format!("{name}.weight"), &[out, inp])?,
+        out,
+        inp,
+    ))
 }
 
 /// RMSNorm computed in f32: `w * (x / sqrt(mean(x^2) + eps))`. In f32 the OLMo2 and Llama variants
@@ -85,14 +98,13 @@ impl Mlp {
         hidden: usize,
         intermediate: usize,
     ) -> Result<Self> {
-        let gate = src.tensor(
+        let mut gate_up = src.values(
             &format!("{prefix}.gate_proj.weight"),
             &[intermediate, hidden],
         )?;
-        let up = src.tensor(&format!("{prefix}.up_proj.weight"), &[intermediate, hidden])?;
-        let gate_up = Tensor::cat(&[gate, up], 0)?;
+        gate_up.extend(src.values(&format!("{prefix}.up_proj.weight"), &[intermediate, hidden])?);
         Ok(Self {
-            gate_up: Linear::new(gate_up)?,
+            gate_up: Linear::new(gate_up, 2 * intermediate, hidden),
             down: linear(src, &format!("{prefix}.down_proj"), hidden, intermediate)?,
             intermediate,
         })
@@ -255,11 +267,11 @@ impl Attention {
         let h = cfg.hidden_size;
         let qw = cfg.num_attention_heads * cfg.head_dim;
         let kvw = cfg.num_key_value_heads * cfg.head_dim;
-        let q = src.tensor(&format!("{prefix}.q_proj.weight"), &[qw, h])?;
-        let k = src.tensor(&format!("{prefix}.k_proj.weight"), &[kvw, h])?;
-        let v = src.tensor(&format!("{prefix}.v_proj.weight"), &[kvw, h])?;
+        let mut qkv = src.values(&format!("{prefix}.q_proj.weight"), &[qw, h])?;
+        qkv.extend(src.values(&format!("{prefix}.k_proj.weight"), &[kvw, h])?);
+        qkv.extend(src.values(&format!("{prefix}.v_proj.weight"), &[kvw, h])?);
         Ok(Self {
-            qkv_proj: Linear::new(Tensor::cat(&[q, k, v], 0)?)?,
+            qkv_proj: Linear::new(qkv, qw + 2 * kvw, h),
             o_proj: linear(src, &format!("{prefix}.o_proj"), h, qw)?,
             q_norm: RmsNorm::load(src, &format!("{prefix}.q_norm"), qw, cfg.rms_norm_eps)?,
             k_norm: RmsNorm::load(src, &format!("{prefix}.k_norm"), kvw, cfg.rms_norm_eps)?,

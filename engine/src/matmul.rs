@@ -38,11 +38,23 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
-    /// Packs a `[out, in]` weight tensor.
-    pub fn new(weight: Tensor) -> Result<Self> {
-        let (n, k) = weight.dims2()?;
-        let panels = with_f32(&weight.contiguous()?, |w| pack(w, n, k))?;
-        Ok(Self { n, k, panels })
+    /// Packs a row-major `[n, k]` weight in place (each panel is a contiguous run of `NR` rows already).
+    pub fn new(mut values: Vec<f32>, n: usize, k: usize) -> Self {
+        debug_assert_eq!(values.len(), n * k);
+        values.resize(n.div_ceil(NR) * NR * k, 0.0);
+        values.par_chunks_mut(NR * k).for_each(|panel| {
+            let rows = panel.to_vec();
+            for (j, row) in rows.chunks_exact(k).enumerate() {
+                for (t, &v) in row.iter().enumerate() {
+                    panel[t * NR + j] = v;
+                }
+            }
+        });
+        Self {
+            n,
+            k,
+            panels: values,
+        }
     }
 
     /// Number of weight elements (`out * in`).
@@ -87,23 +99,7 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
     Ok(f(&all[start..start + t.elem_count()]))
 }
 
-fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
-    let panels = n.div_ceil(NR);
-    let mut out = vec![0f32; panels * k * NR];
-    out.par_chunks_mut(k * NR)
-        .enumerate()
-        .for_each(|(p, panel)| {
-            for j in 0..NR.min(n - p * NR) {
-                let row = &w[(p * NR + j) * k..][..k];
-                for (t, &v) in row.iter().enumerate() {
-                    panel[t * NR + j] = v;
-                }
-            }
-        });
-    out
-}
-
-/// `x [m, k] . W^T -> [m, n]` with `W` packed by [`pack`].
+/// `x [m, k] . W^T -> [m, n]` with `W` packed by [`Linear::new`].
 pub fn matmul_packed(x: &[f32], m: usize, panels: &[f32], n: usize, k: usize) -> Vec<f32> {
     // Every element is written below, so the buffer is not zeroed first.
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
@@ -329,7 +325,7 @@ mod tests {
         ] {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
-            let panels = pack(&w, n, k);
+            let panels = Linear::new(w.clone(), n, k).panels;
             let y = matmul_packed(&x, m, &panels, n, k);
             for i in 0..m {
                 for j in 0..n {

@@ -99,7 +99,7 @@ impl Model {
             None
         };
         let (h, v) = (config.hidden_size, config.vocab_size);
-        let embed_tokens = src.tensor("model.embed_tokens.weight", &[v, h])?;
+        let embed_values = src.values("model.embed_tokens.weight", &[v, h])?;
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
         let mut expert_params = 0;
         for layer in 0..config.num_hidden_layers {
@@ -120,10 +120,11 @@ impl Model {
         }
         let norm = RmsNorm::load(src, "model.norm", h, config.rms_norm_eps)?;
         let lm_head = if config.tie_word_embeddings && !src.contains("lm_head.weight") {
-            Linear::new(embed_tokens.clone())?
+            Linear::new(embed_values.clone(), v, h)
         } else {
             layers::linear(src, "lm_head", v, h)?
         };
+        let embed_tokens = Tensor::from_vec(embed_values, (v, h), &Device::Cpu)?;
         Ok(Self {
             config,
             embed_tokens,

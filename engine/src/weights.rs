@@ -154,6 +154,15 @@ impl Weights {
 
     /// Reads tensor `name` as f32 and checks its shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            self.get_values(name, shape)?,
+            shape,
+            &Device::Cpu,
+        )?)
+    }
+
+    /// Reads the values of tensor `name` as f32 and checks its shape.
+    pub fn get_values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let (data, found) = self.get_raw(name)?;
         if found != shape {
             return Err(Error::Weights {
@@ -164,7 +173,7 @@ impl Weights {
                 message: format!("tensor `{name}` has shape {found:?}, expected {shape:?}"),
             });
         }
-        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+        Ok(data)
     }
 
     /// Reads tensor `name` as f32 values with its shape, whatever its shape.
@@ -184,15 +193,30 @@ impl Weights {
             message: format!("tensor `{name}` (listed in the index) is not in this file"),
         })?;
         let (begin, end) = info.data_offsets;
-        let bytes = &open.mmap[open.data_start + begin..open.data_start + end];
-        let data = to_f32(info.dtype, bytes).ok_or_else(|| Error::Weights {
+        let (begin, end) = (open.data_start + begin, open.data_start + end);
+        let data = to_f32(info.dtype, &open.mmap[begin..end]).ok_or_else(|| Error::Weights {
             path: path.clone(),
             message: format!(
                 "tensor `{name}` has dtype {:?}; supported: F32, BF16, F16",
                 info.dtype
             ),
         })?;
+        release_pages(&open.mmap, begin, end);
         Ok((data, info.shape.clone()))
+    }
+}
+
+/// Drops the whole pages of `mmap[begin..end]` from this process's resident set once the tensor has been
+/// converted, so loading does not hold the file and the converted weights in memory at the same time.
+fn release_pages(mmap: &Mmap, begin: usize, end: usize) {
+    const PAGE: usize = 4096;
+    let (first, last) = (begin.div_ceil(PAGE) * PAGE, end / PAGE * PAGE);
+    if last > first {
+        // SAFETY: the map is a read-only private file mapping that no slice outlives here; after
+        // MADV_DONTNEED a later access simply reads the page from the file again.
+        let _ = unsafe {
+            mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first)
+        };
     }
 }
 
