@@ -13,6 +13,8 @@ pub enum Error {
     Input(String),
     #[error(transparent)]
     Mask(#[from] routers::MaskError),
+    #[error(transparent)]
+    Router(#[from] routers::RouterError),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -153,16 +153,20 @@ pub(crate) struct SparseMoe {
     /// `None` for experts that were opted out at load time (their weights were never read).
     experts: Vec<Option<Mlp>>,
     routing: Routing,
+    /// Added to the router logits before the softmax (FlexOlmo's negative bias); empty when unused.
+    router_bias: Vec<f32>,
     hidden: usize,
 }
 
 impl SparseMoe {
-    /// Loads `{prefix}.gate` and `{prefix}.experts.{e}` for the experts `loaded` allows.
+    /// Loads `{prefix}.gate` and `{prefix}.experts.{e}` for the experts `loaded` allows. `router_bias`
+    /// (one value per expert, or empty) is added to the router logits before the softmax.
     pub fn load(
         src: &dyn TensorSource,
         prefix: &str,
         cfg: &Config,
         loaded: &ExpertMask,
+        router_bias: &[f32],
     ) -> Result<Self> {
         let h = cfg.hidden_size;
         let experts = (0..cfg.num_experts)
@@ -187,6 +191,11 @@ impl SparseMoe {
                 top_k: cfg.num_experts_per_tok,
                 norm_topk_prob: cfg.norm_topk_prob,
             },
+            router_bias: if router_bias.iter().any(|&b| b != 0.0) {
+                router_bias.to_vec()
+            } else {
+                Vec::new()
+            },
             hidden: h,
         })
     }
@@ -200,11 +209,19 @@ impl SparseMoe {
     fn forward_rows(&self, x: &[f32], n: usize, batch: &mut Batch<'_>) -> Result<Vec<f32>> {
         let (h, num_experts) = (self.hidden, self.experts.len());
         let logits = self.gate.forward_rows(x, n)?;
+        let mut biased = logits.clone();
+        if !self.router_bias.is_empty() {
+            for row in biased.chunks_exact_mut(num_experts) {
+                for (l, b) in row.iter_mut().zip(&self.router_bias) {
+                    *l += b;
+                }
+            }
+        }
         let mut routed: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); num_experts];
         for (row, mask) in batch.token_masks.iter().enumerate() {
             for (e, w) in self
                 .routing
-                .route(&logits[row * num_experts..(row + 1) * num_experts], mask)
+                .route(&biased[row * num_experts..(row + 1) * num_experts], mask)
             {
                 routed[e].0.push(row);
                 routed[e].1.push(w);

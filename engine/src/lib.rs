@@ -3,7 +3,7 @@
 //!
 //! ```no_run
 //! use engine::{Model, LoadOptions, score::{loglikelihood, ScoreRequest, ScoreOptions}};
-//! let model = Model::load("path/to/model".as_ref(), &LoadOptions { opt_out: vec![2] })?;
+//! let model = Model::load("path/to/model".as_ref(), &LoadOptions::opting_out(&[2]))?;
 //! let tok = model.require_tokenizer()?;
 //! let req = ScoreRequest { context: tok.encode("The capital of France is")?, continuation: tok.encode(" Paris")? };
 //! let scores = loglikelihood(&model, &[req], &ScoreOptions::default())?;
@@ -32,6 +32,6 @@ pub use config::{Architecture, Config};
 pub use error::{Error, Result};
 pub use layers::TensorSource;
 pub use model::{Forward, LoadOptions, Model, SeqInput};
-pub use routers::ExpertMask;
+pub use routers::{EffectiveMask, ExpertMask, Registry};
 pub use tokenizer::Tokenizer;
 pub use weights::Weights;

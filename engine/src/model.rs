@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use routers::ExpertMask;
+use routers::{effective_mask, EffectiveMask, ExpertMask, Policy, Registry};
 
 use crate::attention::{KvCache, SeqSpan};
 use crate::config::{Architecture, Config};
@@ -32,8 +32,22 @@ impl Block {
 /// Options for [`Model::load`].
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
-    /// Experts to leave out (indices). Their weights are never read, and no sequence can route to them.
-    pub opt_out: Vec<usize>,
+    /// Experts to leave out, by name (from `experts.toml`) or index; comma-separated lists are accepted.
+    /// Their weights are never read, and no sequence can route to them.
+    pub opt_out: Vec<String>,
+    /// When non-empty, use only these experts (names or indices). Naming an expert that its owner opted
+    /// out in the checkpoint's policy is an error.
+    pub experts: Vec<String>,
+}
+
+impl LoadOptions {
+    /// Options that opt out the given expert indices.
+    pub fn opting_out(indices: &[usize]) -> Self {
+        Self {
+            opt_out: indices.iter().map(|i| i.to_string()).collect(),
+            experts: Vec::new(),
+        }
+    }
 }
 
 /// One sequence of a forward call: new tokens, the cache they extend, and optionally a narrower expert mask.
@@ -63,6 +77,7 @@ pub struct Model {
     norm: RmsNorm,
     lm_head: Linear,
     loaded: Option<ExpertMask>,
+    experts: Option<(Registry, EffectiveMask)>,
     tokenizer: Option<Tokenizer>,
     dir: Option<PathBuf>,
     expert_params: usize,
@@ -79,25 +94,68 @@ impl Model {
         }
         let config = Config::from_file(&dir.join("config.json"))?;
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let experts = if config.is_moe() {
+            let registry = Registry::load(dir, config.num_experts)?;
+            let policy = Policy::load(dir)?;
+            let effective = effective_mask(&registry, &policy, &opts.opt_out, &opts.experts)?;
+            Some((registry, effective))
+        } else {
+            Self::check_dense(&config, opts)?;
+            None
+        };
         let weights = Weights::open(dir)?;
-        let mut model = Self::from_source(config, &weights, opts)?;
+        let mut model = Self::build(config, &weights, experts)?;
         model.tokenizer = Some(tokenizer);
         model.dir = Some(dir.to_path_buf());
         Ok(model)
     }
 
-    /// Builds a model from any tensor source (used for random-weight presets); no tokenizer.
+    /// Builds a model from any tensor source (random-weight presets, or weights without a directory's
+    /// tokenizer and policy). Experts are unnamed (`expert-N`) and no policy applies.
     pub fn from_source(config: Config, src: &dyn TensorSource, opts: &LoadOptions) -> Result<Self> {
-        let loaded = if config.is_moe() {
-            Some(ExpertMask::all(config.num_experts).without(&opts.opt_out)?)
-        } else if !opts.opt_out.is_empty() {
-            return Err(Error::Input(format!(
-                "this {} model is dense: it has no experts to opt out",
-                config.architecture.model_type()
-            )));
+        let experts = if config.is_moe() {
+            let registry = Registry::unnamed(config.num_experts);
+            let mut by_request = registry.resolve_list(&opts.opt_out)?;
+            let only = registry.resolve_list(&opts.experts)?;
+            if !only.is_empty() {
+                by_request.extend((0..config.num_experts).filter(|i| !only.contains(i)));
+            }
+            by_request.sort_unstable();
+            by_request.dedup();
+            let mask = ExpertMask::all(config.num_experts).without(&by_request)?;
+            let effective = EffectiveMask {
+                mask,
+                by_policy: Vec::new(),
+                by_request,
+            };
+            Some((registry, effective))
         } else {
+            Self::check_dense(&config, opts)?;
             None
         };
+        Self::build(config, src, experts)
+    }
+
+    fn check_dense(config: &Config, opts: &LoadOptions) -> Result<()> {
+        if opts.opt_out.is_empty() && opts.experts.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Input(format!(
+            "this {} model is dense: it has no experts to opt out or select",
+            config.architecture.model_type()
+        )))
+    }
+
+    fn build(
+        config: Config,
+        src: &dyn TensorSource,
+        experts: Option<(Registry, EffectiveMask)>,
+    ) -> Result<Self> {
+        let loaded = experts.as_ref().map(|(_, e)| e.mask.clone());
+        let biases = experts
+            .as_ref()
+            .map(|(r, _)| r.router_biases())
+            .unwrap_or_default();
         let (h, v) = (config.hidden_size, config.vocab_size);
         let embed_values = src.values("model.embed_tokens.weight", &[v, h])?;
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
@@ -105,12 +163,12 @@ impl Model {
         for layer in 0..config.num_hidden_layers {
             let block = match (config.architecture, &loaded) {
                 (Architecture::FlexOlmo, Some(m)) => {
-                    let b = flex_olmo::Block::load(src, &config, layer, m)?;
+                    let b = flex_olmo::Block::load(src, &config, layer, m, &biases)?;
                     expert_params += b.expert_params();
                     Block::FlexOlmo(b)
                 }
                 (Architecture::Olmoe, Some(m)) => {
-                    let b = olmoe::Block::load(src, &config, layer, m)?;
+                    let b = olmoe::Block::load(src, &config, layer, m, &biases)?;
                     expert_params += b.expert_params();
                     Block::Olmoe(b)
                 }
@@ -132,6 +190,7 @@ impl Model {
             norm,
             lm_head,
             loaded,
+            experts,
             tokenizer: None,
             dir: None,
             expert_params,
@@ -162,6 +221,17 @@ impl Model {
     /// Experts loaded (all minus the opted-out ones); `None` for dense models.
     pub fn loaded_experts(&self) -> Option<&ExpertMask> {
         self.loaded.as_ref()
+    }
+
+    /// Names and owners of the experts (from `experts.toml`, or `expert-N`); `None` for dense models.
+    pub fn registry(&self) -> Option<&Registry> {
+        self.experts.as_ref().map(|(r, _)| r)
+    }
+
+    /// The experts this model may use and why the others are out (policy or request); `None` for dense
+    /// models. Runs record it with their results.
+    pub fn effective_mask(&self) -> Option<&EffectiveMask> {
+        self.experts.as_ref().map(|(_, e)| e)
     }
 
     /// Parameters of all loaded experts, summed over layers.

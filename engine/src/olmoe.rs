@@ -26,6 +26,7 @@ impl Block {
         cfg: &Config,
         layer: usize,
         loaded: &ExpertMask,
+        router_bias: &[f32],
     ) -> Result<Self> {
         let p = format!("model.layers.{layer}");
         let h = cfg.hidden_size;
@@ -39,7 +40,7 @@ impl Block {
                 h,
                 eps,
             )?,
-            mlp: SparseMoe::load(src, &format!("{p}.mlp"), cfg, loaded)?,
+            mlp: SparseMoe::load(src, &format!("{p}.mlp"), cfg, loaded, router_bias)?,
         })
     }
 

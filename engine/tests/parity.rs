@@ -99,7 +99,7 @@ fn olmo2_matches_reference() {
 #[test]
 fn opt_out_equals_physical_removal() {
     let name = "tiny-flexolmo";
-    let model = Model::load(&fixture(name), &LoadOptions { opt_out: vec![2] }).unwrap();
+    let model = Model::load(&fixture(name), &LoadOptions::opting_out(&[2])).unwrap();
     let reference = reference(name);
     for i in 0..PROMPTS {
         let (logits, _) = run(&model, &ids(&reference[&format!("input_ids.{i}")]));

@@ -20,13 +20,12 @@ pub struct Args {
     /// Output safetensors file.
     #[arg(long)]
     out: PathBuf,
-    /// Experts to leave out, by index (e.g. `2` or `1,3`); their weights are never read.
-    #[arg(long, value_name = "EXPERTS")]
-    opt_out: Vec<String>,
+    #[command(flatten)]
+    experts: super::ExpertArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let model = super::load_model(&a.model, &a.opt_out)?;
+    let model = super::load_model_with(&a.model, &a.experts)?;
     let tokens = model.require_tokenizer()?.encode(&a.prompt)?;
     anyhow::ensure!(!tokens.is_empty(), "the prompt encodes to no tokens");
     let mut cache = model.new_cache();

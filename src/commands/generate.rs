@@ -31,9 +31,8 @@ pub struct Args {
     /// Keep going past the model's end-of-text token.
     #[arg(long)]
     ignore_eos: bool,
-    /// Experts to leave out, by index (e.g. `2` or `1,3`).
-    #[arg(long, value_name = "EXPERTS")]
-    opt_out: Vec<String>,
+    #[command(flatten)]
+    experts: super::ExpertArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -41,7 +40,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(p) = a.top_p {
         anyhow::ensure!(p > 0.0 && p <= 1.0, "--top-p must be in (0, 1]");
     }
-    let model = super::load_model(&a.model, &a.opt_out)?;
+    let model = super::load_model_with(&a.model, &a.experts)?;
     let tokens = model.require_tokenizer()?.encode(&a.prompt)?;
     anyhow::ensure!(!tokens.is_empty(), "the prompt encodes to no tokens");
     let params = GenParams {

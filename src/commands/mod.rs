@@ -10,27 +10,23 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use engine::{LoadOptions, Model};
 
-/// Parses `--opt-out 2,3` (expert indices, or names of the form `expert-N`).
-pub fn parse_opt_out(list: &[String]) -> Result<Vec<usize>> {
-    list.iter()
-        .flat_map(|s| s.split(','))
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.strip_prefix("expert-")
-                .unwrap_or(s)
-                .parse::<usize>()
-                .with_context(|| {
-                    format!("--opt-out `{s}`: expected an expert index such as 2 or expert-2")
-                })
-        })
-        .collect()
+/// Expert selection shared by every command that runs a model.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ExpertArgs {
+    /// Experts to leave out, by name (from experts.toml) or index: `--opt-out math,2`. Their weights are
+    /// never read. Owners' opt-outs recorded with `moeval experts opt-out` always apply as well.
+    #[arg(long, value_name = "EXPERTS")]
+    pub opt_out: Vec<String>,
+    /// Use only these experts (names or indices). Naming an expert its owner opted out is refused.
+    #[arg(long, value_name = "EXPERTS")]
+    pub experts: Vec<String>,
 }
 
-/// Loads a model directory, with a message that says which directory failed.
-pub fn load_model(dir: &Path, opt_out: &[String]) -> Result<Model> {
+/// Loads a model directory with the given expert selection, honouring the owners' policy.
+pub fn load_model_with(dir: &Path, experts: &ExpertArgs) -> Result<Model> {
     let opts = LoadOptions {
-        opt_out: parse_opt_out(opt_out)?,
+        opt_out: experts.opt_out.clone(),
+        experts: experts.experts.clone(),
     };
     Model::load(dir, &opts).with_context(|| format!("cannot load the model in {}", dir.display()))
 }
