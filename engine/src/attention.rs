@@ -223,12 +223,47 @@ unsafe fn attend_head(
     out: *mut f32,
 ) {
     let hd = h.head_dim;
-    let qw = h.heads * hd;
     let kvw = h.kv_heads * hd;
     let kv_head = head / (h.heads / h.kv_heads);
     let total: usize = segments.iter().map(|s| s.0.len() / kvw).sum();
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut scores = vec![0f32; t * total];
+    SCORES.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.len() < t * total {
+            buf.resize(t * total, 0.0);
+        }
+        attend_head_with(h, head, q, start, t, pos0, segments, out, &mut buf[..t * total], total, scale, kv_head)
+    })
+}
+
+thread_local! {
+    /// Per-thread score buffer: every element a call uses is written before it is read, so reusing it
+    /// saves clearing and faulting in fresh memory for every (sequence, head).
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`attend_head`] with its score buffer.
+///
+/// # Safety
+/// As for [`attend_head`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_head_with(
+    h: Heads,
+    head: usize,
+    q: &[f32],
+    start: usize,
+    t: usize,
+    pos0: usize,
+    segments: &[(&[f32], &[f32])],
+    out: *mut f32,
+    scores: &mut [f32],
+    total: usize,
+    scale: f32,
+    kv_head: usize,
+) {
+    let hd = h.head_dim;
+    let qw = h.heads * hd;
+    let kvw = h.kv_heads * hd;
     if t <= DIRECT_MAX_ROWS {
         // Decoding: a handful of queries; plain dot products beat a GEMM call's set-up cost.
         for i in 0..t {

@@ -119,15 +119,13 @@ impl Mlp {
     /// The MLP on `m` rows of `x`.
     pub fn forward_rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         let i = self.intermediate;
-        let gu = self.gate_up.forward_rows(x, m)?;
-        let mut act = vec![0f32; m * i];
-        act.par_chunks_mut(i)
-            .zip(gu.par_chunks(2 * i))
-            .for_each(|(a, row)| {
-                let (g, u) = row.split_at(i);
-                crate::vecmath::silu_mul(a, g, u);
-            });
-        self.down.forward_rows(&act, m)
+        let mut gu = self.gate_up.forward_rows(x, m)?;
+        // silu(gate) * up overwrites the gate half of each row, which the down projection reads in place.
+        gu.par_chunks_mut(2 * i).for_each(|row| {
+            let (g, u) = row.split_at_mut(i);
+            crate::vecmath::silu_mul_in_place(g, u);
+        });
+        self.down.forward_strided(&gu, m, 2 * i)
     }
 
     /// Number of parameters.

@@ -78,7 +78,20 @@ impl Linear {
                 self.k
             )));
         }
-        Ok(matmul_packed(x, m, &self.panels, self.n, self.k))
+        Ok(matmul_packed(x, m, self.k, &self.panels, self.n, self.k))
+    }
+
+    /// Like [`forward_rows`](Self::forward_rows) for rows `ldx` floats apart whose first `in` values are
+    /// the input (the rest of each row is ignored).
+    pub fn forward_strided(&self, x: &[f32], m: usize, ldx: usize) -> Result<Vec<f32>> {
+        if ldx < self.k || (m > 0 && x.len() < (m - 1) * ldx + self.k) {
+            return Err(Error::Input(format!(
+                "matmul: {} inputs for {m} rows of width {} at stride {ldx}",
+                x.len(),
+                self.k
+            )));
+        }
+        Ok(matmul_packed(x, m, ldx, &self.panels, self.n, self.k))
     }
 }
 
@@ -99,8 +112,8 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
     Ok(f(&all[start..start + t.elem_count()]))
 }
 
-/// `x [m, k] . W^T -> [m, n]` with `W` packed by [`Linear::new`].
-pub fn matmul_packed(x: &[f32], m: usize, panels: &[f32], n: usize, k: usize) -> Vec<f32> {
+/// `x [m, k] . W^T -> [m, n]` with `W` packed by [`Linear::new`]; row `i` of `x` starts at `i * ldx`.
+pub fn matmul_packed(x: &[f32], m: usize, ldx: usize, panels: &[f32], n: usize, k: usize) -> Vec<f32> {
     // Every element is written below, so the buffer is not zeroed first.
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let ptr = OutPtr(out.as_mut_ptr());
@@ -118,7 +131,7 @@ pub fn matmul_packed(x: &[f32], m: usize, panels: &[f32], n: usize, k: usize) ->
             while r < rows.end {
                 let nr = MR.min(rows.end - r);
                 let mut tile = [[0f32; NR]; MR];
-                kernel.tile(&x[r * k..(r + nr) * k], nr, k, panel, &mut tile);
+                kernel.tile(&x[r * ldx..(r + nr - 1) * ldx + k], nr, k, ldx, panel, &mut tile);
                 let o = ptr;
                 for (i, vals) in tile.iter().enumerate().take(nr) {
                     // SAFETY: row r+i < m and columns p*NR..p*NR+cols < n belong to this item alone.
@@ -165,17 +178,18 @@ impl Kernel {
     }
 
     /// `tile[i][j] = sum_t x[i][t] * panel[t][j]` for the `rows` (<= MR) rows of `x`.
-    fn tile(self, x: &[f32], rows: usize, k: usize, panel: &[f32], tile: &mut [[f32; NR]; MR]) {
-        debug_assert!((1..=MR).contains(&rows) && x.len() == rows * k && panel.len() == k * NR);
+    #[allow(clippy::too_many_arguments)]
+    fn tile(self, x: &[f32], rows: usize, k: usize, ldx: usize, panel: &[f32], tile: &mut [[f32; NR]; MR]) {
+        assert!((1..=MR).contains(&rows) && x.len() == (rows - 1) * ldx + k && panel.len() == k * NR);
         match self {
             // SAFETY: the features were detected at run time; the slices' lengths are checked above.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe { x86::tile_avx512(x, rows, k, panel, tile) },
+            Kernel::Avx512 => unsafe { x86::tile_avx512(x, rows, k, ldx, panel, tile) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { x86::tile_avx2(x, rows, k, panel, tile) },
+            Kernel::Avx2 => unsafe { x86::tile_avx2(x, rows, k, ldx, panel, tile) },
             Kernel::Portable => {
                 for (i, out) in tile.iter_mut().enumerate().take(rows) {
-                    let xr = &x[i * k..(i + 1) * k];
+                    let xr = &x[i * ldx..i * ldx + k];
                     for (t, &a) in xr.iter().enumerate() {
                         for (o, &b) in out.iter_mut().zip(&panel[t * NR..(t + 1) * NR]) {
                             *o = a.mul_add(b, *o);
@@ -199,18 +213,19 @@ mod x86 {
         x: &[f32],
         rows: usize,
         k: usize,
+        ldx: usize,
         panel: &[f32],
         tile: &mut [[f32; NR]; MR],
     ) {
         match rows {
-            1 => rows_avx512::<1>(x, k, panel, tile),
-            2 => rows_avx512::<2>(x, k, panel, tile),
-            3 => rows_avx512::<3>(x, k, panel, tile),
-            4 => rows_avx512::<4>(x, k, panel, tile),
-            5 => rows_avx512::<5>(x, k, panel, tile),
-            6 => rows_avx512::<6>(x, k, panel, tile),
-            7 => rows_avx512::<7>(x, k, panel, tile),
-            _ => rows_avx512::<8>(x, k, panel, tile),
+            1 => rows_avx512::<1>(x, k, ldx, panel, tile),
+            2 => rows_avx512::<2>(x, k, ldx, panel, tile),
+            3 => rows_avx512::<3>(x, k, ldx, panel, tile),
+            4 => rows_avx512::<4>(x, k, ldx, panel, tile),
+            5 => rows_avx512::<5>(x, k, ldx, panel, tile),
+            6 => rows_avx512::<6>(x, k, ldx, panel, tile),
+            7 => rows_avx512::<7>(x, k, ldx, panel, tile),
+            _ => rows_avx512::<8>(x, k, ldx, panel, tile),
         }
     }
 
@@ -221,12 +236,13 @@ mod x86 {
     unsafe fn rows_avx512<const R: usize>(
         x: &[f32],
         k: usize,
+        ldx: usize,
         panel: &[f32],
         tile: &mut [[f32; NR]; MR],
     ) {
         let mut xp = [x.as_ptr(); R];
         for (i, p) in xp.iter_mut().enumerate() {
-            *p = x.as_ptr().add(i * k);
+            *p = x.as_ptr().add(i * ldx);
         }
         let b = panel.as_ptr();
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
@@ -255,6 +271,7 @@ mod x86 {
         x: &[f32],
         rows: usize,
         k: usize,
+        ldx: usize,
         panel: &[f32],
         tile: &mut [[f32; NR]; MR],
     ) {
@@ -262,7 +279,7 @@ mod x86 {
         let mut r0 = 0;
         while r0 < rows {
             let xp: [*const f32; 4] =
-                [0, 1, 2, 3].map(|i: usize| x.as_ptr().add((r0 + i).min(rows - 1) * k));
+                [0, 1, 2, 3].map(|i: usize| x.as_ptr().add((r0 + i).min(rows - 1) * ldx));
             let mut acc = [[_mm256_setzero_ps(); 4]; 4];
             for t in 0..k {
                 let bv = [
@@ -326,7 +343,7 @@ mod tests {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
             let panels = Linear::new(w.clone(), n, k).panels;
-            let y = matmul_packed(&x, m, &panels, n, k);
+            let y = matmul_packed(&x, m, k, &panels, n, k);
             for i in 0..m {
                 for j in 0..n {
                     let naive: f64 = (0..k)
@@ -340,7 +357,7 @@ mod tests {
             }
             // Any row alone gives bit-identical results.
             for i in [0, m / 2, m - 1] {
-                let alone = matmul_packed(&x[i * k..(i + 1) * k], 1, &panels, n, k);
+                let alone = matmul_packed(&x[i * k..(i + 1) * k], 1, k, &panels, n, k);
                 assert_eq!(alone, y[i * n..(i + 1) * n].to_vec(), "{m}x{n}x{k} row {i}");
             }
         }
@@ -355,7 +372,7 @@ mod tests {
             .into_iter()
             .map(|kern| {
                 let mut tile = [[0f32; NR]; MR];
-                kern.tile(&x, m, k, &panel, &mut tile);
+                kern.tile(&x, m, k, k, &panel, &mut tile);
                 tile
             })
             .collect();

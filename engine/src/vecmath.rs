@@ -46,9 +46,9 @@ fn softmax_body(row: &mut [f32]) {
 }
 
 #[inline(always)]
-fn silu_mul_body(out: &mut [f32], gate: &[f32], up: &[f32]) {
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + exp(-g)) * u;
+fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + exp(-*g)) * u;
     }
 }
 
@@ -59,8 +59,8 @@ mod avx512 {
         super::softmax_body(row)
     }
     #[target_feature(enable = "avx512f")]
-    pub(super) fn silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) {
-        super::silu_mul_body(out, gate, up)
+    pub(super) fn silu_mul(gate: &mut [f32], up: &[f32]) {
+        super::silu_mul_body(gate, up)
     }
 }
 
@@ -84,14 +84,14 @@ pub(crate) fn softmax(row: &mut [f32]) {
     softmax_body(row)
 }
 
-/// `out = silu(gate) * up`, element-wise.
-pub(crate) fn silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) {
+/// `gate = silu(gate) * up`, element-wise.
+pub(crate) fn silu_mul_in_place(gate: &mut [f32], up: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: AVX-512F was detected at run time.
-        return unsafe { avx512::silu_mul(out, gate, up) };
+        return unsafe { avx512::silu_mul(gate, up) };
     }
-    silu_mul_body(out, gate, up)
+    silu_mul_body(gate, up)
 }
 
 #[cfg(test)]
@@ -118,9 +118,9 @@ mod tests {
         assert_eq!(a, b);
         assert!((a.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         let g: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 - 9.0).collect();
-        let (mut o1, mut o2) = (vec![0f32; 37], vec![0f32; 37]);
-        silu_mul(&mut o1, &g, &g);
-        silu_mul_body(&mut o2, &g, &g);
+        let (mut o1, mut o2) = (g.clone(), g.clone());
+        silu_mul_in_place(&mut o1, &g);
+        silu_mul_body(&mut o2, &g);
         assert_eq!(o1, o2);
     }
 }
