@@ -1,6 +1,7 @@
 //! `moeval`: evaluate and serve Mixture-of-Experts language models with exact expert opt-out.
 
 mod commands;
+mod lm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -24,12 +25,18 @@ struct Cli {
 enum Command {
     /// Run one prompt through a model and save input ids, logits and router logits (parity and inspection).
     Forward(commands::forward::Args),
+    /// Assemble a FlexOlmo model from experts trained separately on the same public model.
+    Merge(commands::merge::Args),
+    /// Experts: list them, record owners' opt-out / opt-in, routing statistics.
+    Experts(commands::experts::Args),
     /// Continue a prompt with greedy decoding or seeded sampling.
     Generate(commands::generate::Args),
     /// Write a seeded random-weight checkpoint of a named shape (for benchmarks and examples).
     InitModel(commands::init_model::Args),
     /// Measure prefill and decode throughput and peak memory.
     Bench(commands::bench::Args),
+    /// Run evaluation tasks (lm-evaluation-harness YAML or built-in suites) and write Parquet results.
+    Eval(commands::eval::Args),
 }
 
 fn main() {
@@ -51,8 +58,11 @@ fn run(cli: Cli) -> Result<()> {
     }
     match cli.command {
         Command::Forward(a) => commands::forward::run(a),
+        Command::Experts(a) => commands::experts::run(a),
+        Command::Merge(a) => commands::merge::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::InitModel(a) => commands::init_model::run(a),
         Command::Bench(a) => commands::bench::run(a, cli.threads),
+        Command::Eval(a) => commands::eval::run(a),
     }
 }

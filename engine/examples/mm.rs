@@ -17,7 +17,14 @@ fn main() {
         let reps = 3 * copies;
         let t = std::time::Instant::now();
         for r in 0..reps {
-            std::hint::black_box(engine::matmul::matmul_packed(&x, m, k, &ws[r % copies], n, k));
+            std::hint::black_box(engine::matmul::matmul_packed(
+                &x,
+                m,
+                k,
+                &ws[r % copies],
+                n,
+                k,
+            ));
         }
         let d = t.elapsed().as_secs_f64() / reps as f64;
         println!(

@@ -232,7 +232,20 @@ unsafe fn attend_head(
         if buf.len() < t * total {
             buf.resize(t * total, 0.0);
         }
-        attend_head_with(h, head, q, start, t, pos0, segments, out, &mut buf[..t * total], total, scale, kv_head)
+        attend_head_with(
+            h,
+            head,
+            q,
+            start,
+            t,
+            pos0,
+            segments,
+            out,
+            &mut buf[..t * total],
+            total,
+            scale,
+            kv_head,
+        )
     })
 }
 

@@ -34,4 +34,4 @@ pub use layers::TensorSource;
 pub use model::{Forward, LoadOptions, Model, SeqInput};
 pub use routers::{EffectiveMask, ExpertMask, Registry};
 pub use tokenizer::Tokenizer;
-pub use weights::Weights;
+pub use weights::{to_f32, Weights};

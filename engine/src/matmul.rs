@@ -113,7 +113,14 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
 }
 
 /// `x [m, k] . W^T -> [m, n]` with `W` packed by [`Linear::new`]; row `i` of `x` starts at `i * ldx`.
-pub fn matmul_packed(x: &[f32], m: usize, ldx: usize, panels: &[f32], n: usize, k: usize) -> Vec<f32> {
+pub fn matmul_packed(
+    x: &[f32],
+    m: usize,
+    ldx: usize,
+    panels: &[f32],
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
     // Every element is written below, so the buffer is not zeroed first.
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let ptr = OutPtr(out.as_mut_ptr());
@@ -131,7 +138,14 @@ pub fn matmul_packed(x: &[f32], m: usize, ldx: usize, panels: &[f32], n: usize, 
             while r < rows.end {
                 let nr = MR.min(rows.end - r);
                 let mut tile = [[0f32; NR]; MR];
-                kernel.tile(&x[r * ldx..(r + nr - 1) * ldx + k], nr, k, ldx, panel, &mut tile);
+                kernel.tile(
+                    &x[r * ldx..(r + nr - 1) * ldx + k],
+                    nr,
+                    k,
+                    ldx,
+                    panel,
+                    &mut tile,
+                );
                 let o = ptr;
                 for (i, vals) in tile.iter().enumerate().take(nr) {
                     // SAFETY: row r+i < m and columns p*NR..p*NR+cols < n belong to this item alone.
@@ -179,8 +193,18 @@ impl Kernel {
 
     /// `tile[i][j] = sum_t x[i][t] * panel[t][j]` for the `rows` (<= MR) rows of `x`.
     #[allow(clippy::too_many_arguments)]
-    fn tile(self, x: &[f32], rows: usize, k: usize, ldx: usize, panel: &[f32], tile: &mut [[f32; NR]; MR]) {
-        assert!((1..=MR).contains(&rows) && x.len() == (rows - 1) * ldx + k && panel.len() == k * NR);
+    fn tile(
+        self,
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        ldx: usize,
+        panel: &[f32],
+        tile: &mut [[f32; NR]; MR],
+    ) {
+        assert!(
+            (1..=MR).contains(&rows) && x.len() == (rows - 1) * ldx + k && panel.len() == k * NR
+        );
         match self {
             // SAFETY: the features were detected at run time; the slices' lengths are checked above.
             #[cfg(target_arch = "x86_64")]

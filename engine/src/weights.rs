@@ -176,6 +176,30 @@ impl Weights {
         Ok(data)
     }
 
+    /// The stored bytes of tensor `name` with their dtype and shape, borrowed from the memory map (for
+    /// tools that copy or compare tensors without converting them).
+    pub fn raw(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8])> {
+        let &shard = self.index.get(name).ok_or_else(|| Error::Weights {
+            path: self
+                .shards
+                .first()
+                .map(|s| s.path.clone())
+                .unwrap_or_default(),
+            message: format!("missing tensor `{name}`"),
+        })?;
+        let open = self.open_shard(shard)?;
+        let info = open.metadata.info(name).ok_or_else(|| Error::Weights {
+            path: self.shards[shard].path.clone(),
+            message: format!("tensor `{name}` (listed in the index) is not in this file"),
+        })?;
+        let (begin, end) = info.data_offsets;
+        Ok((
+            info.dtype,
+            info.shape.clone(),
+            &open.mmap[open.data_start + begin..open.data_start + end],
+        ))
+    }
+
     /// Reads tensor `name` as f32 values with its shape, whatever its shape.
     pub fn get_raw(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let &shard = self.index.get(name).ok_or_else(|| Error::Weights {
@@ -220,7 +244,8 @@ fn release_pages(mmap: &Mmap, begin: usize, end: usize) {
     }
 }
 
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+/// Converts stored bytes of an F32, BF16 or F16 tensor to f32 values (`None` for other dtypes).
+pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     let out = match dtype {
         Dtype::F32 => bytes
             .chunks_exact(4)

@@ -1,9 +1,13 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod eval;
+pub mod experts;
 pub mod forward;
 pub mod generate;
 pub mod init_model;
+pub mod merge;
+pub mod route;
 
 use std::path::Path;
 

@@ -1,1 +1,23 @@
-//! placeholder
+//! Evaluation tasks: lm-evaluation-harness-compatible YAML task files, dataset readers, request
+//! building with the harness's exact semantics, metrics with standard errors, and bias suites.
+//!
+//! The crate does not depend on any model: it drives anything that implements [`LanguageModel`].
+
+pub mod config;
+pub mod dataset;
+mod error;
+pub mod lm;
+pub mod pyrandom;
+mod template;
+
+pub use config::{OutputType, Registry, TaskConfig};
+pub use error::{Error, Result};
+pub use lm::{GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError};
+pub mod bias;
+pub mod metrics;
+pub mod output;
+pub mod runner;
+pub mod task;
+
+pub use runner::{evaluate, NoProgress, Progress, RunOptions, Sample, TaskResult};
+pub use task::{LoadOptions, Task};

@@ -1,0 +1,141 @@
+//! The engine model as a [`tasks::LanguageModel`]: text requests are tokenised with the evaluation
+//! harness's rules (see `tasks::lm`) and scored or continued by the engine.
+
+use engine::generate::{generate, GenParams};
+use engine::score::{loglikelihood, ScoreOptions, ScoreRequest};
+use engine::{ExpertMask, Model, Tokenizer};
+use rayon::prelude::*;
+use tasks::lm::{encode_pair, rolling_windows, truncate_left};
+use tasks::{GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError};
+
+/// A loaded engine model with the settings the harness semantics need.
+pub struct EngineLm<'a> {
+    model: &'a Model,
+    tokenizer: &'a Tokenizer,
+    /// Prefix of an empty context and of the first rolling window: BOS if the model has one, else EOS.
+    prefix: u32,
+    max_length: usize,
+    mask: Option<ExpertMask>,
+}
+
+impl<'a> EngineLm<'a> {
+    pub fn new(model: &'a Model) -> Result<Self, engine::Error> {
+        let cfg = model.config();
+        let prefix = cfg
+            .bos_token_id
+            .or_else(|| cfg.eos_token_ids.first().copied())
+            .ok_or_else(|| {
+                engine::Error::Input(
+                    "the model has neither a BOS nor an EOS token to prefix empty contexts with"
+                        .into(),
+                )
+            })?;
+        Ok(EngineLm {
+            model,
+            tokenizer: model.require_tokenizer()?,
+            prefix,
+            max_length: cfg.max_position_embeddings,
+            mask: None,
+        })
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>, engine::Error> {
+        self.tokenizer.encode(text)
+    }
+
+    /// Scores token-level requests; an empty continuation scores 0 (and counts as greedy).
+    fn score(&self, reqs: Vec<(Vec<u32>, Vec<u32>)>) -> Result<Vec<Loglikelihood>, ModelError> {
+        let live: Vec<usize> = (0..reqs.len()).filter(|&i| !reqs[i].1.is_empty()).collect();
+        let batch: Vec<ScoreRequest> = live
+            .iter()
+            .map(|&i| ScoreRequest {
+                context: reqs[i].0.clone(),
+                continuation: reqs[i].1.clone(),
+            })
+            .collect();
+        let opts = ScoreOptions {
+            mask: self.mask.clone(),
+            ..ScoreOptions::default()
+        };
+        let scores = loglikelihood(self.model, &batch, &opts)?;
+        let mut out = vec![
+            Loglikelihood {
+                logprob: 0.0,
+                is_greedy: true
+            };
+            reqs.len()
+        ];
+        for (&i, s) in live.iter().zip(scores) {
+            out[i] = Loglikelihood {
+                logprob: s.total(),
+                is_greedy: s.is_greedy(),
+            };
+        }
+        Ok(out)
+    }
+}
+
+impl LanguageModel for EngineLm<'_> {
+    fn loglikelihood(
+        &self,
+        requests: &[LoglikelihoodRequest],
+    ) -> Result<Vec<Loglikelihood>, ModelError> {
+        let toks: Vec<(Vec<u32>, Vec<u32>)> = requests
+            .par_iter()
+            .map(|r| {
+                let (c, k) =
+                    encode_pair(|s| self.encode(s), &r.context, &r.continuation, self.prefix)?;
+                Ok(truncate_left(c, k, self.max_length))
+            })
+            .collect::<Result<_, engine::Error>>()?;
+        self.score(toks)
+    }
+
+    fn loglikelihood_rolling(&self, texts: &[String]) -> Result<Vec<f64>, ModelError> {
+        let windows: Vec<Vec<(Vec<u32>, Vec<u32>)>> = texts
+            .par_iter()
+            .map(|t| {
+                Ok(rolling_windows(
+                    &self.encode(t)?,
+                    self.prefix,
+                    self.max_length,
+                ))
+            })
+            .collect::<Result<_, engine::Error>>()?;
+        let flat: Vec<(Vec<u32>, Vec<u32>)> = windows.iter().flatten().cloned().collect();
+        let scores = self.score(flat)?;
+        let mut it = scores.into_iter();
+        Ok(windows
+            .iter()
+            .map(|w| it.by_ref().take(w.len()).map(|s| s.logprob).sum())
+            .collect())
+    }
+
+    fn generate_until(&self, requests: &[GenerateRequest]) -> Result<Vec<String>, ModelError> {
+        let prompts: Vec<(Vec<u32>, GenParams)> = requests
+            .iter()
+            .map(|r| {
+                let mut ids = self.encode(&r.context)?;
+                // The harness keeps the last max_length - max_gen_toks context tokens.
+                let keep = self.max_length.saturating_sub(r.max_gen_toks).max(1);
+                if ids.len() > keep {
+                    ids.drain(..ids.len() - keep);
+                }
+                if ids.is_empty() {
+                    ids.push(self.prefix);
+                }
+                let params = GenParams {
+                    max_new_tokens: r.max_gen_toks,
+                    temperature: r.temperature,
+                    top_p: r.top_p,
+                    seed: r.seed,
+                    stop: r.until.iter().filter(|s| !s.is_empty()).cloned().collect(),
+                    stop_at_eos: true,
+                };
+                Ok((ids, params))
+            })
+            .collect::<Result<_, engine::Error>>()?;
+        let out = generate(self.model, &prompts, self.mask.as_ref())?;
+        Ok(out.into_iter().map(|g| g.text).collect())
+    }
+}

@@ -1,0 +1,756 @@
+//! Task files: lm-evaluation-harness YAML (with `include`, groups and tags) plus this project's
+//! documented extensions (see docs/tasks.md), and the registry that finds them by name.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::error::{io_err, Error, Result};
+
+/// Marker key for a value that carried a YAML tag such as `!function utils.process`.
+const TAG_KEY: &str = "__yaml_tag__";
+
+/// How a task turns a document into requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputType {
+    MultipleChoice,
+    Loglikelihood,
+    LoglikelihoodRolling,
+    GenerateUntil,
+}
+
+/// A `doc_to_text` / `doc_to_target` / `doc_to_choice` value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Field {
+    /// A column name or a Jinja template.
+    Template(String),
+    Int(i64),
+    List(Vec<Value>),
+    /// Python code (`!function`), which cannot run here.
+    Function(String),
+}
+
+/// One entry of `metric_list`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricSpec {
+    pub metric: String,
+    /// `ignore_case`, `ignore_punctuation`, `kind` and other options passed to the metric.
+    pub kwargs: Map<String, Value>,
+}
+
+/// `generation_kwargs`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationKwargs {
+    pub until: Vec<String>,
+    pub max_gen_toks: usize,
+    pub do_sample: bool,
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+}
+
+/// Extension: few-shot exemplars chosen per value of a document field, from one file per value
+/// (the CALM protocol: exemplars of the document's source dataset).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FewshotBy {
+    pub field: String,
+    /// Path with `{value}` (and `{data_dir}`) placeholders; read with the lenient CSV reader.
+    pub data_files: String,
+    /// Maps a field value to the `{value}` used in the path (default: the value itself).
+    pub map: BTreeMap<String, String>,
+    /// Exemplars taken, in file order.
+    pub n: usize,
+}
+
+/// Extension: bias metrics over groups of documents (CALM).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BiasSpec {
+    /// Document field with the demographic group (e.g. `gender`).
+    pub group: String,
+    /// Document field identifying the template the document was generated from.
+    pub template: String,
+    /// Document field naming the source dataset (for the source exclusion rule), if any.
+    pub source: Option<String>,
+    /// The per-sample metric the bias is computed on (default `acc`).
+    pub metric: String,
+}
+
+/// A parsed task file (after `include`s are merged).
+#[derive(Clone, Debug)]
+pub struct TaskConfig {
+    pub name: String,
+    pub file: PathBuf,
+    pub tags: Vec<String>,
+    pub dataset_path: String,
+    pub data_files: BTreeMap<String, Vec<String>>,
+    /// Extension: per split, a CSV whose rows are joined to the data rows by position.
+    pub join_files: BTreeMap<String, String>,
+    pub training_split: Option<String>,
+    pub validation_split: Option<String>,
+    pub test_split: Option<String>,
+    pub fewshot_split: Option<String>,
+    pub output_type: OutputType,
+    pub doc_to_text: Field,
+    pub doc_to_target: Field,
+    pub doc_to_choice: Option<Field>,
+    pub target_delimiter: String,
+    pub fewshot_delimiter: String,
+    pub num_fewshot: usize,
+    pub description: Option<String>,
+    pub metric_list: Vec<MetricSpec>,
+    pub generation_kwargs: Option<GenerationKwargs>,
+    pub fewshot_by: Option<FewshotBy>,
+    /// Extension: fields whose values split each mean metric into per-group values.
+    pub group_by: Vec<String>,
+    pub bias: Option<BiasSpec>,
+}
+
+/// A group (or suite) of tasks, with optional aggregate metrics.
+#[derive(Clone, Debug)]
+pub struct GroupConfig {
+    pub name: String,
+    pub file: PathBuf,
+    /// Member names (tasks or groups), in order.
+    pub tasks: Vec<String>,
+    pub aggregate: Vec<AggregateSpec>,
+}
+
+/// `aggregate_metric_list` entry: a mean of a metric over the group's tasks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AggregateSpec {
+    pub metric: String,
+    pub weight_by_size: bool,
+}
+
+fn cfg_err(file: &Path, msg: impl Into<String>) -> Error {
+    Error::Config {
+        file: file.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+fn yaml_to_json(v: serde_yaml_ng::Value) -> Value {
+    use serde_yaml_ng::Value as Y;
+    match v {
+        Y::Null => Value::Null,
+        Y::Bool(b) => Value::Bool(b),
+        Y::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                n.as_f64()
+                    .and_then(serde_json::Number::from_f64)
+                    .map(Value::Number)
+                    .unwrap_or(Value::Null)
+            }
+        }
+        Y::String(s) => Value::String(s),
+        Y::Sequence(s) => Value::Array(s.into_iter().map(yaml_to_json).collect()),
+        Y::Mapping(m) => Value::Object(
+            m.into_iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Y::String(s) => s,
+                        other => serde_yaml_ng::to_string(&other)
+                            .unwrap_or_default()
+                            .trim()
+                            .to_string(),
+                    };
+                    (key, yaml_to_json(v))
+                })
+                .collect(),
+        ),
+        Y::Tagged(t) => {
+            let mut m = Map::new();
+            let value = match t.value {
+                Y::String(s) => s,
+                other => serde_yaml_ng::to_string(&other).unwrap_or_default(),
+            };
+            m.insert(TAG_KEY.into(), Value::String(format!("{} {value}", t.tag)));
+            Value::Object(m)
+        }
+    }
+}
+
+/// Reads a YAML file and merges its `include`s (the including file's keys win).
+pub fn read_yaml(file: &Path) -> Result<Map<String, Value>> {
+    read_yaml_depth(file, 0)
+}
+
+fn read_yaml_depth(file: &Path, depth: usize) -> Result<Map<String, Value>> {
+    if depth > 16 {
+        return Err(cfg_err(file, "`include` nests too deeply (a cycle?)"));
+    }
+    let text = std::fs::read_to_string(file).map_err(io_err(format!("{}", file.display())))?;
+    let y: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&text).map_err(|e| cfg_err(file, format!("invalid YAML: {e}")))?;
+    let mut map = match yaml_to_json(y) {
+        Value::Object(m) => m,
+        Value::Null => Map::new(),
+        _ => return Err(cfg_err(file, "a task file must be a YAML mapping")),
+    };
+    let includes: Vec<String> = match map.remove("include") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(cfg_err(file, "`include` entries must be file names")),
+            })
+            .collect::<Result<_>>()?,
+        Some(_) => return Err(cfg_err(file, "`include` must be a file name or a list")),
+    };
+    if includes.is_empty() {
+        return Ok(map);
+    }
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let mut merged = Map::new();
+    for inc in includes {
+        let path = dir.join(&inc);
+        let base = read_yaml_depth(&path, depth + 1)
+            .map_err(|e| cfg_err(file, format!("cannot include `{inc}`: {e}")))?;
+        merged.extend(base);
+    }
+    merged.extend(map);
+    Ok(merged)
+}
+
+fn tagged(v: &Value) -> Option<&str> {
+    v.as_object()?.get(TAG_KEY)?.as_str()
+}
+
+fn opt_str(m: &Map<String, Value>, key: &str, file: &Path) -> Result<Option<String>> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(v) if tagged(v).is_some() => Err(cfg_err(
+            file,
+            format!(
+                "`{key}` is Python code ({}), which moeval cannot run",
+                tagged(v).unwrap_or("")
+            ),
+        )),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(_) => Err(cfg_err(file, format!("`{key}` must be a string"))),
+    }
+}
+
+fn field(m: &Map<String, Value>, key: &str, file: &Path) -> Result<Option<Field>> {
+    Ok(match m.get(key) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(Field::Template(s.clone())),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(i) => Some(Field::Int(i)),
+            None => return Err(cfg_err(file, format!("`{key}` must be an integer"))),
+        },
+        Some(Value::Array(a)) => Some(Field::List(a.clone())),
+        Some(Value::Object(o)) if tagged(&Value::Object(o.clone())).is_some() => Some(
+            Field::Function(tagged(&Value::Object(o.clone())).unwrap_or("").into()),
+        ),
+        // A mapping of choices: its values, in order.
+        Some(Value::Object(o)) => Some(Field::List(o.values().cloned().collect())),
+        Some(Value::Bool(_)) => return Err(cfg_err(file, format!("`{key}` cannot be a boolean"))),
+    })
+}
+
+fn string_list(v: &Value) -> Option<Vec<String>> {
+    match v {
+        Value::String(s) => Some(vec![s.clone()]),
+        Value::Array(a) => a.iter().map(|x| x.as_str().map(str::to_string)).collect(),
+        _ => None,
+    }
+}
+
+/// Keys this project understands; anything else is reported, so typos do not pass silently.
+const KNOWN_KEYS: &[&str] = &[
+    "task",
+    "tag",
+    "group",
+    "task_alias",
+    "group_alias",
+    "dataset_path",
+    "dataset_name",
+    "dataset_kwargs",
+    "training_split",
+    "validation_split",
+    "test_split",
+    "fewshot_split",
+    "output_type",
+    "doc_to_text",
+    "doc_to_target",
+    "doc_to_choice",
+    "target_delimiter",
+    "fewshot_delimiter",
+    "num_fewshot",
+    "description",
+    "metric_list",
+    "generation_kwargs",
+    "metadata",
+    "should_decontaminate",
+    "doc_to_decontamination_query",
+    "repeats",
+    "fewshot_config",
+    "filter_list",
+    "process_docs",
+    "process_results",
+    "fewshot_by",
+    "group_by",
+    "bias",
+    "aggregate_metric_list",
+    "dataset_name",
+];
+
+impl TaskConfig {
+    /// Parses a task mapping (includes already merged). `data_dir` fills `{data_dir}` placeholders.
+    pub fn from_map(m: &Map<String, Value>, file: &Path, data_dir: &Path) -> Result<TaskConfig> {
+        let name = opt_str(m, "task", file)?
+            .ok_or_else(|| cfg_err(file, "missing `task` (the task's name)"))?;
+        let file_ctx = |msg: String| cfg_err(file, format!("task `{name}`: {msg}"));
+        if let Some(k) = m.keys().find(|k| !KNOWN_KEYS.contains(&k.as_str())) {
+            return Err(file_ctx(format!("unknown key `{k}` (see docs/tasks.md)")));
+        }
+        for key in ["process_docs", "process_results"] {
+            if m.get(key).is_some_and(|v| !v.is_null()) {
+                return Err(file_ctx(format!(
+                    "`{key}` is Python code, which moeval cannot run"
+                )));
+            }
+        }
+        if m.get("filter_list").is_some_and(|v| !v.is_null()) {
+            return Err(file_ctx(
+                "`filter_list` is not supported; use metric options such as `first_line`".into(),
+            ));
+        }
+        let dd = data_dir.to_string_lossy();
+        let subst = |s: &str| s.replace("{data_dir}", &dd);
+        let dataset_path = opt_str(m, "dataset_path", file)?
+            .ok_or_else(|| file_ctx("missing `dataset_path`".into()))?;
+        let kwargs = m
+            .get("dataset_kwargs")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let mut data_files = BTreeMap::new();
+        match kwargs.get("data_files") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(o)) => {
+                for (split, v) in o {
+                    let files = string_list(v).ok_or_else(|| {
+                        file_ctx(format!(
+                            "dataset_kwargs.data_files.{split} must be a path or a list of paths"
+                        ))
+                    })?;
+                    data_files.insert(split.clone(), files.iter().map(|f| subst(f)).collect());
+                }
+            }
+            Some(v) => {
+                let files = string_list(v).ok_or_else(|| {
+                    file_ctx("dataset_kwargs.data_files must be a path, list or mapping".into())
+                })?;
+                data_files.insert(
+                    "train".to_string(),
+                    files.iter().map(|f| subst(f)).collect(),
+                );
+            }
+        }
+        let mut join_files = BTreeMap::new();
+        if let Some(Value::Object(o)) = kwargs.get("join_files") {
+            for (split, v) in o {
+                let f = v.as_str().ok_or_else(|| {
+                    file_ctx(format!("dataset_kwargs.join_files.{split} must be a path"))
+                })?;
+                join_files.insert(split.clone(), subst(f));
+            }
+        }
+        let output_type = match opt_str(m, "output_type", file)?.as_deref() {
+            None | Some("generate_until") => OutputType::GenerateUntil,
+            Some("multiple_choice") => OutputType::MultipleChoice,
+            Some("loglikelihood") => OutputType::Loglikelihood,
+            Some("loglikelihood_rolling") => OutputType::LoglikelihoodRolling,
+            Some(o) => return Err(file_ctx(format!("unknown output_type `{o}`"))),
+        };
+        let target_delimiter = opt_str(m, "target_delimiter", file)?.unwrap_or_else(|| " ".into());
+        let fewshot_delimiter =
+            opt_str(m, "fewshot_delimiter", file)?.unwrap_or_else(|| "\n\n".into());
+        let num_fewshot = match m.get("num_fewshot") {
+            None | Some(Value::Null) => 0,
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| file_ctx("`num_fewshot` must be a non-negative integer".into()))?
+                as usize,
+        };
+        let metric_list = match m.get("metric_list") {
+            None | Some(Value::Null) => default_metrics(output_type),
+            Some(Value::Array(a)) => {
+                a.iter()
+                    .map(|e| {
+                        let mut o = e.as_object().cloned().ok_or_else(|| {
+                            file_ctx("metric_list entries must be mappings".into())
+                        })?;
+                        let metric = match o.remove("metric") {
+                            Some(Value::String(s)) => s,
+                            _ => {
+                                return Err(file_ctx(
+                                    "metric_list entry without a `metric` name".into(),
+                                ))
+                            }
+                        };
+                        for k in ["aggregation", "higher_is_better"] {
+                            o.remove(k);
+                        }
+                        Ok(MetricSpec { metric, kwargs: o })
+                    })
+                    .collect::<Result<_>>()?
+            }
+            Some(_) => return Err(file_ctx("`metric_list` must be a list".into())),
+        };
+        let generation_kwargs = match m.get("generation_kwargs") {
+            None | Some(Value::Null) => {
+                (output_type == OutputType::GenerateUntil).then(|| GenerationKwargs {
+                    until: vec![fewshot_delimiter.clone()],
+                    max_gen_toks: 256,
+                    do_sample: false,
+                    temperature: 0.0,
+                    top_p: None,
+                })
+            }
+            Some(Value::Object(g)) => Some(GenerationKwargs {
+                until: match g.get("until") {
+                    None => vec![fewshot_delimiter.clone()],
+                    Some(v) => string_list(v).ok_or_else(|| {
+                        file_ctx("generation_kwargs.until must be a string or a list".into())
+                    })?,
+                },
+                max_gen_toks: g.get("max_gen_toks").and_then(Value::as_u64).unwrap_or(256) as usize,
+                do_sample: g.get("do_sample").and_then(Value::as_bool).unwrap_or(false),
+                temperature: g.get("temperature").and_then(Value::as_f64).unwrap_or(0.0),
+                top_p: g.get("top_p").and_then(Value::as_f64),
+            }),
+            Some(_) => return Err(file_ctx("`generation_kwargs` must be a mapping".into())),
+        };
+        let fewshot_by = match m.get("fewshot_by") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(o)) => Some(FewshotBy {
+                field: o
+                    .get("field")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| file_ctx("fewshot_by.field is required".into()))?
+                    .to_string(),
+                data_files: subst(
+                    o.get("data_files")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| file_ctx("fewshot_by.data_files is required".into()))?,
+                ),
+                map: o
+                    .get("map")
+                    .and_then(Value::as_object)
+                    .map(|mm| {
+                        mm.iter()
+                            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                n: o.get("n")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(num_fewshot as u64) as usize,
+            }),
+            Some(_) => return Err(file_ctx("`fewshot_by` must be a mapping".into())),
+        };
+        let group_by = match m.get("group_by") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => string_list(v)
+                .ok_or_else(|| file_ctx("`group_by` must be a field name or a list".into()))?,
+        };
+        let bias = match m.get("bias") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(o)) => {
+                let get = |k: &str| o.get(k).and_then(Value::as_str).map(str::to_string);
+                Some(BiasSpec {
+                    group: get("group").ok_or_else(|| file_ctx("bias.group is required".into()))?,
+                    template: get("template")
+                        .ok_or_else(|| file_ctx("bias.template is required".into()))?,
+                    source: get("source"),
+                    metric: get("metric").unwrap_or_else(|| "acc".into()),
+                })
+            }
+            Some(_) => return Err(file_ctx("`bias` must be a mapping".into())),
+        };
+        let doc_to_text = field(m, "doc_to_text", file)?
+            .ok_or_else(|| file_ctx("missing `doc_to_text`".into()))?;
+        let doc_to_target = field(m, "doc_to_target", file)?
+            .ok_or_else(|| file_ctx("missing `doc_to_target`".into()))?;
+        let doc_to_choice = field(m, "doc_to_choice", file)?;
+        if output_type == OutputType::MultipleChoice && doc_to_choice.is_none() {
+            return Err(file_ctx("multiple_choice needs `doc_to_choice`".into()));
+        }
+        Ok(TaskConfig {
+            tags: m.get("tag").and_then(string_list).unwrap_or_default(),
+            dataset_path,
+            data_files,
+            join_files,
+            training_split: opt_str(m, "training_split", file)?,
+            validation_split: opt_str(m, "validation_split", file)?,
+            test_split: opt_str(m, "test_split", file)?,
+            fewshot_split: opt_str(m, "fewshot_split", file)?,
+            output_type,
+            doc_to_text,
+            doc_to_target,
+            doc_to_choice,
+            target_delimiter,
+            fewshot_delimiter,
+            num_fewshot,
+            description: opt_str(m, "description", file)?,
+            metric_list,
+            generation_kwargs,
+            fewshot_by,
+            group_by,
+            bias,
+            file: file.to_path_buf(),
+            name,
+        })
+    }
+}
+
+fn default_metrics(t: OutputType) -> Vec<MetricSpec> {
+    let names: &[&str] = match t {
+        OutputType::MultipleChoice => &["acc", "acc_norm"],
+        OutputType::Loglikelihood => &["perplexity", "acc"],
+        OutputType::LoglikelihoodRolling => {
+            &["word_perplexity", "byte_perplexity", "bits_per_byte"]
+        }
+        OutputType::GenerateUntil => &["exact_match"],
+    };
+    names
+        .iter()
+        .map(|n| MetricSpec {
+            metric: n.to_string(),
+            kwargs: Map::new(),
+        })
+        .collect()
+}
+
+/// Every task, group and tag found under some directories, by name.
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// Task name -> (file, merged mapping).
+    tasks: BTreeMap<String, (PathBuf, Map<String, Value>)>,
+    groups: BTreeMap<String, GroupConfig>,
+    tags: BTreeMap<String, Vec<String>>,
+    /// Files that could not be parsed, reported when a name is not found.
+    broken: Vec<(PathBuf, String)>,
+}
+
+impl Registry {
+    /// Scans directories (recursively) for `*.yaml` / `*.yml` task and group files.
+    pub fn scan(dirs: &[PathBuf]) -> Result<Registry> {
+        let mut reg = Registry::default();
+        for d in dirs {
+            if !d.is_dir() {
+                return Err(cfg_err(
+                    d,
+                    "not a directory (--include-path needs a folder of task files)",
+                ));
+            }
+            let mut files = Vec::new();
+            walk(d, &mut files).map_err(io_err(format!("{}", d.display())))?;
+            files.sort();
+            for f in files {
+                match read_yaml(&f) {
+                    Ok(m) => reg.add(f, m),
+                    Err(e) => reg.broken.push((f, e.to_string())),
+                }
+            }
+        }
+        Ok(reg)
+    }
+
+    fn add(&mut self, file: PathBuf, m: Map<String, Value>) {
+        let group_name = m.get("group").and_then(Value::as_str).map(str::to_string);
+        match (group_name, m.get("task")) {
+            (Some(g), Some(Value::Array(members))) => {
+                let mut tasks = Vec::new();
+                for (i, mem) in members.iter().enumerate() {
+                    match mem {
+                        Value::String(s) => tasks.push(s.clone()),
+                        Value::Object(o) => {
+                            // An inline task: its own mapping, possibly overriding a named task.
+                            let mut o = o.clone();
+                            let name = o.get("task").and_then(Value::as_str).map(str::to_string);
+                            let Some(name) = name else {
+                                self.broken.push((
+                                    file.clone(),
+                                    format!("group `{g}` member {i} has no `task`"),
+                                ));
+                                continue;
+                            };
+                            if let Some((_, base)) = self.tasks.get(&name) {
+                                let mut merged = base.clone();
+                                merged.append(&mut o);
+                                o = merged;
+                            }
+                            tasks.push(name.clone());
+                            self.tasks.insert(name, (file.clone(), o));
+                        }
+                        _ => self.broken.push((
+                            file.clone(),
+                            format!("group `{g}` member {i} is not a name"),
+                        )),
+                    }
+                }
+                let aggregate = m
+                    .get("aggregate_metric_list")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|e| {
+                                Some(AggregateSpec {
+                                    metric: e.get("metric")?.as_str()?.to_string(),
+                                    weight_by_size: e
+                                        .get("weight_by_size")
+                                        .and_then(Value::as_bool)
+                                        .unwrap_or(true),
+                                })
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                self.groups.insert(
+                    g.clone(),
+                    GroupConfig {
+                        name: g,
+                        file,
+                        tasks,
+                        aggregate,
+                    },
+                );
+            }
+            (_, Some(Value::String(t))) => {
+                let t = t.clone();
+                for tag in m.get("tag").and_then(string_list).unwrap_or_default() {
+                    self.tags.entry(tag).or_default().push(t.clone());
+                }
+                // lm-evaluation-harness 0.3 files name their groups with `group` on the task itself.
+                if let Some(gs) = m.get("group").and_then(string_list) {
+                    for g in gs {
+                        self.tags.entry(g).or_default().push(t.clone());
+                    }
+                }
+                self.tasks.insert(t, (file, m));
+            }
+            // Templates meant only for `include` have no task name.
+            _ => {}
+        }
+    }
+
+    pub fn task_names(&self) -> impl Iterator<Item = &str> {
+        self.tasks.keys().map(String::as_str)
+    }
+
+    pub fn group(&self, name: &str) -> Option<&GroupConfig> {
+        self.groups.get(name)
+    }
+
+    /// Expands names (tasks, groups, tags; comma-separated lists allowed) into task names, in order,
+    /// without duplicates.
+    pub fn resolve(&self, names: &[String]) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut seen = BTreeSet::new();
+        for n in names
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            self.expand(n, &mut out, &mut seen, 0)?;
+        }
+        Ok(out)
+    }
+
+    fn expand(
+        &self,
+        name: &str,
+        out: &mut Vec<String>,
+        seen: &mut BTreeSet<String>,
+        depth: usize,
+    ) -> Result<()> {
+        if depth > 16 {
+            return Err(Error::UnknownTask {
+                name: name.into(),
+                hint: " (groups nest too deeply)".into(),
+            });
+        }
+        if self.tasks.contains_key(name) {
+            if seen.insert(name.to_string()) {
+                out.push(name.to_string());
+            }
+            return Ok(());
+        }
+        if let Some(g) = self.groups.get(name) {
+            for t in &g.tasks {
+                self.expand(t, out, seen, depth + 1)?;
+            }
+            return Ok(());
+        }
+        if let Some(ts) = self.tags.get(name) {
+            for t in ts {
+                self.expand(t, out, seen, depth + 1)?;
+            }
+            return Ok(());
+        }
+        let mut hint = String::new();
+        let close: Vec<&str> = self
+            .tasks
+            .keys()
+            .chain(self.groups.keys())
+            .filter(|k| k.contains(name) || name.contains(k.as_str()))
+            .map(String::as_str)
+            .take(5)
+            .collect();
+        if !close.is_empty() {
+            hint.push_str(&format!("; similar names: {}", close.join(", ")));
+        }
+        if let Some((f, e)) = self.broken.first() {
+            hint.push_str(&format!(
+                "; {} task file(s) could not be read, e.g. {}: {e}",
+                self.broken.len(),
+                f.display()
+            ));
+        }
+        if hint.is_empty() {
+            hint = "; pass the folder of its YAML file with --include-path".into();
+        }
+        Err(Error::UnknownTask {
+            name: name.into(),
+            hint,
+        })
+    }
+
+    /// The parsed configuration of a task.
+    pub fn task_config(&self, name: &str, data_dir: &Path) -> Result<TaskConfig> {
+        let (file, m) = self.tasks.get(name).ok_or_else(|| Error::UnknownTask {
+            name: name.into(),
+            hint: String::new(),
+        })?;
+        TaskConfig::from_map(m, file, data_dir)
+    }
+
+    /// Groups containing every one of `tasks`' members that ran, for aggregate metrics.
+    pub fn groups(&self) -> impl Iterator<Item = &GroupConfig> {
+        self.groups.values()
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}

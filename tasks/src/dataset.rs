@@ -1,0 +1,370 @@
+//! Local dataset readers: JSON / JSON Lines, CSV and Parquet files, optionally members of a zip
+//! archive (`zip://MEMBER::ARCHIVE`, the fsspec form Hugging Face `datasets` accepts).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::DataType;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// One row of a dataset: column name -> value.
+pub type Doc = Map<String, Value>;
+
+/// The file formats `dataset_path` may name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Csv,
+    Parquet,
+}
+
+impl Format {
+    pub fn from_dataset_path(name: &str) -> Option<Format> {
+        match name {
+            "json" | "jsonl" => Some(Format::Json),
+            "csv" => Some(Format::Csv),
+            "parquet" => Some(Format::Parquet),
+            _ => None,
+        }
+    }
+}
+
+/// Where the bytes of a data file are: a plain path or a zip member.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub path: PathBuf,
+    pub member: Option<String>,
+}
+
+impl Source {
+    /// Parses `path` or `zip://member::archive.zip`; relative paths are resolved against `base` dirs in
+    /// order (the first that exists wins; the first one otherwise, for the error message).
+    pub fn parse(spec: &str, bases: &[&Path]) -> Source {
+        let (member, path) = match spec.strip_prefix("zip://").and_then(|r| r.split_once("::")) {
+            Some((m, p)) => (Some(m.to_string()), p),
+            None => (None, spec),
+        };
+        let p = Path::new(path);
+        let path = if p.is_absolute() || bases.is_empty() {
+            p.to_path_buf()
+        } else {
+            bases
+                .iter()
+                .map(|b| b.join(p))
+                .find(|c| c.exists())
+                .unwrap_or_else(|| bases[0].join(p))
+        };
+        Source { path, member }
+    }
+
+    fn display(&self) -> PathBuf {
+        match &self.member {
+            Some(m) => PathBuf::from(format!("{}::{m}", self.path.display())),
+            None => self.path.clone(),
+        }
+    }
+
+    fn read_bytes(&self) -> Result<Vec<u8>> {
+        let err = |msg: String| Error::Data {
+            path: self.display(),
+            msg,
+        };
+        let file = std::fs::File::open(&self.path).map_err(|e| err(format!("cannot open: {e}")))?;
+        match &self.member {
+            None => {
+                let mut buf = Vec::new();
+                std::io::BufReader::new(file)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| err(e.to_string()))?;
+                Ok(buf)
+            }
+            Some(m) => {
+                let mut zip = zip::ZipArchive::new(file).map_err(|e| err(e.to_string()))?;
+                let mut entry = zip
+                    .by_name(m)
+                    .map_err(|e| err(format!("no member `{m}` in the archive: {e}")))?;
+                let mut buf = Vec::new();
+                entry
+                    .read_to_end(&mut buf)
+                    .map_err(|e| err(e.to_string()))?;
+                Ok(buf)
+            }
+        }
+    }
+}
+
+/// Reads every row of a data file.
+pub fn read(source: &Source, format: Format) -> Result<Vec<Doc>> {
+    let bytes = source.read_bytes()?;
+    let err = |msg: String| Error::Data {
+        path: source.display(),
+        msg,
+    };
+    match format {
+        Format::Json => read_json(&bytes).map_err(err),
+        Format::Csv => read_csv(&bytes).map_err(err),
+        Format::Parquet => read_parquet(bytes).map_err(err),
+    }
+}
+
+fn read_json(bytes: &[u8]) -> Result<Vec<Doc>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
+    let trimmed = text.trim_start();
+    // A JSON array of objects, or JSON Lines.
+    if trimmed.starts_with('[') {
+        let rows: Vec<Value> = serde_json::from_str(trimmed).map_err(|e| e.to_string())?;
+        return rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::Object(m) => Ok(m),
+                _ => Err(format!("element {i} is not an object")),
+            })
+            .collect();
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| match serde_json::from_str(l) {
+            Ok(Value::Object(m)) => Ok(m),
+            Ok(_) => Err(format!("line {}: not a JSON object", i + 1)),
+            Err(e) => Err(format!("line {}: {e}", i + 1)),
+        })
+        .collect()
+}
+
+/// CSV with a header. Like pandas (which Hugging Face `datasets` uses), a column whose values all
+/// parse as integers becomes integers, else floats, else strings; empty cells are null.
+fn read_csv(bytes: &[u8]) -> Result<Vec<Doc>, String> {
+    let mut rdr = csv::ReaderBuilder::new().from_reader(bytes);
+    let header: Vec<String> = rdr
+        .headers()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for (i, rec) in rdr.records().enumerate() {
+        let rec = rec.map_err(|e| format!("row {}: {e}", i + 1))?;
+        rows.push(rec.iter().map(str::to_string).collect());
+    }
+    let kinds: Vec<u8> = (0..header.len())
+        .map(|c| {
+            let vals = rows
+                .iter()
+                .filter_map(|r| r.get(c))
+                .filter(|v| !v.is_empty());
+            let mut kind = 0u8; // 0 int, 1 float, 2 string
+            for v in vals {
+                if kind == 0 && v.parse::<i64>().is_err() {
+                    kind = 1;
+                }
+                if kind == 1 && v.parse::<f64>().is_err() {
+                    kind = 2;
+                    break;
+                }
+            }
+            kind
+        })
+        .collect();
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            header
+                .iter()
+                .enumerate()
+                .map(|(c, h)| {
+                    let v = r.get(c).map(String::as_str).unwrap_or("");
+                    let val = if v.is_empty() {
+                        Value::Null
+                    } else {
+                        match kinds[c] {
+                            0 => v.parse::<i64>().map(Value::from).unwrap_or(Value::Null),
+                            1 => v
+                                .parse::<f64>()
+                                .ok()
+                                .and_then(serde_json::Number::from_f64)
+                                .map(Value::Number)
+                                .unwrap_or(Value::Null),
+                            _ => Value::String(v.to_string()),
+                        }
+                    };
+                    (h.clone(), val)
+                })
+                .collect()
+        })
+        .collect())
+}
+
+fn read_parquet(bytes: Vec<u8>) -> Result<Vec<Doc>, String> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+        .and_then(|b| b.build())
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch: RecordBatch = batch.map_err(|e| e.to_string())?;
+        let schema = batch.schema();
+        for row in 0..batch.num_rows() {
+            let mut doc = Map::new();
+            for (f, col) in schema.fields().iter().zip(batch.columns()) {
+                doc.insert(f.name().clone(), arrow_value(col, row)?);
+            }
+            out.push(doc);
+        }
+    }
+    Ok(out)
+}
+
+fn arrow_value(col: &Arc<dyn Array>, row: usize) -> Result<Value, String> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::*;
+    if col.is_null(row) {
+        return Ok(Value::Null);
+    }
+    Ok(match col.data_type() {
+        DataType::Utf8 => Value::from(col.as_string::<i32>().value(row)),
+        DataType::LargeUtf8 => Value::from(col.as_string::<i64>().value(row)),
+        DataType::Utf8View => Value::from(col.as_string_view().value(row)),
+        DataType::Boolean => Value::from(col.as_boolean().value(row)),
+        DataType::Int8 => Value::from(col.as_primitive::<Int8Type>().value(row)),
+        DataType::Int16 => Value::from(col.as_primitive::<Int16Type>().value(row)),
+        DataType::Int32 => Value::from(col.as_primitive::<Int32Type>().value(row)),
+        DataType::Int64 => Value::from(col.as_primitive::<Int64Type>().value(row)),
+        DataType::UInt8 => Value::from(col.as_primitive::<UInt8Type>().value(row)),
+        DataType::UInt16 => Value::from(col.as_primitive::<UInt16Type>().value(row)),
+        DataType::UInt32 => Value::from(col.as_primitive::<UInt32Type>().value(row)),
+        DataType::UInt64 => Value::from(col.as_primitive::<UInt64Type>().value(row)),
+        DataType::Float32 => Value::from(col.as_primitive::<Float32Type>().value(row) as f64),
+        DataType::Float64 => Value::from(col.as_primitive::<Float64Type>().value(row)),
+        DataType::List(_) => {
+            let inner = col.as_list::<i32>().value(row);
+            Value::Array(
+                (0..inner.len())
+                    .map(|i| arrow_value(&inner, i))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
+        DataType::LargeList(_) => {
+            let inner = col.as_list::<i64>().value(row);
+            Value::Array(
+                (0..inner.len())
+                    .map(|i| arrow_value(&inner, i))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
+        DataType::Struct(fields) => {
+            let s = col.as_struct();
+            let mut m = Map::new();
+            for (f, c) in fields.iter().zip(s.columns()) {
+                m.insert(f.name().clone(), arrow_value(c, row)?);
+            }
+            Value::Object(m)
+        }
+        other => return Err(format!("unsupported Parquet column type {other}")),
+    })
+}
+
+/// Lenient CSV for hand-written files such as CALM's few-shot exemplars: a header row, fields
+/// separated by commas with optional spaces around them, double-quoted fields, and stray characters
+/// between a closing quote and the next separator ignored. Cells are trimmed strings.
+pub fn read_lenient_csv(source: &Source) -> Result<Vec<Doc>> {
+    let bytes = source.read_bytes()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header = match lines.next() {
+        Some(h) => split_lenient(h),
+        None => return Ok(Vec::new()),
+    };
+    Ok(lines
+        .map(|l| {
+            let cells = split_lenient(l);
+            header
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    let v = cells.get(i).cloned().unwrap_or_default();
+                    (h.clone(), Value::String(v))
+                })
+                .collect()
+        })
+        .collect())
+}
+
+fn split_lenient(line: &str) -> Vec<String> {
+    let chars: Vec<char> = line.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        while i < chars.len() && chars[i] == ' ' {
+            i += 1;
+        }
+        let mut cell = String::new();
+        if i < chars.len() && chars[i] == '"' {
+            i += 1;
+            while i < chars.len() {
+                if chars[i] == '"' {
+                    if chars.get(i + 1) == Some(&'"') {
+                        cell.push('"');
+                        i += 2;
+                        continue;
+                    }
+                    i += 1;
+                    break;
+                }
+                cell.push(chars[i]);
+                i += 1;
+            }
+            // Skip to the next separator; a quote here starts the next field (a missing comma).
+            while i < chars.len() && chars[i] != ',' && chars[i] != '"' {
+                i += 1;
+            }
+            out.push(cell.trim().to_string());
+            if i < chars.len() && chars[i] == ',' {
+                i += 1;
+                continue;
+            }
+            if i < chars.len() {
+                continue;
+            }
+            break;
+        }
+        while i < chars.len() && chars[i] != ',' {
+            cell.push(chars[i]);
+            i += 1;
+        }
+        out.push(cell.trim().to_string());
+        if i < chars.len() {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lenient_csv_handles_spaces_and_missing_commas() {
+        assert_eq!(
+            split_lenient(r#""a, b", "c" , d,"e""f""#),
+            vec!["a, b", "c", "d", "e\"f"]
+        );
+        assert_eq!(split_lenient(r#""x". "y", "z""#), vec!["x", "y", "z"]);
+    }
+
+    #[test]
+    fn csv_infers_column_types_like_pandas() {
+        let docs = read_csv(b"a,b,c\n1,x,1.5\n2,,2\n").unwrap();
+        assert_eq!(docs[0]["a"], Value::from(1));
+        assert_eq!(docs[1]["b"], Value::Null);
+        assert_eq!(docs[1]["c"], Value::from(2.0));
+    }
+}

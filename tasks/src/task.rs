@@ -1,0 +1,570 @@
+//! A loaded task: its documents, prompts (with the harness's few-shot sampler) and requests.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use minijinja::Environment;
+use serde_json::Value;
+
+use crate::config::{Field, OutputType, TaskConfig};
+use crate::dataset::{self, Doc, Format, Source};
+use crate::error::{Error, Result};
+use crate::lm::{GenerateRequest, LoglikelihoodRequest};
+use crate::pyrandom::PyRandom;
+use crate::template;
+
+/// Settings that apply to every task of a run.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Fills `{data_dir}` in data file paths.
+    pub data_dir: PathBuf,
+    /// Evaluate only the first N documents.
+    pub limit: Option<usize>,
+    /// Overrides each task's `num_fewshot`.
+    pub num_fewshot: Option<usize>,
+    /// Seed of the few-shot sampler (lm-evaluation-harness's default is 1234).
+    pub fewshot_seed: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            data_dir: PathBuf::from("."),
+            limit: None,
+            num_fewshot: None,
+            fewshot_seed: 1234,
+        }
+    }
+}
+
+/// One request to the model.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Request {
+    Loglikelihood(LoglikelihoodRequest),
+    Rolling(String),
+    Generate(GenerateRequest),
+}
+
+/// The model's answer to a [`Request`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Response {
+    Loglikelihood(crate::lm::Loglikelihood),
+    Rolling(f64),
+    Generate(String),
+}
+
+/// A document turned into its prompt and requests.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    pub doc_id: usize,
+    pub context: String,
+    /// The target as the task defines it (index, text or list).
+    pub target: Value,
+    /// Choices of a multiple-choice (or choice-indexed generation) task.
+    pub choices: Vec<String>,
+    pub requests: Vec<Request>,
+}
+
+/// A task ready to run.
+pub struct Task {
+    pub config: TaskConfig,
+    env: Environment<'static>,
+    features: HashSet<String>,
+    docs: Vec<Doc>,
+    fewshot_docs: Vec<Doc>,
+    /// Few-shot exemplars per value of `fewshot_by.field`.
+    fewshot_by: HashMap<String, Vec<Doc>>,
+    num_fewshot: usize,
+}
+
+fn read_split(cfg: &TaskConfig, split: &str, bases: &[&Path]) -> Result<Option<Vec<Doc>>> {
+    let Some(files) = cfg.data_files.get(split) else {
+        return Ok(None);
+    };
+    let format = Format::from_dataset_path(&cfg.dataset_path).ok_or_else(|| Error::Config {
+        file: cfg.file.clone(),
+        msg: format!(
+            "task `{}`: dataset_path `{}` is not supported; use json, csv or parquet with dataset_kwargs.data_files (Hub datasets need a download step)",
+            cfg.name, cfg.dataset_path
+        ),
+    })?;
+    let mut docs = Vec::new();
+    for f in files {
+        docs.extend(dataset::read(&Source::parse(f, bases), format)?);
+    }
+    if let Some(j) = cfg.join_files.get(split) {
+        let src = Source::parse(j, bases);
+        let extra = dataset::read(&src, Format::Csv)?;
+        if extra.len() != docs.len() {
+            return Err(Error::Data {
+                path: src.path,
+                msg: format!(
+                    "join file has {} rows but split `{split}` has {} (rows are joined by position)",
+                    extra.len(),
+                    docs.len()
+                ),
+            });
+        }
+        for (i, (d, e)) in docs.iter_mut().zip(extra).enumerate() {
+            for (k, v) in e {
+                match d.get(&k) {
+                    Some(old) if !same_value(old, &v) => {
+                        return Err(Error::Data {
+                            path: src.path.clone(),
+                            msg: format!(
+                                "row {i}: column `{k}` is {v} here but {old} in the data file"
+                            ),
+                        })
+                    }
+                    _ => {
+                        d.insert(k, v);
+                    }
+                }
+            }
+        }
+    }
+    Ok(Some(docs))
+}
+
+/// Equality across CSV's inferred types (a join column `1` equals a JSON `"1"`).
+fn same_value(a: &Value, b: &Value) -> bool {
+    a == b || as_text(a) == as_text(b)
+}
+
+/// A value as text, the way Python's `str` shows strings and numbers.
+pub(crate) fn as_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "None".into(),
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        other => other.to_string(),
+    }
+}
+
+impl Task {
+    /// Reads a task's data and prepares its few-shot pool.
+    pub fn load(config: TaskConfig, opts: &LoadOptions) -> Result<Task> {
+        let cwd = PathBuf::from(".");
+        let dir = config
+            .file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| cwd.clone());
+        let bases: Vec<&Path> = vec![&cwd, &dir];
+        let split = config
+            .test_split
+            .clone()
+            .or_else(|| config.validation_split.clone())
+            .ok_or_else(|| Error::Config {
+                file: config.file.clone(),
+                msg: format!(
+                    "task `{}`: needs `test_split` or `validation_split`",
+                    config.name
+                ),
+            })?;
+        let mut docs = read_split(&config, &split, &bases)?.ok_or_else(|| Error::Config {
+            file: config.file.clone(),
+            msg: format!(
+                "task `{}`: no data file for split `{split}` in dataset_kwargs.data_files (has: {})",
+                config.name,
+                config.data_files.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        })?;
+        let features: HashSet<String> = docs.iter().flat_map(|d| d.keys().cloned()).collect();
+        if let Some(l) = opts.limit {
+            docs.truncate(l);
+        }
+        let num_fewshot = opts.num_fewshot.unwrap_or(config.num_fewshot);
+        let mut fewshot_docs = Vec::new();
+        let mut fewshot_by = HashMap::new();
+        if num_fewshot > 0 {
+            if let Some(fb) = &config.fewshot_by {
+                for d in &docs {
+                    let v = d.get(&fb.field).map(as_text).unwrap_or_default();
+                    if fewshot_by.contains_key(&v) {
+                        continue;
+                    }
+                    let key = fb.map.get(&v).cloned().unwrap_or_else(|| v.clone());
+                    let path = fb.data_files.replace("{value}", &key);
+                    let mut ex = dataset::read_lenient_csv(&Source::parse(&path, &bases))?;
+                    ex.truncate(fb.n.min(num_fewshot));
+                    // Exemplars share the document's field value, so templates can branch on it.
+                    for e in &mut ex {
+                        e.entry(fb.field.clone())
+                            .or_insert_with(|| Value::String(v.clone()));
+                    }
+                    fewshot_by.insert(v, ex);
+                }
+            } else {
+                // The harness's fallback order: the few-shot split, else train, validation, test.
+                let candidates = [
+                    config.fewshot_split.clone(),
+                    config.training_split.clone(),
+                    config.validation_split.clone(),
+                    config.test_split.clone(),
+                ];
+                for c in candidates.into_iter().flatten() {
+                    if let Some(d) = read_split(&config, &c, &bases)? {
+                        fewshot_docs = d;
+                        break;
+                    }
+                    if config.fewshot_split.as_deref() == Some(c.as_str()) {
+                        return Err(Error::Config {
+                            file: config.file.clone(),
+                            msg: format!(
+                                "task `{}`: no data file for fewshot_split `{c}`",
+                                config.name
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(Task {
+            env: template::environment(),
+            features,
+            docs,
+            fewshot_docs,
+            fewshot_by,
+            num_fewshot,
+            config,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn docs(&self) -> &[Doc] {
+        &self.docs
+    }
+
+    fn doc_err(&self, doc_id: usize, field: &str, msg: impl Into<String>) -> Error {
+        Error::Doc {
+            file: self.config.file.clone(),
+            task: self.config.name.clone(),
+            doc_id,
+            field: field.into(),
+            msg: msg.into(),
+        }
+    }
+
+    fn render(&self, t: &str, doc: &Doc, doc_id: usize, field: &str) -> Result<String> {
+        template::render(&self.env, t, doc).map_err(|e| self.doc_err(doc_id, field, e))
+    }
+
+    /// `doc_to_text`: a column, or a rendered template.
+    pub fn doc_to_text(&self, doc: &Doc, doc_id: usize) -> Result<String> {
+        match &self.config.doc_to_text {
+            Field::Template(t) if self.features.contains(t) => match doc.get(t) {
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(v) => Err(self.doc_err(doc_id, "doc_to_text", format!("column `{t}` is {v}, not text (several inputs per document are not supported)"))),
+                None => Err(self.doc_err(doc_id, "doc_to_text", format!("document has no column `{t}`"))),
+            },
+            Field::Template(t) => {
+                let s = self.render(t, doc, doc_id, "doc_to_text")?;
+                if template::is_py_digits(&s) && self.config.doc_to_choice.is_some() {
+                    return Err(self.doc_err(doc_id, "doc_to_text", "renders to a choice index (several inputs per document are not supported)"));
+                }
+                Ok(s)
+            }
+            Field::Function(f) => Err(self.doc_err(doc_id, "doc_to_text", format!("is Python code ({f}), which moeval cannot run"))),
+            _ => Err(self.doc_err(doc_id, "doc_to_text", "must be a column name or a template")),
+        }
+    }
+
+    /// `doc_to_target`: an index, a text or a list, with the harness's conversions.
+    pub fn doc_to_target(&self, doc: &Doc, doc_id: usize) -> Result<Value> {
+        match &self.config.doc_to_target {
+            Field::Int(i) => Ok(Value::from(*i)),
+            Field::List(l) => Ok(Value::Array(l.clone())),
+            Field::Template(t) if self.features.contains(t) => {
+                doc.get(t).cloned().ok_or_else(|| {
+                    self.doc_err(
+                        doc_id,
+                        "doc_to_target",
+                        format!("document has no column `{t}`"),
+                    )
+                })
+            }
+            Field::Template(t) => {
+                let s = self.render(t, doc, doc_id, "doc_to_target")?;
+                if template::is_py_digits(&s) && self.config.doc_to_choice.is_some() {
+                    return s
+                        .parse::<i64>()
+                        .map(Value::from)
+                        .map_err(|e| self.doc_err(doc_id, "doc_to_target", e.to_string()));
+                }
+                if s.len() >= 2 && s.starts_with('[') && s.ends_with(']') {
+                    if let Ok(v) = template::literal_eval(&s) {
+                        return Ok(v);
+                    }
+                }
+                Ok(Value::String(s))
+            }
+            Field::Function(f) => Err(self.doc_err(
+                doc_id,
+                "doc_to_target",
+                format!("is Python code ({f}), which moeval cannot run"),
+            )),
+        }
+    }
+
+    /// `doc_to_choice`: a column, a template that renders to a Python list, or a literal list.
+    pub fn doc_to_choice(&self, doc: &Doc, doc_id: usize) -> Result<Vec<String>> {
+        let v = match &self.config.doc_to_choice {
+            None => return Ok(Vec::new()),
+            Some(Field::List(l)) => Value::Array(l.clone()),
+            Some(Field::Template(t)) if self.features.contains(t) => {
+                doc.get(t).cloned().unwrap_or(Value::Null)
+            }
+            Some(Field::Template(t)) => {
+                let s = self.render(t, doc, doc_id, "doc_to_choice")?;
+                template::literal_eval(&s).map_err(|e| self.doc_err(doc_id, "doc_to_choice", e))?
+            }
+            Some(Field::Int(_)) => {
+                return Err(self.doc_err(
+                    doc_id,
+                    "doc_to_choice",
+                    "must be a list, a column or a template",
+                ))
+            }
+            Some(Field::Function(f)) => {
+                return Err(self.doc_err(
+                    doc_id,
+                    "doc_to_choice",
+                    format!("is Python code ({f}), which moeval cannot run"),
+                ))
+            }
+        };
+        match v {
+            Value::Array(a) if !a.is_empty() => Ok(a.iter().map(as_text).collect()),
+            other => Err(self.doc_err(
+                doc_id,
+                "doc_to_choice",
+                format!("must give a non-empty list of choices, got {other}"),
+            )),
+        }
+    }
+
+    /// The few-shot answer text of an exemplar (the harness's `build_qa_turn` rules).
+    fn answer_text(
+        &self,
+        target: &Value,
+        choices: &[String],
+        doc_id: usize,
+    ) -> Result<Option<String>> {
+        Ok(match target {
+            Value::Null => None,
+            Value::String(s) if s.is_empty() => None,
+            Value::Number(n) if !choices.is_empty() => {
+                let i = n.as_u64().ok_or_else(|| {
+                    self.doc_err(
+                        doc_id,
+                        "doc_to_target",
+                        format!("{n} is not a choice index"),
+                    )
+                })? as usize;
+                Some(choices.get(i).cloned().ok_or_else(|| {
+                    self.doc_err(
+                        doc_id,
+                        "doc_to_target",
+                        format!("index {i} but only {} choices", choices.len()),
+                    )
+                })?)
+            }
+            Value::Array(a) => a.first().map(as_text),
+            other => Some(as_text(other)),
+        })
+    }
+
+    fn exemplar(&self, doc: &Doc, doc_id: usize, out: &mut String) -> Result<()> {
+        let q = self.doc_to_text(doc, doc_id)?;
+        let choices = if self.config.doc_to_choice.is_some() {
+            self.doc_to_choice(doc, doc_id)?
+        } else {
+            Vec::new()
+        };
+        let a = self.doc_to_target(doc, doc_id)?;
+        out.push_str(&q);
+        if let Some(ans) = self.answer_text(&a, &choices, doc_id)? {
+            out.push_str(&self.config.target_delimiter);
+            out.push_str(&ans);
+            out.push_str(&self.config.fewshot_delimiter);
+        }
+        Ok(())
+    }
+
+    /// Builds every document's prompt and requests, in document order. Few-shot exemplars are drawn
+    /// from one `random.Random(seed)` consumed in that order, exactly as the harness does.
+    pub fn instances(&self, seed: u64) -> Result<Vec<Instance>> {
+        let mut rnd = PyRandom::new(seed);
+        let exclude_self = self.config.fewshot_split == self.config.test_split;
+        let n = self.num_fewshot;
+        let mut out = Vec::with_capacity(self.docs.len());
+        for (doc_id, doc) in self.docs.iter().enumerate() {
+            let mut ctx = String::new();
+            if let Some(d) = &self.config.description {
+                let s = match doc.get(d) {
+                    Some(v) => as_text(v),
+                    None => self.render(d, doc, doc_id, "description")?,
+                };
+                ctx.push_str(&s);
+            }
+            if n > 0 {
+                if let Some(fb) = &self.config.fewshot_by {
+                    let v = doc.get(&fb.field).map(as_text).unwrap_or_default();
+                    let ex = self
+                        .fewshot_by
+                        .get(&v)
+                        .map(Vec::as_slice)
+                        .unwrap_or_default();
+                    for e in ex {
+                        self.exemplar(e, doc_id, &mut ctx)?;
+                    }
+                } else {
+                    for e in self.sample_fewshot(&mut rnd, doc, doc_id, n, exclude_self)? {
+                        self.exemplar(e, doc_id, &mut ctx)?;
+                    }
+                }
+            }
+            ctx.push_str(&self.doc_to_text(doc, doc_id)?);
+            out.push(self.requests(doc, doc_id, ctx)?);
+        }
+        Ok(out)
+    }
+
+    fn sample_fewshot<'a>(
+        &'a self,
+        rnd: &mut PyRandom,
+        doc: &Doc,
+        doc_id: usize,
+        n: usize,
+        exclude_self: bool,
+    ) -> Result<Vec<&'a Doc>> {
+        let pool = &self.fewshot_docs;
+        let want = if exclude_self { n + 1 } else { n };
+        if want > pool.len() {
+            return Err(self.doc_err(
+                doc_id,
+                "num_fewshot",
+                format!(
+                    "{n} few-shot examples requested but the few-shot split has {}",
+                    pool.len()
+                ),
+            ));
+        }
+        let picked: Vec<&Doc> = rnd
+            .sample(pool.len(), want)
+            .into_iter()
+            .map(|i| &pool[i])
+            .collect();
+        if !exclude_self {
+            return Ok(picked);
+        }
+        // Exemplars equal to the document (by content) are dropped, as `x != doc` does in the harness.
+        let mut res: Vec<&Doc> = picked.into_iter().filter(|d| *d != doc).take(n).collect();
+        if res.len() < n {
+            let rest: Vec<&Doc> = pool.iter().filter(|d| *d != doc).collect();
+            if rest.len() < n {
+                return Err(self.doc_err(
+                    doc_id,
+                    "num_fewshot",
+                    "not enough few-shot examples that differ from the document",
+                ));
+            }
+            res = rnd
+                .sample(rest.len(), n)
+                .into_iter()
+                .map(|i| rest[i])
+                .collect();
+        }
+        Ok(res)
+    }
+
+    fn requests(&self, doc: &Doc, doc_id: usize, ctx: String) -> Result<Instance> {
+        let cfg = &self.config;
+        let target = self.doc_to_target(doc, doc_id)?;
+        let choices = if cfg.doc_to_choice.is_some() {
+            self.doc_to_choice(doc, doc_id)?
+        } else {
+            Vec::new()
+        };
+        let ll = |c: &str, k: String| {
+            Request::Loglikelihood(LoglikelihoodRequest {
+                context: c.to_string(),
+                continuation: k,
+            })
+        };
+        let requests = match cfg.output_type {
+            OutputType::MultipleChoice => {
+                let mut r: Vec<Request> = choices
+                    .iter()
+                    .map(|c| ll(&ctx, format!("{}{c}", cfg.target_delimiter)))
+                    .collect();
+                if cfg
+                    .metric_list
+                    .iter()
+                    .any(|m| m.metric == "acc_mutual_info")
+                {
+                    r.extend(
+                        choices
+                            .iter()
+                            .map(|c| ll("", format!("{}{c}", cfg.target_delimiter))),
+                    );
+                }
+                r
+            }
+            OutputType::Loglikelihood => vec![ll(&ctx, as_text(&target))],
+            OutputType::LoglikelihoodRolling => vec![Request::Rolling(as_text(&target))],
+            OutputType::GenerateUntil => {
+                let g = cfg.generation_kwargs.clone().unwrap_or_else(|| {
+                    crate::config::GenerationKwargs {
+                        until: vec![cfg.fewshot_delimiter.clone()],
+                        max_gen_toks: 256,
+                        do_sample: false,
+                        temperature: 0.0,
+                        top_p: None,
+                    }
+                });
+                vec![Request::Generate(GenerateRequest {
+                    context: ctx.clone(),
+                    until: g.until,
+                    max_gen_toks: g.max_gen_toks,
+                    temperature: if g.do_sample {
+                        g.temperature.max(0.0)
+                    } else {
+                        0.0
+                    },
+                    top_p: g.top_p,
+                    seed: 1234,
+                })]
+            }
+        };
+        Ok(Instance {
+            doc_id,
+            context: ctx,
+            target,
+            choices,
+            requests,
+        })
+    }
+
+    /// Values of the fields named by `group_by` and `bias` for a document (for per-group metrics).
+    pub fn attributes(&self, doc_id: usize) -> BTreeMap<String, String> {
+        let mut fields: Vec<&str> = self.config.group_by.iter().map(String::as_str).collect();
+        if let Some(b) = &self.config.bias {
+            fields.push(&b.group);
+            fields.push(&b.template);
+            if let Some(s) = &b.source {
+                fields.push(s);
+            }
+        }
+        let doc = &self.docs[doc_id];
+        fields
+            .into_iter()
+            .filter_map(|f| Some((f.to_string(), as_text(doc.get(f)?))))
+            .collect()
+    }
+}

@@ -1,0 +1,196 @@
+//! Prompts, requests and metrics of the test task files under tests/data/tasks, checked against
+//! what lm-evaluation-harness 0.4.13 produced for the same files (hard-coded below).
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+
+use tasks::lm::{GenerateRequest, Loglikelihood, LoglikelihoodRequest, ModelError};
+use tasks::task::Request;
+use tasks::{evaluate, LanguageModel, LoadOptions, NoProgress, Registry, RunOptions, Task};
+
+fn task_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/tasks")
+}
+
+fn load(name: &str) -> Task {
+    let reg = Registry::scan(&[task_dir()]).unwrap();
+    let cfg = reg.task_config(name, Path::new(".")).unwrap();
+    Task::load(cfg, &LoadOptions::default()).unwrap()
+}
+
+/// A fake model: log-likelihood = -(characters of the continuation); records every call.
+#[derive(Default)]
+struct Fake {
+    calls: RefCell<Vec<usize>>,
+}
+
+impl LanguageModel for Fake {
+    fn loglikelihood(&self, r: &[LoglikelihoodRequest]) -> Result<Vec<Loglikelihood>, ModelError> {
+        self.calls.borrow_mut().push(r.len());
+        Ok(r.iter()
+            .map(|q| Loglikelihood {
+                logprob: -(q.continuation.chars().count() as f64),
+                is_greedy: false,
+            })
+            .collect())
+    }
+    fn loglikelihood_rolling(&self, t: &[String]) -> Result<Vec<f64>, ModelError> {
+        Ok(t.iter().map(|s| -(s.len() as f64)).collect())
+    }
+    fn generate_until(&self, r: &[GenerateRequest]) -> Result<Vec<String>, ModelError> {
+        Ok(r.iter().map(|_| " Blue\nmore".to_string()).collect())
+    }
+}
+
+#[test]
+fn few_shot_prompts_match_the_harness_byte_for_byte() {
+    let expected = [
+        "Q: Water is \nA: wet\n\nQ: The sky is\nA: blue\n\nQ: The sky is\nA:",
+        "Q: The sky is\nA: blue\n\nQ: Cats say\nA: meow\n\nQ: Fire is\nA:",
+        "Q: The sun rises in the\nA: east\n\nQ: The sky is\nA: blue\n\nQ: Two plus two is\nA:",
+        "Q: Cats say\nA: meow\n\nQ: The sky is\nA: blue\n\nQ: Water is \nA:",
+        "Q: The sky is\nA: blue\n\nQ: Two plus two is\nA: four\n\nQ: The sun rises in the\nA:",
+        "Q: Fire is\nA: hot\n\nQ: The sky is\nA: blue\n\nQ: Cats say\nA:",
+    ];
+    let inst = load("mc_tiny_fewshot").instances(1234).unwrap();
+    let got: Vec<&str> = inst.iter().map(|i| i.context.as_str()).collect();
+    assert_eq!(got, expected);
+    // One request per choice, continuation = target_delimiter + choice.
+    assert_eq!(
+        inst[1].requests[0],
+        Request::Loglikelihood(LoglikelihoodRequest {
+            context: expected[1].into(),
+            continuation: " cold".into()
+        })
+    );
+}
+
+#[test]
+fn description_and_mutual_info_requests() {
+    let inst = load("mc_tiny").instances(1234).unwrap();
+    assert_eq!(inst[3].context, "Answer the questions.\n\nQ: Water is \nA:");
+    // Two choices: two conditional and two unconditional (empty context) requests.
+    assert_eq!(inst[3].requests.len(), 4);
+    assert_eq!(
+        inst[3].requests[2],
+        Request::Loglikelihood(LoglikelihoodRequest {
+            context: String::new(),
+            continuation: " wet".into()
+        })
+    );
+}
+
+#[test]
+fn runner_dedupes_and_keeps_document_order() {
+    let tasks = vec![load("mc_tiny"), load("mc_tiny_fewshot"), load("gen_tiny")];
+    let lm = Fake::default();
+    let opts = RunOptions {
+        batch_size: 3,
+        ..RunOptions::default()
+    };
+    let res = evaluate(&lm, &tasks, &opts, &NoProgress).unwrap();
+    assert_eq!(
+        res[0].samples.iter().map(|s| s.doc_id).collect::<Vec<_>>(),
+        (0..6).collect::<Vec<_>>()
+    );
+    // mc_tiny: 15 conditional + 15 unconditional requests, but the unconditional ones of equal
+    // choices (none here) and nothing else repeat; mc_tiny_fewshot adds 15 more.
+    let sent: usize = lm.calls.borrow().iter().sum();
+    assert_eq!(sent, 15 + 15 + 15);
+    // The fake model prefers the shortest choice: doc 0 ("blue", "green", "loud") -> blue/loud tie -> first.
+    let s0 = &res[0].samples[0];
+    assert_eq!(
+        s0.choice_loglikelihoods.as_deref(),
+        Some(&[-5.0, -6.0, -5.0][..])
+    );
+    assert_eq!(s0.prediction.as_deref(), Some("blue"));
+    let acc = res[0].metric("acc").unwrap();
+    assert_eq!(acc.n, 6);
+    // Generation: " Blue" cut at "\n", compared ignoring case and surrounding spaces.
+    let g = &res[2];
+    assert_eq!(g.samples[0].prediction.as_deref(), Some(" Blue"));
+    assert_eq!(g.samples[0].metrics[0].1.sample_value(), Some(1.0));
+}
+
+#[test]
+fn results_do_not_depend_on_batch_size() {
+    let tasks = vec![load("mc_tiny"), load("ppl_tiny")];
+    let a = evaluate(
+        &Fake::default(),
+        &tasks,
+        &RunOptions {
+            batch_size: 1,
+            ..Default::default()
+        },
+        &NoProgress,
+    )
+    .unwrap();
+    let b = evaluate(
+        &Fake::default(),
+        &tasks,
+        &RunOptions {
+            batch_size: 100,
+            ..Default::default()
+        },
+        &NoProgress,
+    )
+    .unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.metrics, y.metrics);
+    }
+}
+
+#[test]
+fn render_errors_name_file_task_doc_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("d.jsonl"),
+        "{\"q\": \"a\"}\n{\"x\": \"b\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "task: bad\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: d.jsonl\ntest_split: test\noutput_type: loglikelihood\ndoc_to_text: \"{{q}}\"\ndoc_to_target: \" x\"\n",
+    )
+    .unwrap();
+    let reg = Registry::scan(&[dir.path().to_path_buf()]).unwrap();
+    let task = Task::load(
+        reg.task_config("bad", Path::new(".")).unwrap(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let err = task.instances(1234).unwrap_err().to_string();
+    assert!(
+        err.contains("bad.yaml")
+            && err.contains("task `bad`")
+            && err.contains("doc 1")
+            && err.contains("doc_to_text"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_keys_and_python_code_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.yaml"), "task: a\ndataset_path: json\ntest_split: test\ndoc_to_text: x\ndoc_to_target: y\ntypo_key: 1\n").unwrap();
+    std::fs::write(dir.path().join("b.yaml"), "task: b\ndataset_path: json\ntest_split: test\ndoc_to_text: !function utils.f\ndoc_to_target: y\n").unwrap();
+    let reg = Registry::scan(&[dir.path().to_path_buf()]).unwrap();
+    let e = reg
+        .task_config("a", Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("typo_key"), "{e}");
+    std::fs::write(dir.path().join("d.jsonl"), "{\"x\": 1}\n").unwrap();
+    let e = reg.resolve(&["nope".into()]).unwrap_err().to_string();
+    assert!(e.contains("unknown task `nope`"), "{e}");
+    let cfg = reg.task_config("b", Path::new(".")).unwrap();
+    assert!(matches!(cfg.doc_to_text, tasks::config::Field::Function(_)));
+}
+
+#[test]
+fn groups_and_tags_expand() {
+    let reg = Registry::scan(&[task_dir()]).unwrap();
+    let names = reg.resolve(&["tiny_suite".into()]).unwrap();
+    assert_eq!(names.len(), 4);
+    assert!(names.contains(&"mc_tiny".to_string()));
+}

@@ -1,0 +1,180 @@
+//! End-to-end: `moeval eval` on the tiny-flexolmo fixture with the self-written test tasks.
+
+use std::path::Path;
+use std::process::Command;
+
+use tasks::dataset::{read, Format, Source};
+
+fn fixture() -> &'static Path {
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/fixtures/tiny-flexolmo"
+    ))
+}
+
+fn run_eval(out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_moeval"))
+        .args(["--threads", "2", "eval", "--model"])
+        .arg(fixture())
+        .args([
+            "--include-path",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tasks"),
+        ])
+        .arg("--output")
+        .arg(out)
+        .args(extra)
+        .output()
+        .expect("moeval runs")
+}
+
+#[test]
+fn eval_writes_samples_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_eval(
+        dir.path(),
+        &["--tasks", "mc_tiny,ppl_tiny", "--run-id", "r1"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("acc_mutual_info") && stdout.contains("bits_per_byte"),
+        "{stdout}"
+    );
+    let run = dir.path().join("r1");
+    let samples = read(
+        &Source::parse(run.join("samples.parquet").to_str().unwrap(), &[]),
+        Format::Parquet,
+    )
+    .unwrap();
+    assert_eq!(samples.len(), 12);
+    let first = &samples[0];
+    assert_eq!(first["task"], "mc_tiny");
+    assert_eq!(first["doc_id"], 0);
+    assert_eq!(first["choice_loglikelihoods"].as_array().unwrap().len(), 3);
+    assert!(first["loglikelihood"].as_f64().unwrap() < 0.0);
+    assert_eq!(first["target"], "blue");
+    assert!(first["acc"].is_number());
+    // Results come in document order.
+    let ids: Vec<i64> = samples
+        .iter()
+        .filter(|s| s["task"] == "mc_tiny")
+        .map(|s| s["doc_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, (0..6).collect::<Vec<_>>());
+    let metrics = read(
+        &Source::parse(run.join("metrics.parquet").to_str().unwrap(), &[]),
+        Format::Parquet,
+    )
+    .unwrap();
+    let acc = metrics
+        .iter()
+        .find(|m| m["task"] == "mc_tiny" && m["metric"] == "acc")
+        .unwrap();
+    assert_eq!(acc["n"], 6);
+    assert!(acc["stderr"].as_f64().unwrap() > 0.0);
+    // No temporary files left behind.
+    assert_eq!(std::fs::read_dir(&run).unwrap().count(), 2);
+}
+
+#[test]
+fn scores_do_not_depend_on_batch_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let lls = |id: &str, bs: &str| {
+        let out = run_eval(
+            dir.path(),
+            &[
+                "--tasks",
+                "mc_tiny_fewshot",
+                "--run-id",
+                id,
+                "--batch-size",
+                bs,
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        read(
+            &Source::parse(
+                dir.path()
+                    .join(id)
+                    .join("samples.parquet")
+                    .to_str()
+                    .unwrap(),
+                &[],
+            ),
+            Format::Parquet,
+        )
+        .unwrap()
+        .into_iter()
+        .map(|s| s["choice_loglikelihoods"].clone())
+        .collect::<Vec<_>>()
+    };
+    let a = lls("b1", "1");
+    let b = lls("b64", "64");
+    for (x, y) in a.iter().zip(&b) {
+        for (u, v) in x.as_array().unwrap().iter().zip(y.as_array().unwrap()) {
+            assert!((u.as_f64().unwrap() - v.as_f64().unwrap()).abs() <= 1e-5);
+        }
+    }
+}
+
+#[test]
+fn calm_suite_runs_on_the_shared_data() {
+    let data = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/datasets/calm"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_moeval"))
+        .args(["--threads", "2", "eval", "--model"])
+        .arg(fixture())
+        .args([
+            "--tasks",
+            "calm_sentiment_gender_ll,calm_nli_gender",
+            "--limit",
+            "30",
+            "--run-id",
+            "c",
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--output")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("bias_score") && stdout.contains("acc[gender=male]"),
+        "{stdout}"
+    );
+    let samples = read(
+        &Source::parse(dir.path().join("c/samples.parquet").to_str().unwrap(), &[]),
+        Format::Parquet,
+    )
+    .unwrap();
+    assert_eq!(samples[0]["gender"], "male");
+    assert!(samples
+        .iter()
+        .any(|s| s["prediction"].is_string() && s["task"] == "calm_nli_gender"));
+}
+
+#[test]
+fn unknown_task_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_eval(dir.path(), &["--tasks", "no_such_task"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown task `no_such_task`"), "{err}");
+}
