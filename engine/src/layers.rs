@@ -141,6 +141,10 @@ pub(crate) struct Batch<'a> {
     pub token_masks: Vec<&'a ExpertMask>,
     /// Router logits of each MoE layer, collected when asked for.
     pub router_logits: Option<Vec<Tensor>>,
+    /// The layer being computed.
+    pub layer: usize,
+    /// Tokens routed to each expert, per layer (MoE models), for routing statistics.
+    pub routed_tokens: Vec<Vec<u64>>,
 }
 
 /// Sparse Mixture-of-Experts feed-forward: softmax over all allowed experts, top-k, and each expert run
@@ -223,6 +227,11 @@ impl SparseMoe {
             {
                 routed[e].0.push(row);
                 routed[e].1.push(w);
+            }
+        }
+        if let Some(counts) = batch.routed_tokens.get_mut(batch.layer) {
+            for (c, (rows, _)) in counts.iter_mut().zip(&routed) {
+                *c += rows.len() as u64;
             }
         }
         if let Some(all) = batch.router_logits.as_mut() {

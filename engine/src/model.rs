@@ -80,6 +80,8 @@ pub struct Model {
     experts: Option<(Registry, EffectiveMask)>,
     tokenizer: Option<Tokenizer>,
     dir: Option<PathBuf>,
+    /// Tokens routed to each expert per layer since load (or the last `take_routed_tokens`).
+    routed_tokens: std::sync::Mutex<Vec<Vec<u64>>>,
     expert_params: usize,
 }
 
@@ -183,6 +185,7 @@ impl Model {
             layers::linear(src, "lm_head", v, h)?
         };
         let embed_tokens = Tensor::from_vec(embed_values, (v, h), &Device::Cpu)?;
+        let (config_layers, config_experts) = (config.num_hidden_layers, config.num_experts);
         Ok(Self {
             config,
             embed_tokens,
@@ -193,6 +196,7 @@ impl Model {
             experts,
             tokenizer: None,
             dir: None,
+            routed_tokens: std::sync::Mutex::new(vec![vec![0; config_experts]; config_layers]),
             expert_params,
         })
     }
@@ -263,6 +267,18 @@ impl Model {
             .collect())
     }
 
+    /// Tokens routed to each expert (`[layer][expert]`, each token counted once per expert it is sent to)
+    /// by every forward pass since load or the previous call, which resets the counts. Empty rows for
+    /// dense models.
+    pub fn take_routed_tokens(&self) -> Vec<Vec<u64>> {
+        let mut counts = self.routed_tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let out = counts.clone();
+        for row in counts.iter_mut() {
+            row.fill(0);
+        }
+        out
+    }
+
     /// Parameters of all loaded experts, summed over layers.
     pub fn loaded_expert_params(&self) -> usize {
         self.expert_params
@@ -325,12 +341,27 @@ impl Model {
             spans,
             token_masks,
             router_logits: (record_router_logits && self.loaded.is_some()).then(Vec::new),
+            layer: 0,
+            routed_tokens: if self.loaded.is_some() {
+                vec![vec![0; self.config.num_experts]; self.config.num_hidden_layers]
+            } else {
+                Vec::new()
+            },
         };
         let n = ids.len();
         let idx = Tensor::from_vec(ids, n, &Device::Cpu)?;
         let mut x = self.embed_tokens.index_select(&idx, 0)?;
         for (layer, block) in self.blocks.iter().enumerate() {
+            batch.layer = layer;
             x = block.forward(&x, layer, &mut batch)?;
+        }
+        if self.loaded.is_some() {
+            let mut total = self.routed_tokens.lock().unwrap_or_else(|p| p.into_inner());
+            for (t, c) in total.iter_mut().zip(&batch.routed_tokens) {
+                for (t, c) in t.iter_mut().zip(c) {
+                    *t += c;
+                }
+            }
         }
         Ok(Forward {
             hidden: self.norm.forward(&x)?,

@@ -247,3 +247,40 @@ fn generation_stops_and_batches() {
         "seeded sampling is reproducible and batch-independent"
     );
 }
+
+#[test]
+fn routed_token_counts_follow_masks() {
+    let model = model();
+    let tokens = model
+        .require_tokenizer()
+        .unwrap()
+        .encode("The quick brown fox jumps over the lazy dog.")
+        .unwrap();
+    let mask = model.loaded_experts().unwrap().without(&[2]).unwrap();
+    let _ = model.take_routed_tokens();
+    let mut cache = model.new_cache();
+    model
+        .forward(
+            &mut [SeqInput {
+                tokens: &tokens,
+                cache: &mut cache,
+                mask: Some(&mask),
+            }],
+            false,
+        )
+        .unwrap();
+    let counts = model.take_routed_tokens();
+    assert_eq!(counts.len(), model.config().num_hidden_layers);
+    for layer in &counts {
+        assert_eq!(
+            layer.iter().sum::<u64>(),
+            2 * tokens.len() as u64,
+            "top-2 per token"
+        );
+        assert_eq!(layer[2], 0, "opted-out expert gets nothing");
+    }
+    assert!(
+        model.take_routed_tokens().iter().flatten().all(|&c| c == 0),
+        "taking resets"
+    );
+}
