@@ -174,3 +174,35 @@ fn incremental_decoding_matches_full_forward() {
     assert_eq!(cache.len(), tokens.len());
     let _ = Device::Cpu;
 }
+
+#[test]
+fn tied_embeddings_use_the_embedding_matrix() {
+    // A copy of the OLMo2 fixture without `lm_head.weight`, declared tied.
+    let dir = copy_fixture("tiny-olmo2");
+    let path = dir.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    tensors.remove("lm_head.weight");
+    let embed = tensors["model.embed_tokens.weight"].clone();
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["tie_word_embeddings"] = true.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let model = Model::load(dir.path(), &LoadOptions::default()).unwrap();
+    let tokens = ids(&reference("tiny-olmo2")["input_ids.0"]);
+    let mut cache = model.new_cache();
+    let fwd = model
+        .forward(
+            &mut [SeqInput {
+                tokens: &tokens,
+                cache: &mut cache,
+                mask: None,
+            }],
+            false,
+        )
+        .unwrap();
+    let expected = fwd.hidden.matmul(&embed.t().unwrap()).unwrap();
+    let d = max_abs_diff(&model.logits(&fwd.hidden).unwrap(), &expected);
+    assert!(d <= 1e-4, "tied head differs by {d}");
+}
