@@ -1,33 +1,11 @@
 //! End-to-end tests of the engine commands: forward (stable output names), generate, init-model, bench.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::Command;
 
 use candle_core::{DType, Device};
-
-fn fixture(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(name);
-    assert!(
-        dir.join("config.json").exists(),
-        "fixture {} not found",
-        dir.display()
-    );
-    dir
-}
-
-fn moeval(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_moeval"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{fixture, max_diff, moeval};
 
 #[test]
 fn forward_writes_the_parity_file() {
@@ -53,16 +31,7 @@ fn forward_writes_the_parity_file() {
         reference["input_ids.2"].to_vec1::<i64>().unwrap()
     );
     let close = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(a, b);
         assert!(d <= 1e-4, "differs by {d}");
     };
     close(&got["logits"], &reference["logits.2"]);

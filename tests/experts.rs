@@ -1,67 +1,18 @@
 //! End-to-end tests of expert opt-out, owners' policy, routing statistics and merging, through the CLI.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{Device, Tensor};
-
-fn fixture(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(name);
-    assert!(
-        dir.join("config.json").exists(),
-        "fixture {} not found",
-        dir.display()
-    );
-    dir
-}
-
-fn moeval(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_moeval"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        let mut p = std::fs::metadata(to.join(e.file_name()))
-            .unwrap()
-            .permissions();
-        #[allow(clippy::permissions_set_readonly_false)]
-        p.set_readonly(false);
-        std::fs::set_permissions(to.join(e.file_name()), p).unwrap();
-    }
-}
+use common::{copy_dir, fixture, max_diff, moeval};
 
 fn load(path: &Path) -> BTreeMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu)
         .unwrap()
         .into_iter()
         .collect()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 const PROMPT: &str = "Alice is a doctor. Bob is a nurse. Who is the doctor? Answer:";

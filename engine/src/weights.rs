@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;
-use safetensors::tensor::Metadata;
+use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::{Error, Result};
@@ -163,35 +163,35 @@ impl Weights {
 
     /// Reads the values of tensor `name` as f32 and checks its shape.
     pub fn get_values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let (data, found) = self.get_raw(name)?;
-        if found != shape {
+        let (path, open, info) = self.entry(name)?;
+        if info.shape != shape {
             return Err(Error::Weights {
-                path: self
-                    .file_of(name)
-                    .map(Path::to_path_buf)
-                    .unwrap_or_default(),
-                message: format!("tensor `{name}` has shape {found:?}, expected {shape:?}"),
+                path: path.to_path_buf(),
+                message: format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    info.shape
+                ),
             });
         }
+        let (begin, end) = (
+            open.data_start + info.data_offsets.0,
+            open.data_start + info.data_offsets.1,
+        );
+        let data = to_f32(info.dtype, &open.mmap[begin..end]).ok_or_else(|| Error::Weights {
+            path: path.to_path_buf(),
+            message: format!(
+                "tensor `{name}` has dtype {:?}; supported: F32, BF16, F16",
+                info.dtype
+            ),
+        })?;
+        release_pages(&open.mmap, begin, end);
         Ok(data)
     }
 
     /// The stored bytes of tensor `name` with their dtype and shape, borrowed from the memory map (for
     /// tools that copy or compare tensors without converting them).
     pub fn raw(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8])> {
-        let &shard = self.index.get(name).ok_or_else(|| Error::Weights {
-            path: self
-                .shards
-                .first()
-                .map(|s| s.path.clone())
-                .unwrap_or_default(),
-            message: format!("missing tensor `{name}`"),
-        })?;
-        let open = self.open_shard(shard)?;
-        let info = open.metadata.info(name).ok_or_else(|| Error::Weights {
-            path: self.shards[shard].path.clone(),
-            message: format!("tensor `{name}` (listed in the index) is not in this file"),
-        })?;
+        let (_, open, info) = self.entry(name)?;
         let (begin, end) = info.data_offsets;
         Ok((
             info.dtype,
@@ -200,8 +200,8 @@ impl Weights {
         ))
     }
 
-    /// Reads tensor `name` as f32 values with its shape, whatever its shape.
-    pub fn get_raw(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+    /// The file, open shard and header entry of tensor `name`.
+    fn entry(&self, name: &str) -> Result<(&Path, &OpenShard, &TensorInfo)> {
         let &shard = self.index.get(name).ok_or_else(|| Error::Weights {
             path: self
                 .shards
@@ -210,23 +210,13 @@ impl Weights {
                 .unwrap_or_default(),
             message: format!("missing tensor `{name}`"),
         })?;
-        let path = &self.shards[shard].path;
+        let path = self.shards[shard].path.as_path();
         let open = self.open_shard(shard)?;
         let info = open.metadata.info(name).ok_or_else(|| Error::Weights {
-            path: path.clone(),
+            path: path.to_path_buf(),
             message: format!("tensor `{name}` (listed in the index) is not in this file"),
         })?;
-        let (begin, end) = info.data_offsets;
-        let (begin, end) = (open.data_start + begin, open.data_start + end);
-        let data = to_f32(info.dtype, &open.mmap[begin..end]).ok_or_else(|| Error::Weights {
-            path: path.clone(),
-            message: format!(
-                "tensor `{name}` has dtype {:?}; supported: F32, BF16, F16",
-                info.dtype
-            ),
-        })?;
-        release_pages(&open.mmap, begin, end);
-        Ok((data, info.shape.clone()))
+        Ok((path, open, info))
     }
 }
 
