@@ -39,6 +39,13 @@ impl<'a> EngineLm<'a> {
         })
     }
 
+    /// Scores with this expert mask instead of the loaded one (a subset of it: opt-out sweeps run
+    /// every variant on one loaded model).
+    pub fn with_mask(mut self, mask: Option<ExpertMask>) -> Self {
+        self.mask = mask;
+        self
+    }
+
     fn encode(&self, text: &str) -> Result<Vec<u32>, engine::Error> {
         self.tokenizer.encode(text)
     }

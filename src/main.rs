@@ -2,6 +2,8 @@
 
 mod commands;
 mod lm;
+mod retrieval;
+mod serve;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -37,6 +39,20 @@ enum Command {
     Bench(commands::bench::Args),
     /// Run evaluation tasks (lm-evaluation-harness YAML or built-in suites) and write Parquet results.
     Eval(commands::eval::Args),
+    /// SILO-style datastores: build (BM25 blocks, kNN-LM keys), stats, query, opt-out, bench.
+    Datastore(commands::datastore::Args),
+    /// Leaderboard (Parquet, Markdown), self-contained HTML report and Hive dataset from runs; merges shards.
+    Report(commands::report::Args),
+    /// Paired comparison of two runs (or masks) on shared samples: bootstrap CI, McNemar p-value.
+    Compare(commands::compare::Args),
+    /// Fail when metrics dropped beyond their allowance against a committed baseline.
+    Gate(commands::gate::Args),
+    /// Download a Hugging Face Hub dataset into a local cache (only when asked).
+    Download(commands::download::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API with per-request expert opt-out.
+    Serve(commands::serve::Args),
+    /// Load-test the server over loopback: requests/s, tokens/s and latency at several concurrencies.
+    ServeBench(commands::serve::BenchArgs),
 }
 
 fn main() {
@@ -64,5 +80,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::InitModel(a) => commands::init_model::run(a),
         Command::Bench(a) => commands::bench::run(a, cli.threads),
         Command::Eval(a) => commands::eval::run(a),
+        Command::Datastore(a) => commands::datastore::run(a),
+        Command::Report(a) => commands::report::run(a),
+        Command::Compare(a) => commands::compare::run(a),
+        Command::Gate(a) => commands::gate::run(a),
+        Command::Download(a) => commands::download::run(a),
+        Command::Serve(a) => commands::serve::run(a),
+        Command::ServeBench(a) => commands::serve::run_bench(a),
     }
 }

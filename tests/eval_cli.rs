@@ -76,8 +76,25 @@ fn eval_writes_samples_and_metrics() {
         .unwrap();
     assert_eq!(acc["n"], 6);
     assert!(acc["stderr"].as_f64().unwrap() > 0.0);
-    // No temporary files left behind.
-    assert_eq!(std::fs::read_dir(&run).unwrap().count(), 2);
+    // Routing statistics of the MoE model: per task and layer, shares of the tokens sum to top-k.
+    let routing = read(
+        &Source::parse(run.join("routing.parquet").to_str().unwrap(), &[]),
+        Format::Parquet,
+    )
+    .unwrap();
+    assert_eq!(routing.len(), 2 * 2 * 4, "tasks x layers x experts");
+    for task in ["mc_tiny", "ppl_tiny"] {
+        for layer in 0..2 {
+            let total: f64 = routing
+                .iter()
+                .filter(|r| r["task"] == task && r["layer"] == layer)
+                .map(|r| r["share"].as_f64().unwrap())
+                .sum();
+            assert!((total - 2.0).abs() < 1e-9, "{task} layer {layer}: {total}");
+        }
+    }
+    // manifest.json, samples.parquet, metrics.parquet, routing.parquet and no temporary files.
+    assert_eq!(std::fs::read_dir(&run).unwrap().count(), 4);
 }
 
 #[test]

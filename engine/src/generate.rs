@@ -58,12 +58,341 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
+/// A token with its log-probability under the model (log-softmax of the raw logits, before temperature),
+/// and the most likely tokens at that position when asked for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// The `top` most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// One sequence for a [`Decoder`].
+#[derive(Clone, Debug, Default)]
+pub struct SeqRequest {
+    pub prompt: Vec<u32>,
+    pub params: GenParams,
+    /// Experts this sequence may use; `None` means every loaded expert.
+    pub mask: Option<ExpertMask>,
+    /// Report each generated token's log-probability with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Report the log-probability of every prompt token after the first (from the prefill), with
+    /// `logprobs` alternatives. This scores a prompt, even with `max_new_tokens` 0.
+    pub prompt_logprobs: bool,
+}
+
+/// Handle of a sequence inside a [`Decoder`]; handles count up from 0 in the order sequences are added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+/// What one [`Decoder::step`] did for one sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    pub id: SeqId,
+    /// On the sequence's first step when asked for: entry `i` scores `prompt[i + 1]`.
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
+    /// The token this step produced (`None` when the sequence ended on EOS or needed no token). Its
+    /// `logprob` and `top` are filled only when the sequence asked for log-probabilities.
+    pub token: Option<TokenLogprob>,
+    /// Set on the sequence's last step; the sequence then leaves the decoder.
+    pub finished: Option<Generation>,
+}
+
 struct Active {
+    id: SeqId,
+    req: SeqRequest,
     cache: KvCache,
     sampler: LogitsProcessor,
     tokens: Vec<u32>,
     done: Option<FinishReason>,
     text: String,
+    started: bool,
+}
+
+/// Step-wise generation for continuous batching: sequences join between steps, each with its own
+/// parameters, expert mask and stop conditions, and leave when done or cancelled. Every step runs one
+/// forward pass over all live sequences (new ones feed their prompt, the others their last token); as the
+/// forward pass never pads and is batch-independent, a sequence's result does not depend on what else
+/// was in the batch or when it joined.
+pub struct Decoder<'m> {
+    model: &'m Model,
+    seqs: Vec<Active>,
+    next_id: u64,
+}
+
+impl<'m> Decoder<'m> {
+    pub fn new(model: &'m Model) -> Self {
+        Self {
+            model,
+            seqs: Vec::new(),
+            next_id: 0,
+        }
+    }
+
+    /// Adds a sequence; it starts at the next step. Bad input is refused here, so that one request
+    /// cannot fail a step shared with others.
+    pub fn add(&mut self, req: SeqRequest) -> Result<SeqId> {
+        let model = self.model;
+        if req.prompt.is_empty() {
+            return Err(Error::Input("the prompt has no tokens".into()));
+        }
+        let v = model.config().vocab_size as u32;
+        if let Some(&t) = req.prompt.iter().find(|&&t| t >= v) {
+            return Err(Error::Input(format!(
+                "token id {t} is outside the vocabulary (size {v})"
+            )));
+        }
+        if !req.params.stop.is_empty() && model.tokenizer().is_none() {
+            return Err(Error::Input("stop strings need a tokenizer".into()));
+        }
+        if let (Some(m), Some(loaded)) = (&req.mask, model.loaded_experts()) {
+            if m.num_experts() != loaded.num_experts() || !m.is_subset_of(loaded) {
+                return Err(Error::Input(format!(
+                    "expert mask {m:?} asks for experts that were not loaded ({loaded:?})"
+                )));
+            }
+        }
+        let p = &req.params;
+        let sampling = if p.temperature <= 0.0 {
+            Sampling::ArgMax
+        } else {
+            match p.top_p {
+                Some(top_p) => Sampling::TopP {
+                    p: top_p,
+                    temperature: p.temperature,
+                },
+                None => Sampling::All {
+                    temperature: p.temperature,
+                },
+            }
+        };
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.seqs.push(Active {
+            id,
+            sampler: LogitsProcessor::from_sampling(p.seed, sampling),
+            cache: model.new_cache(),
+            tokens: Vec::new(),
+            done: None,
+            text: String::new(),
+            started: false,
+            req,
+        });
+        Ok(id)
+    }
+
+    /// Drops a sequence (a client went away); returns whether it was there.
+    pub fn cancel(&mut self, id: SeqId) -> bool {
+        let before = self.seqs.len();
+        self.seqs.retain(|s| s.id != id);
+        self.seqs.len() != before
+    }
+
+    /// Sequences in the decoder (started or waiting for their first step).
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// Handles of the sequences in the decoder.
+    pub fn ids(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.seqs.iter().map(|s| s.id)
+    }
+
+    /// Runs one decoding step over every sequence and reports what each did; finished sequences leave.
+    pub fn step(&mut self) -> Result<Vec<Progress>> {
+        let model = self.model;
+        let mut out = Vec::with_capacity(self.seqs.len());
+        // A sequence that wants no token and no prompt scores ends without a forward pass.
+        for s in &mut self.seqs {
+            if !s.started && s.req.params.max_new_tokens == 0 && !s.req.prompt_logprobs {
+                s.started = true;
+                s.done = Some(FinishReason::Length);
+            }
+        }
+        let live: Vec<usize> = (0..self.seqs.len())
+            .filter(|&i| self.seqs[i].done.is_none())
+            .collect();
+        if !live.is_empty() {
+            self.forward_step(&live, &mut out)?;
+        }
+        let mut i = 0;
+        while i < self.seqs.len() {
+            if self.seqs[i].done.is_none() {
+                i += 1;
+                continue;
+            }
+            let s = self.seqs.remove(i);
+            let generation = finish(model, s.done, s.tokens, s.text)?;
+            match out.iter_mut().find(|p| p.id == s.id) {
+                Some(p) => p.finished = Some(generation),
+                None => out.push(Progress {
+                    id: s.id,
+                    prompt_logprobs: None,
+                    token: None,
+                    finished: Some(generation),
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    fn forward_step(&mut self, live: &[usize], out: &mut Vec<Progress>) -> Result<()> {
+        let model = self.model;
+        let eos = &model.config().eos_token_ids;
+        let feeds: Vec<Vec<u32>> = live
+            .iter()
+            .map(|&i| {
+                let s = &self.seqs[i];
+                match (s.started, s.tokens.last()) {
+                    (true, Some(&last)) => vec![last],
+                    _ => s.req.prompt.clone(),
+                }
+            })
+            .collect();
+        let firsts: Vec<bool> = live.iter().map(|&i| !self.seqs[i].started).collect();
+        // `live` lists exactly the unfinished sequences, in order.
+        let mut inputs: Vec<SeqInput> = self
+            .seqs
+            .iter_mut()
+            .filter(|s| s.done.is_none())
+            .zip(&feeds)
+            .map(|(s, f)| SeqInput {
+                tokens: f,
+                cache: &mut s.cache,
+                mask: s.req.mask.as_ref(),
+            })
+            .collect();
+        let fwd = model.forward(&mut inputs, false)?;
+        drop(inputs);
+        // Rows whose logits we need: the last of each sequence, plus a scored prompt's other rows.
+        let mut rows: Vec<u32> = Vec::new();
+        let mut first_row = Vec::with_capacity(live.len());
+        for (j, (&i, f)) in live.iter().zip(&feeds).enumerate() {
+            let start = fwd.starts[j];
+            first_row.push(rows.len());
+            if firsts[j] && self.seqs[i].req.prompt_logprobs {
+                rows.extend((start..start + f.len()).map(|r| r as u32));
+            } else {
+                rows.push((start + f.len() - 1) as u32);
+            }
+        }
+        let n = rows.len();
+        let idx = Tensor::from_vec(rows, n, fwd.hidden.device())?;
+        let logits = model.logits(&fwd.hidden.index_select(&idx, 0)?)?;
+        for (j, &i) in live.iter().enumerate() {
+            let s = &mut self.seqs[i];
+            let top = s.req.logprobs.unwrap_or(0);
+            let mut progress = Progress {
+                id: s.id,
+                prompt_logprobs: None,
+                token: None,
+                finished: None,
+            };
+            let last = first_row.get(j + 1).copied().unwrap_or(n) - 1;
+            if firsts[j] && s.req.prompt_logprobs {
+                let mut scored = Vec::with_capacity(s.req.prompt.len() - 1);
+                for (r, &t) in (first_row[j]..last).zip(&s.req.prompt[1..]) {
+                    scored.push(token_logprob(&logits.get(r)?, t, top)?);
+                }
+                progress.prompt_logprobs = Some(scored);
+            }
+            s.started = true;
+            if s.req.params.max_new_tokens == 0 {
+                s.done = Some(FinishReason::Length);
+                out.push(progress);
+                continue;
+            }
+            let row = logits.get(last)?;
+            let next = s.sampler.sample(&row)?;
+            progress.token = Some(match s.req.logprobs {
+                Some(top) => token_logprob(&row, next, top)?,
+                None => TokenLogprob {
+                    token: next,
+                    logprob: 0.0,
+                    top: Vec::new(),
+                },
+            });
+            let params = &s.req.params;
+            if params.stop_at_eos && eos.contains(&next) {
+                s.done = Some(FinishReason::Eos);
+                progress.token = None;
+                out.push(progress);
+                continue;
+            }
+            s.tokens.push(next);
+            if !params.stop.is_empty() {
+                let text = model.require_tokenizer()?.decode(&s.tokens)?;
+                if let Some(cut) = params
+                    .stop
+                    .iter()
+                    .filter_map(|st| text.find(st.as_str()))
+                    .min()
+                {
+                    s.text = text[..cut].to_string();
+                    s.done = Some(FinishReason::Stop);
+                }
+            }
+            if s.done.is_none() && s.tokens.len() >= params.max_new_tokens {
+                s.done = Some(FinishReason::Length);
+            }
+            out.push(progress);
+        }
+        Ok(())
+    }
+}
+
+fn finish(
+    model: &Model,
+    done: Option<FinishReason>,
+    tokens: Vec<u32>,
+    stop_text: String,
+) -> Result<Generation> {
+    let finish = done.unwrap_or(FinishReason::Length);
+    let text = match (finish, model.tokenizer()) {
+        (FinishReason::Stop, _) => stop_text,
+        (_, Some(t)) => t.decode(&tokens)?,
+        (_, None) => String::new(),
+    };
+    Ok(Generation {
+        tokens,
+        text,
+        finish,
+    })
+}
+
+/// Log-softmax of one row of logits at `token`, with the `top` most likely tokens (accumulated in f64, as
+/// scoring does).
+fn token_logprob(logits: &Tensor, token: u32, top: usize) -> Result<TokenLogprob> {
+    let row = logits.to_vec1::<f32>()?;
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    let lp = |x: f32| (x as f64 - log_z) as f32;
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let mut order: Vec<u32> = (0..row.len() as u32).collect();
+        let k = top.min(order.len());
+        order.select_nth_unstable_by(k - 1, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+        order.truncate(k);
+        order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+        best = order
+            .into_iter()
+            .map(|t| (t, lp(row[t as usize])))
+            .collect();
+    }
+    Ok(TokenLogprob {
+        token,
+        logprob: lp(row
+            .get(token as usize)
+            .copied()
+            .unwrap_or(f32::NEG_INFINITY)),
+        top: best,
+    })
 }
 
 /// Continues each prompt (token ids) under its parameters. Prompts are decoded together, one token per
@@ -76,117 +405,25 @@ pub fn generate(
     if let Some(i) = prompts.iter().position(|p| p.0.is_empty()) {
         return Err(Error::Input(format!("prompt {i} has no tokens")));
     }
-    if prompts.iter().any(|p| !p.1.stop.is_empty()) && model.tokenizer().is_none() {
-        return Err(Error::Input("stop strings need a tokenizer".into()));
+    let mut decoder = Decoder::new(model);
+    for (prompt, params) in prompts {
+        decoder.add(SeqRequest {
+            prompt: prompt.clone(),
+            params: params.clone(),
+            mask: mask.cloned(),
+            ..SeqRequest::default()
+        })?;
     }
-    let eos = &model.config().eos_token_ids;
-    let mut seqs: Vec<Active> = prompts
-        .iter()
-        .map(|(_, p)| {
-            let sampling = if p.temperature <= 0.0 {
-                Sampling::ArgMax
-            } else {
-                match p.top_p {
-                    Some(top_p) => Sampling::TopP {
-                        p: top_p,
-                        temperature: p.temperature,
-                    },
-                    None => Sampling::All {
-                        temperature: p.temperature,
-                    },
-                }
-            };
-            Active {
-                cache: model.new_cache(),
-                sampler: LogitsProcessor::from_sampling(p.seed, sampling),
-                tokens: Vec::new(),
-                done: (p.max_new_tokens == 0).then_some(FinishReason::Length),
-                text: String::new(),
-            }
-        })
-        .collect();
-    // The first step feeds each prompt; later steps feed each live sequence its last token.
-    let mut first = true;
-    loop {
-        let live: Vec<usize> = (0..seqs.len())
-            .filter(|&i| seqs[i].done.is_none())
-            .collect();
-        if live.is_empty() {
-            break;
-        }
-        let feeds: Vec<Vec<u32>> = live
-            .iter()
-            .map(|&i| {
-                if first {
-                    prompts[i].0.clone()
-                } else {
-                    vec![*seqs[i]
-                        .tokens
-                        .last()
-                        .expect("a live sequence after step one has a token")]
-                }
-            })
-            .collect();
-        let mut inputs: Vec<SeqInput> = seqs
-            .iter_mut()
-            .filter(|s| s.done.is_none())
-            .zip(&feeds)
-            .map(|(s, f)| SeqInput {
-                tokens: f,
-                cache: &mut s.cache,
-                mask,
-            })
-            .collect();
-        let fwd = model.forward(&mut inputs, false)?;
-        drop(inputs);
-        let rows: Vec<u32> = feeds
-            .iter()
-            .zip(&fwd.starts)
-            .map(|(f, &s)| (s + f.len() - 1) as u32)
-            .collect();
-        let idx = Tensor::from_vec(rows, live.len(), fwd.hidden.device())?;
-        let logits = model.logits(&fwd.hidden.index_select(&idx, 0)?)?;
-        for (j, &i) in live.iter().enumerate() {
-            let params = &prompts[i].1;
-            let seq = &mut seqs[i];
-            let next = seq.sampler.sample(&logits.get(j)?)?;
-            if params.stop_at_eos && eos.contains(&next) {
-                seq.done = Some(FinishReason::Eos);
-                continue;
-            }
-            seq.tokens.push(next);
-            if !params.stop.is_empty() {
-                let text = model.require_tokenizer()?.decode(&seq.tokens)?;
-                if let Some(cut) = params
-                    .stop
-                    .iter()
-                    .filter_map(|s| text.find(s.as_str()))
-                    .min()
-                {
-                    seq.text = text[..cut].to_string();
-                    seq.done = Some(FinishReason::Stop);
-                    continue;
-                }
-            }
-            if seq.tokens.len() >= params.max_new_tokens {
-                seq.done = Some(FinishReason::Length);
+    // Handles count from 0 in the order added, so a handle is its prompt's index.
+    let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
+    while !decoder.is_empty() {
+        for p in decoder.step()? {
+            if let Some(g) = p.finished {
+                out[p.id.0 as usize] = Some(g);
             }
         }
-        first = false;
     }
-    seqs.into_iter()
-        .map(|s| {
-            let finish = s.done.unwrap_or(FinishReason::Length);
-            let text = match (finish, model.tokenizer()) {
-                (FinishReason::Stop, _) => s.text,
-                (_, Some(t)) => t.decode(&s.tokens)?,
-                (_, None) => String::new(),
-            };
-            Ok(Generation {
-                tokens: s.tokens,
-                text,
-                finish,
-            })
-        })
+    out.into_iter()
+        .map(|g| g.ok_or_else(|| Error::Input("internal: a prompt did not finish".into())))
         .collect()
 }

@@ -1,21 +1,40 @@
-use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+//! `moeval eval`: runs tasks on a model and writes a run directory (manifest, samples, metrics),
+//! persisting every answered request so a killed run resumes and shards merge without a model.
 
-use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use arrow_array::{ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
+use engine::{ExpertMask, Model};
 use indicatif::{ProgressBar, ProgressStyle};
-use tasks::metrics::Aggregate;
-use tasks::{output, runner, LoadOptions, Registry, RunOptions, Task};
+use reports::cache::{scope_name, CachedLm, RequestCache};
+use reports::fsutil::{sha256_file, sha256_hex, utc_now};
+use reports::manifest::{
+    FileHash, Manifest, ModelInfo, Seeds, Settings, ShardRecord, TaskInfo, Timing, Variant,
+    MANIFEST_VERSION,
+};
+use tasks::output::{self, MetricRow, RunColumns};
+use tasks::{runner, LanguageModel, LoadOptions, Registry, RunOptions, Shard, Task, TaskResult};
 
 use crate::lm::EngineLm;
+
+/// Opt-out sweeps `--opt-out-sweep` knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sweep {
+    /// The full model, then the model without each one expert.
+    LeaveOneOut,
+}
 
 /// `moeval eval`: run tasks (lm-evaluation-harness YAML files or the built-in suites) on a model.
 #[derive(clap::Args)]
 pub struct Args {
     /// Model directory (config.json, tokenizer.json, safetensors weights).
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    model: Option<PathBuf>,
     /// Tasks, groups or tags, comma-separated (e.g. `calm_sentiment_gender_ll` or `calm`).
-    #[arg(long, required = true, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', required_unless_present = "resume")]
     tasks: Vec<String>,
     /// Extra folders of task YAML files (repeatable), searched with the built-in suites.
     #[arg(long)]
@@ -35,14 +54,31 @@ pub struct Args {
     /// Seed of the few-shot sampler (lm-evaluation-harness uses 1234).
     #[arg(long, default_value_t = 1234)]
     fewshot_seed: u64,
-    /// Results go to OUTPUT/<run id>/ (samples.parquet, metrics.parquet).
-    #[arg(long)]
-    output: PathBuf,
-    /// Name of the run folder (default: time and process id).
+    /// Results go to OUTPUT/<run id>/ (manifest.json, samples.parquet, metrics.parquet); answered
+    /// requests are cached in OUTPUT/cache/ and reused by later runs.
+    #[arg(long, required_unless_present = "resume")]
+    output: Option<PathBuf>,
+    /// Name of the run folder (default: time and process id). Shards of one run share it.
     #[arg(long)]
     run_id: Option<String>,
+    /// Continue an interrupted run (or shard) from its folder: settings come from its manifest and
+    /// only requests missing from the cache are computed.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["model", "tasks", "output", "run_id", "shard", "opt_out_sweep", "limit", "num_fewshot", "include_path"])]
+    resume: Option<PathBuf>,
+    /// Run shard I of N (documents whose id is I modulo N) into OUTPUT/<run id>/shard=I-of-N/;
+    /// `moeval report` merges the shards. Give all shards the same --run-id.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
+    /// Also evaluate the model without each expert, in the same run (`leave-one-out`).
+    #[arg(long, value_enum, value_name = "KIND")]
+    opt_out_sweep: Option<Sweep>,
+    /// Sleep after each computed batch (to stop a run half-way in crash tests).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pause_after_batch_ms: u64,
     #[command(flatten)]
     experts: super::ExpertArgs,
+    #[command(flatten)]
+    retrieval: crate::retrieval::RetrievalArgs,
 }
 
 struct Bar(ProgressBar);
@@ -72,30 +108,17 @@ fn builtin_dirs() -> Vec<PathBuf> {
     }
 }
 
-fn run_id() -> String {
+fn default_run_id() -> String {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    // Days since 1970 to a civil date (Howard Hinnant's algorithm), so folders sort by time.
-    let days = (secs / 86_400) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let t = secs % 86_400;
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{}",
-        t / 3600,
-        t / 60 % 60,
-        t % 60,
-        std::process::id()
-    )
+    // 2025-01-31T12:00:00Z -> 20250131-120000, so folders sort by time.
+    let t: String = reports::fsutil::utc(secs)
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == 'T')
+        .collect();
+    format!("{}-{}", t.replace('T', "-"), std::process::id())
 }
 
 fn fmt(x: f64) -> String {
@@ -106,88 +129,842 @@ fn fmt(x: f64) -> String {
     }
 }
 
-pub fn run(a: Args) -> Result<()> {
-    anyhow::ensure!(a.batch_size > 0, "--batch-size must be at least 1");
-    let mut dirs = builtin_dirs();
-    dirs.extend(a.include_path.iter().cloned());
-    let registry = Registry::scan(&dirs)?;
-    let names = registry.resolve(&a.tasks)?;
-    let load = LoadOptions {
-        data_dir: a.data_dir.clone(),
-        limit: a.limit,
-        num_fewshot: a.num_fewshot,
-        fewshot_seed: a.fewshot_seed,
+fn abs(p: &Path) -> String {
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// `git rev-parse HEAD` of the source tree this binary was built from (`+dirty` with changes).
+fn git_revision() -> Option<String> {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new("git")
+        .args(["-C", dir, "rev-parse", "HEAD"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let rev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let dirty = std::process::Command::new("git")
+        .args(["-C", dir, "status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .ok()
+        .is_some_and(|o| !o.stdout.is_empty());
+    Some(if dirty { format!("{rev}+dirty") } else { rev })
+}
+
+fn device() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    });
+    match cpu {
+        Some(c) => format!("cpu ({c})"),
+        None => "cpu".into(),
+    }
+}
+
+fn hash_file(path: &Path, root: &Path) -> Result<FileHash> {
+    let (sha256, bytes) = sha256_file(path)?;
+    Ok(FileHash {
+        path: path
+            .strip_prefix(root)
+            .unwrap_or(path)
+            .display()
+            .to_string(),
+        sha256,
+        bytes,
+    })
+}
+
+/// Hashes of everything in a model directory that determines its outputs.
+fn model_info(model: &Model, dir: &Path) -> Result<ModelInfo> {
+    let opt = |name: &str| -> Result<Option<String>> {
+        let p = dir.join(name);
+        Ok(if p.is_file() {
+            Some(sha256_file(&p)?.0)
+        } else {
+            None
+        })
     };
-    let tasks: Vec<Task> = names
+    let mut weights: Vec<FileHash> = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let n = p.file_name().unwrap_or_default().to_string_lossy();
+            n.ends_with(".safetensors") || n == "model.safetensors.index.json"
+        })
+        .collect();
+    files.sort();
+    for f in &files {
+        weights.push(hash_file(f, dir)?);
+    }
+    let config_sha256 = sha256_file(&dir.join("config.json"))?.0;
+    let tokenizer_sha256 = opt("tokenizer.json")?;
+    let experts_toml_sha256 = opt(routers::EXPERTS_FILE)?;
+    let policy_sha256 = opt(routers::POLICY_FILE)?;
+    // The identity of the model's outputs: config, tokenizer, expert registry (router biases) and
+    // every weight file. The owners' policy only narrows the mask, which is recorded separately.
+    let mut ident = format!(
+        "config {config_sha256}\ntokenizer {}\nexperts {}\n",
+        tokenizer_sha256.as_deref().unwrap_or("-"),
+        experts_toml_sha256.as_deref().unwrap_or("-")
+    );
+    for w in &weights {
+        ident.push_str(&format!("{} {}\n", w.path, w.sha256));
+    }
+    let names = |ix: &[usize]| -> Vec<String> {
+        model
+            .registry()
+            .map(|r| ix.iter().map(|&i| r.name(i).to_string()).collect())
+            .unwrap_or_default()
+    };
+    let eff = model.effective_mask();
+    Ok(ModelInfo {
+        id: dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| abs(dir)),
+        dir: abs(dir),
+        model_type: model.config().architecture.model_type().to_string(),
+        config_sha256,
+        tokenizer_sha256,
+        experts_toml_sha256,
+        policy_sha256,
+        weights,
+        weights_hash: sha256_hex(ident.as_bytes()),
+        expert_names: model
+            .registry()
+            .map(|r| (0..r.len()).map(|i| r.name(i).to_string()).collect())
+            .unwrap_or_default(),
+        opted_out_by_policy: eff.map(|e| names(&e.by_policy)).unwrap_or_default(),
+        opted_out_by_request: eff.map(|e| names(&e.by_request)).unwrap_or_default(),
+    })
+}
+
+/// The run's mask variants: the effective mask (`full`), then, for a sweep, each expert left out.
+fn variants(
+    model: &Model,
+    info: &ModelInfo,
+    sweep: Option<Sweep>,
+) -> Result<Vec<(Variant, Option<ExpertMask>)>> {
+    let Some(eff) = model.effective_mask() else {
+        if sweep.is_some() {
+            bail!("--opt-out-sweep needs a Mixture-of-Experts model; this one is dense");
+        }
+        return Ok(vec![(
+            Variant {
+                label: "full".into(),
+                allowed: Vec::new(),
+                opted_out: Vec::new(),
+                cache_scope: scope_name(&info.weights_hash, &[]),
+            },
+            None,
+        )]);
+    };
+    let name = |i: usize| {
+        info.expert_names
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| i.to_string())
+    };
+    let make = |mask: &ExpertMask, label: String| Variant {
+        label,
+        allowed: mask.allowed().collect(),
+        opted_out: mask.removed().map(name).collect(),
+        cache_scope: scope_name(&info.weights_hash, &mask.allowed().collect::<Vec<_>>()),
+    };
+    let mut out = vec![(make(&eff.mask, "full".into()), None)];
+    if sweep == Some(Sweep::LeaveOneOut) {
+        if eff.mask.count() < 2 {
+            bail!("--opt-out-sweep leave-one-out needs at least two usable experts");
+        }
+        for e in eff.mask.allowed() {
+            let m = eff.mask.without(&[e])?;
+            out.push((make(&m, format!("-{}", name(e))), Some(m)));
+        }
+    }
+    Ok(out)
+}
+
+fn load_tasks(s: &Settings, fewshot_seed: u64) -> Result<(Registry, Vec<Task>)> {
+    let mut dirs = builtin_dirs();
+    dirs.extend(s.include_paths.iter().map(PathBuf::from));
+    let registry = Registry::scan(&dirs)?;
+    let names = registry.resolve(&s.tasks)?;
+    let data_dir = PathBuf::from(&s.data_dir);
+    let load = LoadOptions {
+        data_dir: data_dir.clone(),
+        limit: s.limit,
+        num_fewshot: s.num_fewshot,
+        fewshot_seed,
+    };
+    let tasks = names
         .iter()
         .map(|n| {
-            let cfg = registry.task_config(n, &a.data_dir)?;
+            let cfg = registry.task_config(n, &data_dir)?;
             Task::load(cfg, &load).with_context(|| format!("cannot load task `{n}`"))
         })
         .collect::<Result<_>>()?;
-    let model = super::load_model_with(&a.model, &a.experts)?;
-    let lm = EngineLm::new(&model)?;
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template(
-            "{msg:>13} [{bar:30}] {pos}/{len} requests, {per_sec}, eta {eta}",
-        )
-        .context("progress bar template")?
-        .progress_chars("=> "),
-    );
-    let opts = RunOptions {
-        batch_size: a.batch_size,
-        fewshot_seed: a.fewshot_seed,
-    };
-    let start = Instant::now();
-    let results = runner::evaluate(&lm, &tasks, &opts, &Bar(bar))?;
-    let elapsed = start.elapsed().as_secs_f64();
-    let n_docs: usize = results.iter().map(|r| r.samples.len()).sum();
+    Ok((registry, tasks))
+}
 
-    let mut rows: Vec<(String, String, Aggregate)> = Vec::new();
-    for r in &results {
-        for (m, agg) in &r.metrics {
-            rows.push((r.task.clone(), m.clone(), agg.clone()));
+/// Hashes of each task's file and the data files it reads.
+fn task_infos(tasks: &[Task]) -> Result<Vec<TaskInfo>> {
+    tasks
+        .iter()
+        .map(|t| {
+            let c = &t.config;
+            let dir = c.file.parent().unwrap_or(Path::new("."));
+            let bases = [Path::new("."), dir];
+            let mut specs: Vec<&String> = c.data_files.values().flatten().collect();
+            specs.extend(c.join_files.values());
+            let mut paths: Vec<PathBuf> = specs
+                .iter()
+                .map(|s| tasks::dataset::Source::parse(s, &bases).path)
+                .collect();
+            paths.sort();
+            paths.dedup();
+            Ok(TaskInfo {
+                name: c.name.clone(),
+                file: abs(&c.file),
+                file_sha256: sha256_file(&c.file)?.0,
+                data_files: paths
+                    .iter()
+                    .filter(|p| p.is_file())
+                    .map(|p| {
+                        let (sha256, bytes) = sha256_file(p)?;
+                        Ok(FileHash {
+                            path: abs(p),
+                            sha256,
+                            bytes,
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+                documents: t.docs().len(),
+            })
+        })
+        .collect()
+}
+
+/// What one variant produced.
+struct VariantResult {
+    columns: RunColumns,
+    results: Vec<TaskResult>,
+    metrics: Vec<MetricRow>,
+    /// Tokens routed to each expert per (task, layer) while this variant's requests were computed.
+    routing: Vec<RoutingRow>,
+}
+
+/// One row of `routing.parquet`.
+struct RoutingRow {
+    task: String,
+    layer: usize,
+    expert: usize,
+    tokens: u64,
+    share: f64,
+}
+
+/// Runs every task for every variant through the request cache. A variant without a model can
+/// only answer from the cache (shard merging).
+#[allow(clippy::too_many_arguments)]
+fn execute(
+    manifest: &mut Manifest,
+    registry: &Registry,
+    tasks: &[Task],
+    models: &[Option<&dyn LanguageModel>],
+    cache_root: &Path,
+    writer: Option<&str>,
+    shard: Option<Shard>,
+    pause: Duration,
+    quiet: bool,
+    engine: Option<&Model>,
+) -> Result<Vec<VariantResult>> {
+    let opts = RunOptions {
+        batch_size: manifest.settings.batch_size,
+        fewshot_seed: manifest.seeds.fewshot,
+    };
+    let mut out = Vec::new();
+    manifest.timings.clear();
+    for (v, lm) in manifest.variants.clone().iter().zip(models) {
+        let dir = cache_root.join(&v.cache_scope);
+        let cache = RequestCache::open(&dir, &v.cache_scope, writer)?;
+        let cached_lm = CachedLm::new(*lm, cache).with_pause(pause);
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(0)
+        }
+        .with_style(
+            ProgressStyle::with_template(
+                "{msg:>24} [{bar:30}] {pos}/{len} requests, {per_sec}, eta {eta}",
+            )
+            .context("progress bar template")?
+            .progress_chars("=> "),
+        );
+        let mut results = Vec::with_capacity(tasks.len());
+        let mut routing = Vec::new();
+        for t in tasks {
+            let start = Instant::now();
+            let r = runner::evaluate_shard(
+                &cached_lm,
+                std::slice::from_ref(t),
+                &opts,
+                shard,
+                &Bar(bar.clone()),
+            )
+            .with_context(|| format!("task `{}` ({})", t.name(), v.label))?;
+            let seconds = start.elapsed().as_secs_f64();
+            let (computed, cached) = cached_lm.take_counts();
+            let documents: usize = r.iter().map(|x| x.samples.len()).sum();
+            manifest.timings.push(Timing {
+                variant: v.label.clone(),
+                task: t.name().to_string(),
+                seconds,
+                documents,
+                requests: computed + cached,
+                computed,
+                cached,
+                documents_per_second: documents as f64 / seconds.max(1e-9),
+            });
+            if let Some(model) = engine {
+                // Each token is sent to min(top-k, allowed experts) experts, so the picks of a layer
+                // divided by that count are the tokens the layer processed.
+                let k = model
+                    .config()
+                    .num_experts_per_tok
+                    .min(v.allowed.len())
+                    .max(1) as f64;
+                for (layer, counts) in model.take_routed_tokens().iter().enumerate() {
+                    let processed = counts.iter().sum::<u64>() as f64 / k;
+                    for (expert, &tokens) in counts.iter().enumerate() {
+                        routing.push(RoutingRow {
+                            task: t.name().to_string(),
+                            layer,
+                            expert,
+                            tokens,
+                            share: if processed > 0.0 {
+                                tokens as f64 / processed
+                            } else {
+                                0.0
+                            },
+                        });
+                    }
+                }
+            }
+            results.extend(r);
+        }
+        let mut metrics: Vec<MetricRow> = Vec::new();
+        for r in &results {
+            for (m, agg) in &r.metrics {
+                metrics.push((r.task.clone(), m.clone(), agg.clone()));
+            }
+        }
+        metrics.extend(runner::group_aggregates(registry, &results));
+        let names = |ix: &[usize]| -> String {
+            ix.iter()
+                .map(|&i| {
+                    manifest
+                        .model
+                        .expert_names
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_else(|| i.to_string())
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        out.push(VariantResult {
+            columns: RunColumns {
+                run_id: manifest.run_id.clone(),
+                model_id: manifest.model.id.clone(),
+                weights_hash: manifest.model.weights_hash.clone(),
+                mask: v.label.clone(),
+                experts: names(&v.allowed),
+                opted_out: v.opted_out.join(","),
+                retrieval: manifest.settings.retrieval.clone(),
+            },
+            results,
+            metrics,
+            routing,
+        });
+    }
+    Ok(out)
+}
+
+fn write_run(dir: &Path, manifest: &mut Manifest, vs: &[VariantResult]) -> Result<()> {
+    let samples: Vec<(RunColumns, Vec<TaskResult>)> = vs
+        .iter()
+        .map(|v| (v.columns.clone(), v.results.clone()))
+        .collect();
+    let metrics: Vec<(RunColumns, Vec<MetricRow>)> = vs
+        .iter()
+        .map(|v| (v.columns.clone(), v.metrics.clone()))
+        .collect();
+    output::write_samples(&dir.join("samples.parquet"), &samples)?;
+    output::write_metrics(&dir.join("metrics.parquet"), &metrics)?;
+    write_routing(&dir.join("routing.parquet"), manifest, vs)?;
+    // The manifest goes last: `complete` means the Parquet files are in place.
+    manifest.status = "complete".into();
+    manifest.end_time = Some(utc_now());
+    manifest.write(&dir.join("manifest.json"))?;
+    Ok(())
+}
+
+/// `routing.parquet`: per variant, task, layer and expert, the tokens routed there while the run
+/// computed its requests (answers taken from the request cache route nothing) and their share of the
+/// tokens the layer processed (a layer's shares sum to top-k). Written only for MoE models.
+fn write_routing(path: &Path, manifest: &Manifest, vs: &[VariantResult]) -> Result<()> {
+    let rows: Vec<(&VariantResult, &RoutingRow)> = vs
+        .iter()
+        .flat_map(|v| v.routing.iter().map(move |r| (v, r)))
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let name = |e: usize| {
+        manifest
+            .model
+            .expert_names
+            .get(e)
+            .cloned()
+            .unwrap_or_else(|| e.to_string())
+    };
+    let batch = RecordBatch::try_from_iter([
+        (
+            "run_id",
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|(v, _)| v.columns.run_id.clone()),
+            )) as ArrayRef,
+        ),
+        (
+            "mask",
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|(v, _)| v.columns.mask.clone()),
+            )) as ArrayRef,
+        ),
+        (
+            "task",
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|(_, r)| r.task.clone()),
+            )) as ArrayRef,
+        ),
+        (
+            "layer",
+            Arc::new(Int32Array::from_iter_values(
+                rows.iter().map(|(_, r)| r.layer as i32),
+            )) as ArrayRef,
+        ),
+        (
+            "expert",
+            Arc::new(Int32Array::from_iter_values(
+                rows.iter().map(|(_, r)| r.expert as i32),
+            )) as ArrayRef,
+        ),
+        (
+            "expert_name",
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|(_, r)| name(r.expert)),
+            )) as ArrayRef,
+        ),
+        (
+            "tokens",
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|(_, r)| r.tokens as i64),
+            )) as ArrayRef,
+        ),
+        (
+            "share",
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|(_, r)| r.share),
+            )) as ArrayRef,
+        ),
+    ])?;
+    super::write_atomic(path, |tmp| {
+        let file = std::fs::File::create(tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)?;
+        w.write(&batch)?;
+        w.close()?;
+        Ok(())
+    })
+}
+
+fn print_table(vs: &[VariantResult]) {
+    let several = vs.len() > 1;
+    println!(
+        "{}{:<32} {:<28} {:>10} {:>10} {:>7}",
+        if several {
+            format!("{:<14} ", "mask")
+        } else {
+            String::new()
+        },
+        "task",
+        "metric",
+        "value",
+        "stderr",
+        "n"
+    );
+    for v in vs {
+        // Per-template rows stay in metrics.parquet.
+        for (t, m, agg) in v
+            .metrics
+            .iter()
+            .filter(|r| !r.1.contains(',') && !r.1.starts_with("template_bias["))
+        {
+            println!(
+                "{}{:<32} {:<28} {:>10} {:>10} {:>7}",
+                if several {
+                    format!("{:<14} ", v.columns.mask)
+                } else {
+                    String::new()
+                },
+                t,
+                m,
+                fmt(agg.value),
+                fmt(agg.stderr),
+                agg.n
+            );
         }
     }
-    let groups = runner::group_aggregates(&registry, &results);
-    rows.extend(groups.iter().cloned());
+    let mut seen = std::collections::BTreeSet::new();
+    for v in vs {
+        for r in &v.results {
+            for n in &r.notes {
+                if seen.insert(n.clone()) {
+                    eprintln!("note: {n}");
+                }
+            }
+        }
+    }
+}
 
-    let dir = a.output.join(a.run_id.clone().unwrap_or_else(run_id));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    super::write_atomic(&dir.join("samples.parquet"), |p| {
-        output::write_samples(p, &results).map_err(Into::into)
-    })?;
-    super::write_atomic(&dir.join("metrics.parquet"), |p| {
-        output::write_metrics(p, &rows).map_err(Into::into)
-    })?;
+fn shard_label(s: Shard) -> String {
+    format!("shard={}-of-{}", s.index, s.count)
+}
 
-    // The table leaves out per-template rows (they are in metrics.parquet).
-    println!(
-        "{:<32} {:<28} {:>10} {:>10} {:>7}",
-        "task", "metric", "value", "stderr", "n"
-    );
-    for (t, m, agg) in rows
-        .iter()
-        .filter(|r| !r.1.contains(",") && !r.1.starts_with("template_bias["))
-    {
-        println!(
-            "{:<32} {:<28} {:>10} {:>10} {:>7}",
-            t,
-            m,
-            fmt(agg.value),
-            fmt(agg.stderr),
-            agg.n
+pub fn run(a: Args) -> Result<()> {
+    anyhow::ensure!(a.batch_size > 0, "--batch-size must be at least 1");
+    let pause = Duration::from_millis(a.pause_after_batch_ms);
+    // Settings, run directory and output root: from the command line, or from the manifest.
+    let (mut manifest, run_dir, root, model_dir, sweep) = match &a.resume {
+        Some(dir) => {
+            let path = dir.join("manifest.json");
+            let m = Manifest::read(&path)
+                .with_context(|| format!("cannot resume {}", dir.display()))?;
+            if m.status == "complete" {
+                bail!(
+                    "{}: run `{}` is already complete; nothing to resume",
+                    path.display(),
+                    m.run_id
+                );
+            }
+            let root = if m.settings.shard.is_some() {
+                dir.parent().and_then(Path::parent)
+            } else {
+                dir.parent()
+            }
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+            let sweep = match m.settings.opt_out_sweep.as_deref() {
+                Some("leave-one-out") => Some(Sweep::LeaveOneOut),
+                Some(o) => bail!("{}: unknown opt-out sweep `{o}`", path.display()),
+                None => None,
+            };
+            let model_dir = PathBuf::from(&m.model.dir);
+            (m, dir.clone(), root, model_dir, sweep)
+        }
+        None => {
+            let output = a.output.clone().context("--output is required")?;
+            let model_dir = a.model.clone().context("--model is required")?;
+            let shard = a
+                .shard
+                .as_deref()
+                .map(Shard::parse)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let run_id = a.run_id.clone().unwrap_or_else(default_run_id);
+            anyhow::ensure!(
+                !run_id.is_empty() && !run_id.contains(['/', '\\']) && run_id != "cache",
+                "--run-id `{run_id}` cannot name a folder"
+            );
+            let mut dir = output.join(&run_id);
+            if let Some(s) = shard {
+                dir = dir.join(shard_label(s));
+            }
+            if dir.join("manifest.json").exists() {
+                bail!(
+                    "{} already holds a run; use --resume {} to finish it, or another --run-id",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            let settings = Settings {
+                tasks: a.tasks.clone(),
+                include_paths: a.include_path.iter().map(|p| abs(p)).collect(),
+                data_dir: abs(&a.data_dir),
+                limit: a.limit,
+                num_fewshot: a.num_fewshot,
+                batch_size: a.batch_size,
+                opt_out: a.experts.opt_out.clone(),
+                experts: a.experts.experts.clone(),
+                opt_out_sweep: a.opt_out_sweep.map(|_| "leave-one-out".to_string()),
+                shard: shard.map(|s| format!("{}/{}", s.index, s.count)),
+                retrieval: "none".into(),
+            };
+            let m = Manifest {
+                manifest_version: MANIFEST_VERSION,
+                run_id,
+                status: "running".into(),
+                settings,
+                seeds: Seeds {
+                    fewshot: a.fewshot_seed,
+                    bootstrap: 1234,
+                    generation: 1234,
+                },
+                start_time: utc_now(),
+                ..Manifest::default()
+            };
+            (m, dir, output, model_dir, a.opt_out_sweep)
+        }
+    };
+    let shard = manifest
+        .settings
+        .shard
+        .as_deref()
+        .map(Shard::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let (registry, tasks) = load_tasks(&manifest.settings, manifest.seeds.fewshot)?;
+    let experts = super::ExpertArgs {
+        opt_out: manifest.settings.opt_out.clone(),
+        experts: manifest.settings.experts.clone(),
+    };
+    let model = super::load_model_with(&model_dir, &experts)?;
+    let info = model_info(&model, &model_dir)?;
+    if a.resume.is_some() && info.weights_hash != manifest.model.weights_hash {
+        bail!(
+            "the model in {} changed since run `{}` started (weights hash {} != {}); start a new run",
+            model_dir.display(),
+            manifest.run_id,
+            info.weights_hash,
+            manifest.model.weights_hash
         );
     }
-    for r in &results {
-        for n in &r.notes {
-            eprintln!("note: {n}");
-        }
+    let mut vars = variants(&model, &info, sweep)?;
+    // Retrieval changes every answer: cache it apart, per datastore state and settings.
+    let retrieval = crate::retrieval::Retrieval::open(&model, &a.retrieval)?;
+    if let Some(r) = &retrieval {
+        vars.iter_mut()
+            .for_each(|(v, _)| v.cache_scope = r.cache_scope(&v.cache_scope));
     }
+    let task_info = task_infos(&tasks)?;
+    if a.resume.is_some()
+        && task_info
+            .iter()
+            .map(|t| &t.file_sha256)
+            .ne(manifest.tasks.iter().map(|t| &t.file_sha256))
+    {
+        bail!(
+            "task files changed since run `{}` started; start a new run",
+            manifest.run_id
+        );
+    }
+    manifest.moeval_version = env!("CARGO_PKG_VERSION").to_string();
+    manifest.git_revision = git_revision();
+    manifest.model = info;
+    manifest.variants = vars.iter().map(|v| v.0.clone()).collect();
+    manifest.tasks = task_info;
+    manifest.device = device();
+    manifest.threads = rayon::current_num_threads();
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    manifest.write(&run_dir.join("manifest.json"))?;
+
+    let lms: Vec<EngineLm> = vars
+        .iter()
+        .map(|(_, m)| Ok(EngineLm::new(&model)?.with_mask(m.clone())))
+        .collect::<Result<_>>()?;
+    let rlms = retrieval
+        .as_ref()
+        .map(|r| {
+            vars.iter()
+                .map(|(_, m)| r.lm(&model, m.clone()))
+                .collect::<Result<Vec<_>>>()
+        })
+        .transpose()?;
+    let models: Vec<Option<&dyn LanguageModel>> = match &rlms {
+        Some(r) => r.iter().map(|l| Some(l as &dyn LanguageModel)).collect(),
+        None => lms.iter().map(|l| Some(l as &dyn LanguageModel)).collect(),
+    };
+    let writer = match shard {
+        Some(s) => format!("{}.shard-{}-of-{}", manifest.run_id, s.index, s.count),
+        None => manifest.run_id.clone(),
+    };
+    let start = Instant::now();
+    let vs = execute(
+        &mut manifest,
+        &registry,
+        &tasks,
+        &models,
+        &root.join("cache"),
+        Some(&writer),
+        shard,
+        pause,
+        false,
+        Some(&model),
+    )?;
+    let elapsed = start.elapsed().as_secs_f64();
+    write_run(&run_dir, &mut manifest, &vs)?;
+    if let (Some(r), Some(l)) = (&retrieval, &rlms) {
+        let labelled: Vec<_> = manifest
+            .variants
+            .iter()
+            .map(|v| v.label.as_str())
+            .zip(l)
+            .collect();
+        r.write_run_records(&run_dir, &tasks, manifest.seeds.fewshot, &labelled)?;
+    }
+    print_table(&vs);
+    let docs: usize = manifest.timings.iter().map(|t| t.documents).sum();
+    let computed: usize = manifest.timings.iter().map(|t| t.computed).sum();
+    let cached: usize = manifest.timings.iter().map(|t| t.cached).sum();
     eprintln!(
-        "{n_docs} documents in {elapsed:.1}s ({:.1} documents/s); results in {}",
-        n_docs as f64 / elapsed.max(1e-9),
-        dir.display()
+        "{docs} documents in {elapsed:.1}s ({:.1} documents/s); {computed} requests computed, {cached} from the cache; results in {}",
+        docs as f64 / elapsed.max(1e-9),
+        run_dir.display()
     );
     Ok(())
+}
+
+/// Merges the shard folders of a run (`RUN/shard=I-of-N/`) into `RUN/`: re-scores every document
+/// from the shards' request journals (no model needed), so the merged run is identical to one
+/// that ran unsharded. Returns false when there is nothing to merge.
+pub fn merge_shards(run_dir: &Path) -> Result<bool> {
+    let shards = reports::results::shard_dirs(run_dir);
+    if shards.is_empty() {
+        return Ok(false);
+    }
+    let merged = run_dir.join("manifest.json");
+    let manifests: Vec<Manifest> = shards
+        .iter()
+        .map(|d| Manifest::read(&d.join("manifest.json")))
+        .collect::<Result<_, _>>()?;
+    if merged.is_file() {
+        let m = Manifest::read(&merged)?;
+        if m.status == "complete" && m.merged_shards.len() == manifests.len() {
+            return Ok(true);
+        }
+    }
+    let first = &manifests[0];
+    let count = first
+        .settings
+        .shard
+        .as_deref()
+        .map(Shard::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?
+        .with_context(|| format!("{}: not a shard", shards[0].display()))?
+        .count;
+    let mut have = vec![false; count];
+    for (m, d) in manifests.iter().zip(&shards) {
+        let s = m
+            .settings
+            .shard
+            .as_deref()
+            .map(Shard::parse)
+            .transpose()
+            .map_err(anyhow::Error::msg)?
+            .with_context(|| format!("{}: not a shard", d.display()))?;
+        if s.count != count
+            || m.run_id != first.run_id
+            || m.model.weights_hash != first.model.weights_hash
+        {
+            bail!(
+                "{}: shard of another run (run id, shard count or model differ from {})",
+                d.display(),
+                shards[0].display()
+            );
+        }
+        if m.status != "complete" {
+            bail!(
+                "{}: shard {}/{count} is not complete; resume it with `moeval eval --resume {}`",
+                d.display(),
+                s.index,
+                d.display()
+            );
+        }
+        have[s.index] = true;
+    }
+    if let Some(missing) = have.iter().position(|h| !h) {
+        bail!(
+            "{}: shard {missing}/{count} is missing (have {} of {count})",
+            run_dir.display(),
+            have.iter().filter(|h| **h).count()
+        );
+    }
+    let mut manifest = first.clone();
+    manifest.settings.shard = None;
+    manifest.start_time = manifests
+        .iter()
+        .map(|m| m.start_time.clone())
+        .min()
+        .unwrap_or_default();
+    manifest.merged_shards = manifests
+        .iter()
+        .map(|m| ShardRecord {
+            shard: m.settings.shard.clone().unwrap_or_default(),
+            start_time: m.start_time.clone(),
+            end_time: m.end_time.clone(),
+        })
+        .collect();
+    let (registry, tasks) = load_tasks(&manifest.settings, manifest.seeds.fewshot)
+        .with_context(|| format!("merging the shards of {}", run_dir.display()))?;
+    let models: Vec<Option<&dyn LanguageModel>> = vec![None; manifest.variants.len()];
+    let root = run_dir.parent().unwrap_or(Path::new("."));
+    let vs = execute(
+        &mut manifest,
+        &registry,
+        &tasks,
+        &models,
+        &root.join("cache"),
+        None,
+        None,
+        Duration::ZERO,
+        true,
+        None,
+    )
+    .with_context(|| format!("merging the shards of {}", run_dir.display()))?;
+    // Time spent is the shards' (merging only re-reads answers).
+    let mut timings = Vec::new();
+    for m in &manifests {
+        for t in &m.timings {
+            match timings
+                .iter_mut()
+                .find(|x: &&mut Timing| x.variant == t.variant && x.task == t.task)
+            {
+                Some(x) => {
+                    x.seconds += t.seconds;
+                    x.documents += t.documents;
+                    x.requests += t.requests;
+                    x.computed += t.computed;
+                    x.cached += t.cached;
+                }
+                None => timings.push(t.clone()),
+            }
+        }
+    }
+    for t in &mut timings {
+        t.documents_per_second = t.documents as f64 / t.seconds.max(1e-9);
+    }
+    manifest.timings = timings;
+    write_run(run_dir, &mut manifest, &vs)?;
+    manifest.end_time = manifests.iter().filter_map(|m| m.end_time.clone()).max();
+    manifest.write(&merged)?;
+    Ok(true)
 }

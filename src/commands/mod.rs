@@ -1,13 +1,19 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod compare;
+pub mod datastore;
+pub mod download;
 pub mod eval;
 pub mod experts;
 pub mod forward;
+pub mod gate;
 pub mod generate;
 pub mod init_model;
 pub mod merge;
+pub mod report;
 pub mod route;
+pub mod serve;
 
 use std::path::Path;
 

@@ -103,6 +103,9 @@ pub struct TaskConfig {
     /// Extension: fields whose values split each mean metric into per-group values.
     pub group_by: Vec<String>,
     pub bias: Option<BiasSpec>,
+    /// Extension: a built-in document builder and its metrics (`suite: {kind: sni | pairwise |
+    /// pointwise | classification | cobbler, ...}`), checked when the task loads (see `suite.rs`).
+    pub suite: Option<Map<String, Value>>,
 }
 
 /// A group (or suite) of tasks, with optional aggregate metrics.
@@ -301,6 +304,7 @@ const KNOWN_KEYS: &[&str] = &[
     "bias",
     "aggregate_metric_list",
     "dataset_name",
+    "suite",
 ];
 
 impl TaskConfig {
@@ -478,6 +482,11 @@ impl TaskConfig {
             }
             Some(_) => return Err(file_ctx("`bias` must be a mapping".into())),
         };
+        let suite = match m.get("suite") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(o)) => Some(o.clone()),
+            Some(_) => return Err(file_ctx("`suite` must be a mapping".into())),
+        };
         let doc_to_text = field(m, "doc_to_text", file)?
             .ok_or_else(|| file_ctx("missing `doc_to_text`".into()))?;
         let doc_to_target = field(m, "doc_to_target", file)?
@@ -508,6 +517,7 @@ impl TaskConfig {
             fewshot_by,
             group_by,
             bias,
+            suite,
             file: file.to_path_buf(),
             name,
         })

@@ -13,11 +13,17 @@ mod template;
 pub use config::{OutputType, Registry, TaskConfig};
 pub use error::{Error, Result};
 pub use lm::{GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError};
+pub mod autorater;
 pub mod bias;
+pub mod cobbler;
 pub mod metrics;
 pub mod output;
 pub mod runner;
+pub mod sni;
+pub mod suite;
 pub mod task;
 
-pub use runner::{evaluate, NoProgress, Progress, RunOptions, Sample, TaskResult};
+pub use runner::{
+    evaluate, evaluate_shard, NoProgress, Progress, RunOptions, Sample, Shard, TaskResult,
+};
 pub use task::{LoadOptions, Task};

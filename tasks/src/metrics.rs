@@ -193,6 +193,16 @@ pub fn multiple_choice(
             let v: Vec<f64> = lls.iter().zip(u).map(|(c, u)| c - u).collect();
             hit(argmax(&v))
         }
+        // A judge's pairwise preference (RewardBench): a tie for the best score counts half.
+        "pairwise_acc" => {
+            let best = lls.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let tied = lls.iter().filter(|&&l| l == best).count();
+            if gold.iter().any(|&g| lls.get(g) == Some(&best)) {
+                1.0 / tied as f64
+            } else {
+                0.0
+            }
+        }
         "exact_match" => {
             if gold
                 .iter()
@@ -212,7 +222,8 @@ fn is_punct(c: char) -> bool {
 }
 
 /// Applies the answer-normalisation options of a metric entry to a text: `first_line`, `strip`,
-/// `ignore_case`, `ignore_punctuation`, `ignore_numbers` (Hugging Face `exact_match` semantics).
+/// `ignore_case`, `ignore_punctuation`, `ignore_numbers` (Hugging Face `exact_match` semantics),
+/// `collapse_whitespace` (trim, runs of whitespace become one space: Super-NaturalInstructions).
 pub fn normalise(s: &str, opts: &Map<String, Value>) -> String {
     let flag = |k: &str| opts.get(k).and_then(Value::as_bool).unwrap_or(false);
     let mut t = s.to_string();
@@ -230,6 +241,9 @@ pub fn normalise(s: &str, opts: &Map<String, Value>) -> String {
     }
     if flag("ignore_numbers") {
         t.retain(|c| !c.is_ascii_digit());
+    }
+    if flag("collapse_whitespace") {
+        t = t.split_whitespace().collect::<Vec<_>>().join(" ");
     }
     t
 }

@@ -1,6 +1,8 @@
-//! Parquet tables of a run: one row per sample, one row per (task, metric).
+//! Parquet tables of a run: one row per sample, one row per (task, metric). The column layout is
+//! documented in `docs/results.md`; columns are only ever added, never renamed or removed.
 
 use std::collections::BTreeSet;
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -8,54 +10,151 @@ use arrow_array::builder::{Float64Builder, ListBuilder, StringBuilder};
 use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
+use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::runner::TaskResult;
+use crate::metrics::Aggregate;
+use crate::runner::{Sample, TaskResult};
 
-const FIXED: &[&str] = &[
+/// What every row of a run says about where it came from: the run, the model, the experts used.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunColumns {
+    pub run_id: String,
+    /// The model's name (its directory name).
+    pub model_id: String,
+    /// SHA-256 over config, tokenizer, expert files and every weight file (see the manifest).
+    pub weights_hash: String,
+    /// The expert-mask variant: `full` (the run's effective mask) or `-NAME` (NAME also left out).
+    pub mask: String,
+    /// Names of the experts the variant may use, comma-separated (empty for dense models).
+    pub experts: String,
+    /// Names of the experts left out (owners' policy, request or sweep), comma-separated.
+    pub opted_out: String,
+    /// Retrieval settings (`none` until the datastore is wired in).
+    pub retrieval: String,
+}
+
+/// (task or group, metric, aggregate): one row of `metrics.parquet` before the run columns.
+pub type MetricRow = (String, String, Aggregate);
+
+/// Columns before the per-task ones in `samples.parquet`, in order.
+pub const SAMPLE_COLUMNS: &[&str] = &[
+    "run_id",
+    "model_id",
+    "weights_hash",
+    "mask",
+    "experts",
+    "opted_out",
+    "retrieval",
     "task",
     "doc_id",
+    "prompt_hash",
+    "prompt",
     "choice_loglikelihoods",
     "loglikelihood",
     "prediction",
     "target",
 ];
 
-fn write(path: &Path, batch: RecordBatch) -> Result<()> {
-    let file = std::fs::File::create(path)
-        .map_err(|e| Error::Output(format!("{}: {e}", path.display())))?;
+/// Columns of `metrics.parquet`, in order.
+pub const METRIC_COLUMNS: &[&str] = &[
+    "run_id",
+    "model_id",
+    "weights_hash",
+    "mask",
+    "experts",
+    "opted_out",
+    "retrieval",
+    "task",
+    "metric",
+    "value",
+    "stderr",
+    "n",
+];
+
+/// First 16 hex digits of the SHA-256 of a prompt: equal prompts across runs and tasks join on it.
+pub fn prompt_hash(prompt: &str) -> String {
+    let d = Sha256::digest(prompt.as_bytes());
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+fn out_err(path: &Path) -> impl Fn(String) -> Error + '_ {
+    move |e| Error::Output(format!("{}: {e}", path.display()))
+}
+
+/// Writes a record batch to `path` through a temporary file in the same folder, synced to disk and
+/// renamed into place, so a reader (or a crash) never sees half a file.
+pub fn write_parquet_atomic(path: &Path, batch: &RecordBatch) -> Result<()> {
+    let err = out_err(path);
+    let name = path
+        .file_name()
+        .ok_or_else(|| err("not a file path".into()))?;
+    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    let file = std::fs::File::create(&tmp).map_err(|e| err(e.to_string()))?;
     let props = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::SNAPPY)
         .build();
-    let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props))
-        .map_err(|e| Error::Output(e.to_string()))?;
-    w.write(&batch).map_err(|e| Error::Output(e.to_string()))?;
-    w.close().map_err(|e| Error::Output(e.to_string()))?;
+    let mut w =
+        ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(|e| err(e.to_string()))?;
+    w.write(batch).map_err(|e| err(e.to_string()))?;
+    let mut file = w.into_inner().map_err(|e| err(e.to_string()))?;
+    file.flush().map_err(|e| err(e.to_string()))?;
+    file.sync_all().map_err(|e| err(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))?;
     Ok(())
 }
 
-/// Writes `samples.parquet`: task, doc_id, choice_loglikelihoods, loglikelihood, prediction, target,
-/// then one nullable string column per group attribute and one nullable double column per metric.
-pub fn write_samples(path: &Path, results: &[TaskResult]) -> Result<()> {
-    let rows: Vec<(&str, &crate::runner::Sample)> = results
+fn run_fields() -> Vec<Field> {
+    SAMPLE_COLUMNS[..7]
         .iter()
-        .flat_map(|r| r.samples.iter().map(move |s| (r.task.as_str(), s)))
+        .map(|n| Field::new(*n, DataType::Utf8, false))
+        .collect()
+}
+
+fn run_cols<'a>(ctx: impl Iterator<Item = &'a RunColumns> + Clone) -> Vec<ArrayRef> {
+    let col = |f: fn(&RunColumns) -> &str| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(ctx.clone().map(f)))
+    };
+    vec![
+        col(|c| &c.run_id),
+        col(|c| &c.model_id),
+        col(|c| &c.weights_hash),
+        col(|c| &c.mask),
+        col(|c| &c.experts),
+        col(|c| &c.opted_out),
+        col(|c| &c.retrieval),
+    ]
+}
+
+/// Builds the `samples.parquet` table: the fixed columns ([`SAMPLE_COLUMNS`]), then one nullable
+/// string column per group attribute (sorted by name), then one nullable double column per metric
+/// (in the order the tasks list them).
+pub fn samples_batch(parts: &[(RunColumns, Vec<TaskResult>)]) -> Result<RecordBatch> {
+    let rows: Vec<(&RunColumns, &str, &Sample)> = parts
+        .iter()
+        .flat_map(|(c, rs)| {
+            rs.iter()
+                .flat_map(move |r| r.samples.iter().map(move |s| (c, r.task.as_str(), s)))
+        })
         .collect();
     let attrs: BTreeSet<&str> = rows
         .iter()
-        .flat_map(|(_, s)| s.attributes.keys().map(String::as_str))
+        .flat_map(|(_, _, s)| s.attributes.keys().map(String::as_str))
         .collect();
     let mut metric_names: Vec<&str> = Vec::new();
-    for (_, s) in &rows {
+    for (_, _, s) in &rows {
         for (m, _) in &s.metrics {
             if !metric_names.contains(&m.as_str()) {
                 metric_names.push(m);
             }
         }
     }
-    let mut fields = vec![
+    let mut fields = run_fields();
+    fields.extend([
         Field::new("task", DataType::Utf8, false),
         Field::new("doc_id", DataType::Int64, false),
+        Field::new("prompt_hash", DataType::Utf8, false),
+        Field::new("prompt", DataType::Utf8, false),
         Field::new(
             "choice_loglikelihoods",
             DataType::List(Arc::new(Field::new("item", DataType::Float64, true))),
@@ -64,15 +163,22 @@ pub fn write_samples(path: &Path, results: &[TaskResult]) -> Result<()> {
         Field::new("loglikelihood", DataType::Float64, true),
         Field::new("prediction", DataType::Utf8, true),
         Field::new("target", DataType::Utf8, false),
-    ];
-    let mut cols: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+    ]);
+    let mut cols = run_cols(rows.iter().map(|r| r.0));
+    cols.extend::<[ArrayRef; 8]>([
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
         Arc::new(Int64Array::from_iter_values(
-            rows.iter().map(|r| r.1.doc_id as i64),
+            rows.iter().map(|r| r.2.doc_id as i64),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| prompt_hash(&r.2.prompt)),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.2.prompt.as_str()),
         )),
         {
             let mut b = ListBuilder::new(Float64Builder::new());
-            for (_, s) in &rows {
+            for (_, _, s) in &rows {
                 match &s.choice_loglikelihoods {
                     Some(v) => {
                         b.values().append_slice(v);
@@ -84,16 +190,17 @@ pub fn write_samples(path: &Path, results: &[TaskResult]) -> Result<()> {
             Arc::new(b.finish())
         },
         Arc::new(Float64Array::from_iter(
-            rows.iter().map(|r| r.1.loglikelihood),
+            rows.iter().map(|r| r.2.loglikelihood),
         )),
         Arc::new(StringArray::from_iter(
-            rows.iter().map(|r| r.1.prediction.as_deref()),
+            rows.iter().map(|r| r.2.prediction.as_deref()),
         )),
         Arc::new(StringArray::from_iter_values(
-            rows.iter().map(|r| r.1.target.as_str()),
+            rows.iter().map(|r| r.2.target.as_str()),
         )),
-    ];
-    let mut used: BTreeSet<String> = FIXED.iter().map(|s| s.to_string()).collect();
+    ]);
+    // A task field or metric named like a fixed column gets an `attr_` prefix.
+    let mut used: BTreeSet<String> = SAMPLE_COLUMNS.iter().map(|s| s.to_string()).collect();
     let mut unique = |name: &str| {
         let mut n = name.to_string();
         while !used.insert(n.clone()) {
@@ -104,7 +211,7 @@ pub fn write_samples(path: &Path, results: &[TaskResult]) -> Result<()> {
     for a in &attrs {
         fields.push(Field::new(unique(a), DataType::Utf8, true));
         let mut b = StringBuilder::new();
-        for (_, s) in &rows {
+        for (_, _, s) in &rows {
             b.append_option(s.attributes.get(*a));
         }
         cols.push(Arc::new(b.finish()));
@@ -112,7 +219,7 @@ pub fn write_samples(path: &Path, results: &[TaskResult]) -> Result<()> {
     for m in &metric_names {
         fields.push(Field::new(unique(m), DataType::Float64, true));
         cols.push(Arc::new(Float64Array::from_iter(rows.iter().map(
-            |(_, s)| {
+            |(_, _, s)| {
                 s.metrics
                     .iter()
                     .find(|(n, _)| n == m)
@@ -120,17 +227,18 @@ pub fn write_samples(path: &Path, results: &[TaskResult]) -> Result<()> {
             },
         ))));
     }
-    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
-        .map_err(|e| Error::Output(e.to_string()))?;
-    write(path, batch)
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
+        .map_err(|e| Error::Output(e.to_string()))
 }
 
-/// Writes `metrics.parquet`: task (or group), metric, value, stderr, n.
-pub fn write_metrics(
-    path: &Path,
-    rows: &[(String, String, crate::metrics::Aggregate)],
-) -> Result<()> {
-    let schema = Schema::new(vec![
+/// Builds the `metrics.parquet` table ([`METRIC_COLUMNS`]); NaN values and stderrs become nulls.
+pub fn metrics_batch(parts: &[(RunColumns, Vec<MetricRow>)]) -> Result<RecordBatch> {
+    let rows: Vec<(&RunColumns, &(String, String, Aggregate))> = parts
+        .iter()
+        .flat_map(|(c, rs)| rs.iter().map(move |r| (c, r)))
+        .collect();
+    let mut fields = run_fields();
+    fields.extend([
         Field::new("task", DataType::Utf8, false),
         Field::new("metric", DataType::Utf8, false),
         Field::new("value", DataType::Float64, true),
@@ -138,24 +246,34 @@ pub fn write_metrics(
         Field::new("n", DataType::Int64, false),
     ]);
     let nan_null = |x: f64| x.is_finite().then_some(x);
-    let cols: Vec<ArrayRef> = vec![
+    let mut cols = run_cols(rows.iter().map(|r| r.0));
+    cols.extend::<[ArrayRef; 5]>([
         Arc::new(StringArray::from_iter_values(
-            rows.iter().map(|r| r.0.as_str()),
+            rows.iter().map(|r| r.1 .0.as_str()),
         )),
         Arc::new(StringArray::from_iter_values(
-            rows.iter().map(|r| r.1.as_str()),
+            rows.iter().map(|r| r.1 .1.as_str()),
         )),
         Arc::new(Float64Array::from_iter(
-            rows.iter().map(|r| nan_null(r.2.value)),
+            rows.iter().map(|r| nan_null(r.1 .2.value)),
         )),
         Arc::new(Float64Array::from_iter(
-            rows.iter().map(|r| nan_null(r.2.stderr)),
+            rows.iter().map(|r| nan_null(r.1 .2.stderr)),
         )),
         Arc::new(Int64Array::from_iter_values(
-            rows.iter().map(|r| r.2.n as i64),
+            rows.iter().map(|r| r.1 .2.n as i64),
         )),
-    ];
-    let batch =
-        RecordBatch::try_new(Arc::new(schema), cols).map_err(|e| Error::Output(e.to_string()))?;
-    write(path, batch)
+    ]);
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
+        .map_err(|e| Error::Output(e.to_string()))
+}
+
+/// Writes `samples.parquet` atomically (see [`samples_batch`]).
+pub fn write_samples(path: &Path, parts: &[(RunColumns, Vec<TaskResult>)]) -> Result<()> {
+    write_parquet_atomic(path, &samples_batch(parts)?)
+}
+
+/// Writes `metrics.parquet` atomically (see [`metrics_batch`]).
+pub fn write_metrics(path: &Path, parts: &[(RunColumns, Vec<MetricRow>)]) -> Result<()> {
+    write_parquet_atomic(path, &metrics_batch(parts)?)
 }

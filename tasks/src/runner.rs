@@ -51,6 +51,8 @@ impl Default for RunOptions {
 #[derive(Clone, Debug)]
 pub struct Sample {
     pub doc_id: usize,
+    /// The prompt (description + few-shot exemplars + document text) the requests continue.
+    pub prompt: String,
     pub target: String,
     pub prediction: Option<String>,
     /// Multiple choice: each choice's log-likelihood, in choice order.
@@ -90,6 +92,39 @@ fn gen_key(g: &GenerateRequest) -> String {
     )
 }
 
+/// One of `count` disjoint parts of every task's documents: documents whose id is `index` modulo
+/// `count`. The split depends only on document ids, so N machines agree on it without talking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// Parses `I/N` (0 <= I < N).
+    pub fn parse(s: &str) -> std::result::Result<Shard, String> {
+        let (i, n) = s
+            .split_once('/')
+            .ok_or_else(|| format!("shard `{s}` is not of the form I/N (e.g. 0/4)"))?;
+        let index: usize = i
+            .trim()
+            .parse()
+            .map_err(|_| format!("shard `{s}`: `{i}` is not a number"))?;
+        let count: usize = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("shard `{s}`: `{n}` is not a number"))?;
+        if count == 0 || index >= count {
+            return Err(format!("shard `{s}`: need 0 <= I < N"));
+        }
+        Ok(Shard { index, count })
+    }
+
+    pub fn contains(&self, doc_id: usize) -> bool {
+        doc_id % self.count == self.index
+    }
+}
+
 /// Evaluates tasks: every request of every task is sent once, even when several documents or
 /// tasks ask for it.
 pub fn evaluate(
@@ -98,9 +133,28 @@ pub fn evaluate(
     opts: &RunOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<TaskResult>> {
+    evaluate_shard(lm, tasks, opts, None, progress)
+}
+
+/// [`evaluate`] restricted to one shard of the documents. Prompts are built for every document
+/// first (the few-shot sampler is consumed in document order), so a document's prompt is the same
+/// whichever shard runs it; metrics cover the shard's documents only.
+pub fn evaluate_shard(
+    lm: &dyn LanguageModel,
+    tasks: &[Task],
+    opts: &RunOptions,
+    shard: Option<Shard>,
+    progress: &dyn Progress,
+) -> Result<Vec<TaskResult>> {
     let instances: Vec<Vec<Instance>> = tasks
         .iter()
-        .map(|t| t.instances(opts.fewshot_seed))
+        .map(|t| {
+            let mut v = t.instances(opts.fewshot_seed)?;
+            if let Some(sh) = shard {
+                v.retain(|i| sh.contains(i.doc_id));
+            }
+            Ok(v)
+        })
         .collect::<Result<_>>()?;
     // Unique requests per kind.
     let mut ll: Vec<LoglikelihoodRequest> = Vec::new();
@@ -241,7 +295,10 @@ pub fn evaluate(
                 .collect();
             samples.push(score(task, inst, &responses)?);
         }
-        results.push(summarise(task, samples));
+        let mut result = summarise(task, samples);
+        // Suite metrics that span samples (RewardBench sections, CoBBLEr biases, correlations).
+        crate::suite::finish(task, &mut result)?;
+        results.push(result);
     }
     Ok(results)
 }
@@ -301,6 +358,7 @@ fn score(task: &Task, inst: &Instance, responses: &[Response]) -> Result<Sample>
     let cfg = &task.config;
     let mut s = Sample {
         doc_id: inst.doc_id,
+        prompt: inst.context.clone(),
         target: String::new(),
         prediction: None,
         choice_loglikelihoods: None,

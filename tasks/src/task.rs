@@ -77,7 +77,11 @@ pub struct Task {
     num_fewshot: usize,
 }
 
-fn read_split(cfg: &TaskConfig, split: &str, bases: &[&Path]) -> Result<Option<Vec<Doc>>> {
+pub(crate) fn read_split(
+    cfg: &TaskConfig,
+    split: &str,
+    bases: &[&Path],
+) -> Result<Option<Vec<Doc>>> {
     let Some(files) = cfg.data_files.get(split) else {
         return Ok(None);
     };
@@ -163,19 +167,27 @@ impl Task {
                     config.name
                 ),
             })?;
-        let mut docs = read_split(&config, &split, &bases)?.ok_or_else(|| Error::Config {
+        let mut docs = match &config.suite {
+            // A suite builds its documents, few-shot exemplars included, itself (suite.rs).
+            Some(_) => crate::suite::load_docs(&config, &split, &bases, opts)?,
+            None => read_split(&config, &split, &bases)?.ok_or_else(|| Error::Config {
             file: config.file.clone(),
             msg: format!(
                 "task `{}`: no data file for split `{split}` in dataset_kwargs.data_files (has: {})",
                 config.name,
                 config.data_files.keys().cloned().collect::<Vec<_>>().join(", ")
             ),
-        })?;
+        })?,
+        };
         let features: HashSet<String> = docs.iter().flat_map(|d| d.keys().cloned()).collect();
         if let Some(l) = opts.limit {
             docs.truncate(l);
         }
-        let num_fewshot = opts.num_fewshot.unwrap_or(config.num_fewshot);
+        let num_fewshot = if config.suite.is_some() {
+            0
+        } else {
+            opts.num_fewshot.unwrap_or(config.num_fewshot)
+        };
         let mut fewshot_docs = Vec::new();
         let mut fewshot_by = HashMap::new();
         if num_fewshot > 0 {

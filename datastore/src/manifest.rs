@@ -1,0 +1,136 @@
+//! `manifest.json`: what a store holds and how it was made. Its SHA-256 is the store's identity.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+pub(crate) const FILE: &str = "manifest.json";
+pub(crate) const FORMAT: u32 = 1;
+
+/// Description of a store. Counts are kept current through opt-outs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: u32,
+    /// Tokens per block and between block starts.
+    pub block: usize,
+    pub stride: usize,
+    /// The tokenizer file and the SHA-256 of its bytes (`bytes` for the byte tokenizer).
+    pub tokenizer: String,
+    pub tokenizer_sha256: String,
+    /// Analyzer and BM25 parameters, for the record.
+    pub analyzer: String,
+    pub bm25: String,
+    /// Input files with their sizes and SHA-256.
+    pub inputs: Vec<InputFile>,
+    pub documents: u64,
+    pub blocks: u64,
+    pub tokens: u64,
+    /// Malformed rows skipped while building.
+    pub skipped_rows: u64,
+    /// kNN-LM keys, when built.
+    pub knn: Option<KnnInfo>,
+    /// Owners and document ids opted out since the build, in order.
+    pub excluded_owners: Vec<String>,
+    pub excluded_documents: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InputFile {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// The kNN-LM part of a store.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct KnnInfo {
+    /// Model whose final hidden states are the keys, and the SHA-256 of its `config.json` + weights index.
+    pub model: String,
+    pub model_sha256: String,
+    pub dim: usize,
+    pub entries: u64,
+    /// Key storage (`f16`) and search (`exact`).
+    pub dtype: String,
+    pub search: String,
+}
+
+impl Manifest {
+    pub(crate) fn read(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(FILE);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::store(
+                    dir,
+                    "not a datastore (no manifest.json); create one with `moeval datastore build`",
+                )
+            } else {
+                Error::Io {
+                    path: path.clone(),
+                    source: e,
+                }
+            }
+        })?;
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Input {
+            path: path.clone(),
+            message: format!("invalid manifest: {e}"),
+        })?;
+        if m.format != FORMAT {
+            return Err(Error::store(
+                dir,
+                format!(
+                    "format {} is not supported (expected {FORMAT}); rebuild the store",
+                    m.format
+                ),
+            ));
+        }
+        Ok(m)
+    }
+
+    /// Writes the manifest through a temporary file and a rename.
+    pub(crate) fn write(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::store(dir, e.to_string()))?;
+        write_atomic(&dir.join(FILE), &json)
+    }
+
+    /// SHA-256 (hex) of the manifest as written: the store's identity.
+    pub fn identity(&self) -> String {
+        let json = serde_json::to_vec_pretty(self).unwrap_or_default();
+        sha256_hex(&json)
+    }
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(Error::io(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(Error::io(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).map_err(Error::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(path))
+}

@@ -1,0 +1,592 @@
+//! Opening, querying, inspecting and opting documents out of a store.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tantivy::collector::{Count, TopDocs};
+use tantivy::query::{BooleanQuery, Occur, Query, TermQuery};
+use tantivy::schema::{
+    Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, Value, FAST, INDEXED, STORED,
+    STRING,
+};
+use tantivy::tokenizer::TextAnalyzer;
+use tantivy::{DocAddress, Index, IndexReader, ReloadPolicy, TantivyDocument, Term};
+
+use crate::analyzer::{analyze_with, english_analyzer, ANALYZER};
+use crate::knn::KnnIndex;
+use crate::manifest::Manifest;
+use crate::{Error, Result};
+
+pub(crate) const INDEX_DIR: &str = "index";
+pub(crate) const AUDIT: &str = "audit.jsonl";
+
+/// The index's fields.
+#[derive(Clone, Copy)]
+pub(crate) struct Fields {
+    pub block_id: Field,
+    pub doc_id: Field,
+    pub owner: Field,
+    pub license: Field,
+    pub text: Field,
+    pub tokens: Field,
+    pub start: Field,
+    pub doc_len: Field,
+}
+
+pub(crate) fn schema() -> Schema {
+    let mut b = Schema::builder();
+    b.add_u64_field("block_id", INDEXED | STORED | FAST);
+    // Raw (untokenised) strings, so opt-out can delete by exact owner or document id.
+    b.add_text_field("doc_id", STRING | STORED);
+    b.add_text_field("owner", STRING | STORED);
+    b.add_text_field("license", STRING | STORED);
+    let text = TextOptions::default().set_stored().set_indexing_options(
+        TextFieldIndexing::default()
+            .set_tokenizer(ANALYZER)
+            .set_index_option(IndexRecordOption::WithFreqs),
+    );
+    b.add_text_field("text", text);
+    b.add_bytes_field("tokens", STORED);
+    b.add_u64_field("start", STORED);
+    b.add_u64_field("doc_len", STORED);
+    b.build()
+}
+
+pub(crate) fn fields(schema: &Schema, dir: &Path) -> Result<Fields> {
+    let f = |name: &str| {
+        schema.get_field(name).map_err(|_| {
+            Error::store(
+                dir,
+                format!("the index has no field `{name}`; rebuild the store"),
+            )
+        })
+    };
+    Ok(Fields {
+        block_id: f("block_id")?,
+        doc_id: f("doc_id")?,
+        owner: f("owner")?,
+        license: f("license")?,
+        text: f("text")?,
+        tokens: f("tokens")?,
+        start: f("start")?,
+        doc_len: f("doc_len")?,
+    })
+}
+
+pub(crate) fn tokens_to_bytes(ids: &[u32]) -> Vec<u8> {
+    ids.iter().flat_map(|t| t.to_le_bytes()).collect()
+}
+
+fn bytes_to_tokens(b: &[u8]) -> Vec<u32> {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// A retrieved block.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Hit {
+    pub block_id: u64,
+    pub doc_id: String,
+    pub owner: String,
+    pub license: String,
+    /// Offset of the block's first token in its document.
+    pub start: u64,
+    /// BM25 score (tantivy: k1 = 1.2, b = 0.75).
+    pub score: f32,
+    pub text: String,
+    pub tokens: Vec<u32>,
+}
+
+/// A stored block without its text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Block {
+    pub block_id: u64,
+    pub doc_id: String,
+    pub owner: String,
+    pub license: String,
+    pub start: u64,
+    /// Tokens in the whole document.
+    pub doc_len: u64,
+    pub tokens: Vec<u32>,
+}
+
+/// Who a block belongs to (for attribution).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Source {
+    pub doc_id: String,
+    pub owner: String,
+    pub license: String,
+}
+
+/// Documents, blocks and tokens (each document counted once).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Counts {
+    pub documents: u64,
+    pub blocks: u64,
+    pub tokens: u64,
+}
+
+/// What a store holds, overall and per owner and license.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Stats {
+    pub total: Counts,
+    pub owners: BTreeMap<String, Counts>,
+    pub licenses: BTreeMap<String, Counts>,
+    pub knn_entries: u64,
+}
+
+/// Documents to remove: every block of these owners and of these document ids.
+#[derive(Clone, Debug, Default)]
+pub struct OptOut {
+    pub owners: Vec<String>,
+    pub documents: Vec<String>,
+    pub reason: String,
+}
+
+impl OptOut {
+    /// All documents of one owner.
+    pub fn owner(name: &str, reason: &str) -> Self {
+        OptOut {
+            owners: vec![name.to_string()],
+            documents: Vec::new(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Documents by id.
+    pub fn documents(ids: &[&str], reason: &str) -> Self {
+        OptOut {
+            owners: Vec::new(),
+            documents: ids.iter().map(|s| s.to_string()).collect(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// What an opt-out removed, and the store's identity before and after.
+#[derive(Clone, Debug, Serialize)]
+pub struct OptOutReport {
+    pub blocks_removed: u64,
+    pub knn_entries_removed: u64,
+    pub identity_before: String,
+    pub identity_after: String,
+}
+
+/// BM25 statistics: (documents, tokens of the text field, document frequency of each term).
+pub type Bm25Statistics = (u64, u64, Vec<(String, u64)>);
+
+/// An open store (read-only; opting out goes through [`Datastore::opt_out`]).
+pub struct Datastore {
+    dir: PathBuf,
+    index: Index,
+    reader: IndexReader,
+    fields: Fields,
+    manifest: Manifest,
+    analyzer: TextAnalyzer,
+    knn: Option<KnnIndex>,
+    sources: OnceLock<HashMap<u64, Source>>,
+}
+
+pub(crate) fn open_index(dir: &Path) -> Result<(Index, Fields)> {
+    let path = dir.join(INDEX_DIR);
+    let index = Index::open_in_dir(&path).map_err(|e| {
+        Error::store(
+            dir,
+            format!("cannot open the index in {}: {e}", path.display()),
+        )
+    })?;
+    // Custom analyzers are not persisted with the index: register it on every open.
+    index.tokenizers().register(ANALYZER, english_analyzer());
+    let fields = fields(&index.schema(), dir)?;
+    Ok((index, fields))
+}
+
+impl Datastore {
+    /// Opens the store in `dir` (with its kNN keys, when it has them).
+    pub fn open(dir: &Path) -> Result<Datastore> {
+        let manifest = Manifest::read(dir)?;
+        let (index, fields) = open_index(dir)?;
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()?;
+        let knn = match &manifest.knn {
+            Some(_) => Some(KnnIndex::open(dir)?),
+            None => None,
+        };
+        Ok(Datastore {
+            dir: dir.to_path_buf(),
+            index,
+            reader,
+            fields,
+            manifest,
+            analyzer: english_analyzer(),
+            knn,
+            sources: OnceLock::new(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// SHA-256 of the manifest: changes with every build and opt-out.
+    pub fn identity(&self) -> String {
+        self.manifest.identity()
+    }
+
+    /// The kNN-LM keys, when the store was built with them.
+    pub fn knn(&self) -> Option<&KnnIndex> {
+        self.knn.as_ref()
+    }
+
+    fn query(&self, text: &str) -> Option<BooleanQuery> {
+        let mut analyzer = self.analyzer.clone();
+        let mut seen = HashSet::new();
+        // A bag of words: each distinct term once.
+        let clauses: Vec<(Occur, Box<dyn Query>)> = analyze_with(&mut analyzer, text)
+            .into_iter()
+            .filter(|t| seen.insert(t.clone()))
+            .map(|t| {
+                let q: Box<dyn Query> = Box::new(TermQuery::new(
+                    Term::from_field_text(self.fields.text, &t),
+                    IndexRecordOption::WithFreqs,
+                ));
+                (Occur::Should, q)
+            })
+            .collect();
+        (!clauses.is_empty()).then(|| BooleanQuery::new(clauses))
+    }
+
+    /// The `k` best blocks for `text` by BM25, as (block id, score); ties go to the lower block id.
+    pub fn search_ids(&self, text: &str, k: usize) -> Result<Vec<(u64, f32)>> {
+        Ok(self
+            .search_addresses(text, k)?
+            .into_iter()
+            .map(|(s, _, id)| (id, s))
+            .collect())
+    }
+
+    fn search_addresses(&self, text: &str, k: usize) -> Result<Vec<(f32, DocAddress, u64)>> {
+        let Some(query) = self.query(text) else {
+            return Ok(Vec::new());
+        };
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let searcher = self.reader.searcher();
+        let top = searcher.search(&query, &TopDocs::with_limit(k).order_by_score())?;
+        let mut out = Vec::with_capacity(top.len());
+        for (score, addr) in top {
+            let col = searcher
+                .segment_reader(addr.segment_ord)
+                .fast_fields()
+                .u64("block_id")?;
+            let id = col
+                .first(addr.doc_id)
+                .ok_or_else(|| Error::store(&self.dir, "a block has no block id"))?;
+            out.push((score, addr, id));
+        }
+        // Equal scores come back in index order; make the order independent of segment layout.
+        out.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.2.cmp(&b.2)));
+        Ok(out)
+    }
+
+    /// The `k` best blocks for `text` by BM25 (bag of distinct analyzed terms).
+    ///
+    /// Returns nothing when the text has no indexable term.
+    pub fn search(&self, text: &str, k: usize) -> Result<Vec<Hit>> {
+        let searcher = self.reader.searcher();
+        self.search_addresses(text, k)?
+            .into_iter()
+            .map(|(score, addr, _)| {
+                let doc: TantivyDocument = searcher.doc(addr)?;
+                let b = self.block_of(&doc);
+                let text = doc
+                    .get_first(self.fields.text)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_string();
+                Ok(Hit {
+                    block_id: b.block_id,
+                    doc_id: b.doc_id,
+                    owner: b.owner,
+                    license: b.license,
+                    start: b.start,
+                    score,
+                    text,
+                    tokens: b.tokens,
+                })
+            })
+            .collect()
+    }
+
+    fn block_of(&self, doc: &TantivyDocument) -> Block {
+        let f = &self.fields;
+        let s = |field| {
+            doc.get_first(field)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let u = |field| doc.get_first(field).and_then(|v| v.as_u64()).unwrap_or(0);
+        Block {
+            block_id: u(f.block_id),
+            doc_id: s(f.doc_id),
+            owner: s(f.owner),
+            license: s(f.license),
+            start: u(f.start),
+            doc_len: u(f.doc_len),
+            tokens: doc
+                .get_first(f.tokens)
+                .and_then(|v| v.as_bytes())
+                .map(bytes_to_tokens)
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Every block, by block id.
+    pub fn blocks(&self) -> Result<Vec<Block>> {
+        let searcher = self.reader.searcher();
+        let mut out = Vec::new();
+        for seg in searcher.segment_readers() {
+            let store = seg
+                .get_store_reader(16)
+                .map_err(Error::io(self.dir.join(INDEX_DIR)))?;
+            for doc in store.iter::<TantivyDocument>(seg.alive_bitset()) {
+                out.push(self.block_of(&doc?));
+            }
+        }
+        out.sort_by_key(|b| b.block_id);
+        Ok(out)
+    }
+
+    /// Document, owner and license of a block (loaded for all blocks on first use).
+    pub fn source(&self, block_id: u64) -> Result<Option<&Source>> {
+        if self.sources.get().is_none() {
+            let map = self
+                .blocks()?
+                .into_iter()
+                .map(|b| {
+                    let src = Source {
+                        doc_id: b.doc_id,
+                        owner: b.owner,
+                        license: b.license,
+                    };
+                    (b.block_id, src)
+                })
+                .collect();
+            let _ = self.sources.set(map);
+        }
+        Ok(self.sources.get().and_then(|m| m.get(&block_id)))
+    }
+
+    /// Documents, blocks and tokens per owner and license.
+    pub fn stats(&self) -> Result<Stats> {
+        let mut st = Stats::default();
+        let mut seen: HashSet<String> = HashSet::new();
+        for b in self.blocks()? {
+            let first = seen.insert(b.doc_id.clone());
+            for c in [
+                &mut st.total,
+                st.owners.entry(b.owner.clone()).or_default(),
+                st.licenses.entry(b.license.clone()).or_default(),
+            ] {
+                c.blocks += 1;
+                if first {
+                    c.documents += 1;
+                    c.tokens += b.doc_len;
+                }
+            }
+        }
+        st.knn_entries = self.knn.as_ref().map_or(0, |k| k.len() as u64);
+        Ok(st)
+    }
+
+    /// Removes every block (and kNN entry) of the given owners and documents, then merges the index
+    /// into one segment so that BM25 statistics (document count, document frequencies, average length)
+    /// no longer count them: afterwards the store scores every query as one built without them would.
+    /// Appends the opt-out to `audit.jsonl` and records it in the manifest.
+    ///
+    /// Naming an owner or document the store never had is an error; naming one already opted out is not.
+    pub fn opt_out(dir: &Path, req: &OptOut) -> Result<OptOutReport> {
+        if req.owners.is_empty() && req.documents.is_empty() {
+            return Err(Error::Usage(
+                "name an owner or a document id to opt out".into(),
+            ));
+        }
+        let mut manifest = Manifest::read(dir)?;
+        let before = manifest.identity();
+        let (index, f) = open_index(dir)?;
+        let reader: IndexReader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()?;
+        let searcher = reader.searcher();
+        let terms: Vec<(Term, &str, bool)> = req
+            .owners
+            .iter()
+            .map(|o| (Term::from_field_text(f.owner, o), o.as_str(), true))
+            .chain(
+                req.documents
+                    .iter()
+                    .map(|d| (Term::from_field_text(f.doc_id, d), d.as_str(), false)),
+            )
+            .collect();
+        // Block ids to remove (kNN entries refer to them).
+        let mut removed: HashSet<u64> = HashSet::new();
+        for (term, name, is_owner) in &terms {
+            let q = TermQuery::new(term.clone(), IndexRecordOption::Basic);
+            let n = searcher.search(&q, &Count)?;
+            let already = if *is_owner {
+                manifest.excluded_owners.iter().any(|o| o == name)
+            } else {
+                manifest.excluded_documents.iter().any(|d| d == name)
+            };
+            if n == 0 && !already {
+                let what = if *is_owner { "owner" } else { "document" };
+                return Err(Error::store(dir, format!("no blocks of {what} `{name}`")));
+            }
+            if n > 0 {
+                let top = searcher.search(&q, &TopDocs::with_limit(n).order_by_score())?;
+                for (_, addr) in top {
+                    let col = searcher
+                        .segment_reader(addr.segment_ord)
+                        .fast_fields()
+                        .u64("block_id")?;
+                    removed.extend(col.first(addr.doc_id));
+                }
+            }
+        }
+        let mut writer: tantivy::IndexWriter<TantivyDocument> =
+            index.writer_with_num_threads(1, 64 << 20)?;
+        for (term, _, _) in &terms {
+            writer.delete_term(term.clone());
+        }
+        writer.commit()?;
+        // Deleted blocks still count in BM25 statistics until their segment is rewritten.
+        let segments = index.searchable_segment_ids()?;
+        if !segments.is_empty() {
+            writer.merge(&segments).wait()?;
+        }
+        writer.wait_merging_threads()?;
+        let writer: tantivy::IndexWriter<TantivyDocument> =
+            index.writer_with_num_threads(1, 15 << 20)?;
+        writer.garbage_collect_files().wait()?;
+        drop(writer);
+
+        let knn_removed = if manifest.knn.is_some() {
+            crate::knn::remove_blocks(dir, &removed)?
+        } else {
+            0
+        };
+        for (_, name, is_owner) in &terms {
+            let list = if *is_owner {
+                &mut manifest.excluded_owners
+            } else {
+                &mut manifest.excluded_documents
+            };
+            if !list.iter().any(|x| x == name) {
+                list.push(name.to_string());
+            }
+        }
+        let store = Datastore::open_with(dir, manifest.clone())?;
+        let st = store.stats()?;
+        manifest.documents = st.total.documents;
+        manifest.blocks = st.total.blocks;
+        manifest.tokens = st.total.tokens;
+        if let Some(k) = &mut manifest.knn {
+            k.entries = st.knn_entries;
+        }
+        manifest.write(dir)?;
+        let report = OptOutReport {
+            blocks_removed: removed.len() as u64,
+            knn_entries_removed: knn_removed,
+            identity_before: before,
+            identity_after: manifest.identity(),
+        };
+        audit(
+            dir,
+            serde_json::json!({
+                "action": "opt-out",
+                "owners": req.owners,
+                "documents": req.documents,
+                "reason": req.reason,
+                "blocks_removed": report.blocks_removed,
+                "knn_entries_removed": report.knn_entries_removed,
+                "identity_before": report.identity_before,
+                "identity_after": report.identity_after,
+            }),
+        )?;
+        Ok(report)
+    }
+
+    fn open_with(dir: &Path, manifest: Manifest) -> Result<Datastore> {
+        let mut s = Datastore::open(dir)?;
+        s.manifest = manifest;
+        Ok(s)
+    }
+
+    /// Number of blocks (live documents of the index).
+    pub fn num_blocks(&self) -> u64 {
+        self.reader.searcher().num_docs()
+    }
+
+    /// The statistics BM25 uses for `text`'s terms: (documents, tokens of the text field, document
+    /// frequency of each distinct analyzed term in order).
+    pub fn bm25_statistics(&self, text: &str) -> Result<Bm25Statistics> {
+        let searcher = self.reader.searcher();
+        let mut tokens = 0;
+        for seg in searcher.segment_readers() {
+            tokens += seg.inverted_index(self.fields.text)?.total_num_tokens();
+        }
+        let mut seen = HashSet::new();
+        let mut freqs = Vec::new();
+        for t in analyze_with(&mut self.analyzer.clone(), text) {
+            if seen.insert(t.clone()) {
+                let df = searcher.doc_freq(&Term::from_field_text(self.fields.text, &t))?;
+                freqs.push((t, df));
+            }
+        }
+        // Deleted blocks count here until their segment is merged: this is what opt-out must fix.
+        let docs = searcher
+            .segment_readers()
+            .iter()
+            .map(|s| u64::from(s.max_doc()))
+            .sum();
+        Ok((docs, tokens, freqs))
+    }
+
+    #[doc(hidden)]
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+}
+
+/// Appends one JSON line with a timestamp to the store's audit log.
+pub(crate) fn audit(dir: &Path, mut entry: serde_json::Value) -> Result<()> {
+    use std::io::Write;
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if let Some(o) = entry.as_object_mut() {
+        o.insert("unix_time".into(), secs.into());
+    }
+    let path = dir.join(AUDIT);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(Error::io(&path))?;
+    writeln!(f, "{entry}").map_err(Error::io(&path))?;
+    f.sync_all().map_err(Error::io(&path))
+}

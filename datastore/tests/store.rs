@@ -1,0 +1,354 @@
+//! Building, querying, malformed input and exact opt-out on generated corpora.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use datastore::knn::{KnnIndex, KnnWriter};
+use datastore::{build, BuildOptions, Datastore, Error, OptOut, Tokenizer};
+
+const WORDS: &[&str] = &[
+    "river", "mountain", "glacier", "valley", "forest", "ocean", "desert", "storm", "harbor",
+    "lantern", "copper", "violin", "orchard", "meadow", "thunder", "canyon", "island", "bridge",
+    "castle", "garden", "falcon", "engine", "library", "market", "signal", "planet", "comet",
+    "marble", "silver", "winter", "summer", "running", "carved", "ancient", "quiet", "bright",
+    "the", "of", "and", "a", "to", "is",
+];
+
+/// A tiny seeded generator (xorshift), so corpora are the same on every run.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn words(&mut self, n: usize, skew: usize) -> String {
+        (0..n)
+            .map(|_| {
+                // Owners favour different parts of the vocabulary, so their blocks differ.
+                let i = (self.next() as usize % WORDS.len() + skew * (self.next() % 2) as usize)
+                    % WORDS.len();
+                WORDS[i]
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+fn row(id: &str, owner: &str, license: &str, text: &str) -> String {
+    serde_json::json!({"id": id, "owner": owner, "license": license, "text": text}).to_string()
+}
+
+/// Documents of owners alice, bob and carol; `skip` leaves one owner out.
+fn corpus(skip: Option<&str>) -> String {
+    let mut rng = Rng(0x9e3779b97f4a7c15);
+    let mut out = String::new();
+    for i in 0..60 {
+        let (owner, license, skew) = match i % 3 {
+            0 => ("alice", "cc-by", 0),
+            1 => ("bob", "proprietary", 11),
+            _ => ("carol", "pd", 23),
+        };
+        let n = 20 + (rng.next() % 200) as usize;
+        let text = rng.words(n, skew);
+        if Some(owner) != skip {
+            out += &row(&format!("d{i}"), owner, license, &text);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn opts() -> BuildOptions {
+    BuildOptions {
+        block: 64,
+        stride: 32,
+        threads: 2,
+        memory_budget: 64 << 20,
+        ..BuildOptions::default()
+    }
+}
+
+fn make(dir: &Path, name: &str, jsonl: &str) -> PathBuf {
+    let input = dir.join(format!("{name}.jsonl"));
+    std::fs::write(&input, jsonl).unwrap();
+    let out = dir.join(name);
+    build(&[input], &Tokenizer::bytes(), &out, &opts(), &|_| {}).unwrap();
+    out
+}
+
+fn queries() -> Vec<String> {
+    let mut rng = Rng(42);
+    (0..40).map(|i| rng.words(3 + i % 30, i)).collect()
+}
+
+/// Every block's score for every query, keyed by (document, block start).
+fn scores(store: &Datastore) -> Vec<BTreeMap<(String, u64), f32>> {
+    queries()
+        .iter()
+        .map(|q| {
+            store
+                .search(q, 10_000)
+                .unwrap()
+                .into_iter()
+                .map(|h| ((h.doc_id, h.start), h.score))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn opt_out_equals_a_store_built_without_the_owner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = make(tmp.path(), "full", &corpus(None));
+    let without = make(tmp.path(), "without", &corpus(Some("bob")));
+
+    let before = scores(&Datastore::open(&full).unwrap());
+    let reference = scores(&Datastore::open(&without).unwrap());
+    // The test is sensitive: with bob's blocks still there the scores differ.
+    assert_ne!(before, reference);
+
+    let report = Datastore::opt_out(&full, &OptOut::owner("bob", "left the consortium")).unwrap();
+    assert!(report.blocks_removed > 0);
+    assert_ne!(report.identity_before, report.identity_after);
+    let store = Datastore::open(&full).unwrap();
+    let after = scores(&store);
+    // BM25 statistics are exactly those of the store built without bob ...
+    let reference_store = Datastore::open(&without).unwrap();
+    for q in queries() {
+        assert_eq!(
+            store.bm25_statistics(&q).unwrap(),
+            reference_store.bm25_statistics(&q).unwrap()
+        );
+    }
+    // ... so every query matches the same blocks with the same scores (up to the order in which
+    // tantivy's block-max WAND adds term scores: an ulp of f32).
+    for (i, (a, r)) in after.iter().zip(&reference).enumerate() {
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            r.keys().collect::<Vec<_>>(),
+            "query {i}: matched blocks"
+        );
+        for (key, s) in r {
+            let got = a[key];
+            assert!(
+                (got - s).abs() <= 1e-6 * s.abs(),
+                "query {i}, block {key:?}: {got} vs {s}"
+            );
+        }
+    }
+    for q in queries() {
+        assert!(store
+            .search(&q, 10_000)
+            .unwrap()
+            .iter()
+            .all(|h| h.owner != "bob"));
+    }
+    let st = store.stats().unwrap();
+    assert!(!st.owners.contains_key("bob"));
+    assert_eq!(st, Datastore::open(&without).unwrap().stats().unwrap());
+    assert_eq!(store.manifest().excluded_owners, ["bob"]);
+
+    // The audit log has the build and the opt-out, with the reason.
+    let audit = std::fs::read_to_string(full.join("audit.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["action"], "opt-out");
+    assert_eq!(lines[1]["reason"], "left the consortium");
+    assert_eq!(lines[1]["owners"][0], "bob");
+
+    // Again: nothing left to remove, not an error. An owner never seen is.
+    drop(store);
+    let again = Datastore::opt_out(&full, &OptOut::owner("bob", "")).unwrap();
+    assert_eq!(again.blocks_removed, 0);
+    let err = Datastore::opt_out(&full, &OptOut::owner("mallory", "")).unwrap_err();
+    assert!(
+        err.to_string().contains("no blocks of owner `mallory`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn opt_out_by_document_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jsonl = concat!(
+        r#"{"id": "x1", "owner": "o", "text": "zebra zebra crossing"}"#,
+        "\n",
+        r#"{"id": "x2", "owner": "o", "text": "zebra stripes"}"#,
+        "\n"
+    );
+    let dir = make(tmp.path(), "s", jsonl);
+    let store = Datastore::open(&dir).unwrap();
+    assert_eq!(store.search("zebra", 5).unwrap().len(), 2);
+    assert_eq!(store.search("zebra", 5).unwrap()[0].license, "unknown");
+    drop(store);
+    Datastore::opt_out(&dir, &OptOut::documents(&["x1"], "takedown")).unwrap();
+    let store = Datastore::open(&dir).unwrap();
+    let hits = store.search("zebra crossing", 5).unwrap();
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].doc_id, "x2");
+    assert_eq!(store.manifest().excluded_documents, ["x1"]);
+}
+
+#[test]
+fn malformed_rows_are_reported_with_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("bad.jsonl");
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(br#"{"id": "ok", "owner": "o", "text": "fine text"}"#);
+    bytes.extend_from_slice(b"\n{\"owner\": \"o\"}\n");
+    bytes.extend_from_slice(b"{\"owner\": \"o\", \"text\": 5}\n");
+    bytes.extend_from_slice(b"{\"owner\": \"o\", \"text\": \"caf\xff\"}\n");
+    bytes.extend_from_slice(b"not json\n\n");
+    bytes.extend_from_slice(b"{\"text\": \"no owner\"}\n");
+    std::fs::write(&input, &bytes).unwrap();
+
+    let out = tmp.path().join("lenient");
+    let r = build(
+        std::slice::from_ref(&input),
+        &Tokenizer::bytes(),
+        &out,
+        &opts(),
+        &|_| {},
+    )
+    .unwrap();
+    assert_eq!(r.documents, 1);
+    let lines: Vec<(u64, &str)> = r
+        .skipped
+        .iter()
+        .map(|m| (m.line, m.reason.as_str()))
+        .collect();
+    assert_eq!(lines[0], (2, "missing field `text`"));
+    assert_eq!(lines[1], (3, "field `text` is a number, expected a string"));
+    assert_eq!(lines[2].0, 4);
+    assert!(lines[2].1.starts_with("invalid UTF-8"));
+    assert_eq!(lines[3].0, 5);
+    assert!(lines[3].1.starts_with("not valid JSON"));
+    assert_eq!(lines[4], (7, "missing field `owner`"));
+    assert_eq!(Datastore::open(&out).unwrap().manifest().skipped_rows, 5);
+
+    let strict = BuildOptions {
+        strict: true,
+        ..opts()
+    };
+    let err = build(
+        std::slice::from_ref(&input),
+        &Tokenizer::bytes(),
+        &tmp.path().join("strict"),
+        &strict,
+        &|_| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Malformed { line: 2, .. }));
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}:2: ", input.display())),
+        "{err}"
+    );
+
+    // An existing, non-empty output is refused rather than overwritten.
+    let again = build(&[input], &Tokenizer::bytes(), &out, &opts(), &|_| {}).unwrap_err();
+    assert!(again.to_string().contains("not empty"), "{again}");
+}
+
+#[test]
+fn parquet_input_and_model_tokenizer() {
+    use arrow_array::{ArrayRef, RecordBatch, StringArray};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("docs.parquet");
+    let col = |v: Vec<Option<&str>>| Arc::new(StringArray::from(v)) as ArrayRef;
+    let batch = RecordBatch::try_from_iter([
+        ("id", col(vec![Some("p1"), Some("p2"), Some("p3")])),
+        (
+            "body",
+            col(vec![
+                Some("Rivers carry sediment to the sea."),
+                None,
+                Some("Glaciers carve valleys."),
+            ]),
+        ),
+        ("who", col(vec![Some("alice"), Some("bob"), Some("bob")])),
+        ("license", col(vec![Some("cc-by"), Some("pd"), Some("pd")])),
+    ])
+    .unwrap();
+    let file = std::fs::File::create(&path).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-flexolmo");
+    let tok = Tokenizer::from_model_dir(&model).unwrap();
+    let o = BuildOptions {
+        text_field: "body".into(),
+        owner_field: "who".into(),
+        block: 8,
+        stride: 4,
+        ..opts()
+    };
+    let out = tmp.path().join("store");
+    let r = build(&[path], &tok, &out, &o, &|_| {}).unwrap();
+    assert_eq!(r.documents, 2);
+    assert_eq!(r.skipped.len(), 1);
+    assert_eq!(r.skipped[0].line, 2);
+    let store = Datastore::open(&out).unwrap();
+    let hits = store.search("glacier", 3).unwrap();
+    assert_eq!(hits[0].doc_id, "p3");
+    // Stored tokens are the model tokenizer's, and decode to the stored text.
+    assert_eq!(tok.decode(&hits[0].tokens).unwrap(), hits[0].text);
+    assert!(hits[0].tokens.len() <= 8);
+    assert!(
+        st_blocks(&store) > 2,
+        "documents are cut into several blocks"
+    );
+    let st = store.stats().unwrap();
+    assert_eq!(st.owners["bob"].documents, 1);
+    assert_eq!(
+        st.total.tokens,
+        st.owners["alice"].tokens + st.owners["bob"].tokens
+    );
+    assert_eq!(st.licenses["pd"].blocks, st.owners["bob"].blocks);
+}
+
+fn st_blocks(s: &Datastore) -> u64 {
+    s.stats().unwrap().total.blocks
+}
+
+#[test]
+fn knn_entries_of_opted_out_blocks_are_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jsonl = concat!(
+        r#"{"id": "a", "owner": "x", "text": "aaaa"}"#,
+        "\n",
+        r#"{"id": "b", "owner": "y", "text": "bbbb"}"#,
+        "\n"
+    );
+    let dir = make(tmp.path(), "s", jsonl);
+    let store = Datastore::open(&dir).unwrap();
+    let blocks = store.blocks().unwrap();
+    drop(store);
+    let mut w = KnnWriter::create(&dir, 2).unwrap();
+    for b in &blocks {
+        let v = b.block_id as f32;
+        w.push(b.block_id, &[v, v, v, v], &[1, 2]).unwrap();
+    }
+    assert_eq!(w.finish("test-model", "0").unwrap(), 4);
+    let knn = KnnIndex::open(&dir).unwrap();
+    assert_eq!(knn.len(), 4);
+    // Exact neighbours: the nearest key to (1, 1) is block 1's.
+    assert_eq!(knn.block(knn.search(&[1.0, 1.0], 1)[0].entry), 1);
+    let r = Datastore::opt_out(&dir, &OptOut::owner("y", "")).unwrap();
+    assert_eq!(r.knn_entries_removed, 2);
+    let store = Datastore::open(&dir).unwrap();
+    let knn = store.knn().unwrap();
+    assert_eq!(knn.len(), 2);
+    assert!(knn
+        .search(&[1.0, 1.0], 10)
+        .iter()
+        .all(|n| knn.block(n.entry) == 0));
+    assert_eq!(store.manifest().knn.as_ref().unwrap().entries, 2);
+}

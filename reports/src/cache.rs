@@ -1,0 +1,434 @@
+//! The request cache: every answered request is appended to a journal as soon as its batch
+//! finishes, keyed by a hash of (model, expert mask, request). A run that was killed resumes from
+//! it, a later run with other tasks reuses the requests they share, and shard merging re-scores
+//! from it without a model.
+//!
+//! Layout: `CACHE_ROOT/<scope>/<writer>.jsonl`, one JSON object per line. Each process appends only
+//! to its own file (so shards on a shared file system never interleave writes) and reads them all.
+//! A line cut short by a crash is dropped when the journal is read and trimmed before appending.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tasks::{GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError};
+
+use crate::error::{file_err, io, Result};
+use crate::fsutil::hex;
+
+/// A cached answer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Answer {
+    Loglikelihood(Loglikelihood),
+    Rolling(f64),
+    Generate(String),
+}
+
+/// The folder name of a (model, mask) scope: short, stable, and safe as a path component.
+pub fn scope_name(weights_hash: &str, allowed: &[usize]) -> String {
+    let mask: Vec<String> = allowed.iter().map(usize::to_string).collect();
+    let short: String = weights_hash.chars().take(16).collect();
+    let m = hex(&Sha256::digest(mask.join(",").as_bytes()));
+    format!("{short}-{}", &m[..8])
+}
+
+/// Answers already computed in one scope, and the journal new answers go to.
+pub struct RequestCache {
+    scope: String,
+    answers: HashMap<String, Answer>,
+    journal: Option<(PathBuf, std::fs::File)>,
+}
+
+fn key(scope: &str, kind: &str, parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in [scope.as_bytes(), kind.as_bytes()].iter().chain(parts) {
+        // Length-prefixed, so no two part lists hash the same bytes.
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    hex(&h.finalize())
+}
+
+fn ll_key(scope: &str, r: &LoglikelihoodRequest) -> String {
+    key(
+        scope,
+        "loglikelihood",
+        &[r.context.as_bytes(), r.continuation.as_bytes()],
+    )
+}
+
+fn roll_key(scope: &str, text: &str) -> String {
+    key(scope, "rolling", &[text.as_bytes()])
+}
+
+fn gen_key(scope: &str, g: &GenerateRequest) -> String {
+    let settings = json!([
+        g.until,
+        g.max_gen_toks,
+        g.temperature.to_bits(),
+        g.top_p.map(f64::to_bits),
+        g.seed
+    ])
+    .to_string();
+    key(
+        scope,
+        "generate",
+        &[g.context.as_bytes(), settings.as_bytes()],
+    )
+}
+
+fn parse_line(line: &str) -> Option<(String, Answer)> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    let k = v.get("k")?.as_str()?.to_string();
+    // Floats are stored as their bit patterns so a resumed run is bit-identical.
+    let a = if let Some(ll) = v.get("ll") {
+        Answer::Loglikelihood(Loglikelihood {
+            logprob: f64::from_bits(ll.get(0)?.as_u64()?),
+            is_greedy: ll.get(1)?.as_bool()?,
+        })
+    } else if let Some(r) = v.get("roll") {
+        Answer::Rolling(f64::from_bits(r.as_u64()?))
+    } else {
+        Answer::Generate(v.get("gen")?.as_str()?.to_string())
+    };
+    Some((k, a))
+}
+
+fn line(k: &str, a: &Answer) -> String {
+    let v = match a {
+        Answer::Loglikelihood(l) => json!({"k": k, "ll": [l.logprob.to_bits(), l.is_greedy]}),
+        Answer::Rolling(x) => json!({"k": k, "roll": x.to_bits()}),
+        Answer::Generate(s) => json!({"k": k, "gen": s}),
+    };
+    let mut s = v.to_string();
+    s.push('\n');
+    s
+}
+
+impl RequestCache {
+    /// Reads every journal in `dir` (created if missing). With a `writer`, new answers are appended
+    /// to `dir/<writer>.jsonl`; without one the cache is read-only.
+    pub fn open(dir: &Path, scope: &str, writer: Option<&str>) -> Result<RequestCache> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut answers = HashMap::new();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .collect();
+        files.sort();
+        for f in &files {
+            let r = std::io::BufReader::new(std::fs::File::open(f).map_err(io(f))?);
+            for l in r.lines() {
+                let l = l.map_err(io(f))?;
+                // Unreadable lines can only be the tail of a write a crash cut short.
+                if let Some((k, a)) = parse_line(&l) {
+                    answers.insert(k, a);
+                }
+            }
+        }
+        let journal = match writer {
+            Some(w) => {
+                if w.is_empty() || w.contains(['/', '\\']) {
+                    return Err(file_err(dir, format!("bad journal name `{w}`")));
+                }
+                let path = dir.join(format!("{w}.jsonl"));
+                trim_partial_line(&path)?;
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(io(&path))?;
+                Some((path, f))
+            }
+            None => None,
+        };
+        Ok(RequestCache {
+            scope: scope.to_string(),
+            answers,
+            journal,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.answers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.answers.is_empty()
+    }
+
+    /// Appends answers to the journal and syncs it, then makes them visible.
+    fn record(&mut self, new: Vec<(String, Answer)>) -> Result<()> {
+        if let Some((path, f)) = &mut self.journal {
+            let text: String = new.iter().map(|(k, a)| line(k, a)).collect();
+            f.write_all(text.as_bytes()).map_err(io(path))?;
+            f.sync_data().map_err(io(path))?;
+        }
+        self.answers.extend(new);
+        Ok(())
+    }
+}
+
+/// Cuts a journal back to its last complete line, so an append never continues a torn one.
+fn trim_partial_line(path: &Path) -> Result<()> {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Ok(());
+    };
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(());
+    }
+    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io(path))?;
+    f.set_len(keep as u64).map_err(io(path))
+}
+
+/// A [`LanguageModel`] that answers from a [`RequestCache`] and sends only the missing requests
+/// to the inner model (or fails, naming how many are missing, when there is none).
+pub struct CachedLm<'a> {
+    inner: Option<&'a dyn LanguageModel>,
+    cache: Mutex<RequestCache>,
+    computed: AtomicUsize,
+    cached: AtomicUsize,
+    pause: Duration,
+}
+
+impl<'a> CachedLm<'a> {
+    pub fn new(inner: Option<&'a dyn LanguageModel>, cache: RequestCache) -> Self {
+        CachedLm {
+            inner,
+            cache: Mutex::new(cache),
+            computed: AtomicUsize::new(0),
+            cached: AtomicUsize::new(0),
+            pause: Duration::ZERO,
+        }
+    }
+
+    /// Sleeps after each computed batch (crash tests use it to stop a run half-way).
+    pub fn with_pause(mut self, pause: Duration) -> Self {
+        self.pause = pause;
+        self
+    }
+
+    /// Requests (computed, answered from the cache) so far; resets the counters.
+    pub fn take_counts(&self) -> (usize, usize) {
+        (
+            self.computed.swap(0, Ordering::Relaxed),
+            self.cached.swap(0, Ordering::Relaxed),
+        )
+    }
+
+    fn answer<R>(
+        &self,
+        requests: &[R],
+        key: impl Fn(&str, &R) -> String,
+        compute: impl FnOnce(&dyn LanguageModel, Vec<R>) -> Result<Vec<Answer>, ModelError>,
+    ) -> Result<Vec<Answer>, ModelError>
+    where
+        R: Clone,
+    {
+        let mut cache = self.cache.lock().map_err(|_| "request cache poisoned")?;
+        let keys: Vec<String> = requests.iter().map(|r| key(&cache.scope, r)).collect();
+        let missing: Vec<usize> = (0..requests.len())
+            .filter(|&i| !cache.answers.contains_key(&keys[i]))
+            .collect();
+        self.cached
+            .fetch_add(requests.len() - missing.len(), Ordering::Relaxed);
+        if !missing.is_empty() {
+            let Some(inner) = self.inner else {
+                return Err(format!(
+                    "{} of {} requests are not in the request cache (is a shard missing or unfinished?)",
+                    missing.len(),
+                    requests.len()
+                )
+                .into());
+            };
+            let batch: Vec<R> = missing.iter().map(|&i| requests[i].clone()).collect();
+            let got = compute(inner, batch)?;
+            if got.len() != missing.len() {
+                return Err(format!("{} answers for {} requests", got.len(), missing.len()).into());
+            }
+            let new: Vec<(String, Answer)> =
+                missing.iter().map(|&i| keys[i].clone()).zip(got).collect();
+            cache.record(new).map_err(|e| e.to_string())?;
+            self.computed.fetch_add(missing.len(), Ordering::Relaxed);
+            if !self.pause.is_zero() {
+                std::thread::sleep(self.pause);
+            }
+        }
+        Ok(keys.iter().map(|k| cache.answers[k].clone()).collect())
+    }
+}
+
+impl LanguageModel for CachedLm<'_> {
+    fn loglikelihood(
+        &self,
+        requests: &[LoglikelihoodRequest],
+    ) -> Result<Vec<Loglikelihood>, ModelError> {
+        let out = self.answer(requests, ll_key, |m, b| {
+            Ok(m.loglikelihood(&b)?
+                .into_iter()
+                .map(Answer::Loglikelihood)
+                .collect())
+        })?;
+        out.into_iter()
+            .map(|a| match a {
+                Answer::Loglikelihood(l) => Ok(l),
+                _ => Err("request cache: wrong answer kind".into()),
+            })
+            .collect()
+    }
+
+    fn loglikelihood_rolling(&self, texts: &[String]) -> Result<Vec<f64>, ModelError> {
+        let out = self.answer(
+            texts,
+            |s, t| roll_key(s, t),
+            |m, b| {
+                Ok(m.loglikelihood_rolling(&b)?
+                    .into_iter()
+                    .map(Answer::Rolling)
+                    .collect())
+            },
+        )?;
+        out.into_iter()
+            .map(|a| match a {
+                Answer::Rolling(x) => Ok(x),
+                _ => Err("request cache: wrong answer kind".into()),
+            })
+            .collect()
+    }
+
+    fn generate_until(&self, requests: &[GenerateRequest]) -> Result<Vec<String>, ModelError> {
+        let out = self.answer(requests, gen_key, |m, b| {
+            Ok(m.generate_until(&b)?
+                .into_iter()
+                .map(Answer::Generate)
+                .collect())
+        })?;
+        out.into_iter()
+            .map(|a| match a {
+                Answer::Generate(s) => Ok(s),
+                _ => Err("request cache: wrong answer kind".into()),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// Counts the requests it is asked; log-likelihood = -(context length + continuation length).
+    struct Counting(Cell<usize>);
+
+    impl LanguageModel for Counting {
+        fn loglikelihood(
+            &self,
+            r: &[LoglikelihoodRequest],
+        ) -> Result<Vec<Loglikelihood>, ModelError> {
+            self.0.set(self.0.get() + r.len());
+            Ok(r.iter()
+                .map(|q| Loglikelihood {
+                    logprob: -((q.context.len() + q.continuation.len()) as f64) / 3.0,
+                    is_greedy: q.continuation.len() % 2 == 0,
+                })
+                .collect())
+        }
+        fn loglikelihood_rolling(&self, t: &[String]) -> Result<Vec<f64>, ModelError> {
+            self.0.set(self.0.get() + t.len());
+            Ok(t.iter().map(|s| -(s.len() as f64).sqrt()).collect())
+        }
+        fn generate_until(&self, r: &[GenerateRequest]) -> Result<Vec<String>, ModelError> {
+            self.0.set(self.0.get() + r.len());
+            Ok(r.iter().map(|g| g.context.to_uppercase()).collect())
+        }
+    }
+
+    fn req(c: &str, k: &str) -> LoglikelihoodRequest {
+        LoglikelihoodRequest {
+            context: c.into(),
+            continuation: k.into(),
+        }
+    }
+
+    #[test]
+    fn answers_persist_and_only_missing_requests_are_computed() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Counting(Cell::new(0));
+        let a = {
+            let lm = CachedLm::new(
+                Some(&m),
+                RequestCache::open(d.path(), "s", Some("w1")).unwrap(),
+            );
+            let a = lm.loglikelihood(&[req("a", "b"), req("ab", "c")]).unwrap();
+            lm.loglikelihood_rolling(&["xyz".into()]).unwrap();
+            assert_eq!(lm.take_counts(), (3, 0));
+            a
+        };
+        assert_eq!(m.0.get(), 3);
+        // A second process (another journal) sees the first one's answers.
+        let lm = CachedLm::new(
+            Some(&m),
+            RequestCache::open(d.path(), "s", Some("w2")).unwrap(),
+        );
+        let b = lm
+            .loglikelihood(&[req("ab", "c"), req("new", "d"), req("a", "b")])
+            .unwrap();
+        assert_eq!(m.0.get(), 4, "only the new request is computed");
+        assert_eq!((b[0], b[2]), (a[1], a[0]));
+        assert_eq!(lm.take_counts(), (1, 2));
+        // Another scope (model or mask) shares nothing.
+        let lm = CachedLm::new(None, RequestCache::open(d.path(), "t", None).unwrap());
+        let e = lm.loglikelihood(&[req("a", "b")]).unwrap_err().to_string();
+        assert!(e.contains("1 of 1 requests"), "{e}");
+    }
+
+    #[test]
+    fn a_torn_last_line_is_dropped_and_trimmed() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Counting(Cell::new(0));
+        {
+            let lm = CachedLm::new(
+                Some(&m),
+                RequestCache::open(d.path(), "s", Some("w")).unwrap(),
+            );
+            lm.generate_until(&[GenerateRequest {
+                context: "hi".into(),
+                until: vec!["\n".into()],
+                max_gen_toks: 3,
+                temperature: 0.0,
+                top_p: None,
+                seed: 1,
+            }])
+            .unwrap();
+            lm.loglikelihood_rolling(&["abc".into()]).unwrap();
+        }
+        let j = d.path().join("w.jsonl");
+        let text = std::fs::read_to_string(&j).unwrap();
+        // Simulate kill -9 in the middle of the second line.
+        std::fs::write(&j, &text[..text.len() - 10]).unwrap();
+        let c = RequestCache::open(d.path(), "s", Some("w")).unwrap();
+        assert_eq!(c.len(), 1);
+        let lm = CachedLm::new(Some(&m), c);
+        lm.loglikelihood_rolling(&["abc".into()]).unwrap();
+        let after = std::fs::read_to_string(&j).unwrap();
+        assert_eq!(after.lines().count(), 2);
+        assert!(after.lines().all(|l| parse_line(l).is_some()), "{after}");
+    }
+
+    #[test]
+    fn floats_round_trip_exactly() {
+        let x = Answer::Rolling(-0.1 - 0.2);
+        let l = line("k", &x);
+        assert_eq!(parse_line(l.trim_end()).unwrap().1, x);
+    }
+}

@@ -1,0 +1,243 @@
+//! The leaderboard: one row per (run, model, mask, task, metric), written as Parquet and Markdown.
+
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
+
+use crate::compare::Comparison;
+use crate::error::{file_err, Result};
+use crate::results::{MetricRow, Run};
+
+/// Whether larger values of a metric are better. Perplexities, bits per byte and bias scores
+/// (and the counts that describe exclusions) are better small.
+pub fn higher_is_better(metric: &str) -> bool {
+    let base = metric.split('[').next().unwrap_or(metric);
+    !matches!(
+        base,
+        "perplexity"
+            | "word_perplexity"
+            | "byte_perplexity"
+            | "bits_per_byte"
+            | "bias_score"
+            | "template_bias"
+            | "templates_skipped"
+            | "excluded_sources"
+            | "degenerate"
+    )
+}
+
+/// Metrics shown in summaries and gated: not per-template cells or bookkeeping counts.
+pub fn is_headline(metric: &str) -> bool {
+    !metric.contains(',')
+        && !metric.starts_with("template_bias[")
+        && !matches!(
+            metric,
+            "templates_used" | "templates_skipped" | "excluded_sources" | "degenerate"
+        )
+}
+
+/// A task's primary metric: the first metric it reports that is not per group.
+pub fn primary_metric<'a>(rows: impl Iterator<Item = &'a MetricRow>, task: &str) -> Option<String> {
+    let mut rows = rows.filter(|r| r.task == task);
+    rows.find(|r| is_headline(&r.metric) && !r.metric.contains('['))
+        .map(|r| r.metric.clone())
+}
+
+/// One leaderboard row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub run_id: String,
+    pub model_id: String,
+    pub weights_hash: String,
+    pub mask: String,
+    pub experts: String,
+    pub task: String,
+    pub metric: String,
+    pub value: Option<f64>,
+    pub stderr: Option<f64>,
+    pub n: i64,
+    pub higher_is_better: bool,
+    /// The task's primary metric (used for charts and the summary table).
+    pub primary: bool,
+}
+
+/// Headline metrics of every run, in run order.
+pub fn entries(runs: &[Run]) -> Vec<Entry> {
+    let mut out = Vec::new();
+    for run in runs {
+        let mut tasks: Vec<&str> = Vec::new();
+        for m in &run.metrics {
+            if !tasks.contains(&m.task.as_str()) {
+                tasks.push(&m.task);
+            }
+        }
+        let primaries: Vec<(String, Option<String>)> = tasks
+            .iter()
+            .map(|t| (t.to_string(), primary_metric(run.metrics.iter(), t)))
+            .collect();
+        for m in run.metrics.iter().filter(|m| is_headline(&m.metric)) {
+            let primary = primaries
+                .iter()
+                .any(|(t, p)| t == &m.task && p.as_deref() == Some(m.metric.as_str()));
+            out.push(Entry {
+                run_id: m.run_id.clone(),
+                model_id: m.model_id.clone(),
+                weights_hash: m.weights_hash.clone(),
+                mask: m.mask.clone(),
+                experts: m.experts.clone(),
+                task: m.task.clone(),
+                metric: m.metric.clone(),
+                value: m.value,
+                stderr: m.stderr,
+                n: m.n,
+                higher_is_better: higher_is_better(&m.metric),
+                primary,
+            });
+        }
+    }
+    out
+}
+
+/// The leaderboard as an Arrow table (columns documented in docs/results.md).
+pub fn batch(entries: &[Entry]) -> Result<RecordBatch> {
+    let s = |f: fn(&Entry) -> &str| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(entries.iter().map(f)))
+    };
+    let schema = Schema::new(vec![
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("model_id", DataType::Utf8, false),
+        Field::new("weights_hash", DataType::Utf8, false),
+        Field::new("mask", DataType::Utf8, false),
+        Field::new("experts", DataType::Utf8, false),
+        Field::new("task", DataType::Utf8, false),
+        Field::new("metric", DataType::Utf8, false),
+        Field::new("value", DataType::Float64, true),
+        Field::new("stderr", DataType::Float64, true),
+        Field::new("n", DataType::Int64, false),
+        Field::new("higher_is_better", DataType::Boolean, false),
+        Field::new("primary", DataType::Boolean, false),
+    ]);
+    let cols: Vec<ArrayRef> = vec![
+        s(|e| &e.run_id),
+        s(|e| &e.model_id),
+        s(|e| &e.weights_hash),
+        s(|e| &e.mask),
+        s(|e| &e.experts),
+        s(|e| &e.task),
+        s(|e| &e.metric),
+        Arc::new(Float64Array::from_iter(entries.iter().map(|e| e.value))),
+        Arc::new(Float64Array::from_iter(entries.iter().map(|e| e.stderr))),
+        Arc::new(Int64Array::from_iter_values(entries.iter().map(|e| e.n))),
+        Arc::new(BooleanArray::from_iter(
+            entries.iter().map(|e| Some(e.higher_is_better)),
+        )),
+        Arc::new(BooleanArray::from_iter(
+            entries.iter().map(|e| Some(e.primary)),
+        )),
+    ];
+    RecordBatch::try_new(Arc::new(schema), cols)
+        .map_err(|e| file_err(std::path::Path::new("leaderboard.parquet"), e))
+}
+
+/// Formats a value with its standard error, `0.5000 ± 0.0500`, or `-` when missing.
+pub fn fmt_value(v: Option<f64>, se: Option<f64>) -> String {
+    match (v, se) {
+        (Some(v), Some(se)) if se.is_finite() => format!("{v:.4} ± {se:.4}"),
+        (Some(v), _) => format!("{v:.4}"),
+        _ => "-".into(),
+    }
+}
+
+/// (run id, model id, mask): one row of the summary table.
+pub type RowKey = (String, String, String);
+
+/// Columns (tasks with their primary metric) and rows (run, model, mask) of the summary table.
+pub fn summary_grid(entries: &[Entry]) -> (Vec<(String, String)>, Vec<RowKey>) {
+    let mut cols: Vec<(String, String)> = Vec::new();
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    for e in entries.iter().filter(|e| e.primary) {
+        let c = (e.task.clone(), e.metric.clone());
+        if !cols.contains(&c) {
+            cols.push(c);
+        }
+        let r = (e.run_id.clone(), e.model_id.clone(), e.mask.clone());
+        if !rows.contains(&r) {
+            rows.push(r);
+        }
+    }
+    (cols, rows)
+}
+
+/// The Markdown summary: the primary metric of each task per (run, model, mask), then paired
+/// comparisons.
+pub fn markdown(entries: &[Entry], comparisons: &[(String, String, Vec<Comparison>)]) -> String {
+    let (cols, rows) = summary_grid(entries);
+    let mut s = String::from("# moeval results\n\n");
+    s.push_str("Primary metric of each task (value ± standard error; ↓ = lower is better).\n\n");
+    s.push_str("| run | model | mask |");
+    for (t, m) in &cols {
+        let arrow = if higher_is_better(m) { "" } else { " ↓" };
+        s.push_str(&format!(" {t} ({m}{arrow}) |"));
+    }
+    s.push_str("\n|---|---|---|");
+    s.push_str(&"---:|".repeat(cols.len()));
+    s.push('\n');
+    for (run, model, mask) in &rows {
+        s.push_str(&format!("| {run} | {model} | {mask} |"));
+        for (t, m) in &cols {
+            let e = entries.iter().find(|e| {
+                &e.run_id == run
+                    && &e.model_id == model
+                    && &e.mask == mask
+                    && &e.task == t
+                    && &e.metric == m
+            });
+            s.push_str(&format!(
+                " {} |",
+                e.map_or("".into(), |e| fmt_value(e.value, e.stderr))
+            ));
+        }
+        s.push('\n');
+    }
+    if !comparisons.is_empty() {
+        s.push_str("\n## Paired comparisons\n\n");
+        s.push_str("| A | B | task | metric | n | A | B | B − A | 95% CI | p | test |\n");
+        s.push_str("|---|---|---|---|---:|---:|---:|---:|---|---:|---|\n");
+        for (a, b, cs) in comparisons {
+            for c in cs {
+                s.push_str(&format!(
+                    "| {a} | {b} | {} | {} | {} | {:.4} | {:.4} | {:+.4} | [{:+.4}, {:+.4}] | {:.4} | {} |\n",
+                    c.task,
+                    c.metric,
+                    c.diff.n,
+                    c.diff.mean_a,
+                    c.diff.mean_b,
+                    c.diff.diff,
+                    c.diff.ci_low,
+                    c.diff.ci_high,
+                    c.p_value,
+                    c.test
+                ));
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directions_and_headlines() {
+        assert!(higher_is_better("acc"));
+        assert!(higher_is_better("acc[gender=male]"));
+        assert!(!higher_is_better("word_perplexity"));
+        assert!(!higher_is_better("bias_score"));
+        assert!(is_headline("acc[gender=male]"));
+        assert!(!is_headline("acc[template_idx=3,gender=male]"));
+        assert!(!is_headline("template_bias[template_idx=3]"));
+        assert!(!is_headline("degenerate"));
+    }
+}

@@ -1,0 +1,183 @@
+//! `manifest.json`: everything needed to know what a run computed and to redo it.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{file_err, io, Result};
+use crate::fsutil::write_atomic;
+
+/// Version of the manifest layout; bumped only when a field changes meaning.
+pub const MANIFEST_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub manifest_version: u32,
+    pub run_id: String,
+    /// `running` while the run is in progress (or was killed), then `complete`.
+    pub status: String,
+    pub moeval_version: String,
+    /// `git rev-parse HEAD` of the source tree, `+dirty` when it had uncommitted changes.
+    pub git_revision: Option<String>,
+    pub model: ModelInfo,
+    /// The expert-mask variants this run evaluated (one, or the full model plus each opt-out).
+    pub variants: Vec<Variant>,
+    pub tasks: Vec<TaskInfo>,
+    /// The settings the run was started with; `--resume` and shard merging reuse them.
+    pub settings: Settings,
+    pub seeds: Seeds,
+    pub device: String,
+    pub threads: usize,
+    pub start_time: String,
+    pub end_time: Option<String>,
+    /// Seconds, documents and requests per (variant, task).
+    pub timings: Vec<Timing>,
+    /// Merged runs: the shard manifests' run ids and times.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_shards: Vec<ShardRecord>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ModelInfo {
+    /// The model's name (directory name).
+    pub id: String,
+    pub dir: String,
+    pub model_type: String,
+    pub config_sha256: String,
+    pub tokenizer_sha256: Option<String>,
+    /// `experts.toml` (names, router biases) and the owners' opt-out policy, when present.
+    pub experts_toml_sha256: Option<String>,
+    pub policy_sha256: Option<String>,
+    pub weights: Vec<FileHash>,
+    /// SHA-256 over the hashes above: the identity of everything that determines the model's output.
+    pub weights_hash: String,
+    /// Expert names in index order (empty for dense models).
+    pub expert_names: Vec<String>,
+    /// Experts removed by the owners' policy, and on the command line.
+    pub opted_out_by_policy: Vec<String>,
+    pub opted_out_by_request: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FileHash {
+    pub path: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Variant {
+    /// `full`, or `-NAME` for the full mask without expert NAME.
+    pub label: String,
+    /// Indices of the experts the variant may use.
+    pub allowed: Vec<usize>,
+    pub opted_out: Vec<String>,
+    /// The request-cache folder of this (model, mask), relative to the cache root.
+    pub cache_scope: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TaskInfo {
+    pub name: String,
+    pub file: String,
+    pub file_sha256: String,
+    pub data_files: Vec<FileHash>,
+    pub documents: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Settings {
+    pub tasks: Vec<String>,
+    pub include_paths: Vec<String>,
+    pub data_dir: String,
+    pub limit: Option<usize>,
+    pub num_fewshot: Option<usize>,
+    pub batch_size: usize,
+    pub opt_out: Vec<String>,
+    pub experts: Vec<String>,
+    /// `leave-one-out` when the run swept single-expert opt-outs.
+    pub opt_out_sweep: Option<String>,
+    /// `I/N` when this is one shard of a run.
+    pub shard: Option<String>,
+    pub retrieval: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Seeds {
+    pub fewshot: u64,
+    /// Seed of the bootstrap standard errors.
+    pub bootstrap: u64,
+    /// Seed of generation requests (greedy unless a task samples).
+    pub generation: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Timing {
+    pub variant: String,
+    pub task: String,
+    pub seconds: f64,
+    pub documents: usize,
+    /// Distinct requests the task needed, how many the model computed, how many came from the cache.
+    pub requests: usize,
+    pub computed: usize,
+    pub cached: usize,
+    pub documents_per_second: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ShardRecord {
+    pub shard: String,
+    pub start_time: String,
+    pub end_time: Option<String>,
+}
+
+impl Manifest {
+    pub fn read(path: &Path) -> Result<Manifest> {
+        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| file_err(path, e))?;
+        if m.manifest_version > MANIFEST_VERSION {
+            return Err(file_err(
+                path,
+                format!(
+                    "manifest version {} is newer than this moeval understands ({MANIFEST_VERSION})",
+                    m.manifest_version
+                ),
+            ));
+        }
+        Ok(m)
+    }
+
+    /// Writes the manifest atomically, pretty-printed.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let mut text = serde_json::to_string_pretty(self).map_err(|e| file_err(path, e))?;
+        text.push('\n');
+        write_atomic(path, text.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_newer_version_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("manifest.json");
+        let mut m = Manifest {
+            manifest_version: MANIFEST_VERSION,
+            run_id: "r".into(),
+            ..Manifest::default()
+        };
+        m.timings.push(Timing {
+            task: "t".into(),
+            seconds: 1.5,
+            ..Timing::default()
+        });
+        m.write(&p).unwrap();
+        assert_eq!(Manifest::read(&p).unwrap(), m);
+        m.manifest_version = MANIFEST_VERSION + 1;
+        m.write(&p).unwrap();
+        let e = Manifest::read(&p).unwrap_err().to_string();
+        assert!(e.contains("manifest.json") && e.contains("newer"), "{e}");
+    }
+}

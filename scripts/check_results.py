@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Reads every Parquet file of `just eval` with pyarrow and DuckDB and checks they agree.
+Usage: check_results.py RESULTS_DIR   (needs: pip install pyarrow duckdb)"""
+import glob, json, os, sys
+
+import duckdb
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+root = sys.argv[1] if len(sys.argv) > 1 else "results"
+files = sorted(glob.glob(os.path.join(root, "**", "*.parquet"), recursive=True))
+assert files, f"no Parquet files under {root}"
+con = duckdb.connect()
+for f in files:
+    n_arrow = pq.read_table(f).num_rows
+    n_duck = con.execute("SELECT count(*) FROM read_parquet(?)", [f]).fetchone()[0]
+    assert n_arrow == n_duck, f"{f}: pyarrow {n_arrow} rows, duckdb {n_duck}"
+print(f"{len(files)} Parquet files read by pyarrow and DuckDB")
+
+for run in sorted(glob.glob(os.path.join(root, "runs", "*", "manifest.json"))):
+    m = json.load(open(run))
+    d = os.path.dirname(run)
+    assert m["status"] == "complete", run
+    s = pq.read_table(os.path.join(d, "samples.parquet"))
+    docs = sum(t["documents"] for t in m["timings"])
+    assert s.num_rows == docs, f"{d}: {s.num_rows} sample rows, manifest says {docs}"
+    masks = set(s.column("mask").to_pylist())
+    assert masks == {v["label"] for v in m["variants"]}, d
+    print(f"{d}: {s.num_rows} samples, masks {sorted(masks)}")
+
+report = os.path.join(root, "report")
+samples = os.path.join(report, "dataset", "samples")
+if os.path.isdir(samples):
+    pattern = os.path.join(samples, "*", "*", "*", "*.parquet")
+    n_duck = con.execute(
+        "SELECT count(*) FROM read_parquet(?, hive_partitioning = true, union_by_name = true)", [pattern]
+    ).fetchone()[0]
+    per = con.execute(
+        "SELECT run_id, mask, task, count(*) FROM read_parquet(?, hive_partitioning = true, union_by_name = true) "
+        "GROUP BY ALL ORDER BY ALL", [pattern]
+    ).fetchall()
+    total = sum(
+        pq.read_table(os.path.join(os.path.dirname(r), "samples.parquet")).num_rows
+        for r in glob.glob(os.path.join(root, "runs", "*", "manifest.json"))
+    )
+    assert n_duck == total, f"Hive dataset has {n_duck} rows, runs have {total}"
+    dset = ds.dataset(samples, format="parquet", partitioning="hive")
+    assert {"run_id", "mask", "task"} <= set(dset.schema.names), dset.schema.names
+    lb = con.execute(f"SELECT count(*) FROM '{os.path.join(report, 'leaderboard.parquet')}' WHERE \"primary\"").fetchone()[0]
+    assert lb > 0
+    print(f"Hive dataset: {n_duck} sample rows in {len(per)} (run, mask, task) partitions; leaderboard: {lb} primary rows")
+print("ok")

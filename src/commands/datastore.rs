@@ -1,0 +1,409 @@
+//! `moeval datastore`: build, inspect, query and opt documents out of a SILO-style datastore.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use datastore::{BuildOptions, Datastore, OptOut, Tokenizer};
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+
+/// `moeval datastore`: SILO-style nonparametric datastores.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Sub,
+}
+
+#[derive(clap::Subcommand)]
+enum Sub {
+    /// Cut documents (JSON Lines or Parquet) into token blocks and index them for BM25 (and kNN-LM).
+    Build(BuildArgs),
+    /// Add kNN-LM keys (final hidden states of a model at every position) to a store.
+    Knn {
+        /// Datastore directory.
+        dir: PathBuf,
+        /// Model whose hidden states are the keys (the one you evaluate with).
+        #[arg(long)]
+        model: PathBuf,
+    },
+    /// Documents, blocks and tokens per owner and license.
+    Stats {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The best blocks for a text by BM25, with owner, license, score and a snippet.
+    Query {
+        dir: PathBuf,
+        #[arg(long)]
+        text: String,
+        #[arg(long, default_value_t = 5)]
+        k: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an owner's (or documents') blocks and kNN entries so the store equals one built without them.
+    OptOut {
+        dir: PathBuf,
+        /// Owner whose documents leave (repeatable).
+        #[arg(long)]
+        owner: Vec<String>,
+        /// Document id to remove (repeatable).
+        #[arg(long)]
+        document: Vec<String>,
+        /// Why (kept in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Time BM25 queries (top-1, RIC-LM style: the last N tokens of each query text) at the global
+    /// --threads; optionally export analyzed terms so other BM25 implementations see the same tokens.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BuildArgs {
+    /// Input files: .jsonl (JSON Lines) or .parquet.
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    #[arg(long, default_value = "owner")]
+    owner_field: String,
+    #[arg(long, default_value = "license")]
+    license_field: String,
+    /// Field with the document id (default: FILE:LINE).
+    #[arg(long, default_value = "id")]
+    id_field: String,
+    /// Model directory whose tokenizer.json cuts the blocks.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Output directory (must not exist, or be empty).
+    #[arg(long)]
+    out: PathBuf,
+    /// Tokens per block.
+    #[arg(long, default_value_t = 1024)]
+    block: usize,
+    /// Tokens between block starts.
+    #[arg(long, default_value_t = 512)]
+    stride: usize,
+    /// Fail on the first malformed row instead of skipping it.
+    #[arg(long)]
+    strict: bool,
+    /// Indexing memory budget in MiB (input is streamed whatever its size).
+    #[arg(long, default_value_t = 256)]
+    memory_mb: usize,
+    /// Also compute kNN-LM keys with --model.
+    #[arg(long, requires = "model")]
+    knn: bool,
+    /// Model for the kNN-LM keys.
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    dir: PathBuf,
+    /// JSON Lines with a `text` field: one query each.
+    #[arg(long)]
+    queries: PathBuf,
+    /// Tokenizer (model directory) that cuts the last --query-tokens tokens of each query.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    query_tokens: usize,
+    /// Write each block's analyzed terms here (JSON Lines, block id order).
+    #[arg(long)]
+    export_blocks: Option<PathBuf>,
+    /// Write each query's analyzed terms here (JSON Lines).
+    #[arg(long)]
+    export_queries: Option<PathBuf>,
+    /// Write the top-1 block id of each query here (JSON Lines).
+    #[arg(long)]
+    top1: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    match a.command {
+        Sub::Build(b) => build(b),
+        Sub::Knn { dir, model } => knn(&dir, &model),
+        Sub::Stats { dir, json } => stats(&dir, json),
+        Sub::Query { dir, text, k, json } => query(&dir, &text, k, json),
+        Sub::OptOut {
+            dir,
+            owner,
+            document,
+            reason,
+        } => opt_out(&dir, owner, document, reason),
+        Sub::Bench(b) => bench(b),
+    }
+}
+
+fn bar(len: u64, template: &str) -> Result<ProgressBar> {
+    Ok(ProgressBar::new(len).with_style(
+        ProgressStyle::with_template(template)
+            .context("progress bar template")?
+            .progress_chars("=> "),
+    ))
+}
+
+fn build(a: BuildArgs) -> Result<()> {
+    let tok = Tokenizer::from_model_dir(&a.tokenizer)?;
+    let total: u64 = a
+        .input
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.len())
+                .with_context(|| format!("cannot read {}", p.display()))
+        })
+        .sum::<Result<u64>>()?;
+    let opts = BuildOptions {
+        text_field: a.text_field,
+        owner_field: a.owner_field,
+        license_field: a.license_field,
+        id_field: a.id_field,
+        block: a.block,
+        stride: a.stride,
+        strict: a.strict,
+        threads: rayon::current_num_threads(),
+        memory_budget: a.memory_mb << 20,
+    };
+    let pb = bar(
+        total,
+        "indexing [{bar:30}] {bytes}/{total_bytes}, {bytes_per_sec}, eta {eta}",
+    )?;
+    let report = datastore::build(&a.input, &tok, &a.out, &opts, &|n| pb.inc(n))?;
+    pb.finish_and_clear();
+    for m in report.skipped.iter().take(20) {
+        eprintln!("skipped {m}");
+    }
+    if report.skipped.len() > 20 {
+        eprintln!("... and {} more", report.skipped.len() - 20);
+    }
+    eprintln!(
+        "{} documents, {} blocks, {} tokens from {:.1} MB in {:.1}s ({:.2} MB/s); {} malformed rows skipped; identity {}",
+        report.documents,
+        report.blocks,
+        report.tokens,
+        report.bytes as f64 / 1e6,
+        report.seconds,
+        report.bytes as f64 / 1e6 / report.seconds.max(1e-9),
+        report.skipped.len(),
+        &report.identity[..16]
+    );
+    if a.knn {
+        if let Some(model) = &a.model {
+            knn(&a.out, model)?;
+        }
+    }
+    Ok(())
+}
+
+fn knn(dir: &Path, model_dir: &Path) -> Result<()> {
+    let model = super::load_model_with(model_dir, &super::ExpertArgs::default())?;
+    let pb = bar(0, "kNN keys [{bar:30}] {pos}/{len} blocks, eta {eta}")?;
+    let start = Instant::now();
+    let n = crate::retrieval::build_knn_keys(dir, &model, model_dir, &|done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    })?;
+    pb.finish_and_clear();
+    eprintln!("{n} kNN entries in {:.1}s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn stats(dir: &Path, json: bool) -> Result<()> {
+    let store = Datastore::open(dir)?;
+    let st = store.stats()?;
+    let m = store.manifest();
+    if json {
+        let v = serde_json::json!({
+            "identity": store.identity(),
+            "stats": st,
+            "excluded_owners": m.excluded_owners,
+            "excluded_documents": m.excluded_documents,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "datastore {} (identity {})",
+        dir.display(),
+        &store.identity()[..16]
+    );
+    println!(
+        "blocks of {} tokens every {}; kNN entries: {}",
+        m.block, m.stride, st.knn_entries
+    );
+    println!(
+        "{:<10} {:<28} {:>10} {:>10} {:>12}",
+        "by", "name", "documents", "blocks", "tokens"
+    );
+    let rows = std::iter::once(("total", "", &st.total))
+        .chain(st.owners.iter().map(|(k, v)| ("owner", k.as_str(), v)))
+        .chain(st.licenses.iter().map(|(k, v)| ("license", k.as_str(), v)));
+    for (by, name, c) in rows {
+        println!(
+            "{:<10} {:<28} {:>10} {:>10} {:>12}",
+            by, name, c.documents, c.blocks, c.tokens
+        );
+    }
+    if !m.excluded_owners.is_empty() || !m.excluded_documents.is_empty() {
+        println!(
+            "opted out: owners [{}], documents [{}]",
+            m.excluded_owners.join(", "),
+            m.excluded_documents.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn snippet(text: &str, n: usize) -> String {
+    let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match flat.char_indices().nth(n) {
+        Some((i, _)) => format!("{}...", &flat[..i]),
+        None => flat,
+    }
+}
+
+fn query(dir: &Path, text: &str, k: usize, json: bool) -> Result<()> {
+    let store = Datastore::open(dir)?;
+    let hits = store.search(text, k)?;
+    if json {
+        for h in &hits {
+            let v = serde_json::json!({
+                "block_id": h.block_id, "doc_id": h.doc_id, "owner": h.owner, "license": h.license,
+                "start": h.start, "score": h.score, "text": h.text,
+            });
+            println!("{v}");
+        }
+        return Ok(());
+    }
+    if hits.is_empty() {
+        eprintln!("no block matches (the query has no indexed term after stopwords)");
+    }
+    for (i, h) in hits.iter().enumerate() {
+        println!(
+            "{:>2}. {:>8.3}  {}  owner={} license={} block={} @{}\n    {}",
+            i + 1,
+            h.score,
+            h.doc_id,
+            h.owner,
+            h.license,
+            h.block_id,
+            h.start,
+            snippet(&h.text, 160)
+        );
+    }
+    Ok(())
+}
+
+fn opt_out(dir: &Path, owners: Vec<String>, documents: Vec<String>, reason: String) -> Result<()> {
+    if owners.is_empty() && documents.is_empty() {
+        bail!("name at least one --owner or --document");
+    }
+    let req = OptOut {
+        owners,
+        documents,
+        reason,
+    };
+    let r = Datastore::opt_out(dir, &req)?;
+    println!(
+        "removed {} blocks and {} kNN entries; segments merged; identity {} -> {}",
+        r.blocks_removed,
+        r.knn_entries_removed,
+        &r.identity_before[..16],
+        &r.identity_after[..16]
+    );
+    Ok(())
+}
+
+fn write_lines(path: &Path, lines: impl Iterator<Item = String>) -> Result<()> {
+    use std::io::Write;
+    let f =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    for l in lines {
+        writeln!(w, "{l}")?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let store = Datastore::open(&a.dir)?;
+    let tok = Tokenizer::from_model_dir(&a.tokenizer)?;
+    let raw = std::fs::read_to_string(&a.queries)
+        .with_context(|| format!("cannot read {}", a.queries.display()))?;
+    let mut queries = Vec::new();
+    for (i, line) in raw
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not valid JSON", a.queries.display(), i + 1))?;
+        let Some(text) = v.get("text").and_then(|t| t.as_str()) else {
+            bail!("{}:{}: no string field `text`", a.queries.display(), i + 1);
+        };
+        // RIC-LM's query: the last N tokens, decoded.
+        let ids = tok.encode(text)?;
+        queries.push(tok.decode(&ids[ids.len().saturating_sub(a.query_tokens)..])?);
+    }
+    if let Some(p) = &a.export_blocks {
+        let blocks = store.blocks()?;
+        let texts: Vec<String> = blocks
+            .par_iter()
+            .map(|b| {
+                let text = tok.decode(&b.tokens)?;
+                Ok(
+                    serde_json::json!({"block_id": b.block_id, "doc_id": b.doc_id, "terms": datastore::analyze(&text)})
+                        .to_string(),
+                )
+            })
+            .collect::<Result<_>>()?;
+        write_lines(p, texts.into_iter())?;
+    }
+    if let Some(p) = &a.export_queries {
+        write_lines(
+            p,
+            queries
+                .iter()
+                .map(|q| serde_json::json!({"terms": datastore::analyze(q)}).to_string()),
+        )?;
+    }
+    // Warm the page cache and the term dictionary once, then time.
+    for q in queries.iter().take(8) {
+        store.search_ids(q, 1)?;
+    }
+    let done = AtomicUsize::new(0);
+    let start = Instant::now();
+    let top: Vec<Option<(u64, f32)>> = queries
+        .par_iter()
+        .map(|q| {
+            let r = store.search_ids(q, 1).map(|h| h.first().copied());
+            done.fetch_add(1, Ordering::Relaxed);
+            r
+        })
+        .collect::<Result<_, _>>()?;
+    let secs = start.elapsed().as_secs_f64();
+    if let Some(p) = &a.top1 {
+        write_lines(
+            p,
+            top.iter().map(|t| {
+                serde_json::json!({"block_id": t.map(|x| x.0), "score": t.map(|x| x.1)}).to_string()
+            }),
+        )?;
+    }
+    let v = serde_json::json!({
+        "queries": queries.len(),
+        "threads": rayon::current_num_threads(),
+        "seconds": secs,
+        "queries_per_second": queries.len() as f64 / secs.max(1e-9),
+        "blocks": store.num_blocks(),
+    });
+    println!("{v}");
+    Ok(())
+}

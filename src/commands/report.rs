@@ -1,0 +1,78 @@
+//! `moeval report`: leaderboard (Parquet + Markdown), self-contained HTML and a Hive-partitioned
+//! dataset from run directories; shard folders are merged first.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use reports::html::HtmlOptions;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Run directories, or folders holding run directories (e.g. an `eval --output` folder).
+    #[arg(long, required = true, num_args = 1..)]
+    runs: Vec<PathBuf>,
+    /// Folder for leaderboard.parquet, summary.md, index.html and dataset/.
+    #[arg(long)]
+    out: PathBuf,
+    /// Title of the HTML page.
+    #[arg(long, default_value = "moeval report")]
+    title: String,
+    /// Sample rows per task in the HTML sample browsers.
+    #[arg(long, default_value_t = 300)]
+    max_samples: usize,
+}
+
+/// Run directories under the given paths, with shards merged. A run named directly must be
+/// complete; incomplete runs found inside a folder are skipped with a warning.
+pub fn collect_runs(paths: &[PathBuf]) -> Result<Vec<reports::Run>> {
+    let mut runs = Vec::new();
+    for p in paths {
+        let found = reports::results::discover_runs(p)?;
+        let named = found.len() == 1 && &found[0] == p;
+        for dir in found {
+            if super::eval::merge_shards(&dir)? {
+                eprintln!("merged the shards of {}", dir.display());
+            }
+            match reports::load_run(&dir) {
+                Ok(r) => runs.push(r),
+                Err(e) if !named => eprintln!("warning: skipping {}: {e}", dir.display()),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot read run {}", dir.display()))
+                }
+            }
+        }
+    }
+    anyhow::ensure!(!runs.is_empty(), "no complete runs found");
+    Ok(runs)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let runs = collect_runs(&a.runs)?;
+    let files = reports::write_report(
+        &runs,
+        &a.out,
+        &HtmlOptions {
+            title: a.title,
+            max_samples: a.max_samples,
+        },
+    )
+    .with_context(|| format!("cannot write the report to {}", a.out.display()))?;
+    print!(
+        "{}",
+        std::fs::read_to_string(&files.markdown).unwrap_or_default()
+    );
+    eprintln!(
+        "{} run(s); leaderboard {}, summary {}, dataset {}",
+        runs.len(),
+        files.leaderboard.display(),
+        files.markdown.display(),
+        files.dataset.display()
+    );
+    println!(
+        "HTML report: {}",
+        std::path::absolute(&files.html)
+            .unwrap_or(files.html.clone())
+            .display()
+    );
+    Ok(())
+}

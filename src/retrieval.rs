@@ -1,0 +1,953 @@
+//! Retrieval-augmented evaluation: an engine model composed with a SILO-style datastore, as a
+//! [`tasks::LanguageModel`].
+//!
+//! - RIC-LM (`--retrieval ric`): the query is the last `--query-tokens` context tokens before the scored
+//!   span (decoded, bag of words); the top-k blocks' tokens are prepended to the context and never scored.
+//!   The combined context is cut from the left to the model's length, so retrieved tokens go first.
+//! - kNN-LM (`--retrieval knn`): p = (1 - lambda) p_LM + lambda p_kNN, p_kNN = softmax over the k nearest
+//!   keys' negative squared L2 distances / temperature, summed per next token (exact search). An empty
+//!   key set (every owner opted out) leaves p_LM untouched.
+//! - SILO's perplexity protocol (`--ppl-window W --ppl-stride S`) for rolling log-likelihood: windows of
+//!   W tokens every S tokens, only each window's newest S tokens scored (all W in the first).
+//!
+//! Every prediction that used the datastore records its sources (document, owner, license, weight);
+//! [`Retrieval::write_run_records`] writes them with the store's identity into the run directory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+use datastore::knn::neighbor_weights;
+use datastore::Datastore;
+use engine::generate::{generate, GenParams};
+use engine::score::{loglikelihood, ScoreOptions, ScoreRequest};
+use engine::{ExpertMask, Model, SeqInput, Tokenizer};
+use rayon::prelude::*;
+use tasks::lm::{encode_pair, rolling_windows, truncate_left};
+use tasks::task::Request;
+use tasks::{
+    GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError, Task,
+};
+
+/// How the datastore is used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Retrieval in context: BM25 top-k blocks prepended to the context.
+    Ric,
+    /// kNN-LM: interpolate with a distribution over the nearest datastore positions.
+    Knn,
+}
+
+/// Retrieval options of `moeval eval`.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct RetrievalArgs {
+    /// Augment the model with a datastore: `ric` (BM25 blocks in context) or `knn` (kNN-LM).
+    #[arg(long, value_enum, requires = "datastore")]
+    pub retrieval: Option<Mode>,
+    /// Datastore directory (`moeval datastore build`).
+    #[arg(long, requires = "retrieval")]
+    pub datastore: Option<PathBuf>,
+    /// Blocks to prepend (ric, default 1) or neighbours (knn, default 1024).
+    #[arg(long = "k", value_name = "K")]
+    pub k: Option<usize>,
+    /// kNN-LM interpolation weight of p_kNN.
+    #[arg(long, default_value_t = 0.3)]
+    pub lambda: f64,
+    /// kNN-LM softmax temperature over negative squared L2 distances.
+    #[arg(long, default_value_t = 10.0)]
+    pub temperature: f32,
+    /// RIC-LM query: this many context tokens before the scored span.
+    #[arg(long, default_value_t = 512)]
+    pub query_tokens: usize,
+    /// SILO perplexity protocol for rolling log-likelihood: windows of this many tokens ...
+    #[arg(long, requires = "ppl_stride")]
+    pub ppl_window: Option<usize>,
+    /// ... every this many tokens; only each window's newest tokens are scored.
+    #[arg(long, requires = "ppl_window")]
+    pub ppl_stride: Option<usize>,
+}
+
+/// One source of one scored unit (a window for RIC-LM, a token for kNN-LM).
+#[derive(Clone, Debug, PartialEq)]
+struct Contribution {
+    /// Index of the window (RIC-LM) or scored token (kNN-LM) within the request.
+    unit: u32,
+    block_id: u64,
+    doc_id: String,
+    owner: String,
+    license: String,
+    /// Share of the unit's prediction: BM25 score share for RIC-LM, lambda x neighbour weight for kNN-LM.
+    weight: f64,
+}
+
+/// Sources of one request: scored units and what fed each.
+#[derive(Clone, Debug, Default)]
+struct Attribution {
+    units: u32,
+    contributions: Vec<Contribution>,
+}
+
+fn request_key(r: &Request) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match r {
+        Request::Loglikelihood(l) => (0u8, &l.context, &l.continuation).hash(&mut h),
+        Request::Rolling(t) => (1u8, t).hash(&mut h),
+        Request::Generate(g) => (2u8, &g.context, &g.until, g.max_gen_toks).hash(&mut h),
+    }
+    h.finish()
+}
+
+/// A datastore opened for a run, with its settings.
+pub struct Retrieval {
+    store: Option<Datastore>,
+    mode: Option<Mode>,
+    k: usize,
+    lambda: f64,
+    temperature: f32,
+    query_tokens: usize,
+    window: Option<(usize, usize)>,
+}
+
+impl Retrieval {
+    /// Opens the datastore named by the options; `None` when neither retrieval nor the SILO
+    /// perplexity protocol is asked for (the plain engine model then serves the run).
+    pub fn open(model: &Model, a: &RetrievalArgs) -> Result<Option<Retrieval>> {
+        let window = a.ppl_window.zip(a.ppl_stride);
+        if a.retrieval.is_none() && window.is_none() {
+            return Ok(None);
+        }
+        let max = model.config().max_position_embeddings;
+        if let Some((w, s)) = window {
+            if w == 0 || s == 0 || s > w || w > max {
+                bail!("--ppl-window {w} --ppl-stride {s}: need 0 < stride <= window <= the model's context ({max})");
+            }
+        }
+        if !(0.0..=1.0).contains(&a.lambda) {
+            bail!("--lambda must be within [0, 1]");
+        }
+        let store = match (&a.retrieval, &a.datastore) {
+            (Some(_), Some(dir)) => Some(
+                Datastore::open(dir)
+                    .with_context(|| format!("cannot open the datastore {}", dir.display()))?,
+            ),
+            _ => None,
+        };
+        if let (Some(Mode::Knn), Some(s)) = (a.retrieval, &store) {
+            let Some(knn) = s.knn() else {
+                bail!(
+                    "{} has no kNN-LM keys; build them with `moeval datastore knn {} --model DIR`",
+                    s.dir().display(),
+                    s.dir().display()
+                );
+            };
+            let h = model.config().hidden_size;
+            if knn.dim() != h {
+                bail!(
+                    "the datastore's kNN keys have {} dimensions, the model's hidden states {h}",
+                    knn.dim()
+                );
+            }
+            if let (Some(info), Some(dir)) = (&s.manifest().knn, model.dir()) {
+                if info.model_sha256 != model_fingerprint(dir)? {
+                    eprintln!(
+                        "warning: the kNN keys were computed with another model ({}); neighbours may be meaningless",
+                        info.model
+                    );
+                }
+            }
+        }
+        Ok(Some(Retrieval {
+            store,
+            mode: a.retrieval,
+            k: a.k.unwrap_or(match a.retrieval {
+                Some(Mode::Knn) => 1024,
+                _ => 1,
+            }),
+            lambda: a.lambda,
+            temperature: a.temperature,
+            query_tokens: a.query_tokens,
+            window,
+        }))
+    }
+
+    /// A request-cache scope that separates these settings and this datastore state from any other.
+    pub fn cache_scope(&self, base: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let h = Sha256::digest(self.settings_json().to_string());
+        let hex: String = h.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        format!("{base}-retrieval-{hex}")
+    }
+
+    fn settings_json(&self) -> serde_json::Value {
+        let m = self.store.as_ref().map(|s| s.manifest());
+        serde_json::json!({
+            "mode": self.mode,
+            "datastore": self.store.as_ref().map(|s| s.dir().display().to_string()),
+            "datastore_identity": self.store.as_ref().map(|s| s.identity()),
+            "excluded_owners": m.map(|m| m.excluded_owners.clone()).unwrap_or_default(),
+            "excluded_documents": m.map(|m| m.excluded_documents.clone()).unwrap_or_default(),
+            "blocks": m.map(|m| m.blocks),
+            "knn_entries": self.store.as_ref().and_then(|s| s.knn()).map(|k| k.len()),
+            "search": match self.mode {
+                Some(Mode::Ric) => Some("bm25 (tantivy, k1 = 1.2, b = 0.75)"),
+                Some(Mode::Knn) => Some("exact (squared L2 over all keys)"),
+                None => None,
+            },
+            "k": self.mode.map(|_| self.k),
+            "lambda": (self.mode == Some(Mode::Knn)).then_some(self.lambda),
+            "temperature": (self.mode == Some(Mode::Knn)).then_some(self.temperature),
+            "query_tokens": (self.mode == Some(Mode::Ric)).then_some(self.query_tokens),
+            "ppl_window": self.window.map(|w| w.0),
+            "ppl_stride": self.window.map(|w| w.1),
+        })
+    }
+
+    /// The language model for one expert mask (`None`: every loaded expert).
+    pub fn lm<'a>(&'a self, model: &'a Model, mask: Option<ExpertMask>) -> Result<RetrievalLm<'a>> {
+        let cfg = model.config();
+        let prefix = cfg
+            .bos_token_id
+            .or_else(|| cfg.eos_token_ids.first().copied())
+            .context(
+                "the model has neither a BOS nor an EOS token to prefix empty contexts with",
+            )?;
+        Ok(RetrievalLm {
+            model,
+            tokenizer: model.require_tokenizer()?,
+            prefix,
+            max_length: cfg.max_position_embeddings,
+            mask,
+            r: self,
+            log: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Writes `retrieval.json` (datastore identity, excluded owners, settings) and, when a datastore
+    /// was used, `attribution.parquet` (per sample: each contributing document's mean weight over the
+    /// sample's scored units) and `attribution_units.parquet` (per scored window or token).
+    /// `lms` pairs each variant label with its model. Requests answered from a cache have no record.
+    pub fn write_run_records(
+        &self,
+        run_dir: &Path,
+        tasks: &[Task],
+        fewshot_seed: u64,
+        lms: &[(&str, &RetrievalLm)],
+    ) -> Result<()> {
+        let json = serde_json::to_vec_pretty(&self.settings_json())?;
+        std::fs::write(run_dir.join("retrieval.json"), json).with_context(|| {
+            format!("cannot write {}", run_dir.join("retrieval.json").display())
+        })?;
+        if self.store.is_none() {
+            return Ok(());
+        }
+        let mut per_sample = Rows::default();
+        let mut per_unit = Rows::default();
+        for (label, lm) in lms {
+            let log = lm
+                .log
+                .lock()
+                .map_err(|_| anyhow::anyhow!("attribution log poisoned"))?;
+            for t in tasks {
+                for inst in t.instances(fewshot_seed)? {
+                    // Mean weight per document over all scored units of the sample's requests.
+                    let mut units = 0u32;
+                    let mut sums: BTreeMap<(String, String, String), f64> = BTreeMap::new();
+                    for (ri, req) in inst.requests.iter().enumerate() {
+                        let Some(a) = log.get(&request_key(req)) else {
+                            continue;
+                        };
+                        units += a.units;
+                        for c in &a.contributions {
+                            *sums
+                                .entry((c.doc_id.clone(), c.owner.clone(), c.license.clone()))
+                                .or_default() += c.weight;
+                            per_unit.push(label, t.name(), inst.doc_id, ri, Some(c.unit), c);
+                        }
+                    }
+                    for ((doc, owner, license), w) in sums {
+                        let c = Contribution {
+                            unit: 0,
+                            block_id: 0,
+                            doc_id: doc,
+                            owner,
+                            license,
+                            weight: w / f64::from(units.max(1)),
+                        };
+                        per_sample.push(label, t.name(), inst.doc_id, 0, None, &c);
+                    }
+                }
+            }
+        }
+        per_sample.write(&run_dir.join("attribution.parquet"), false)?;
+        per_unit.write(&run_dir.join("attribution_units.parquet"), true)?;
+        Ok(())
+    }
+}
+
+/// Columns of the attribution tables.
+#[derive(Default)]
+struct Rows {
+    variant: Vec<String>,
+    task: Vec<String>,
+    doc: Vec<i64>,
+    request: Vec<i64>,
+    unit: Vec<i64>,
+    block: Vec<i64>,
+    source: Vec<String>,
+    owner: Vec<String>,
+    license: Vec<String>,
+    weight: Vec<f64>,
+}
+
+impl Rows {
+    fn push(
+        &mut self,
+        variant: &str,
+        task: &str,
+        doc: usize,
+        request: usize,
+        unit: Option<u32>,
+        c: &Contribution,
+    ) {
+        self.variant.push(variant.to_string());
+        self.task.push(task.to_string());
+        self.doc.push(doc as i64);
+        self.request.push(request as i64);
+        self.unit.push(unit.map_or(0, i64::from));
+        self.block.push(c.block_id as i64);
+        self.source.push(c.doc_id.clone());
+        self.owner.push(c.owner.clone());
+        self.license.push(c.license.clone());
+        self.weight.push(c.weight);
+    }
+
+    fn write(self, path: &Path, units: bool) -> Result<()> {
+        let s = |v: Vec<String>| Arc::new(StringArray::from(v)) as ArrayRef;
+        let i = |v: Vec<i64>| Arc::new(Int64Array::from(v)) as ArrayRef;
+        let mut cols: Vec<(&str, ArrayRef)> = vec![
+            ("variant", s(self.variant)),
+            ("task", s(self.task)),
+            ("doc_id", i(self.doc)),
+        ];
+        if units {
+            cols.push(("request", i(self.request)));
+            cols.push(("unit", i(self.unit)));
+            cols.push(("block_id", i(self.block)));
+        }
+        cols.extend([
+            ("source_doc_id", s(self.source)),
+            ("owner", s(self.owner)),
+            ("license", s(self.license)),
+            (
+                "weight",
+                Arc::new(Float64Array::from(self.weight)) as ArrayRef,
+            ),
+        ]);
+        let batch = RecordBatch::try_from_iter(cols)?;
+        crate::commands::write_atomic(path, |tmp| {
+            let f = std::fs::File::create(tmp)
+                .with_context(|| format!("cannot create {}", tmp.display()))?;
+            let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None)?;
+            w.write(&batch)?;
+            w.close()?;
+            Ok(())
+        })
+    }
+}
+
+/// An engine model with a datastore (or only the SILO perplexity protocol).
+pub struct RetrievalLm<'a> {
+    model: &'a Model,
+    tokenizer: &'a Tokenizer,
+    prefix: u32,
+    max_length: usize,
+    mask: Option<ExpertMask>,
+    r: &'a Retrieval,
+    log: Mutex<HashMap<u64, Attribution>>,
+}
+
+/// A token-level scoring job: context, continuation, and the sources of the retrieved prefix.
+struct Job {
+    ctx: Vec<u32>,
+    cont: Vec<u32>,
+    sources: Vec<Contribution>,
+}
+
+/// SILO's evaluation windows: the first scores its `window` tokens after `prefix`; each later one
+/// scores the next `stride` tokens with the preceding `window - stride` as context. The scored spans
+/// tile the tokens exactly once.
+pub fn silo_windows(
+    tokens: &[u32],
+    prefix: u32,
+    window: usize,
+    stride: usize,
+) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let mut out = Vec::new();
+    if tokens.is_empty() || window == 0 || stride == 0 {
+        return out;
+    }
+    let first = window.min(tokens.len());
+    out.push((vec![prefix], tokens[..first].to_vec()));
+    let mut end = first;
+    while end < tokens.len() {
+        let next = (end + stride).min(tokens.len());
+        let start = next.saturating_sub(window).min(end - 1);
+        out.push((tokens[start..end].to_vec(), tokens[end..next].to_vec()));
+        end = next;
+    }
+    out
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    logits.iter().map(|&x| x as f64 - lse).collect()
+}
+
+impl RetrievalLm<'_> {
+    fn store(&self) -> Option<&Datastore> {
+        self.r.store.as_ref()
+    }
+
+    /// RIC-LM: retrieves for the tokens before a scored span; returns the prefix tokens and sources.
+    fn retrieve(&self, before: &[u32]) -> Result<(Vec<u32>, Vec<Contribution>), ModelError> {
+        let (Some(store), Some(Mode::Ric)) = (self.store(), self.r.mode) else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let q = &before[before.len().saturating_sub(self.r.query_tokens)..];
+        // Special tokens (the BOS/EOS prefix) are left out of the query.
+        let text = self.tokenizer.decode(q)?;
+        let hits = store.search(&text, self.r.k)?;
+        let total: f64 = hits.iter().map(|h| f64::from(h.score)).sum();
+        let mut prefix = Vec::new();
+        let mut sources = Vec::new();
+        for h in hits {
+            sources.push(Contribution {
+                unit: 0,
+                block_id: h.block_id,
+                doc_id: h.doc_id,
+                owner: h.owner,
+                license: h.license,
+                weight: f64::from(h.score) / total.max(f64::MIN_POSITIVE),
+            });
+            prefix.extend(h.tokens);
+        }
+        Ok((prefix, sources))
+    }
+
+    /// Builds the jobs of (context, continuation) pairs: retrieval prepended (RIC-LM), then the
+    /// harness's left truncation to the model's length.
+    fn jobs(&self, pairs: Vec<(Vec<u32>, Vec<u32>)>) -> Result<Vec<Job>, ModelError> {
+        pairs
+            .into_par_iter()
+            .map(|(ctx, cont)| {
+                // The first rolling window's context is only the prefix token: nothing to retrieve with.
+                let real_context = !(ctx.len() == 1 && ctx[0] == self.prefix);
+                let (mut pre, sources) = if real_context {
+                    self.retrieve(&ctx)?
+                } else {
+                    (Vec::new(), Vec::new())
+                };
+                pre.extend(ctx);
+                let (ctx, cont) = truncate_left(pre, cont, self.max_length);
+                Ok(Job { ctx, cont, sources })
+            })
+            .collect()
+    }
+
+    /// Scores jobs; returns per job the summed log-likelihood, greediness and per-token sources.
+    fn score(&self, jobs: &[Job]) -> Result<Vec<(Loglikelihood, Attribution)>, ModelError> {
+        if self.r.mode == Some(Mode::Knn) {
+            return self.score_knn(jobs);
+        }
+        let live: Vec<usize> = (0..jobs.len())
+            .filter(|&i| !jobs[i].cont.is_empty())
+            .collect();
+        let batch: Vec<ScoreRequest> = live
+            .iter()
+            .map(|&i| ScoreRequest {
+                context: jobs[i].ctx.clone(),
+                continuation: jobs[i].cont.clone(),
+            })
+            .collect();
+        let opts = ScoreOptions {
+            mask: self.mask.clone(),
+            ..ScoreOptions::default()
+        };
+        let scores = loglikelihood(self.model, &batch, &opts)?;
+        let mut out: Vec<(Loglikelihood, Attribution)> = jobs
+            .iter()
+            .map(|_| {
+                (
+                    Loglikelihood {
+                        logprob: 0.0,
+                        is_greedy: true,
+                    },
+                    Attribution::default(),
+                )
+            })
+            .collect();
+        for (&i, s) in live.iter().zip(scores) {
+            out[i].0 = Loglikelihood {
+                logprob: s.total(),
+                is_greedy: s.is_greedy(),
+            };
+        }
+        for (o, j) in out.iter_mut().zip(jobs) {
+            o.1 = Attribution {
+                units: 1,
+                contributions: j.sources.clone(),
+            };
+        }
+        Ok(out)
+    }
+
+    /// kNN-LM scoring: one forward pass per job over context + continuation (but its last token).
+    fn score_knn(&self, jobs: &[Job]) -> Result<Vec<(Loglikelihood, Attribution)>, ModelError> {
+        jobs.iter()
+            .map(|j| {
+                if j.cont.is_empty() {
+                    return Ok((
+                        Loglikelihood {
+                            logprob: 0.0,
+                            is_greedy: true,
+                        },
+                        Attribution::default(),
+                    ));
+                }
+                let mut seq = j.ctx.clone();
+                seq.extend_from_slice(&j.cont[..j.cont.len() - 1]);
+                let mut cache = self.model.new_cache();
+                let fwd = self.model.forward(
+                    &mut [SeqInput {
+                        tokens: &seq,
+                        cache: &mut cache,
+                        mask: self.mask.as_ref(),
+                    }],
+                    false,
+                )?;
+                let rows = fwd.hidden.narrow(0, j.ctx.len() - 1, j.cont.len())?;
+                let logits = self.model.logits(&rows)?.to_vec2::<f32>()?;
+                let keys = rows.to_vec2::<f32>()?;
+                let per_token: Vec<(f64, bool, Vec<Contribution>)> = keys
+                    .par_iter()
+                    .zip(logits.par_iter())
+                    .zip(j.cont.par_iter())
+                    .enumerate()
+                    .map(|(u, ((key, logits), &y))| self.knn_token(u as u32, key, logits, y))
+                    .collect::<Result<_, ModelError>>()?;
+                let logprob = per_token.iter().map(|t| t.0).sum();
+                let is_greedy = per_token.iter().all(|t| t.1);
+                let contributions = per_token.into_iter().flat_map(|t| t.2).collect();
+                Ok((
+                    Loglikelihood { logprob, is_greedy },
+                    Attribution {
+                        units: j.cont.len() as u32,
+                        contributions,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// The mixed distribution at one position: (log p(y), whether y is its argmax, sources).
+    fn knn_token(
+        &self,
+        unit: u32,
+        key: &[f32],
+        logits: &[f32],
+        y: u32,
+    ) -> Result<(f64, bool, Vec<Contribution>), ModelError> {
+        let lp = log_softmax(logits);
+        let (mixed, sources) = self.mix(key, &lp, unit)?;
+        let lp_y = mixed.as_ref().map_or(lp[y as usize], |m| m[y as usize]);
+        let dist = mixed.as_ref().unwrap_or(&lp);
+        let best = argmax(dist);
+        Ok((lp_y, best == y as usize, sources))
+    }
+
+    /// log p over the vocabulary after interpolation (`None`: no neighbours, p_LM unchanged).
+    #[allow(clippy::type_complexity)]
+    fn mix(
+        &self,
+        key: &[f32],
+        lp: &[f64],
+        unit: u32,
+    ) -> Result<(Option<Vec<f64>>, Vec<Contribution>), ModelError> {
+        let (Some(store), Some(knn)) = (self.store(), self.store().and_then(|s| s.knn())) else {
+            return Ok((None, Vec::new()));
+        };
+        let nn = knn.search(key, self.r.k);
+        if nn.is_empty() || self.r.lambda == 0.0 {
+            return Ok((None, Vec::new()));
+        }
+        let w = neighbor_weights(&nn, self.r.temperature);
+        let mut p_knn = vec![0.0f64; lp.len()];
+        // Sources: lambda x weight, summed per document.
+        let mut per_doc: BTreeMap<u64, f64> = BTreeMap::new();
+        for (n, &wi) in nn.iter().zip(&w) {
+            let v = knn.value(n.entry) as usize;
+            if v < p_knn.len() {
+                p_knn[v] += wi;
+            }
+            *per_doc.entry(knn.block(n.entry)).or_default() += self.r.lambda * wi;
+        }
+        let l = self.r.lambda;
+        let mixed = lp
+            .iter()
+            .zip(&p_knn)
+            .map(|(&a, &b)| ((1.0 - l) * a.exp() + l * b).ln())
+            .collect();
+        let mut sources: Vec<Contribution> = Vec::new();
+        for (block, weight) in per_doc {
+            let src = store
+                .source(block)?
+                .cloned()
+                .unwrap_or_else(|| datastore::Source {
+                    doc_id: format!("block {block}"),
+                    owner: String::new(),
+                    license: String::new(),
+                });
+            // Several blocks of one document: one row per document.
+            match sources.iter_mut().find(|c| c.doc_id == src.doc_id) {
+                Some(c) => c.weight += weight,
+                None => sources.push(Contribution {
+                    unit,
+                    block_id: block,
+                    doc_id: src.doc_id,
+                    owner: src.owner,
+                    license: src.license,
+                    weight,
+                }),
+            }
+        }
+        Ok((Some(mixed), sources))
+    }
+
+    fn record(&self, req: Request, a: Attribution) {
+        if let Ok(mut log) = self.log.lock() {
+            log.insert(request_key(&req), a);
+        }
+    }
+
+    fn windows(&self, tokens: &[u32]) -> Vec<(Vec<u32>, Vec<u32>)> {
+        match self.r.window {
+            Some((w, s)) => silo_windows(tokens, self.prefix, w, s),
+            None => rolling_windows(tokens, self.prefix, self.max_length),
+        }
+    }
+
+    /// kNN-LM greedy decoding, one token at a time.
+    fn generate_knn(
+        &self,
+        ids: Vec<u32>,
+        r: &GenerateRequest,
+    ) -> Result<(String, Attribution), ModelError> {
+        if r.temperature > 0.0 {
+            return Err(
+                "kNN-LM generation supports greedy decoding only (do_sample: false)".into(),
+            );
+        }
+        let eos = &self.model.config().eos_token_ids;
+        let mut cache = self.model.new_cache();
+        let mut feed = ids;
+        let mut out: Vec<u32> = Vec::new();
+        let mut att = Attribution::default();
+        let stops: Vec<&String> = r.until.iter().filter(|s| !s.is_empty()).collect();
+        for step in 0..r.max_gen_toks {
+            let fwd = self.model.forward(
+                &mut [SeqInput {
+                    tokens: &feed,
+                    cache: &mut cache,
+                    mask: self.mask.as_ref(),
+                }],
+                false,
+            )?;
+            let last = fwd.hidden.narrow(0, feed.len() - 1, 1)?;
+            let logits = self.model.logits(&last)?.to_vec2::<f32>()?.remove(0);
+            let key = last.to_vec2::<f32>()?.remove(0);
+            let lp = log_softmax(&logits);
+            let (mixed, sources) = self.mix(&key, &lp, step as u32)?;
+            let tok = argmax(mixed.as_ref().unwrap_or(&lp)) as u32;
+            att.units += 1;
+            att.contributions.extend(sources);
+            if eos.contains(&tok) {
+                break;
+            }
+            out.push(tok);
+            let text = self.tokenizer.decode(&out)?;
+            if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+                return Ok((text[..cut].to_string(), att));
+            }
+            if cache.len() + 1 > self.max_length {
+                break;
+            }
+            feed = vec![tok];
+        }
+        Ok((self.tokenizer.decode(&out)?, att))
+    }
+}
+
+fn argmax(v: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+impl LanguageModel for RetrievalLm<'_> {
+    fn loglikelihood(
+        &self,
+        requests: &[LoglikelihoodRequest],
+    ) -> Result<Vec<Loglikelihood>, ModelError> {
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> = requests
+            .par_iter()
+            .map(|r| {
+                encode_pair(
+                    |s| self.tokenizer.encode(s),
+                    &r.context,
+                    &r.continuation,
+                    self.prefix,
+                )
+            })
+            .collect::<Result<_, engine::Error>>()?;
+        let jobs = self.jobs(pairs)?;
+        let scored = self.score(&jobs)?;
+        Ok(requests
+            .iter()
+            .zip(scored)
+            .map(|(r, (ll, a))| {
+                self.record(Request::Loglikelihood(r.clone()), a);
+                ll
+            })
+            .collect())
+    }
+
+    fn loglikelihood_rolling(&self, texts: &[String]) -> Result<Vec<f64>, ModelError> {
+        let windows: Vec<Vec<(Vec<u32>, Vec<u32>)>> = texts
+            .par_iter()
+            .map(|t| Ok(self.windows(&self.tokenizer.encode(t)?)))
+            .collect::<Result<_, engine::Error>>()?;
+        let counts: Vec<usize> = windows.iter().map(Vec::len).collect();
+        let jobs = self.jobs(windows.into_iter().flatten().collect())?;
+        let scored = self.score(&jobs)?;
+        let mut it = scored.into_iter();
+        Ok(texts
+            .iter()
+            .zip(counts)
+            .map(|(t, n)| {
+                let mut total = 0.0;
+                let mut att = Attribution::default();
+                for (ll, a) in it.by_ref().take(n) {
+                    total += ll.logprob;
+                    // Units count up across the text's windows.
+                    let base = att.units;
+                    att.units += a.units;
+                    att.contributions
+                        .extend(a.contributions.into_iter().map(|mut c| {
+                            c.unit += base;
+                            c
+                        }));
+                }
+                self.record(Request::Rolling(t.clone()), att);
+                total
+            })
+            .collect())
+    }
+
+    fn generate_until(&self, requests: &[GenerateRequest]) -> Result<Vec<String>, ModelError> {
+        let prompts: Vec<(Vec<u32>, Vec<Contribution>)> = requests
+            .par_iter()
+            .map(|r| {
+                let mut ids = self.tokenizer.encode(&r.context)?;
+                // The harness keeps the last max_length - max_gen_toks context tokens.
+                let keep = self.max_length.saturating_sub(r.max_gen_toks).max(1);
+                let (mut pre, sources) = if ids.is_empty() {
+                    (Vec::new(), Vec::new())
+                } else {
+                    self.retrieve(&ids)?
+                };
+                pre.append(&mut ids);
+                if pre.len() > keep {
+                    pre.drain(..pre.len() - keep);
+                }
+                if pre.is_empty() {
+                    pre.push(self.prefix);
+                }
+                Ok((pre, sources))
+            })
+            .collect::<Result<_, ModelError>>()?;
+        if self.r.mode == Some(Mode::Knn) {
+            return requests
+                .iter()
+                .zip(prompts)
+                .map(|(r, (ids, _))| {
+                    let (text, att) = self.generate_knn(ids, r)?;
+                    self.record(Request::Generate(r.clone()), att);
+                    Ok(text)
+                })
+                .collect();
+        }
+        let batch: Vec<(Vec<u32>, GenParams)> = requests
+            .iter()
+            .zip(&prompts)
+            .map(|(r, (ids, _))| {
+                (
+                    ids.clone(),
+                    GenParams {
+                        max_new_tokens: r.max_gen_toks,
+                        temperature: r.temperature,
+                        top_p: r.top_p,
+                        seed: r.seed,
+                        stop: r.until.iter().filter(|s| !s.is_empty()).cloned().collect(),
+                        stop_at_eos: true,
+                    },
+                )
+            })
+            .collect();
+        let out = generate(self.model, &batch, self.mask.as_ref())?;
+        Ok(requests
+            .iter()
+            .zip(prompts)
+            .zip(out)
+            .map(|((r, (_, sources)), g)| {
+                self.record(
+                    Request::Generate(r.clone()),
+                    Attribution {
+                        units: 1,
+                        contributions: sources,
+                    },
+                );
+                g.text
+            })
+            .collect())
+    }
+}
+
+/// SHA-256 over a model's `config.json` and its weight files' names and sizes: identifies the model
+/// whose hidden states are a store's kNN keys without reading gigabytes.
+pub fn model_fingerprint(dir: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let cfg = dir.join("config.json");
+    h.update(std::fs::read(&cfg).with_context(|| format!("cannot read {}", cfg.display()))?);
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().map(|m| m.len()).unwrap_or(0),
+            )
+        })
+        .collect();
+    files.sort();
+    for (name, len) in files {
+        h.update(format!("{name}:{len}\n"));
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Computes kNN-LM keys for every position of a store (`moeval datastore knn`). Each block supplies
+/// the positions the previous block of its document did not, so every next-token target appears once,
+/// with at least `block - stride` tokens of context. Returns the number of entries.
+pub fn build_knn_keys(
+    store_dir: &Path,
+    model: &Model,
+    model_dir: &Path,
+    progress: &dyn Fn(u64, u64),
+) -> Result<u64> {
+    let store = Datastore::open(store_dir)?;
+    let m = store.manifest().clone();
+    let max = model.config().max_position_embeddings;
+    if m.block > max {
+        bail!("blocks of {} tokens do not fit the model's context of {max}; rebuild the store with --block {max} or less", m.block);
+    }
+    let vocab = model.config().vocab_size as u32;
+    let blocks = store.blocks()?;
+    drop(store);
+    let mut w = datastore::knn::KnnWriter::create(store_dir, model.config().hidden_size)?;
+    let total = blocks.len() as u64;
+    // Several blocks per forward pass; rows come back in input order.
+    for (ci, chunk) in blocks.chunks(16).enumerate() {
+        if let Some(b) = chunk.iter().find(|b| b.tokens.iter().any(|&t| t >= vocab)) {
+            bail!("block {} has token ids outside the model's vocabulary: was the store built with this model's tokenizer?", b.block_id);
+        }
+        let mut caches: Vec<_> = chunk.iter().map(|_| model.new_cache()).collect();
+        let mut inputs: Vec<SeqInput> = chunk
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(b, cache)| SeqInput {
+                tokens: &b.tokens,
+                cache,
+                mask: None,
+            })
+            .collect();
+        let fwd = model.forward(&mut inputs, false)?;
+        drop(inputs);
+        for (b, &s) in chunk.iter().zip(&fwd.starts) {
+            let n = b.tokens.len();
+            let lo = if b.start == 0 {
+                0
+            } else {
+                (m.block - m.stride).saturating_sub(1)
+            };
+            if n < 2 || lo >= n - 1 {
+                continue;
+            }
+            let rows = fwd.hidden.narrow(0, s + lo, n - 1 - lo)?;
+            let keys: Vec<f32> = rows.flatten_all()?.to_vec1()?;
+            w.push(b.block_id, &keys, &b.tokens[lo + 1..])?;
+        }
+        progress(((ci + 1) * 16).min(blocks.len()) as u64, total);
+    }
+    let name = model_dir
+        .canonicalize()
+        .unwrap_or_else(|_| model_dir.to_path_buf());
+    Ok(w.finish(&name.display().to_string(), &model_fingerprint(model_dir)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silo_windows_tile_the_tokens() {
+        let toks: Vec<u32> = (10..30).collect();
+        let w = silo_windows(&toks, 0, 8, 4);
+        assert_eq!(w[0], (vec![0], (10..18).collect::<Vec<_>>()));
+        assert_eq!(
+            w[1],
+            ((14..18).collect::<Vec<_>>(), (18..22).collect::<Vec<_>>())
+        );
+        let scored: Vec<u32> = w.iter().flat_map(|p| p.1.clone()).collect();
+        assert_eq!(scored, toks);
+        // Every window (context + scored) spans at most 8 tokens.
+        assert!(w.iter().skip(1).all(|(c, s)| c.len() + s.len() <= 8));
+        // The last, shorter step keeps a full window of context.
+        let w = silo_windows(&toks[..19], 0, 8, 4);
+        let last = w.last().unwrap();
+        assert_eq!(last.0, (21..26).collect::<Vec<u32>>());
+        assert_eq!(last.1, (26..29).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn log_softmax_normalises() {
+        let lp = log_softmax(&[1.0, 2.0, 3.0]);
+        let s: f64 = lp.iter().map(|x| x.exp()).sum();
+        assert!((s - 1.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,342 @@
+//! Super-NaturalInstructions task files (`taskNNN_name.json`: `Definition`, `Positive Examples` with
+//! explanations, `Instances` with several reference outputs, `Reasoning`) read from a folder and
+//! turned into prompts in one of three modes (zero-shot, few-shot, few-shot with explanations;
+//! OPT-R). Scoring is plain task data: exact match and ROUGE-L, max over the references.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::dataset::Doc;
+use crate::error::{Error, Result};
+use crate::suite::Spec;
+use crate::task::LoadOptions;
+
+/// How a prompt is built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Definition + input.
+    ZeroShot,
+    /// Definition + k positive examples + input.
+    FewShot,
+    /// As few-shot, each example followed by its explanation.
+    FewShotExplained,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "zero_shot" => Some(Mode::ZeroShot),
+            "few_shot" => Some(Mode::FewShot),
+            "few_shot_explained" => Some(Mode::FewShotExplained),
+            _ => None,
+        }
+    }
+}
+
+/// A positive example of a task file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Example {
+    pub input: String,
+    pub output: String,
+    pub explanation: Option<String>,
+}
+
+/// One evaluation instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Instance {
+    pub id: String,
+    pub input: String,
+    pub outputs: Vec<String>,
+}
+
+/// A parsed task file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SniTask {
+    /// The file name without `.json`.
+    pub name: String,
+    pub definition: String,
+    pub positive: Vec<Example>,
+    pub instances: Vec<Instance>,
+    /// `Reasoning` labels (may be empty).
+    pub reasoning: Vec<String>,
+    pub categories: Vec<String>,
+}
+
+fn data_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Data {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// A string, or a list of strings joined by newlines (SNI writes `Definition` as a list).
+fn text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.join("\n")),
+        _ => None,
+    }
+}
+
+fn strings(v: Option<&Value>) -> Option<Vec<String>> {
+    match v {
+        None | Some(Value::Null) => Some(Vec::new()),
+        Some(Value::String(s)) => Some(vec![s.clone()]),
+        Some(Value::Array(a)) => a.iter().map(|x| x.as_str().map(str::to_string)).collect(),
+        _ => None,
+    }
+}
+
+fn field<'a>(o: &'a Map<String, Value>, key: &str, path: &Path, what: &str) -> Result<&'a Value> {
+    o.get(key)
+        .ok_or_else(|| data_err(path, format!("{what}: missing `{key}`")))
+}
+
+/// Reads one task file.
+pub fn read_task(path: &Path) -> Result<SniTask> {
+    let bytes = std::fs::read(path).map_err(|e| data_err(path, format!("cannot read: {e}")))?;
+    let v: Value =
+        serde_json::from_slice(&bytes).map_err(|e| data_err(path, format!("invalid JSON: {e}")))?;
+    let o = v
+        .as_object()
+        .ok_or_else(|| data_err(path, "a task file must be a JSON object"))?;
+    let definition = text(Some(field(o, "Definition", path, "task")?))
+        .ok_or_else(|| data_err(path, "`Definition` must be a string or a list of strings"))?;
+    let mut positive = Vec::new();
+    if let Some(p) = o.get("Positive Examples") {
+        let a = p
+            .as_array()
+            .ok_or_else(|| data_err(path, "`Positive Examples` must be a list"))?;
+        for (i, e) in a.iter().enumerate() {
+            let what = format!("Positive Examples[{i}]");
+            let e = e
+                .as_object()
+                .ok_or_else(|| data_err(path, format!("{what} must be an object")))?;
+            let get = |k: &str| -> Result<String> {
+                text(Some(field(e, k, path, &what)?))
+                    .ok_or_else(|| data_err(path, format!("{what}.{k} must be a string")))
+            };
+            positive.push(Example {
+                input: get("input")?,
+                output: get("output")?,
+                explanation: match e.get("explanation") {
+                    None | Some(Value::Null) => None,
+                    Some(x) => Some(text(Some(x)).ok_or_else(|| {
+                        data_err(path, format!("{what}.explanation must be a string"))
+                    })?),
+                },
+            });
+        }
+    }
+    let inst = field(o, "Instances", path, "task")?
+        .as_array()
+        .ok_or_else(|| data_err(path, "`Instances` must be a list"))?;
+    let mut instances = Vec::with_capacity(inst.len());
+    for (i, e) in inst.iter().enumerate() {
+        let what = format!("Instances[{i}]");
+        let e = e
+            .as_object()
+            .ok_or_else(|| data_err(path, format!("{what} must be an object")))?;
+        let outputs = strings(Some(field(e, "output", path, &what)?))
+            .filter(|o| !o.is_empty())
+            .ok_or_else(|| {
+                data_err(
+                    path,
+                    format!("{what}.output must be a non-empty list of strings"),
+                )
+            })?;
+        instances.push(Instance {
+            id: e
+                .get("id")
+                .map(crate::task::as_text)
+                .unwrap_or_else(|| i.to_string()),
+            input: text(Some(field(e, "input", path, &what)?))
+                .ok_or_else(|| data_err(path, format!("{what}.input must be a string")))?,
+            outputs,
+        });
+    }
+    let list = |k: &str| {
+        strings(o.get(k)).ok_or_else(|| data_err(path, format!("`{k}` must be a list of strings")))
+    };
+    Ok(SniTask {
+        name: path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        definition,
+        positive,
+        instances,
+        reasoning: list("Reasoning")?,
+        categories: list("Categories")?,
+    })
+}
+
+/// The prompt of one input: definition, up to `k` positive examples (with explanations in
+/// [`Mode::FewShotExplained`]), then the input, ending with `Output:` for the model to continue.
+pub fn prompt(task: &SniTask, mode: Mode, k: usize, input: &str) -> String {
+    let mut s = format!("Definition: {}\n\n", task.definition.trim());
+    if mode != Mode::ZeroShot {
+        for (i, e) in task.positive.iter().take(k).enumerate() {
+            s.push_str(&format!(
+                "Positive Example {} -\nInput: {}\nOutput: {}\n",
+                i + 1,
+                e.input.trim(),
+                e.output.trim()
+            ));
+            if mode == Mode::FewShotExplained {
+                if let Some(x) = &e.explanation {
+                    s.push_str(&format!("Explanation: {}\n", x.trim()));
+                }
+            }
+            s.push('\n');
+        }
+        s.push_str("Now complete the following example -\n");
+    }
+    s.push_str(&format!("Input: {}\nOutput:", input.trim()));
+    s
+}
+
+/// Task files of a folder (`*.json`, sorted by name), or the one file given.
+fn task_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    if dir.is_file() {
+        return Ok(vec![dir.to_path_buf()]);
+    }
+    let rd = std::fs::read_dir(dir).map_err(|e| {
+        data_err(
+            dir,
+            format!("cannot list Super-NaturalInstructions task files: {e}"),
+        )
+    })?;
+    let mut files = Vec::new();
+    for e in rd {
+        let p = e.map_err(|e| data_err(dir, e.to_string()))?.path();
+        if p.is_file() && p.extension().is_some_and(|x| x == "json") {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Builds documents `{prompt_text, outputs, sni_task, reasoning, category, id}` from the task files of
+/// `suite.dir`: the first `max_instances` (100) instances of each file.
+pub(crate) fn load(spec: &Spec, bases: &[&Path], opts: &LoadOptions) -> Result<Vec<Doc>> {
+    spec.allow(&["dir", "mode", "k", "max_instances", "tasks"])?;
+    let dir = spec.path("dir", bases, &opts.data_dir)?;
+    let mode_s = spec.str_or("mode", "few_shot_explained")?;
+    let mode = Mode::parse(&mode_s).ok_or_else(|| {
+        spec.err(format!(
+            "suite.mode `{mode_s}` (use zero_shot, few_shot or few_shot_explained)"
+        ))
+    })?;
+    // --num-fewshot overrides the number of positive examples.
+    let k = opts.num_fewshot.unwrap_or(spec.uint("k", 2)? as usize);
+    let max = spec.uint("max_instances", 100)? as usize;
+    let only = spec.list("tasks")?;
+    let mut files = task_files(&dir)?;
+    if let Some(only) = &only {
+        for name in only {
+            if !files
+                .iter()
+                .any(|f| f.file_stem().is_some_and(|s| s == name.as_str()))
+            {
+                return Err(spec.err(format!(
+                    "suite.tasks names `{name}`, which is not a task file in {}",
+                    dir.display()
+                )));
+            }
+        }
+        files.retain(|f| {
+            f.file_stem()
+                .is_some_and(|s| only.iter().any(|n| s == n.as_str()))
+        });
+    }
+    if files.is_empty() {
+        return Err(data_err(
+            &dir,
+            "no Super-NaturalInstructions task files (*.json) here",
+        ));
+    }
+    let mut docs = Vec::new();
+    for f in files {
+        let t = read_task(&f)?;
+        if mode != Mode::ZeroShot && t.positive.len() < k {
+            return Err(data_err(
+                &f,
+                format!(
+                    "{k} positive examples requested but the file has {}",
+                    t.positive.len()
+                ),
+            ));
+        }
+        if mode == Mode::FewShotExplained {
+            if let Some(i) = t.positive[..k].iter().position(|e| e.explanation.is_none()) {
+                return Err(data_err(
+                    &f,
+                    format!("Positive Examples[{i}] has no explanation (mode few_shot_explained)"),
+                ));
+            }
+        }
+        let first = |v: &[String]| v.first().cloned().unwrap_or_else(|| "none".into());
+        for inst in t.instances.iter().take(max) {
+            let mut d = Map::new();
+            d.insert(
+                "prompt_text".into(),
+                prompt(&t, mode, k, &inst.input).into(),
+            );
+            d.insert(
+                "outputs".into(),
+                Value::Array(inst.outputs.iter().cloned().map(Value::String).collect()),
+            );
+            d.insert("sni_task".into(), t.name.clone().into());
+            // The first label: a task counts once in the per-skill scores.
+            d.insert("reasoning".into(), first(&t.reasoning).into());
+            d.insert("category".into(), first(&t.categories).into());
+            d.insert("id".into(), inst.id.clone().into());
+            docs.push(d);
+        }
+    }
+    Ok(docs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> SniTask {
+        SniTask {
+            name: "task1_x".into(),
+            definition: "Add the numbers.".into(),
+            positive: vec![Example {
+                input: "1 + 1".into(),
+                output: "2".into(),
+                explanation: Some("One and one make two.".into()),
+            }],
+            instances: vec![],
+            reasoning: vec![],
+            categories: vec![],
+        }
+    }
+
+    #[test]
+    fn three_modes() {
+        let t = task();
+        assert_eq!(
+            prompt(&t, Mode::ZeroShot, 1, "2 + 3"),
+            "Definition: Add the numbers.\n\nInput: 2 + 3\nOutput:"
+        );
+        let fs = prompt(&t, Mode::FewShot, 1, "2 + 3");
+        assert_eq!(
+            fs,
+            "Definition: Add the numbers.\n\nPositive Example 1 -\nInput: 1 + 1\nOutput: 2\n\n\
+             Now complete the following example -\nInput: 2 + 3\nOutput:"
+        );
+        let fe = prompt(&t, Mode::FewShotExplained, 1, "2 + 3");
+        assert!(fe.contains("Output: 2\nExplanation: One and one make two.\n\nNow complete"));
+    }
+}
