@@ -402,6 +402,50 @@ pub fn silo_windows(
     out
 }
 
+/// One block that RIC-LM retrieved for a context.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetrievedBlock {
+    pub block_id: u64,
+    pub doc_id: String,
+    pub owner: String,
+    pub license: String,
+    /// BM25 score.
+    pub score: f32,
+    /// Share of the retrieved blocks' summed BM25 score.
+    pub weight: f64,
+    /// The block's tokens, to prepend to the context (best block first).
+    pub tokens: Vec<u32>,
+}
+
+/// RIC-LM retrieval exactly as `moeval eval --retrieval ric` does it: the query is the last
+/// `query_tokens` of `before`, decoded (special tokens dropped) and searched with BM25 for the top `k`
+/// blocks. Shared with the server so both retrieve the same blocks for the same tokens.
+pub fn ric_retrieve(
+    store: &Datastore,
+    tokenizer: &Tokenizer,
+    before: &[u32],
+    k: usize,
+    query_tokens: usize,
+) -> Result<Vec<RetrievedBlock>, ModelError> {
+    let q = &before[before.len().saturating_sub(query_tokens)..];
+    // Special tokens (the BOS/EOS prefix) are left out of the query.
+    let text = tokenizer.decode(q)?;
+    let hits = store.search(&text, k)?;
+    let total: f64 = hits.iter().map(|h| f64::from(h.score)).sum();
+    Ok(hits
+        .into_iter()
+        .map(|h| RetrievedBlock {
+            block_id: h.block_id,
+            weight: f64::from(h.score) / total.max(f64::MIN_POSITIVE),
+            score: h.score,
+            doc_id: h.doc_id,
+            owner: h.owner,
+            license: h.license,
+            tokens: h.tokens,
+        })
+        .collect())
+}
+
 fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = max
@@ -423,23 +467,19 @@ impl RetrievalLm<'_> {
         let (Some(store), Some(Mode::Ric)) = (self.store(), self.r.mode) else {
             return Ok((Vec::new(), Vec::new()));
         };
-        let q = &before[before.len().saturating_sub(self.r.query_tokens)..];
-        // Special tokens (the BOS/EOS prefix) are left out of the query.
-        let text = self.tokenizer.decode(q)?;
-        let hits = store.search(&text, self.r.k)?;
-        let total: f64 = hits.iter().map(|h| f64::from(h.score)).sum();
+        let blocks = ric_retrieve(store, self.tokenizer, before, self.r.k, self.r.query_tokens)?;
         let mut prefix = Vec::new();
         let mut sources = Vec::new();
-        for h in hits {
+        for b in blocks {
             sources.push(Contribution {
                 unit: 0,
-                block_id: h.block_id,
-                doc_id: h.doc_id,
-                owner: h.owner,
-                license: h.license,
-                weight: f64::from(h.score) / total.max(f64::MIN_POSITIVE),
+                block_id: b.block_id,
+                doc_id: b.doc_id,
+                owner: b.owner,
+                license: b.license,
+                weight: b.weight,
             });
-            prefix.extend(h.tokens);
+            prefix.extend(b.tokens);
         }
         Ok((prefix, sources))
     }

@@ -226,10 +226,11 @@ fn openai_endpoints_masks_policy_and_errors() {
     bad["moeval"] = json!({"opt_out": ["0,1,2,3"]});
     assert_error(&s.post("/v1/completions", &bad), 400, "at least one expert");
     bad["moeval"] = json!({"retrieval": {"mode": "knn"}});
+    // kNN-LM runs in `moeval eval` only; the server says so (with or without a datastore).
     assert_error(
         &s.post("/v1/completions", &bad),
         400,
-        "retrieval is not supported",
+        "not in the server yet",
     );
     let mut big = body.clone();
     big["max_tokens"] = json!(65);
@@ -754,4 +755,243 @@ fn fuzzed_bodies_never_crash_the_server() {
         }
     }
     assert_eq!(s.get("/health").status, 200);
+}
+
+/// Builds a datastore of `tests/data/datastore/{input}` with the fixture's tokenizer: 128-token blocks
+/// every 64 tokens (the fixture's context is 256), as `tests/datastore_cli.rs` does.
+fn build_store(input: &str, out: &Path) {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/datastore");
+    let o = Command::new(env!("CARGO_BIN_EXE_moeval"))
+        .args(["--threads", "2", "datastore", "build", "--input"])
+        .arg(data.join(input))
+        .arg("--tokenizer")
+        .arg(fixture())
+        .arg("--out")
+        .arg(out)
+        .args(["--block", "128", "--stride", "64"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn sha256_file(p: &Path) -> String {
+    Sha256::digest(std::fs::read(p).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn prompt_logprobs(r: &HttpResponse) -> Vec<Option<f64>> {
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(Value::as_f64)
+        .collect()
+}
+
+#[test]
+fn ric_retrieval_attributes_scores_only_the_prompt_and_honours_opt_out() {
+    let dir = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    build_store("corpus.jsonl", &store);
+    let s = Server::start(dir.path(), &["--datastore", store.to_str().unwrap()]);
+    let tok = engine::Tokenizer::from_file(&fixture().join("tokenizer.json")).unwrap();
+    let prompt: Vec<u32> = tok
+        .encode("The river delta and estuary: tide, silt and sediment in the channel")
+        .unwrap();
+    let ric = json!({"mode": "ric", "k": 1, "query_tokens": 512});
+    let scoring = |moeval: Value, ids: &[u32]| {
+        json!({"prompt": [ids], "max_tokens": 0, "echo": true, "logprobs": 1, "temperature": 0,
+               "moeval": moeval})
+    };
+    let r = s.post(
+        "/v1/completions",
+        &scoring(json!({"retrieval": ric}), &prompt),
+    );
+    let with_ric = prompt_logprobs(&r);
+    let v = r.json();
+    let info = &v["moeval"]["retrieval"];
+    // Attribution names the river document, with the store's identity and its (empty) exclusions.
+    let docs = info["documents"].as_array().unwrap();
+    assert_eq!(docs.len(), 1, "{info}");
+    assert_eq!(docs[0]["owner"], "river_trust", "{info}");
+    assert!(docs[0]["document_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("river_trust-"));
+    assert_eq!(docs[0]["license"], "cc-by");
+    assert!(docs[0]["score"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        info["datastore"]["identity"],
+        sha256_file(&store.join("manifest.json"))
+    );
+    assert_eq!(info["datastore"]["excluded_owners"], json!([]));
+    assert!(v["moeval"]["effective_mask"]["experts"].is_array());
+    // Neither echoed nor counted: the prompt's own tokens only.
+    assert_eq!(with_ric.len(), prompt.len());
+    assert!(with_ric[0].is_none());
+    assert_eq!(v["usage"]["prompt_tokens"], prompt.len());
+    assert_eq!(
+        v["choices"][0]["text"].as_str().unwrap(),
+        tok.decode(&prompt).unwrap()
+    );
+
+    // The prompt's log-probs equal scoring [retrieved block ++ prompt] without retrieval, read from
+    // the prompt's second token on: the block is context, never scored.
+    let block_id = docs[0]["block_id"].as_u64().unwrap();
+    let block = datastore::Datastore::open(&store)
+        .unwrap()
+        .blocks()
+        .unwrap()
+        .into_iter()
+        .find(|b| b.block_id == block_id)
+        .unwrap()
+        .tokens;
+    assert_eq!(info["retrieved_tokens"], json!([block.len()]));
+    let full: Vec<u32> = block.iter().chain(&prompt).copied().collect();
+    let plain_full = prompt_logprobs(&s.post("/v1/completions", &scoring(json!({}), &full)));
+    for (i, got) in with_ric.iter().enumerate().skip(1) {
+        let want = plain_full[block.len() + i].unwrap();
+        assert!(
+            (got.unwrap() - want).abs() < 1e-4,
+            "token {i}: {got:?} vs {want}"
+        );
+    }
+    let plain = prompt_logprobs(&s.post("/v1/completions", &scoring(json!({}), &prompt)));
+    assert_ne!(plain, with_ric, "retrieved context changes the scores");
+
+    // Chat and generation use it too.
+    let r = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "tide silt delta estuary"}],
+                "max_tokens": 2, "temperature": 0, "moeval": {"retrieval": {"mode": "ric"}}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["moeval"]["retrieval"]["k"], 1);
+    assert_eq!(
+        r.json()["moeval"]["retrieval"]["documents"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Refusals: kNN-LM, bad settings.
+    let bad = |ret: Value| {
+        s.post(
+            "/v1/completions",
+            &json!({"prompt": "x", "max_tokens": 1, "moeval": {"retrieval": ret}}),
+        )
+    };
+    assert_error(
+        &bad(json!({"mode": "knn", "lambda": 0.3})),
+        400,
+        "not in the server yet",
+    );
+    assert_error(&bad(json!({"mode": "ric", "k": 0})), 400, "k must be");
+    assert_error(
+        &bad(json!({"mode": "ric", "topk": 2})),
+        400,
+        "unknown field",
+    );
+    assert_error(&bad(json!({"mode": "bm99"})), 400, "unknown retrieval mode");
+
+    // The river owner opts out of the store while the server runs: the next request never gets it.
+    let o = Command::new(env!("CARGO_BIN_EXE_moeval"))
+        .args(["datastore", "opt-out"])
+        .arg(&store)
+        .args(["--owner", "river_trust", "--reason", "withdrawn"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = s.post(
+        "/v1/completions",
+        &scoring(json!({"retrieval": {"mode": "ric", "k": 16}}), &prompt),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let info = r.json()["moeval"]["retrieval"].clone();
+    assert_eq!(info["datastore"]["excluded_owners"], json!(["river_trust"]));
+    assert_eq!(
+        info["datastore"]["identity"],
+        sha256_file(&store.join("manifest.json"))
+    );
+    let docs = info["documents"].as_array().unwrap();
+    assert!(docs.iter().all(|d| d["owner"] != "river_trust"), "{info}");
+}
+
+#[test]
+fn explicit_policy_file_is_enforced_and_written_by_the_admin_api() {
+    let dir = model_dir();
+    let owners = tempfile::tempdir().unwrap();
+    let policy = owners.path().join("owners-policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"opted_out": [{"expert": "news", "reason": "embargo", "since": "2024-01-01T00:00:00Z"}]}"#,
+    )
+    .unwrap();
+    let tokens = owners.path().join("tokens.toml");
+    let hex: String = Sha256::digest(b"math-secret")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(
+        &tokens,
+        format!("[[owner]]\nname = \"Math Owner\"\ntoken_sha256 = \"{hex}\"\n"),
+    )
+    .unwrap();
+    let s = Server::start(
+        dir.path(),
+        &[
+            "--policy",
+            policy.to_str().unwrap(),
+            "--admin-tokens",
+            tokens.to_str().unwrap(),
+        ],
+    );
+    let experts = s.get("/v1/experts").json();
+    let news = &experts["data"][2];
+    assert_eq!(
+        (
+            news["name"].as_str(),
+            news["status"].as_str(),
+            news["loaded"].as_bool()
+        ),
+        (Some("news"), Some("opted-out"), Some(false)),
+        "{experts}"
+    );
+    let body = json!({"prompt": "The sky is", "max_tokens": 2, "temperature": 0});
+    assert_eq!(
+        mask_of(&s.post("/v1/completions", &body)),
+        ["public", "math", "code"]
+    );
+    let mut force = body.clone();
+    force["moeval"] = json!({"experts": ["news"]});
+    assert_error(&s.post("/v1/completions", &force), 403, "embargo");
+    // Without --datastore, retrieval is refused with a clear message.
+    let mut ret = body.clone();
+    ret["moeval"] = json!({"retrieval": {"mode": "ric"}});
+    assert_error(&s.post("/v1/completions", &ret), 400, "--datastore");
+
+    let r = s.post_raw(
+        "/admin/experts/math/opt-out",
+        br#"{"reason": "licence withdrawn"}"#,
+        &[("Authorization", "Bearer math-secret")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        mask_of(&s.post("/v1/completions", &body)),
+        ["public", "code"]
+    );
+    // The change went to the --policy file and its audit log beside it, not to the model directory.
+    let p = routers::Policy::load_file(&policy).unwrap();
+    assert!(p.is_opted_out("math") && p.is_opted_out("news"));
+    let log = p.audit_log().unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].reason, "licence withdrawn");
+    assert!(owners.path().join("owners-policy.log.jsonl").exists());
+    assert!(!dir.path().join("expert-policy.json").exists());
+    assert!(!dir.path().join("expert-policy.log.jsonl").exists());
 }

@@ -47,17 +47,38 @@ struct PolicyFile {
     opted_out: Vec<OptOutEntry>,
 }
 
-/// The opt-out policy of one checkpoint directory.
+/// The opt-out policy of one checkpoint directory (or of an explicit policy file).
 #[derive(Clone, Debug)]
 pub struct Policy {
-    dir: PathBuf,
+    /// The policy file.
+    file: PathBuf,
+    /// The audit log, beside the policy file.
+    audit: PathBuf,
     opted_out: Vec<OptOutEntry>,
 }
 
 impl Policy {
     /// Reads the policy of `model_dir` (empty when there is none).
     pub fn load(model_dir: &Path) -> Result<Self, RouterError> {
-        let path = model_dir.join(POLICY_FILE);
+        Self::read(model_dir.join(POLICY_FILE), model_dir.join(AUDIT_FILE))
+    }
+
+    /// Reads the policy kept in `file` (empty when it does not exist yet), e.g. a server's `--policy`.
+    /// Its audit log lies beside it, named after it: `policy.json` logs to `policy.log.jsonl` (so a
+    /// checkpoint's `expert-policy.json` keeps its usual `expert-policy.log.jsonl`).
+    pub fn load_file(file: &Path) -> Result<Self, RouterError> {
+        let stem = file
+            .file_stem()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| RouterError::File {
+                path: file.to_path_buf(),
+                message: "not a file path".into(),
+            })?;
+        let audit = file.with_file_name(format!("{}.log.jsonl", stem.to_string_lossy()));
+        Self::read(file.to_path_buf(), audit)
+    }
+
+    fn read(path: PathBuf, audit: PathBuf) -> Result<Self, RouterError> {
         let opted_out = if path.exists() {
             let text = std::fs::read_to_string(&path).map_err(|e| RouterError::File {
                 path: path.clone(),
@@ -73,14 +94,20 @@ impl Policy {
             Vec::new()
         };
         Ok(Self {
-            dir: model_dir.to_path_buf(),
+            file: path,
+            audit,
             opted_out,
         })
     }
 
     /// Path of the policy file (whether or not it exists yet).
     pub fn path(&self) -> PathBuf {
-        self.dir.join(POLICY_FILE)
+        self.file.clone()
+    }
+
+    /// Path of the audit log (whether or not it exists yet).
+    pub fn audit_path(&self) -> PathBuf {
+        self.audit.clone()
     }
 
     pub fn opted_out(&self) -> &[OptOutEntry] {
@@ -127,7 +154,12 @@ impl Policy {
             opted_out: self.opted_out.clone(),
         })
         .map_err(|e| RouterError::Invalid(e.to_string()))?;
-        let tmp = self.dir.join(format!(".{POLICY_FILE}.tmp"));
+        // The temporary file sits beside the policy file so that the rename is atomic.
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| POLICY_FILE.to_string());
+        let tmp = path.with_file_name(format!(".{name}.tmp"));
         std::fs::write(&tmp, text).map_err(|e| file_err(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| file_err(&path, e))?;
         let record = AuditRecord {
@@ -136,7 +168,7 @@ impl Policy {
             action,
             reason: reason.to_string(),
         };
-        let audit = self.dir.join(AUDIT_FILE);
+        let audit = self.audit.clone();
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -150,7 +182,7 @@ impl Policy {
 
     /// The audit log's records, oldest first.
     pub fn audit_log(&self) -> Result<Vec<AuditRecord>, RouterError> {
-        let path = self.dir.join(AUDIT_FILE);
+        let path = self.audit.clone();
         if !path.exists() {
             return Ok(Vec::new());
         }
@@ -268,5 +300,30 @@ mod tests {
         );
         assert_eq!(log[1].reason, "licence renewed");
         assert!(!Policy::load(dir.path()).unwrap().is_opted_out("expert-2"));
+    }
+
+    #[test]
+    fn explicit_policy_file_keeps_its_log_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("owners").join("serve-policy.json");
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        // A file that does not exist yet is an empty policy.
+        let mut p = Policy::load_file(&file).unwrap();
+        assert!(p.opted_out().is_empty());
+        assert_eq!(p.path(), file);
+        p.record("expert-1", Action::OptOut, "withdrawn").unwrap();
+        let p = Policy::load_file(&file).unwrap();
+        assert!(p.is_opted_out("expert-1"));
+        let log = file.with_file_name("serve-policy.log.jsonl");
+        assert_eq!(p.audit_path(), log);
+        assert_eq!(p.audit_log().unwrap().len(), 1);
+        // Nothing is written where a checkpoint's own policy would be.
+        let dir_policy = Policy::load(file.parent().unwrap()).unwrap();
+        assert!(dir_policy.opted_out().is_empty());
+        assert!(dir_policy.audit_log().unwrap().is_empty());
+        // The checkpoint's default file name maps to the usual audit log name.
+        let d = Policy::load_file(&dir.path().join(POLICY_FILE)).unwrap();
+        assert_eq!(d.audit_path(), dir.path().join(AUDIT_FILE));
+        assert!(Policy::load_file(Path::new("/")).is_err());
     }
 }

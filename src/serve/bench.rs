@@ -154,6 +154,8 @@ pub fn run(a: Args) -> Result<()> {
         timeout: Duration::from_secs(600),
         admin_tokens: None,
         chat_template: None,
+        policy: None,
+        datastore: None,
     };
     let rt = super::runtime()?;
     let server = rt.block_on(super::Server::start(

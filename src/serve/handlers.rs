@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::api::{self, ApiError, ChatRequest, CompletionRequest, Extension, Prompt};
+use super::retrieval;
 use super::worker::{self, Event, Job};
 use super::AppState;
 
@@ -208,6 +209,11 @@ struct MaskChoice {
 
 impl AppState {
     fn policy(&self) -> Result<Policy, ApiError> {
+        if let Some(file) = &self.settings.policy {
+            // `--policy FILE`: read on every admission too; the admin API records changes in it.
+            return Policy::load_file(file)
+                .map_err(|e| ApiError::internal(format!("cannot read the policy: {e}")));
+        }
         let dir = self
             .model
             .dir()
@@ -218,12 +224,6 @@ impl AppState {
 
     /// Combines the current policy, the loaded experts and the request's opt-out / allow-list.
     fn mask_for(&self, ext: &Extension) -> Result<MaskChoice, ApiError> {
-        if ext.retrieval.is_some() {
-            return Err(ApiError::param(
-                "moeval.retrieval",
-                "retrieval is not supported by this server yet",
-            ));
-        }
         let (Some(registry), Some(loaded)) = (self.model.registry(), self.model.loaded_experts())
         else {
             if ext.opt_out.is_empty() && ext.experts.is_empty() {
@@ -285,6 +285,53 @@ impl AppState {
             mask: Some(mask),
             report,
         })
+    }
+
+    /// The request's RIC-LM settings and the store as it is now (`None`: no retrieval asked for).
+    fn retrieval_for(
+        &self,
+        ext: &Extension,
+    ) -> Result<Option<(retrieval::Ric, Arc<datastore::Datastore>)>, ApiError> {
+        let Some(v) = &ext.retrieval else {
+            return Ok(None);
+        };
+        let ric = retrieval::Ric::parse(v, self.store.is_some())?;
+        let store = self
+            .store
+            .as_ref()
+            .ok_or_else(|| ApiError::internal("no datastore"))?
+            .get()?;
+        Ok(Some((ric, store)))
+    }
+
+    /// Retrieves for each (already checked) prompt; the blocks' tokens are cut from the left so that
+    /// retrieved + prompt + `max_tokens` fit the context and retrieved + prompt the prompt limit.
+    /// BM25 search blocks, so it runs off the async workers.
+    async fn retrieve_all(
+        self: &Arc<Self>,
+        ric: retrieval::Ric,
+        store: &Arc<datastore::Datastore>,
+        prompts: Vec<Vec<u32>>,
+        max_tokens: usize,
+    ) -> Result<Vec<retrieval::Retrieved>, ApiError> {
+        let (app, store) = (self.clone(), store.clone());
+        tokio::task::spawn_blocking(move || {
+            let tok = app.tokenizer()?;
+            let cfg = app.model.config();
+            let limit = cfg
+                .max_position_embeddings
+                .saturating_sub(max_tokens)
+                .min(app.settings.max_prompt_tokens);
+            prompts
+                .iter()
+                .map(|ids| {
+                    let room = limit.saturating_sub(ids.len());
+                    retrieval::retrieve(&store, tok, ids, ric, room, cfg.vocab_size)
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("retrieval failed: {e}")))?
     }
 
     fn check_model(&self, model: &Option<String>) -> Result<(), ApiError> {
@@ -480,6 +527,24 @@ impl AppState {
                 "streaming supports one prompt without echo",
             ));
         }
+        let retrieval = self.retrieval_for(&ext)?;
+        let retrieved = match &retrieval {
+            Some((ric, store)) => {
+                let ids = prompts.iter().map(|p| p.0.clone()).collect();
+                self.retrieve_all(*ric, store, ids, max_tokens).await?
+            }
+            None => Vec::new(),
+        };
+        let mut report = json!({"effective_mask": choice.report});
+        if let Some((ric, store)) = &retrieval {
+            report["retrieval"] = retrieval::report(store, *ric, &retrieved);
+        }
+        // Tokens put before each prompt: never echoed nor scored.
+        let prefix_len = |i: usize| -> usize {
+            retrieved
+                .get(i)
+                .map_or(0, |r: &retrieval::Retrieved| r.tokens.len())
+        };
         let spec = JobSpec {
             params: GenParams {
                 max_new_tokens: max_tokens,
@@ -495,15 +560,17 @@ impl AppState {
             deadline: Instant::now() + self.settings.timeout,
         };
         let mut rxs = Vec::with_capacity(prompts.len());
-        for p in &prompts {
-            let (j, rx) = job(p.0.clone(), &spec);
+        for (i, p) in prompts.iter().enumerate() {
+            let mut ids = retrieved.get(i).map_or_else(Vec::new, |r| r.tokens.clone());
+            ids.extend_from_slice(&p.0);
+            let (j, rx) = job(ids, &spec);
             self.submit(j)?;
             rxs.push(rx);
         }
         let id = self.id("cmpl");
         if sampling.stream {
             let rx = rxs.pop().ok_or_else(|| ApiError::internal("no job"))?;
-            return Ok(self.stream(rx, StreamKind::Completion, id, spec, choice.report));
+            return Ok(self.stream(rx, StreamKind::Completion, id, spec, report));
         }
         let mut choices = Vec::with_capacity(prompts.len());
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
@@ -531,7 +598,9 @@ impl AppState {
                 let mut lp = LogprobsBuilder::default();
                 if echo {
                     lp.push(&self, ids[0], None, None);
-                    for t in got.prompt_logprobs.iter().flatten() {
+                    // Entries for the retrieved tokens (and for the prompt's first token after
+                    // them) are skipped: only the prompt's own tokens 1.. are scored.
+                    for t in got.prompt_logprobs.iter().flatten().skip(prefix_len(index)) {
                         lp.push(&self, t.token, Some(t.logprob), Some(&t.top));
                     }
                 }
@@ -551,7 +620,7 @@ impl AppState {
             "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
-            "moeval": {"effective_mask": choice.report},
+            "moeval": report,
         }))
         .into_response())
     }
@@ -599,6 +668,17 @@ impl AppState {
                 .min(self.settings.max_tokens)
         });
         self.check_prompt(&ids, max_tokens)?;
+        let retrieval = self.retrieval_for(&ext)?;
+        let mut report = json!({"effective_mask": choice.report});
+        let mut full = ids.clone();
+        if let Some((ric, store)) = &retrieval {
+            let got = self
+                .retrieve_all(*ric, store, vec![ids.clone()], max_tokens)
+                .await?;
+            report["retrieval"] = retrieval::report(store, *ric, &got);
+            full = got.into_iter().flat_map(|r| r.tokens).collect();
+            full.extend_from_slice(&ids);
+        }
         let spec = JobSpec {
             params: GenParams {
                 max_new_tokens: max_tokens,
@@ -613,11 +693,11 @@ impl AppState {
             prompt_logprobs: false,
             deadline: Instant::now() + self.settings.timeout,
         };
-        let (j, mut rx) = job(ids.clone(), &spec);
+        let (j, mut rx) = job(full, &spec);
         self.submit(j)?;
         let id = self.id("chatcmpl");
         if sampling.stream {
-            return Ok(self.stream(rx, StreamKind::Chat, id, spec, choice.report));
+            return Ok(self.stream(rx, StreamKind::Chat, id, spec, report));
         }
         let got = worker::collect(&mut rx, spec.deadline).await?;
         let g = got
@@ -633,7 +713,7 @@ impl AppState {
                          "logprobs": lp, "finish_reason": finish_reason(&g)}],
             "usage": {"prompt_tokens": ids.len(), "completion_tokens": g.tokens.len(),
                       "total_tokens": ids.len() + g.tokens.len()},
-            "moeval": {"effective_mask": choice.report},
+            "moeval": report,
         }))
         .into_response())
     }
@@ -774,7 +854,8 @@ impl StreamState {
             }
         };
         if finish.is_some() {
-            v["moeval"] = json!({"effective_mask": self.report});
+            // The whole `moeval` object: the effective mask, and retrieval's sources when on.
+            v["moeval"] = self.report.clone();
         }
         v.to_string()
     }

@@ -3,7 +3,7 @@
 //!
 //! Layout: `api` parses and validates bodies, `worker` is the engine loop (one thread owning the
 //! decoder), `handlers` turns requests into jobs and jobs into OpenAI responses, `chat` renders chat
-//! templates, `admin` checks owners' tokens, `client` is a tiny loopback HTTP client for the load test.
+//! templates, `admin` checks owners' tokens, `retrieval` runs RIC-LM over `--datastore`, `client` is a tiny loopback HTTP client for the load test.
 
 pub mod admin;
 pub mod api;
@@ -11,6 +11,7 @@ pub mod bench;
 pub mod chat;
 pub mod client;
 mod handlers;
+pub mod retrieval;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -45,6 +46,10 @@ pub struct Settings {
     pub timeout: Duration,
     pub admin_tokens: Option<PathBuf>,
     pub chat_template: Option<PathBuf>,
+    /// Owners' policy file (default: the model directory's `expert-policy.json`).
+    pub policy: Option<PathBuf>,
+    /// Retrieval datastore for requests' `moeval.retrieval`.
+    pub datastore: Option<PathBuf>,
 }
 
 /// Everything the handlers share.
@@ -57,6 +62,8 @@ pub struct AppState {
     admin: Option<admin::AdminTokens>,
     /// Serialises policy changes (each one rewrites the policy file).
     policy_write: Mutex<()>,
+    /// The datastore, with `--datastore`.
+    store: Option<retrieval::Store>,
     /// Prefix of an empty prompt: BOS if the model has one, else EOS.
     prefix: u32,
     created: u64,
@@ -69,9 +76,13 @@ pub struct Args {
     /// Model directory (config.json, tokenizer.json, safetensors weights, experts.toml, policy).
     #[arg(long)]
     pub model: PathBuf,
-    /// Retrieval datastore (not supported by the server yet).
+    /// Retrieval datastore (`moeval datastore build`) for requests' `"moeval": {"retrieval": ...}`.
     #[arg(long)]
     pub datastore: Option<PathBuf>,
+    /// Owners' policy file to enforce and to record admin changes in (default: the model directory's
+    /// expert-policy.json). Its audit log is written beside it.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
     /// Address to bind. The default is loopback; binding elsewhere exposes the server to the network.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -131,6 +142,8 @@ impl Args {
             timeout: Duration::from_secs_f64(self.timeout_secs),
             admin_tokens: self.admin_tokens.clone(),
             chat_template: self.chat_template.clone(),
+            policy: self.policy.clone(),
+            datastore: self.datastore.clone(),
         })
     }
 }
@@ -160,6 +173,15 @@ impl Server {
             Some(p) => Some(admin::AdminTokens::load(p)?),
             None => None,
         };
+        let store = match &settings.datastore {
+            Some(d) => Some(retrieval::Store::open(d, &dir)?),
+            None => None,
+        };
+        if let Some(p) = &settings.policy {
+            // Fail at start rather than on every request.
+            routers::Policy::load_file(p)
+                .with_context(|| format!("cannot read the policy {}", p.display()))?;
+        }
         let cfg = model.config();
         let prefix = cfg
             .bos_token_id
@@ -180,6 +202,7 @@ impl Server {
             chat,
             admin,
             policy_write: Mutex::new(()),
+            store,
             prefix,
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -281,15 +304,19 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if a.datastore.is_some() {
-        anyhow::bail!(
-            "--datastore: retrieval is not supported by the server yet; serve the model without it"
-        );
+    // Experts opted out in an explicit --policy file are not loaded either (the checkpoint's own
+    // expert-policy.json always applies at load, as for every command).
+    let mut experts = crate::commands::ExpertArgs::default();
+    if let Some(p) = &a.policy {
+        let policy = routers::Policy::load_file(p)
+            .with_context(|| format!("cannot read the policy {}", p.display()))?;
+        experts.opt_out = policy
+            .opted_out()
+            .iter()
+            .map(|e| e.expert.clone())
+            .collect();
     }
-    let model = Arc::new(crate::commands::load_model_with(
-        &a.model,
-        &crate::commands::ExpertArgs::default(),
-    )?);
+    let model = Arc::new(crate::commands::load_model_with(&a.model, &experts)?);
     let settings = a.settings(model.config().max_position_embeddings)?;
     let ip: std::net::IpAddr = a
         .host

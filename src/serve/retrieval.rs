@@ -1,0 +1,193 @@
+//! Retrieval in the server (`--datastore DIR`): RIC-LM through [`crate::retrieval::ric_retrieve`], the
+//! same retrieval `moeval eval --retrieval ric` uses. The retrieved blocks' tokens go before the prompt;
+//! they are never echoed nor scored, and every response names the documents it used.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use datastore::Datastore;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::api::ApiError;
+use crate::retrieval::{ric_retrieve, RetrievedBlock};
+
+/// Most blocks one request may retrieve (each is a whole block of tokens in the context).
+pub const MAX_K: usize = 16;
+
+/// The `"retrieval"` member of a request's `"moeval"` object.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Body {
+    mode: String,
+    k: Option<usize>,
+    query_tokens: Option<usize>,
+    // kNN-LM settings: accepted by the parser so the refusal below can say what is missing.
+    #[allow(dead_code)]
+    lambda: Option<f64>,
+    #[allow(dead_code)]
+    temperature: Option<f64>,
+}
+
+/// A request's RIC-LM settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Ric {
+    pub k: usize,
+    pub query_tokens: usize,
+}
+
+impl Ric {
+    /// Parses and checks a request's `moeval.retrieval` (defaults as in `moeval eval`: k 1, 512 tokens).
+    pub fn parse(v: &Value, has_store: bool) -> Result<Ric, ApiError> {
+        const P: &str = "moeval.retrieval";
+        let b: Body = serde_json::from_value(v.clone())
+            .map_err(|e| ApiError::param(P, format!("invalid retrieval settings: {e}")))?;
+        match b.mode.as_str() {
+            "ric" => {}
+            "knn" => {
+                return Err(ApiError::param(
+                    P,
+                    "knn retrieval is supported in `moeval eval`, not in the server yet; \
+                     use \"mode\": \"ric\"",
+                ))
+            }
+            other => {
+                return Err(ApiError::param(
+                    P,
+                    format!("unknown retrieval mode `{other}`: use `ric`"),
+                ))
+            }
+        }
+        if !has_store {
+            return Err(ApiError::param(
+                P,
+                "this server has no datastore; start it with --datastore DIR",
+            ));
+        }
+        let k = b.k.unwrap_or(1);
+        if k == 0 || k > MAX_K {
+            return Err(ApiError::param(
+                P,
+                format!("k must be between 1 and {MAX_K}"),
+            ));
+        }
+        let query_tokens = b.query_tokens.unwrap_or(512);
+        if query_tokens == 0 {
+            return Err(ApiError::param(P, "query_tokens must be at least 1"));
+        }
+        Ok(Ric { k, query_tokens })
+    }
+}
+
+/// The open datastore, reopened when its manifest changes (a `moeval datastore opt-out` while the server
+/// runs then applies to the next request, as policy changes do).
+pub struct Store {
+    dir: PathBuf,
+    current: Mutex<(Vec<u8>, Arc<Datastore>)>,
+}
+
+impl Store {
+    /// Opens `dir`, checking that its blocks were tokenized with the model's tokenizer.
+    pub fn open(dir: &Path, model_dir: &Path) -> Result<Store> {
+        let manifest = std::fs::read(dir.join("manifest.json"))
+            .with_context(|| format!("{} is not a datastore (no manifest.json)", dir.display()))?;
+        let store = Datastore::open(dir)
+            .with_context(|| format!("cannot open the datastore {}", dir.display()))?;
+        let tok = model_dir.join("tokenizer.json");
+        let bytes =
+            std::fs::read(&tok).with_context(|| format!("cannot read {}", tok.display()))?;
+        let sha = {
+            use sha2::{Digest, Sha256};
+            Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        // Blocks are token ids: with another tokenizer they would be prepended as nonsense.
+        anyhow::ensure!(
+            store.manifest().tokenizer_sha256 == sha,
+            "the datastore {} was built with another tokenizer ({}) than the model's {}; \
+             rebuild it with --tokenizer {}",
+            dir.display(),
+            store.manifest().tokenizer,
+            tok.display(),
+            model_dir.display()
+        );
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            current: Mutex::new((manifest, Arc::new(store))),
+        })
+    }
+
+    /// The store as it is now: reopened if its manifest changed since the last request.
+    pub fn get(&self) -> Result<Arc<Datastore>, ApiError> {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::fs::read(self.dir.join("manifest.json"))
+            .map_err(|e| ApiError::internal(format!("cannot read the datastore manifest: {e}")))?;
+        if now != cur.0 {
+            let store = Datastore::open(&self.dir)
+                .map_err(|e| ApiError::internal(format!("cannot reopen the datastore: {e}")))?;
+            *cur = (now, Arc::new(store));
+        }
+        Ok(cur.1.clone())
+    }
+}
+
+/// What one prompt got from the datastore.
+pub struct Retrieved {
+    /// Tokens to put before the prompt (already cut to fit).
+    pub tokens: Vec<u32>,
+    pub blocks: Vec<RetrievedBlock>,
+}
+
+/// Retrieves for `prompt` (query: its last `query_tokens` tokens) and keeps at most `room` of the
+/// retrieved tokens, cutting from the left as `moeval eval` does (the prompt itself is never cut).
+pub fn retrieve(
+    store: &Datastore,
+    tokenizer: &engine::Tokenizer,
+    prompt: &[u32],
+    ric: Ric,
+    room: usize,
+    vocab: usize,
+) -> Result<Retrieved, ApiError> {
+    let blocks = ric_retrieve(store, tokenizer, prompt, ric.k, ric.query_tokens)
+        .map_err(|e| ApiError::internal(format!("retrieval failed: {e}")))?;
+    let mut tokens: Vec<u32> = blocks
+        .iter()
+        .flat_map(|b| b.tokens.iter().copied())
+        .collect();
+    if tokens.iter().any(|&t| t as usize >= vocab) {
+        return Err(ApiError::internal(
+            "the datastore holds token ids outside the model's vocabulary",
+        ));
+    }
+    if tokens.len() > room {
+        tokens.drain(..tokens.len() - room);
+    }
+    Ok(Retrieved { tokens, blocks })
+}
+
+/// The `"retrieval"` member of a response's `"moeval"` object: settings, store identity, excluded
+/// owners, and per prompt (`choice`) the documents used.
+pub fn report(store: &Datastore, ric: Ric, per_choice: &[Retrieved]) -> Value {
+    let m = store.manifest();
+    let documents: Vec<Value> = per_choice
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| {
+            r.blocks.iter().map(move |b| {
+                json!({"choice": i, "document_id": b.doc_id, "owner": b.owner,
+                       "license": b.license, "score": b.score, "weight": b.weight,
+                       "block_id": b.block_id})
+            })
+        })
+        .collect();
+    json!({
+        "mode": "ric", "k": ric.k, "query_tokens": ric.query_tokens,
+        "datastore": {"identity": store.identity(), "excluded_owners": m.excluded_owners,
+                      "excluded_documents": m.excluded_documents.len()},
+        "documents": documents,
+        "retrieved_tokens": per_choice.iter().map(|r| r.tokens.len()).collect::<Vec<_>>(),
+    })
+}
