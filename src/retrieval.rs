@@ -348,14 +348,7 @@ impl Rows {
             ),
         ]);
         let batch = RecordBatch::try_from_iter(cols)?;
-        crate::commands::write_atomic(path, |tmp| {
-            let f = std::fs::File::create(tmp)
-                .with_context(|| format!("cannot create {}", tmp.display()))?;
-            let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None)?;
-            w.write(&batch)?;
-            w.close()?;
-            Ok(())
-        })
+        Ok(tasks::output::write_parquet_atomic(path, &batch)?)
     }
 }
 

@@ -585,14 +585,7 @@ fn write_routing(path: &Path, manifest: &Manifest, vs: &[VariantResult]) -> Resu
             )) as ArrayRef,
         ),
     ])?;
-    super::write_atomic(path, |tmp| {
-        let file = std::fs::File::create(tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)?;
-        w.write(&batch)?;
-        w.close()?;
-        Ok(())
-    })
+    Ok(tasks::output::write_parquet_atomic(path, &batch)?)
 }
 
 fn print_table(vs: &[VariantResult]) {

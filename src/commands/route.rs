@@ -179,14 +179,7 @@ pub fn run(a: Args) -> Result<()> {
             ("tokens", Arc::new(Int64Array::from(t_col)) as ArrayRef),
             ("share", Arc::new(Float64Array::from(s_col)) as ArrayRef),
         ])?;
-        super::write_atomic(out, |tmp| {
-            let file = std::fs::File::create(tmp)
-                .with_context(|| format!("cannot create {}", tmp.display()))?;
-            let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)?;
-            w.write(&batch)?;
-            w.close()?;
-            Ok(())
-        })?;
+        tasks::output::write_parquet_atomic(out, &batch)?;
         eprintln!("wrote {}", out.display());
     }
     Ok(())
