@@ -8,7 +8,8 @@ use sha2::{Digest, Sha256};
 use crate::{Error, Result};
 
 pub(crate) const FILE: &str = "manifest.json";
-pub(crate) const FORMAT: u32 = 1;
+// 2: blocks carry their exact BM25 length (`text_len`).
+pub(crate) const FORMAT: u32 = 2;
 
 /// Description of a store. Counts are kept current through opt-outs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

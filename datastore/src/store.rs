@@ -7,13 +7,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tantivy::collector::{Count, TopDocs};
+use tantivy::postings::Postings;
 use tantivy::query::{BooleanQuery, Occur, Query, TermQuery};
 use tantivy::schema::{
     Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, Value, FAST, INDEXED, STORED,
     STRING,
 };
 use tantivy::tokenizer::TextAnalyzer;
-use tantivy::{DocAddress, Index, IndexReader, ReloadPolicy, TantivyDocument, Term};
+use tantivy::{
+    DocAddress, DocId, DocSet, Index, IndexReader, ReloadPolicy, Searcher, TantivyDocument, Term,
+};
 
 use crate::analyzer::{analyze_with, english_analyzer, ANALYZER};
 use crate::knn::KnnIndex;
@@ -34,6 +37,8 @@ pub(crate) struct Fields {
     pub tokens: Field,
     pub start: Field,
     pub doc_len: Field,
+    /// Exact number of analyzed terms of `text` (its BM25 length).
+    pub text_len: Field,
 }
 
 pub(crate) fn schema() -> Schema {
@@ -52,6 +57,8 @@ pub(crate) fn schema() -> Schema {
     b.add_bytes_field("tokens", STORED);
     b.add_u64_field("start", STORED);
     b.add_u64_field("doc_len", STORED);
+    // tantivy's own length (fieldnorm) is quantised to one byte; re-scoring needs the exact one.
+    b.add_u64_field("text_len", FAST);
     b.build()
 }
 
@@ -73,6 +80,7 @@ pub(crate) fn fields(schema: &Schema, dir: &Path) -> Result<Fields> {
         tokens: f("tokens")?,
         start: f("start")?,
         doc_len: f("doc_len")?,
+        text_len: f("text_len")?,
     })
 }
 
@@ -95,7 +103,7 @@ pub struct Hit {
     pub license: String,
     /// Offset of the block's first token in its document.
     pub start: u64,
-    /// BM25 score (tantivy: k1 = 1.2, b = 0.75).
+    /// Exact BM25 score (k1 = 1.2, b = 0.75, Lucene idf, times 1 + k1 as in tantivy).
     pub score: f32,
     pub text: String,
     pub tokens: Vec<u32>,
@@ -189,6 +197,31 @@ pub struct Datastore {
     analyzer: TextAnalyzer,
     knn: Option<KnnIndex>,
     sources: OnceLock<HashMap<u64, Source>>,
+    /// Live blocks and their mean exact length (BM25's N and avgdl for re-scoring).
+    live_blocks: u64,
+    avg_len: f64,
+}
+
+/// BM25 parameters (tantivy's, and bm25s' `method="lucene"` in the benchmark).
+const K1: f64 = 1.2;
+const B: f64 = 0.75;
+/// tantivy's candidates beyond `k` that are re-scored exactly: quantised lengths move scores by a few
+/// percent at most, so the exact top-k is among them.
+const RERANK_EXTRA: usize = 8;
+
+/// Sum of exact lengths and number of live blocks (deleted blocks are skipped).
+fn live_lengths(searcher: &Searcher, dir: &Path) -> Result<(u64, u64)> {
+    let (mut total, mut n) = (0u64, 0u64);
+    for seg in searcher.segment_readers() {
+        let col = seg.fast_fields().u64("text_len")?;
+        for doc in seg.doc_ids_alive() {
+            total += col
+                .first(doc)
+                .ok_or_else(|| Error::store(dir, "a block has no length; rebuild the store"))?;
+            n += 1;
+        }
+    }
+    Ok((total, n))
 }
 
 pub(crate) fn open_index(dir: &Path) -> Result<(Index, Fields)> {
@@ -218,6 +251,7 @@ impl Datastore {
             Some(_) => Some(KnnIndex::open(dir)?),
             None => None,
         };
+        let (total_len, live_blocks) = live_lengths(&reader.searcher(), dir)?;
         Ok(Datastore {
             dir: dir.to_path_buf(),
             index,
@@ -227,6 +261,8 @@ impl Datastore {
             analyzer: english_analyzer(),
             knn,
             sources: OnceLock::new(),
+            live_blocks,
+            avg_len: total_len as f64 / live_blocks.max(1) as f64,
         })
     }
 
@@ -248,22 +284,105 @@ impl Datastore {
         self.knn.as_ref()
     }
 
-    fn query(&self, text: &str) -> Option<BooleanQuery> {
+    /// The query's distinct analyzed terms, in order of first occurrence (a bag of words).
+    fn terms(&self, text: &str) -> Vec<Term> {
         let mut analyzer = self.analyzer.clone();
         let mut seen = HashSet::new();
-        // A bag of words: each distinct term once.
-        let clauses: Vec<(Occur, Box<dyn Query>)> = analyze_with(&mut analyzer, text)
+        analyze_with(&mut analyzer, text)
             .into_iter()
             .filter(|t| seen.insert(t.clone()))
-            .map(|t| {
-                let q: Box<dyn Query> = Box::new(TermQuery::new(
-                    Term::from_field_text(self.fields.text, &t),
-                    IndexRecordOption::WithFreqs,
-                ));
-                (Occur::Should, q)
+            .map(|t| Term::from_field_text(self.fields.text, &t))
+            .collect()
+    }
+
+    /// Exact BM25 of the candidates. tantivy scores with 1-byte quantised block lengths, and
+    /// overlapping neighbouring blocks score within a fraction of a percent of each other, so the
+    /// quantisation alone reorders them; here lengths are the stored exact ones, term frequencies come
+    /// from the postings, and N / avgdl are over live blocks. Terms are summed in query order, so equal
+    /// statistics give bit-identical scores (a store after opt-out equals one built without the owner).
+    fn rescore(
+        &self,
+        searcher: &Searcher,
+        terms: &[Term],
+        cands: &[(DocAddress, u64)],
+    ) -> Result<Vec<f64>> {
+        let n = self.live_blocks as f64;
+        let segs = searcher.segment_readers();
+        // Term infos per segment (one dictionary lookup each) give both df and the postings.
+        let mut infos = Vec::with_capacity(segs.len());
+        for seg in segs {
+            let inv = seg.inverted_index(self.fields.text)?;
+            let ti = terms
+                .iter()
+                .map(|t| inv.get_term_info(t))
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(Error::io(self.dir.join(INDEX_DIR)))?;
+            infos.push((inv, ti));
+        }
+        let idf: Vec<f64> = (0..terms.len())
+            .map(|i| {
+                let df: u64 = infos
+                    .iter()
+                    .filter_map(|(_, ti)| ti[i].as_ref())
+                    .map(|t| u64::from(t.doc_freq))
+                    .sum();
+                let df = df as f64;
+                (1.0 + (n - df + 0.5) / (df + 0.5)).ln()
             })
             .collect();
-        (!clauses.is_empty()).then(|| BooleanQuery::new(clauses))
+        let mut scores = vec![0.0f64; cands.len()];
+        for (seg_ord, (inv, ti)) in infos.iter().enumerate() {
+            // This segment's candidates in doc id order: postings only seek forward.
+            let mut mine: Vec<(DocId, usize)> = cands
+                .iter()
+                .enumerate()
+                .filter(|(_, (a, _))| a.segment_ord as usize == seg_ord)
+                .map(|(i, (a, _))| (a.doc_id, i))
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            mine.sort_unstable();
+            let col = segs[seg_ord].fast_fields().u64("text_len")?;
+            let norms: Vec<f64> = mine
+                .iter()
+                .map(|&(doc, _)| {
+                    let len = col.first(doc).unwrap_or(0) as f64;
+                    K1 * (1.0 - B + B * len / self.avg_len)
+                })
+                .collect();
+            // Per candidate, term contributions in query order (not per term across candidates),
+            // so the summation order never depends on the segment layout.
+            let mut tfs = vec![0u32; mine.len() * terms.len()];
+            for (j, info) in ti.iter().enumerate() {
+                let Some(info) = info else { continue };
+                let mut p = inv
+                    .read_postings_from_terminfo(info, IndexRecordOption::WithFreqs)
+                    .map_err(Error::io(self.dir.join(INDEX_DIR)))?;
+                for (c, &(doc, _)) in mine.iter().enumerate() {
+                    if p.doc() < doc {
+                        p.seek(doc);
+                    }
+                    if p.doc() == doc {
+                        tfs[c * terms.len() + j] = p.term_freq();
+                    }
+                }
+            }
+            for (c, &(_, i)) in mine.iter().enumerate() {
+                let mut s = 0.0;
+                for (j, &tf) in tfs[c * terms.len()..(c + 1) * terms.len()]
+                    .iter()
+                    .enumerate()
+                {
+                    if tf > 0 {
+                        let tf = f64::from(tf);
+                        s += idf[j] * (1.0 + K1) * tf / (tf + norms[c]);
+                    }
+                }
+                scores[i] = s;
+            }
+        }
+        Ok(scores)
     }
 
     /// The `k` best blocks for `text` by BM25, as (block id, score); ties go to the lower block id.
@@ -276,16 +395,25 @@ impl Datastore {
     }
 
     fn search_addresses(&self, text: &str, k: usize) -> Result<Vec<(f32, DocAddress, u64)>> {
-        let Some(query) = self.query(text) else {
-            return Ok(Vec::new());
-        };
-        if k == 0 {
+        let terms = self.terms(text);
+        if terms.is_empty() || k == 0 {
             return Ok(Vec::new());
         }
+        let clauses: Vec<(Occur, Box<dyn Query>)> = terms
+            .iter()
+            .map(|t| {
+                let q: Box<dyn Query> =
+                    Box::new(TermQuery::new(t.clone(), IndexRecordOption::WithFreqs));
+                (Occur::Should, q)
+            })
+            .collect();
+        let query = BooleanQuery::new(clauses);
         let searcher = self.reader.searcher();
-        let top = searcher.search(&query, &TopDocs::with_limit(k).order_by_score())?;
-        let mut out = Vec::with_capacity(top.len());
-        for (score, addr) in top {
+        // tantivy finds the candidates (fast, with quantised lengths); exact BM25 orders them.
+        let limit = k.saturating_add(RERANK_EXTRA);
+        let top = searcher.search(&query, &TopDocs::with_limit(limit).order_by_score())?;
+        let mut cands = Vec::with_capacity(top.len());
+        for (_, addr) in top {
             let col = searcher
                 .segment_reader(addr.segment_ord)
                 .fast_fields()
@@ -293,14 +421,26 @@ impl Datastore {
             let id = col
                 .first(addr.doc_id)
                 .ok_or_else(|| Error::store(&self.dir, "a block has no block id"))?;
-            out.push((score, addr, id));
+            cands.push((addr, id));
         }
-        // Equal scores come back in index order; make the order independent of segment layout.
+        let scores = self.rescore(&searcher, &terms, &cands)?;
+        let mut out: Vec<(f64, DocAddress, u64)> = scores
+            .into_iter()
+            .zip(cands)
+            .map(|(s, (addr, id))| (s, addr, id))
+            .collect();
+        // Ties go to the lower block id, independent of segment layout.
         out.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.2.cmp(&b.2)));
-        Ok(out)
+        out.truncate(k);
+        Ok(out
+            .into_iter()
+            .map(|(s, addr, id)| (s as f32, addr, id))
+            .collect())
     }
 
-    /// The `k` best blocks for `text` by BM25 (bag of distinct analyzed terms).
+    /// The `k` best blocks for `text` by BM25 (bag of distinct analyzed terms): tantivy's top `k + 8`
+    /// re-scored with exact block lengths (tantivy's are quantised) and sorted; ties go to the lower
+    /// block id.
     ///
     /// Returns nothing when the text has no indexable term.
     pub fn search(&self, text: &str, k: usize) -> Result<Vec<Hit>> {
