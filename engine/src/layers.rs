@@ -147,6 +147,9 @@ pub(crate) struct Batch<'a> {
     pub routed_tokens: Vec<Vec<u64>>,
 }
 
+/// Up to this many tokens in a batch, a MoE layer runs its experts concurrently.
+const CONCURRENT_EXPERTS_MAX_TOKENS: usize = 64;
+
 /// Sparse Mixture-of-Experts feed-forward: softmax over all allowed experts, top-k, and each expert run
 /// once on exactly the tokens routed to it.
 #[derive(Clone, Debug)]
@@ -238,10 +241,13 @@ impl SparseMoe {
             all.push(Tensor::from_vec(logits, (n, num_experts), &Device::Cpu)?);
         }
         let mut out = vec![0f32; n * h];
-        // Experts in index order, each over exactly its tokens: the reference accumulates in the same order.
-        for (e, (rows, weights)) in routed.into_iter().enumerate() {
+        // Outputs are added in expert-index order below, as the reference accumulates. When decoding (few
+        // tokens) the experts also run concurrently, which keeps more weight streams in flight; with many
+        // tokens each expert's matmul is parallel enough, and running them together would hold every
+        // expert's activations at once.
+        let run = |(e, (rows, _)): (usize, &(Vec<usize>, Vec<f32>))| -> Result<Vec<f32>> {
             if rows.is_empty() {
-                continue;
+                return Ok(Vec::new());
             }
             let expert = self.experts[e].as_ref().ok_or_else(|| {
                 Error::Input(format!(
@@ -249,11 +255,26 @@ impl SparseMoe {
                 ))
             })?;
             let mut xs = Vec::with_capacity(rows.len() * h);
-            for &row in &rows {
+            for &row in rows {
                 xs.extend_from_slice(&x[row * h..(row + 1) * h]);
             }
-            let ys = expert.forward_rows(&xs, rows.len())?;
-            for ((&row, &w), y) in rows.iter().zip(&weights).zip(ys.chunks_exact(h)) {
+            expert.forward_rows(&xs, rows.len())
+        };
+        let outputs = if n <= CONCURRENT_EXPERTS_MAX_TOKENS {
+            routed
+                .par_iter()
+                .enumerate()
+                .map(run)
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            routed
+                .iter()
+                .enumerate()
+                .map(run)
+                .collect::<Result<Vec<_>>>()?
+        };
+        for ((rows, weights), ys) in routed.iter().zip(&outputs) {
+            for ((&row, &w), y) in rows.iter().zip(weights).zip(ys.chunks_exact(h)) {
                 for (d, &v) in out[row * h..(row + 1) * h].iter_mut().zip(y) {
                     *d += w * v;
                 }
