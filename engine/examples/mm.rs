@@ -12,7 +12,7 @@ fn main() {
         let copies = (400_000_000 / (n * k * 4)).clamp(1, 64);
         let x = vec![0.5f32; m * k];
         let ws: Vec<Vec<f32>> = (0..copies)
-            .map(|c| vec![0.25f32 + c as f32; n.div_ceil(32) * 32 * k])
+            .map(|c| vec![0.25f32 + c as f32; n.div_ceil(64) * 64 * k])
             .collect();
         let reps = 3 * copies;
         let t = std::time::Instant::now();
