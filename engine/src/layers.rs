@@ -71,12 +71,18 @@ impl RmsNorm {
     /// Normalises each `weight.len()`-wide row of `rows` in place.
     pub fn apply_rows(&self, rows: &mut [f32]) -> Result<()> {
         with_f32(&self.weight, |w| {
-            for row in rows.chunks_exact_mut(w.len()) {
+            let norm = |row: &mut [f32]| {
                 let ms = row.iter().map(|x| x * x).sum::<f32>() / w.len() as f32;
                 let inv = 1.0 / (ms + self.eps).sqrt();
                 for (x, g) in row.iter_mut().zip(w) {
                     *x = g * (*x * inv);
                 }
+            };
+            // A decoding step's few rows are not worth waking other threads for.
+            if rows.len() > PARALLEL_MIN_ROWS * w.len() {
+                rows.par_chunks_exact_mut(w.len()).for_each(norm);
+            } else {
+                rows.chunks_exact_mut(w.len()).for_each(norm);
             }
         })
     }
@@ -147,8 +153,9 @@ pub(crate) struct Batch<'a> {
     pub routed_tokens: Vec<Vec<u64>>,
 }
 
-/// Up to this many tokens in a batch, a MoE layer runs its experts concurrently.
-const CONCURRENT_EXPERTS_MAX_TOKENS: usize = 64;
+/// Batches of up to this many tokens (decoding steps) run their experts concurrently, and do their
+/// row-wise work (norms, combining expert outputs) on one thread; larger ones parallelise within it.
+const PARALLEL_MIN_ROWS: usize = 64;
 
 /// Sparse Mixture-of-Experts feed-forward: softmax over all allowed experts, top-k, and each expert run
 /// once on exactly the tokens routed to it.
@@ -260,7 +267,7 @@ impl SparseMoe {
             }
             expert.forward_rows(&xs, rows.len())
         };
-        let outputs = if n <= CONCURRENT_EXPERTS_MAX_TOKENS {
+        let outputs = if n <= PARALLEL_MIN_ROWS {
             routed
                 .par_iter()
                 .enumerate()
@@ -273,12 +280,31 @@ impl SparseMoe {
                 .map(run)
                 .collect::<Result<Vec<_>>>()?
         };
-        for ((rows, weights), ys) in routed.iter().zip(&outputs) {
-            for ((&row, &w), y) in rows.iter().zip(weights).zip(ys.chunks_exact(h)) {
-                for (d, &v) in out[row * h..(row + 1) * h].iter_mut().zip(y) {
+        // Each token's row gathers its experts' outputs in expert order, rows in parallel.
+        let mut slot = vec![u32::MAX; num_experts * n];
+        for (e, (rows, _)) in routed.iter().enumerate() {
+            for (j, &row) in rows.iter().enumerate() {
+                slot[row * num_experts + e] = j as u32;
+            }
+        }
+        let gather = |(row, dst): (usize, &mut [f32])| {
+            for (e, &j) in slot[row * num_experts..(row + 1) * num_experts]
+                .iter()
+                .enumerate()
+            {
+                if j == u32::MAX {
+                    continue;
+                }
+                let (w, y) = (routed[e].1[j as usize], &outputs[e][j as usize * h..][..h]);
+                for (d, &v) in dst.iter_mut().zip(y) {
                     *d += w * v;
                 }
             }
+        };
+        if n > PARALLEL_MIN_ROWS {
+            out.par_chunks_exact_mut(h).enumerate().for_each(gather);
+        } else {
+            out.chunks_exact_mut(h).enumerate().for_each(gather);
         }
         Ok(out)
     }
