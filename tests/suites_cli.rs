@@ -120,3 +120,21 @@ fn cobbler_biases_per_expert_mask() {
     );
     assert_ne!(full["cobbler_ll/bandwagon"], masked["cobbler_ll/bandwagon"]);
 }
+
+#[test]
+fn pairs_flag_subsamples_cobbler_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--tasks", "cobbler_ll", "--pairs", "4"];
+    let (a, run) = eval(dir.path(), "a", &args);
+    let (b, _) = eval(dir.path(), "b", &args);
+    assert_eq!(a["cobbler_ll/pairs"], 4.0);
+    // Debug text so that an undefined (NaN) metric compares equal to itself.
+    assert_eq!(
+        format!("{a:?}"),
+        format!("{b:?}"),
+        "the same draw every time"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["settings"]["pairs"], 4);
+}

@@ -92,6 +92,8 @@ pub struct Settings {
     pub data_dir: String,
     pub limit: Option<usize>,
     pub num_fewshot: Option<usize>,
+    /// `--pairs`: comparisons drawn by CoBBLEr suites.
+    pub pairs: Option<usize>,
     pub batch_size: usize,
     pub opt_out: Vec<String>,
     pub experts: Vec<String>,

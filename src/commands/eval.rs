@@ -45,6 +45,10 @@ pub struct Args {
     /// Few-shot examples per prompt (overrides each task's `num_fewshot`).
     #[arg(long)]
     num_fewshot: Option<usize>,
+    /// CoBBLEr suites: compare this many (instruction, model pair) items, drawn deterministically
+    /// (overrides the task file's `pairs`; 0 = all).
+    #[arg(long)]
+    pairs: Option<usize>,
     /// Requests per model call (scores do not depend on it).
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -303,6 +307,7 @@ fn load_tasks(s: &Settings, fewshot_seed: u64) -> Result<(Registry, Vec<Task>)> 
         limit: s.limit,
         num_fewshot: s.num_fewshot,
         fewshot_seed,
+        pairs: s.pairs,
     };
     let tasks = names
         .iter()
@@ -703,6 +708,7 @@ pub fn run(a: Args) -> Result<()> {
                 data_dir: abs(&a.data_dir),
                 limit: a.limit,
                 num_fewshot: a.num_fewshot,
+                pairs: a.pairs,
                 batch_size: a.batch_size,
                 opt_out: a.experts.opt_out.clone(),
                 experts: a.experts.experts.clone(),

@@ -151,7 +151,10 @@ pub(crate) fn load(spec: &Spec, bases: &[&Path], opts: &LoadOptions) -> Result<V
             }
         }
     }
-    let want = spec.uint("pairs", 100)? as usize;
+    let want = match opts.pairs {
+        Some(p) => p,
+        None => spec.uint("pairs", 100)? as usize,
+    };
     let mut rnd = PyRandom::new(spec.uint("seed", 1234)?);
     let mut picked: Vec<usize> = if want == 0 || want >= all.len() {
         (0..all.len()).collect()

@@ -24,6 +24,8 @@ pub struct LoadOptions {
     pub num_fewshot: Option<usize>,
     /// Seed of the few-shot sampler (lm-evaluation-harness's default is 1234).
     pub fewshot_seed: u64,
+    /// Overrides a CoBBLEr suite's `pairs` (comparisons drawn; 0 = all).
+    pub pairs: Option<usize>,
 }
 
 impl Default for LoadOptions {
@@ -33,6 +35,7 @@ impl Default for LoadOptions {
             limit: None,
             num_fewshot: None,
             fewshot_seed: 1234,
+            pairs: None,
         }
     }
 }
