@@ -11,6 +11,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "moeval", version, about, long_about = None)]
 #[command(after_help = "Examples:
+  moeval eval --model ./my-flexolmo --tasks calm_ll --output runs/ --opt-out-sweep leave-one-out
+  moeval report --runs runs/ --out report/
+  moeval experts list --model ./my-flexolmo
   moeval forward --model ./my-flexolmo --prompt 'Hello' --out logits.safetensors
   moeval generate --model ./my-flexolmo --prompt 'Once upon a time' --max-new-tokens 32
   moeval init-model --preset small --seed 0 --out ./small-random
@@ -25,34 +28,34 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run one prompt through a model and save input ids, logits and router logits (parity and inspection).
-    Forward(commands::forward::Args),
-    /// Assemble a FlexOlmo model from experts trained separately on the same public model.
-    Merge(commands::merge::Args),
-    /// Experts: list them, record owners' opt-out / opt-in, routing statistics.
-    Experts(commands::experts::Args),
-    /// Continue a prompt with greedy decoding or seeded sampling.
-    Generate(commands::generate::Args),
-    /// Write a seeded random-weight checkpoint of a named shape (for benchmarks and examples).
-    InitModel(commands::init_model::Args),
-    /// Measure prefill and decode throughput and peak memory.
-    Bench(commands::bench::Args),
     /// Run evaluation tasks (lm-evaluation-harness YAML or built-in suites) and write Parquet results.
     Eval(commands::eval::Args),
-    /// SILO-style datastores: build (BM25 blocks, kNN-LM keys), stats, query, opt-out, bench.
-    Datastore(commands::datastore::Args),
     /// Leaderboard (Parquet, Markdown), self-contained HTML report and Hive dataset from runs; merges shards.
     Report(commands::report::Args),
     /// Paired comparison of two runs (or masks) on shared samples: bootstrap CI, McNemar p-value.
     Compare(commands::compare::Args),
     /// Fail when metrics dropped beyond their allowance against a committed baseline.
     Gate(commands::gate::Args),
-    /// Download a Hugging Face Hub dataset into a local cache (only when asked).
-    Download(commands::download::Args),
+    /// Experts: list them, record owners' opt-out / opt-in, routing statistics.
+    Experts(commands::experts::Args),
+    /// Assemble a FlexOlmo model from experts trained separately on the same public model.
+    Merge(commands::merge::Args),
+    /// Run one prompt through a model and save input ids, logits and router logits (parity and inspection).
+    Forward(commands::forward::Args),
+    /// Continue a prompt with greedy decoding or seeded sampling.
+    Generate(commands::generate::Args),
+    /// SILO-style datastores: build (BM25 blocks, kNN-LM keys), stats, query, opt-out, bench.
+    Datastore(commands::datastore::Args),
     /// Serve the model over an OpenAI-compatible HTTP API with per-request expert opt-out.
     Serve(commands::serve::Args),
     /// Load-test the server over loopback: requests/s, tokens/s and latency at several concurrencies.
     ServeBench(commands::serve::BenchArgs),
+    /// Write a seeded random-weight checkpoint of a named shape (for benchmarks and examples).
+    InitModel(commands::init_model::Args),
+    /// Measure prefill and decode throughput and peak memory.
+    Bench(commands::bench::Args),
+    /// Download a Hugging Face Hub dataset into a local cache (only when asked).
+    Download(commands::download::Args),
 }
 
 fn main() {
