@@ -238,35 +238,6 @@ impl Model {
         self.experts.as_ref().map(|(_, e)| e)
     }
 
-    /// The experts each token is sent to, given one MoE layer's router logits `[tokens, experts]` (as
-    /// [`Forward::router_logits`] holds them) and a mask (default: the loaded experts); the checkpoint's
-    /// router bias is applied as in the forward pass. Each token's experts come highest weight first.
-    pub fn routed_experts(
-        &self,
-        router_logits: &Tensor,
-        mask: Option<&ExpertMask>,
-    ) -> Result<Vec<Vec<(usize, f32)>>> {
-        let (Some(loaded), Some((registry, _))) = (&self.loaded, &self.experts) else {
-            return Err(Error::Input("a dense model has no routing".into()));
-        };
-        let mask = mask.unwrap_or(loaded);
-        let routing = routers::Routing {
-            top_k: self.config.num_experts_per_tok,
-            norm_topk_prob: self.config.norm_topk_prob,
-        };
-        let biases = registry.router_biases();
-        let rows = router_logits.to_vec2::<f32>()?;
-        Ok(rows
-            .into_iter()
-            .map(|mut row| {
-                for (l, b) in row.iter_mut().zip(&biases) {
-                    *l += b;
-                }
-                routing.route(&row, mask)
-            })
-            .collect())
-    }
-
     /// Tokens routed to each expert (`[layer][expert]`, each token counted once per expert it is sent to)
     /// by every forward pass since load or the previous call, which resets the counts. Empty rows for
     /// dense models.

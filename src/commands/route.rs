@@ -82,17 +82,23 @@ pub fn run(a: Args) -> Result<()> {
         .registry()
         .context("a dense model has no experts to route to")?
         .clone();
-    let docs = read_docs(&a, &model)?;
+    let mut docs = read_docs(&a, &model)?;
+    // Batches never mix groups, so the engine's own routed-token counters (the routing the forward pass
+    // really did) can be read per group after each batch.
+    docs.sort_by(|x, y| x.group.cmp(&y.group));
     let layers = model.config().num_hidden_layers;
     let n_experts = model.config().num_experts;
-    // (group, layer, expert) -> tokens routed there (each token counts once per expert it is sent to).
+    // (group, layer) -> tokens routed to each expert (each token counts once per expert it is sent to).
     let mut counts: BTreeMap<(String, usize), Vec<u64>> = BTreeMap::new();
     let mut tokens_per_group: BTreeMap<String, u64> = BTreeMap::new();
+    model.take_routed_tokens();
     let mut start = 0;
     while start < docs.len() {
+        let group = &docs[start].group;
         let mut end = start;
         let mut budget = 0;
         while end < docs.len()
+            && &docs[end].group == group
             && (end == start || budget + docs[end].tokens.len() <= a.batch_tokens)
         {
             budget += docs[end].tokens.len();
@@ -109,24 +115,16 @@ pub fn run(a: Args) -> Result<()> {
                 mask: None,
             })
             .collect();
-        let fwd = model.forward(&mut inputs, true)?;
-        let router = fwd.router_logits.unwrap_or_default();
-        for (layer, logits) in router.iter().enumerate() {
-            let choices = model.routed_experts(logits, None)?;
-            for (d, &s) in batch.iter().zip(&fwd.starts) {
-                let c = counts
-                    .entry((d.group.clone(), layer))
-                    .or_insert_with(|| vec![0; n_experts]);
-                for token in &choices[s..s + d.tokens.len()] {
-                    for &(e, _) in token {
-                        c[e] += 1;
-                    }
-                }
+        model.forward(&mut inputs, false)?;
+        for (layer, routed) in model.take_routed_tokens().into_iter().enumerate() {
+            let c = counts
+                .entry((group.clone(), layer))
+                .or_insert_with(|| vec![0; n_experts]);
+            for (total, n) in c.iter_mut().zip(routed) {
+                *total += n;
             }
         }
-        for d in batch {
-            *tokens_per_group.entry(d.group.clone()).or_default() += d.tokens.len() as u64;
-        }
+        *tokens_per_group.entry(group.clone()).or_default() += budget as u64;
         start = end;
     }
     let (mut g_col, mut l_col, mut e_col, mut n_col, mut t_col, mut s_col) = (
