@@ -56,8 +56,4 @@ impl Block {
         let m = self.mlp.forward(&x, batch)?;
         Ok((&x + self.post_feedforward_layernorm.forward(&m)?)?)
     }
-
-    pub fn expert_params(&self) -> usize {
-        self.mlp.expert_params()
-    }
 }

@@ -133,11 +133,6 @@ impl Mlp {
         });
         self.down.forward_strided(&gu, m, 2 * i)
     }
-
-    /// Number of parameters.
-    pub fn num_params(&self) -> usize {
-        self.gate_up.num_params() + self.down.num_params()
-    }
 }
 
 /// Per-batch state every layer sees: the sequences' spans and caches, and each token's expert mask.
@@ -307,16 +302,6 @@ impl SparseMoe {
             out.chunks_exact_mut(h).enumerate().for_each(gather);
         }
         Ok(out)
-    }
-
-    /// Parameters of one expert (0 when none is loaded).
-    pub fn expert_params(&self) -> usize {
-        self.experts
-            .iter()
-            .flatten()
-            .map(Mlp::num_params)
-            .next()
-            .unwrap_or(0)
     }
 }
 

@@ -57,11 +57,6 @@ impl Linear {
         }
     }
 
-    /// Number of weight elements (`out * in`).
-    pub fn num_params(&self) -> usize {
-        self.n * self.k
-    }
-
     /// `x [m, in] -> [m, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (m, _) = x.dims2()?;

@@ -82,7 +82,6 @@ pub struct Model {
     dir: Option<PathBuf>,
     /// Tokens routed to each expert per layer since load (or the last `take_routed_tokens`).
     routed_tokens: std::sync::Mutex<Vec<Vec<u64>>>,
-    expert_params: usize,
 }
 
 impl Model {
@@ -161,18 +160,13 @@ impl Model {
         let (h, v) = (config.hidden_size, config.vocab_size);
         let embed_values = src.values("model.embed_tokens.weight", &[v, h])?;
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
-        let mut expert_params = 0;
         for layer in 0..config.num_hidden_layers {
             let block = match (config.architecture, &loaded) {
                 (Architecture::FlexOlmo, Some(m)) => {
-                    let b = flex_olmo::Block::load(src, &config, layer, m, &biases)?;
-                    expert_params += b.expert_params();
-                    Block::FlexOlmo(b)
+                    Block::FlexOlmo(flex_olmo::Block::load(src, &config, layer, m, &biases)?)
                 }
                 (Architecture::Olmoe, Some(m)) => {
-                    let b = olmoe::Block::load(src, &config, layer, m, &biases)?;
-                    expert_params += b.expert_params();
-                    Block::Olmoe(b)
+                    Block::Olmoe(olmoe::Block::load(src, &config, layer, m, &biases)?)
                 }
                 _ => Block::Olmo2(olmo2::Block::load(src, &config, layer)?),
             };
@@ -197,7 +191,6 @@ impl Model {
             tokenizer: None,
             dir: None,
             routed_tokens: std::sync::Mutex::new(vec![vec![0; config_experts]; config_layers]),
-            expert_params,
         })
     }
 
@@ -248,11 +241,6 @@ impl Model {
             row.fill(0);
         }
         out
-    }
-
-    /// Parameters of all loaded experts, summed over layers.
-    pub fn loaded_expert_params(&self) -> usize {
-        self.expert_params
     }
 
     /// An empty KV cache for one sequence.

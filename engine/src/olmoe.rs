@@ -54,8 +54,4 @@ impl Block {
             .forward(&self.post_attention_layernorm.forward(&x)?, batch)?;
         Ok((x + m)?)
     }
-
-    pub fn expert_params(&self) -> usize {
-        self.mlp.expert_params()
-    }
 }

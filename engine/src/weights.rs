@@ -8,7 +8,6 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
@@ -140,25 +139,6 @@ impl Weights {
     /// Names of all tensors in the checkpoint.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.index.keys().map(String::as_str)
-    }
-
-    /// The file holding `name` (for error messages and hashing).
-    pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.index.get(name).map(|&i| self.shards[i].path.as_path())
-    }
-
-    /// Paths of all weight files.
-    pub fn files(&self) -> impl Iterator<Item = &Path> {
-        self.shards.iter().map(|s| s.path.as_path())
-    }
-
-    /// Reads tensor `name` as f32 and checks its shape.
-    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        Ok(Tensor::from_vec(
-            self.get_values(name, shape)?,
-            shape,
-            &Device::Cpu,
-        )?)
     }
 
     /// Reads the values of tensor `name` as f32 and checks its shape.
