@@ -17,11 +17,16 @@ use clap::{Parser, Subcommand};
   moeval forward --model ./my-flexolmo --prompt 'Hello' --out logits.safetensors
   moeval generate --model ./my-flexolmo --prompt 'Once upon a time' --max-new-tokens 32
   moeval init-model --preset small --seed 0 --out ./small-random
-  moeval bench --preset small --threads 2 --json")]
+  moeval bench --preset small --threads 2 --json
+  moeval --device cuda bench --preset olmoe-1b-7b --decode-batches 1,16,64 --json")]
 struct Cli {
     /// Worker threads for tensor math (default: all cores). Same as RAYON_NUM_THREADS.
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Where models run: `cpu` (f32, the default) or `cuda` / `cuda:N` (an NVIDIA GPU: bf16 weights and
+    /// activations, f32 accumulation; needs the NVIDIA driver and cuBLAS, loaded at run time).
+    #[arg(long, global = true, default_value = "cpu", value_name = "DEVICE")]
+    device: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -75,6 +80,7 @@ fn run(cli: Cli) -> Result<()> {
             .num_threads(n)
             .build_global()?;
     }
+    commands::set_device(cli.device.parse()?);
     match cli.command {
         Command::Forward(a) => commands::forward::run(a),
         Command::Experts(a) => commands::experts::run(a),

@@ -13,13 +13,15 @@ use rayon::prelude::*;
 ///
 /// A cache can extend a frozen parent ([`KvCache::fork`]): many continuations of one context share the
 /// context's keys and values without copying them.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct KvCache {
     parent: Option<Arc<KvCache>>,
     parent_len: usize,
     width: usize,
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
+    /// The cache of a sequence run on the GPU (the fields above then stay empty).
+    gpu: Option<crate::cuda::SeqCache>,
 }
 
 impl KvCache {
@@ -31,22 +33,53 @@ impl KvCache {
             width: kv_width,
             keys: vec![Vec::new(); layers],
             values: vec![Vec::new(); layers],
+            gpu: None,
         }
+    }
+
+    /// An empty cache on the GPU, `row` bf16 values per position.
+    pub(crate) fn on_gpu(row: usize) -> Self {
+        Self {
+            parent: None,
+            parent_len: 0,
+            width: 0,
+            keys: Vec::new(),
+            values: Vec::new(),
+            gpu: Some(crate::cuda::SeqCache::new(row)),
+        }
+    }
+
+    pub(crate) fn gpu_cache(&self) -> Option<&crate::cuda::SeqCache> {
+        self.gpu.as_ref()
+    }
+
+    pub(crate) fn gpu_cache_mut(&mut self) -> Option<&mut crate::cuda::SeqCache> {
+        self.gpu.as_mut()
     }
 
     /// A new cache that continues after everything in `parent`.
     pub fn fork(parent: &Arc<KvCache>) -> Self {
+        if let Some(g) = &parent.gpu {
+            return Self {
+                gpu: Some(crate::cuda::SeqCache::fork(parent, g.row())),
+                ..Self::on_gpu(0)
+            };
+        }
         Self {
             parent: Some(parent.clone()),
             parent_len: parent.len(),
             width: parent.width,
             keys: vec![Vec::new(); parent.keys.len()],
             values: vec![Vec::new(); parent.keys.len()],
+            gpu: None,
         }
     }
 
     /// Number of positions cached (including the parent's).
     pub fn len(&self) -> usize {
+        if let Some(g) = &self.gpu {
+            return g.len();
+        }
         self.parent_len + self.keys.first().map_or(0, |k| k.len() / self.width.max(1))
     }
 

@@ -11,6 +11,9 @@ pub enum Error {
     Tokenizer { path: PathBuf, message: String },
     #[error("{0}")]
     Input(String),
+    /// The GPU backend could not be used (no driver, no library, a failed launch).
+    #[error("{0}")]
+    Device(String),
     #[error(transparent)]
     Mask(#[from] routers::MaskError),
     #[error(transparent)]

@@ -20,6 +20,9 @@ pub enum Preset {
     Small,
     /// FlexOlmo, vocab 512, hidden 64, intermediate 96, 2 layers, 4 heads (2 kv), 4 experts, top-2.
     Tiny,
+    /// OLMoE-1B-7B's shape: vocab 50304, hidden 2048, intermediate 1024, 16 layers, 16 heads (16 kv),
+    /// 64 experts, top-8 (6.9B parameters; for GPU benchmarks).
+    Olmoe1b7b,
 }
 
 impl Preset {
@@ -27,8 +30,9 @@ impl Preset {
         match name {
             "small" => Ok(Preset::Small),
             "tiny" => Ok(Preset::Tiny),
+            "olmoe-1b-7b" => Ok(Preset::Olmoe1b7b),
             other => Err(Error::Input(format!(
-                "unknown preset `{other}`; choose small or tiny"
+                "unknown preset `{other}`; choose small, tiny or olmoe-1b-7b"
             ))),
         }
     }
@@ -37,9 +41,14 @@ impl Preset {
         let (vocab, hidden, inter, layers, heads, kv) = match self {
             Preset::Small => (50304, 512, 1024, 8, 8, 8),
             Preset::Tiny => (512, 64, 96, 2, 4, 2),
+            Preset::Olmoe1b7b => (50304, 2048, 1024, 16, 16, 16),
+        };
+        let (architecture, experts, top_k) = match self {
+            Preset::Olmoe1b7b => (Architecture::Olmoe, 64, 8),
+            _ => (Architecture::FlexOlmo, 4, 2),
         };
         Config {
-            architecture: Architecture::FlexOlmo,
+            architecture,
             vocab_size: vocab,
             hidden_size: hidden,
             intermediate_size: inter,
@@ -49,8 +58,8 @@ impl Preset {
             head_dim: hidden / heads,
             rms_norm_eps: 1e-6,
             rope_theta: 500_000.0,
-            num_experts: 4,
-            num_experts_per_tok: 2,
+            num_experts: experts,
+            num_experts_per_tok: top_k,
             norm_topk_prob: false,
             tie_word_embeddings: false,
             clip_qkv: None,

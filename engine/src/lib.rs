@@ -13,6 +13,7 @@
 
 mod attention;
 pub mod config;
+pub mod cuda;
 mod error;
 mod flex_olmo;
 pub mod generate;
@@ -31,7 +32,7 @@ pub use attention::KvCache;
 pub use config::{Architecture, Config};
 pub use error::{Error, Result};
 pub use layers::TensorSource;
-pub use model::{Forward, LoadOptions, Model, SeqInput};
+pub use model::{Device, Forward, LoadOptions, Model, SeqInput};
 pub use routers::{EffectiveMask, ExpertMask, Registry};
 pub use tokenizer::Tokenizer;
 pub use weights::{to_f32, Weights};

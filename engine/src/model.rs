@@ -2,11 +2,14 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use std::sync::Arc;
+
+use candle_core::Tensor;
 use routers::{effective_mask, EffectiveMask, ExpertMask, Policy, Registry};
 
 use crate::attention::{KvCache, SeqSpan};
 use crate::config::{Architecture, Config};
+use crate::cuda::{CudaModel, Gpu};
 use crate::layers::{self, Batch, RmsNorm, TensorSource};
 use crate::matmul::Linear;
 use crate::tokenizer::Tokenizer;
@@ -29,6 +32,45 @@ impl Block {
     }
 }
 
+/// Where a model's forward passes run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU, in f32.
+    #[default]
+    Cpu,
+    /// CUDA GPU `n`: bf16 weights and activations, f32 accumulation.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| {
+                    Error::Input(format!(
+                        "unknown device `{s}`: use cpu, cuda or cuda:N (N = GPU index)"
+                    ))
+                }),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
 /// Options for [`Model::load`].
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
@@ -38,6 +80,8 @@ pub struct LoadOptions {
     /// When non-empty, use only these experts (names or indices). Naming an expert that its owner opted
     /// out in the checkpoint's policy is an error.
     pub experts: Vec<String>,
+    /// Where to run (default: the CPU).
+    pub device: Device,
 }
 
 impl LoadOptions {
@@ -45,7 +89,7 @@ impl LoadOptions {
     pub fn opting_out(indices: &[usize]) -> Self {
         Self {
             opt_out: indices.iter().map(|i| i.to_string()).collect(),
-            experts: Vec::new(),
+            ..Self::default()
         }
     }
 }
@@ -69,13 +113,21 @@ pub struct Forward {
     pub router_logits: Option<Vec<Tensor>>,
 }
 
-/// A FlexOlmo, OLMoE or OLMo2 model on the CPU, computing in f32.
+enum Backend {
+    Cpu {
+        embed_tokens: Tensor,
+        blocks: Vec<Block>,
+        norm: RmsNorm,
+        lm_head: Linear,
+    },
+    Cuda(Box<CudaModel>),
+}
+
+/// A FlexOlmo, OLMoE or OLMo2 model, on the CPU (f32) or a CUDA GPU (bf16).
 pub struct Model {
     config: Config,
-    embed_tokens: Tensor,
-    blocks: Vec<Block>,
-    norm: RmsNorm,
-    lm_head: Linear,
+    backend: Backend,
+    device: Device,
     loaded: Option<ExpertMask>,
     experts: Option<(Registry, EffectiveMask)>,
     tokenizer: Option<Tokenizer>,
@@ -105,7 +157,7 @@ impl Model {
             None
         };
         let weights = Weights::open(dir)?;
-        let mut model = Self::build(config, &weights, experts)?;
+        let mut model = Self::build(config, &weights, experts, opts.device)?;
         model.tokenizer = Some(tokenizer);
         model.dir = Some(dir.to_path_buf());
         Ok(model)
@@ -134,7 +186,7 @@ impl Model {
             Self::check_dense(&config, opts)?;
             None
         };
-        Self::build(config, src, experts)
+        Self::build(config, src, experts, opts.device)
     }
 
     fn check_dense(config: &Config, opts: &LoadOptions) -> Result<()> {
@@ -151,24 +203,54 @@ impl Model {
         config: Config,
         src: &dyn TensorSource,
         experts: Option<(Registry, EffectiveMask)>,
+        device: Device,
     ) -> Result<Self> {
         let loaded = experts.as_ref().map(|(_, e)| e.mask.clone());
         let biases = experts
             .as_ref()
             .map(|(r, _)| r.router_biases())
             .unwrap_or_default();
+        let backend = match device {
+            Device::Cpu => Self::build_cpu(&config, src, loaded.as_ref(), &biases)?,
+            Device::Cuda(ordinal) => Backend::Cuda(Box::new(CudaModel::load(
+                Arc::new(Gpu::open(ordinal)?),
+                &config,
+                src,
+                loaded.as_ref(),
+                &biases,
+            )?)),
+        };
+        let (config_layers, config_experts) = (config.num_hidden_layers, config.num_experts);
+        Ok(Self {
+            config,
+            backend,
+            device,
+            loaded,
+            experts,
+            tokenizer: None,
+            dir: None,
+            routed_tokens: std::sync::Mutex::new(vec![vec![0; config_experts]; config_layers]),
+        })
+    }
+
+    fn build_cpu(
+        config: &Config,
+        src: &dyn TensorSource,
+        loaded: Option<&ExpertMask>,
+        biases: &[f32],
+    ) -> Result<Backend> {
         let (h, v) = (config.hidden_size, config.vocab_size);
         let embed_values = src.values("model.embed_tokens.weight", &[v, h])?;
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
         for layer in 0..config.num_hidden_layers {
-            let block = match (config.architecture, &loaded) {
+            let block = match (config.architecture, loaded) {
                 (Architecture::FlexOlmo, Some(m)) => {
-                    Block::FlexOlmo(flex_olmo::Block::load(src, &config, layer, m, &biases)?)
+                    Block::FlexOlmo(flex_olmo::Block::load(src, config, layer, m, biases)?)
                 }
                 (Architecture::Olmoe, Some(m)) => {
-                    Block::Olmoe(olmoe::Block::load(src, &config, layer, m, &biases)?)
+                    Block::Olmoe(olmoe::Block::load(src, config, layer, m, biases)?)
                 }
-                _ => Block::Olmo2(olmo2::Block::load(src, &config, layer)?),
+                _ => Block::Olmo2(olmo2::Block::load(src, config, layer)?),
             };
             blocks.push(block);
         }
@@ -178,24 +260,30 @@ impl Model {
         } else {
             layers::linear(src, "lm_head", v, h)?
         };
-        let embed_tokens = Tensor::from_vec(embed_values, (v, h), &Device::Cpu)?;
-        let (config_layers, config_experts) = (config.num_hidden_layers, config.num_experts);
-        Ok(Self {
-            config,
+        let embed_tokens = Tensor::from_vec(embed_values, (v, h), &candle_core::Device::Cpu)?;
+        Ok(Backend::Cpu {
             embed_tokens,
             blocks,
             norm,
             lm_head,
-            loaded,
-            experts,
-            tokenizer: None,
-            dir: None,
-            routed_tokens: std::sync::Mutex::new(vec![vec![0; config_experts]; config_layers]),
         })
     }
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Where the model runs.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The device's own name (`cpu`, or the GPU's name).
+    pub fn device_name(&self) -> String {
+        match &self.backend {
+            Backend::Cpu { .. } => "cpu".into(),
+            Backend::Cuda(c) => c.device_name().to_string(),
+        }
     }
 
     /// The tokenizer, when the model was loaded from a directory.
@@ -236,6 +324,16 @@ impl Model {
     /// dense models.
     pub fn take_routed_tokens(&self) -> Vec<Vec<u64>> {
         let mut counts = self.routed_tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Backend::Cuda(c), Some(_)) = (&self.backend, &self.loaded) {
+            // The GPU keeps its own counts; a failed read leaves these as they are (stats only).
+            if let Ok(gpu) = c.take_routed() {
+                for (t, g) in counts.iter_mut().zip(gpu) {
+                    for (t, g) in t.iter_mut().zip(g) {
+                        *t += g;
+                    }
+                }
+            }
+        }
         let out = counts.clone();
         for row in counts.iter_mut() {
             row.fill(0);
@@ -245,7 +343,10 @@ impl Model {
 
     /// An empty KV cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
-        layers::new_cache(&self.config)
+        match &self.backend {
+            Backend::Cpu { .. } => layers::new_cache(&self.config),
+            Backend::Cuda(c) => KvCache::on_gpu(c.cache_row()),
+        }
     }
 
     /// Runs new tokens of several sequences through the model, extending each sequence's cache.
@@ -280,6 +381,36 @@ impl Model {
             starts.push(ids.len());
             ids.extend_from_slice(s.tokens);
         }
+        let (embed_tokens, blocks, norm) = match &self.backend {
+            Backend::Cpu {
+                embed_tokens,
+                blocks,
+                norm,
+                ..
+            } => (embed_tokens, blocks, norm),
+            Backend::Cuda(c) => {
+                let (hidden, router) = c.forward(seqs, record_router_logits)?;
+                let n = hidden.len() / self.config.hidden_size;
+                let e = self.config.num_experts;
+                let router_logits = router
+                    .map(|layers| {
+                        layers
+                            .into_iter()
+                            .map(|l| Tensor::from_vec(l, (n, e), &candle_core::Device::Cpu))
+                            .collect::<candle_core::Result<Vec<_>>>()
+                    })
+                    .transpose()?;
+                return Ok(Forward {
+                    hidden: Tensor::from_vec(
+                        hidden,
+                        (n, self.config.hidden_size),
+                        &candle_core::Device::Cpu,
+                    )?,
+                    starts,
+                    router_logits,
+                });
+            }
+        };
         let mut token_masks = Vec::new();
         if let Some(loaded) = &self.loaded {
             for s in seqs.iter() {
@@ -308,9 +439,9 @@ impl Model {
             },
         };
         let n = ids.len();
-        let idx = Tensor::from_vec(ids, n, &Device::Cpu)?;
-        let mut x = self.embed_tokens.index_select(&idx, 0)?;
-        for (layer, block) in self.blocks.iter().enumerate() {
+        let idx = Tensor::from_vec(ids, n, &candle_core::Device::Cpu)?;
+        let mut x = embed_tokens.index_select(&idx, 0)?;
+        for (layer, block) in blocks.iter().enumerate() {
             batch.layer = layer;
             x = block.forward(&x, layer, &mut batch)?;
         }
@@ -323,7 +454,7 @@ impl Model {
             }
         }
         Ok(Forward {
-            hidden: self.norm.forward(&x)?,
+            hidden: norm.forward(&x)?,
             starts,
             router_logits: batch.router_logits,
         })
@@ -331,6 +462,35 @@ impl Model {
 
     /// Logits `[rows, vocab]` for rows of final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden)
+        match &self.backend {
+            Backend::Cpu { lm_head, .. } => lm_head.forward(hidden),
+            Backend::Cuda(c) => {
+                let rows = hidden.dim(0)?;
+                let flat = hidden.flatten_all()?.to_vec1::<f32>()?;
+                let v = self.config.vocab_size;
+                Ok(Tensor::from_vec(
+                    c.logits(&flat)?,
+                    (rows, v),
+                    &candle_core::Device::Cpu,
+                )?)
+            }
+        }
+    }
+
+    /// The most likely next token (first maximum of the logits) for each row of final hidden states;
+    /// on a GPU the logits never leave it.
+    pub fn argmax(&self, hidden: &Tensor) -> Result<Vec<u32>> {
+        match &self.backend {
+            Backend::Cpu { .. } => Ok(self.logits(hidden)?.argmax(1)?.to_vec1::<u32>()?),
+            Backend::Cuda(c) => c.argmax(&hidden.flatten_all()?.to_vec1::<f32>()?),
+        }
+    }
+
+    /// The GPU model, when the model runs on one.
+    pub(crate) fn cuda(&self) -> Option<&CudaModel> {
+        match &self.backend {
+            Backend::Cuda(c) => Some(c),
+            Backend::Cpu { .. } => None,
+        }
     }
 }

@@ -205,6 +205,9 @@ fn gather_logprobs(
     queries: &[(u32, Vec<u32>)],
 ) -> Result<Vec<Vec<(f32, bool)>>> {
     const SLICE: usize = 64;
+    if let Some(gpu) = model.cuda() {
+        return gather_logprobs_gpu(gpu, model.config().hidden_size, hidden, queries);
+    }
     let v = model.config().vocab_size;
     let mut out = Vec::with_capacity(queries.len());
     for part in queries.chunks(SLICE) {
@@ -236,4 +239,34 @@ fn gather_logprobs(
         }
     }
     Ok(out)
+}
+
+/// [`gather_logprobs`] on the GPU: logits, log-softmax and argmax stay on the device; one hidden row
+/// per (row, token) pair, a bounded number of pairs at a time.
+fn gather_logprobs_gpu(
+    gpu: &crate::cuda::CudaModel,
+    h: usize,
+    hidden: &Tensor,
+    queries: &[(u32, Vec<u32>)],
+) -> Result<Vec<Vec<(f32, bool)>>> {
+    const PAIRS: usize = 512;
+    let flat = hidden.flatten_all()?.to_vec1::<f32>()?;
+    let pairs: Vec<(usize, u32)> = queries
+        .iter()
+        .flat_map(|(r, tokens)| tokens.iter().map(move |&t| (*r as usize, t)))
+        .collect();
+    let mut found = Vec::with_capacity(pairs.len());
+    for part in pairs.chunks(PAIRS) {
+        let mut rows = Vec::with_capacity(part.len() * h);
+        for &(r, _) in part {
+            rows.extend_from_slice(&flat[r * h..(r + 1) * h]);
+        }
+        let tokens: Vec<u32> = part.iter().map(|p| p.1).collect();
+        found.extend(gpu.logprobs(&rows, &tokens)?);
+    }
+    let mut found = found.into_iter();
+    Ok(queries
+        .iter()
+        .map(|(_, tokens)| tokens.iter().filter_map(|_| found.next()).collect())
+        .collect())
 }

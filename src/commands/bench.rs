@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use engine::init::{Preset, RandomInit};
 use engine::{LoadOptions, Model, SeqInput};
 
-/// `moeval bench`: prefill and decode throughput of the CPU engine, and peak memory.
+/// `moeval bench`: prefill and decode throughput of the engine (CPU or `--device cuda`), and peak memory.
 ///
 /// Prefill: a batch of sequences run through the model from an empty cache, producing each sequence's
 /// last-position logits (what generation needs). Decode: after a prompt is prefilled (not timed), greedy
@@ -32,6 +32,9 @@ pub struct Args {
     /// Decode steps.
     #[arg(long, default_value_t = 32)]
     decode_steps: usize,
+    /// Decode at each of these batch sizes (default: --batch), e.g. `1,16,64`.
+    #[arg(long, value_delimiter = ',')]
+    decode_batches: Vec<usize>,
     #[arg(long, default_value_t = 3)]
     repeats: usize,
     /// Print one JSON object instead of a table.
@@ -66,8 +69,8 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-/// Runs `seqs` through fresh caches and returns the caches and each sequence's last-position logits.
-fn prefill(model: &Model, seqs: &[Vec<u32>]) -> Result<(Vec<engine::KvCache>, Tensor)> {
+/// Runs `seqs` through fresh caches and returns the caches and each sequence's greedy next token.
+fn prefill(model: &Model, seqs: &[Vec<u32>]) -> Result<(Vec<engine::KvCache>, Vec<u32>)> {
     let mut caches: Vec<_> = seqs.iter().map(|_| model.new_cache()).collect();
     let mut inputs: Vec<SeqInput> = seqs
         .iter()
@@ -86,19 +89,23 @@ fn prefill(model: &Model, seqs: &[Vec<u32>]) -> Result<(Vec<engine::KvCache>, Te
         .map(|(s, &st)| (st + s.len() - 1) as u32)
         .collect();
     let idx = Tensor::from_vec(last, seqs.len(), fwd.hidden.device())?;
-    let logits = model.logits(&fwd.hidden.index_select(&idx, 0)?)?;
-    Ok((caches, logits))
-}
-
-fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-    Ok(logits.argmax(1)?.to_vec1::<u32>()?)
+    let next = model.argmax(&fwd.hidden.index_select(&idx, 0)?)?;
+    Ok((caches, next))
 }
 
 pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     anyhow::ensure!(
-        a.batch > 0 && a.repeats > 0 && a.prefill_len > 0 && a.prompt_len > 0,
+        a.batch > 0
+            && a.repeats > 0
+            && a.prefill_len > 0
+            && a.prompt_len > 0
+            && a.decode_batches.iter().all(|&b| b > 0),
         "sizes must be positive"
     );
+    let opts = LoadOptions {
+        device: super::device(),
+        ..LoadOptions::default()
+    };
     let load_start = Instant::now();
     let (model, source) = match &a.model {
         Some(dir) => {
@@ -106,13 +113,13 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
             let cfg = engine::Config::from_file(&dir.join("config.json"))?;
             let weights = engine::Weights::open(dir)?;
             (
-                Model::from_source(cfg, &weights, &LoadOptions::default())?,
+                Model::from_source(cfg, &weights, &opts)?,
                 dir.display().to_string(),
             )
         }
         None => {
             let cfg = Preset::parse(&a.preset)?.config();
-            let model = Model::from_source(cfg, &RandomInit { seed: 0 }, &LoadOptions::default())
+            let model = Model::from_source(cfg, &RandomInit { seed: 0 }, &opts)
                 .context("cannot build the preset model")?;
             (model, format!("preset {}", a.preset))
         }
@@ -123,10 +130,6 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     let prefill_seqs: Vec<Vec<u32>> = (0..a.batch)
         .map(|i| tokens(a.prefill_len, v, i as u64))
         .collect();
-    let prompts: Vec<Vec<u32>> = (0..a.batch)
-        .map(|i| tokens(a.prompt_len, v, 1000 + i as u64))
-        .collect();
-
     let mut prefill_times = Vec::new();
     for r in 0..=a.repeats {
         let t = Instant::now();
@@ -136,31 +139,42 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
             prefill_times.push(t.elapsed().as_secs_f64());
         }
     }
-    let mut decode_times = Vec::new();
-    for r in 0..=a.repeats {
-        let (mut caches, logits) = prefill(&model, &prompts)?;
-        let mut next = argmax_rows(&logits)?;
-        let t = Instant::now();
-        for _ in 0..a.decode_steps {
-            let feeds: Vec<[u32; 1]> = next.iter().map(|&x| [x]).collect();
-            let mut inputs: Vec<SeqInput> = feeds
-                .iter()
-                .zip(caches.iter_mut())
-                .map(|(f, c)| SeqInput {
-                    tokens: f,
-                    cache: c,
-                    mask: None,
-                })
-                .collect();
-            let fwd = model.forward(&mut inputs, false)?;
-            next = argmax_rows(&model.logits(&fwd.hidden)?)?;
+    let batches = if a.decode_batches.is_empty() {
+        vec![a.batch]
+    } else {
+        a.decode_batches.clone()
+    };
+    let mut decode = Vec::new();
+    for &batch in &batches {
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|i| tokens(a.prompt_len, v, 1000 + i as u64))
+            .collect();
+        let mut times = Vec::new();
+        for r in 0..=a.repeats {
+            let (mut caches, mut next) = prefill(&model, &prompts)?;
+            let t = Instant::now();
+            for _ in 0..a.decode_steps {
+                let feeds: Vec<[u32; 1]> = next.iter().map(|&x| [x]).collect();
+                let mut inputs: Vec<SeqInput> = feeds
+                    .iter()
+                    .zip(caches.iter_mut())
+                    .map(|(f, c)| SeqInput {
+                        tokens: f,
+                        cache: c,
+                        mask: None,
+                    })
+                    .collect();
+                let fwd = model.forward(&mut inputs, false)?;
+                next = model.argmax(&fwd.hidden)?;
+            }
+            if r > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
         }
-        if r > 0 {
-            decode_times.push(t.elapsed().as_secs_f64());
-        }
+        decode.push((batch, (batch * a.decode_steps) as f64 / median(times)));
     }
     let prefill_tok_s = (a.batch * a.prefill_len) as f64 / median(prefill_times);
-    let decode_tok_s = (a.batch * a.decode_steps) as f64 / median(decode_times);
+    let decode_tok_s = decode[0].1;
     let params: usize = engine::init::tensor_specs(&cfg)
         .iter()
         .map(|(_, s)| s.iter().product::<usize>())
@@ -173,6 +187,7 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         let out = serde_json::json!({
             "impl": "moeval",
             "model": source,
+            "device": format!("{} ({})", model.device(), model.device_name()),
             "threads": threads,
             "batch": a.batch,
             "prefill_len": a.prefill_len,
@@ -180,6 +195,10 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
             "decode_steps": a.decode_steps,
             "prefill_tok_s": prefill_tok_s,
             "decode_tok_s": decode_tok_s,
+            "decode": decode
+                .iter()
+                .map(|&(b, t)| serde_json::json!({"batch": b, "tok_s": t, "ms_per_step": 1e3 * b as f64 / t}))
+                .collect::<Vec<_>>(),
             "peak_rss_mb": rss,
             "weights_mb_f32": weights_mb,
             "params": params,
@@ -194,9 +213,16 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
             a.batch, a.prefill_len
         );
         println!(
-            "decode         {decode_tok_s:.0} tok/s  (batch {}, {} steps after {} tokens)",
-            a.batch, a.decode_steps, a.prompt_len
+            "device         {} ({})",
+            model.device(),
+            model.device_name()
         );
+        for (batch, tok_s) in &decode {
+            println!(
+                "decode         {tok_s:.0} tok/s  (batch {batch}, {} steps after {} tokens)",
+                a.decode_steps, a.prompt_len
+            );
+        }
         println!(
             "peak RSS       {rss:.0} MiB ({:.2}x the f32 weights)",
             rss / weights_mb

@@ -159,7 +159,10 @@ fn git_revision() -> Option<String> {
     Some(if dirty { format!("{rev}+dirty") } else { rev })
 }
 
-fn device() -> String {
+fn device(model: &Model) -> String {
+    if model.device() != engine::Device::Cpu {
+        return format!("{} ({})", model.device(), model.device_name());
+    }
     let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
         s.lines()
             .find(|l| l.starts_with("model name"))
@@ -257,6 +260,11 @@ fn variants(
     info: &ModelInfo,
     sweep: Option<Sweep>,
 ) -> Result<Vec<(Variant, Option<ExpertMask>)>> {
+    // GPU answers (bf16) are not the CPU's (f32): each device caches its own.
+    let scope = |allowed: &[usize]| match model.device() {
+        engine::Device::Cpu => scope_name(&info.weights_hash, allowed),
+        engine::Device::Cuda(_) => format!("cuda-{}", scope_name(&info.weights_hash, allowed)),
+    };
     let Some(eff) = model.effective_mask() else {
         if sweep.is_some() {
             bail!("--opt-out-sweep needs a Mixture-of-Experts model; this one is dense");
@@ -266,7 +274,7 @@ fn variants(
                 label: "full".into(),
                 allowed: Vec::new(),
                 opted_out: Vec::new(),
-                cache_scope: scope_name(&info.weights_hash, &[]),
+                cache_scope: scope(&[]),
             },
             None,
         )]);
@@ -281,7 +289,7 @@ fn variants(
         label,
         allowed: mask.allowed().collect(),
         opted_out: mask.removed().map(name).collect(),
-        cache_scope: scope_name(&info.weights_hash, &mask.allowed().collect::<Vec<_>>()),
+        cache_scope: scope(&mask.allowed().collect::<Vec<_>>()),
     };
     let mut out = vec![(make(&eff.mask, "full".into()), None)];
     if sweep == Some(Sweep::LeaveOneOut) {
@@ -779,7 +787,7 @@ pub fn run(a: Args) -> Result<()> {
     manifest.model = info;
     manifest.variants = vars.iter().map(|v| v.0.clone()).collect();
     manifest.tasks = task_info;
-    manifest.device = device();
+    manifest.device = device(&model);
     manifest.threads = rayon::current_num_threads();
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;

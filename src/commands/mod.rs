@@ -16,9 +16,22 @@ pub mod route;
 pub mod serve;
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
-use engine::{LoadOptions, Model};
+use engine::{Device, LoadOptions, Model};
+
+static DEVICE: OnceLock<Device> = OnceLock::new();
+
+/// Sets where every model of this process runs (the global `--device`).
+pub fn set_device(device: Device) {
+    let _ = DEVICE.set(device);
+}
+
+/// Where models run: the global `--device`, the CPU by default.
+pub fn device() -> Device {
+    DEVICE.get().copied().unwrap_or_default()
+}
 
 /// Expert selection shared by every command that runs a model.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -37,6 +50,7 @@ pub fn load_model_with(dir: &Path, experts: &ExpertArgs) -> Result<Model> {
     let opts = LoadOptions {
         opt_out: experts.opt_out.clone(),
         experts: experts.experts.clone(),
+        device: device(),
     };
     Model::load(dir, &opts).with_context(|| format!("cannot load the model in {}", dir.display()))
 }
