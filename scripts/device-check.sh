@@ -3,7 +3,8 @@
 # CPU reference), the model tests (every fixture's logits within bf16 tolerance of the CPU engine and of
 # Hugging Face, greedy generation, opt-out = physical removal, per-sequence masks, scoring, routing), the
 # copy bandwidth, and `moeval --device cuda bench` side by side with transformers on the same shapes.
-# Writes everything, and a summary report.json, to $OUT (or target/device-check).
+# Writes everything, and a summary report.json, to $OUT (or target/device-check). SKIP_BASELINE=1 leaves
+# out transformers; the profile run (MOEVAL_CUDA_PROFILE=1) shows where the GPU time goes.
 #
 # The GPU machine has no package registry, so build on a CPU machine first:
 #   scripts/device-bundle.sh          # release binary + test binaries + fixtures into .device/
@@ -41,8 +42,14 @@ for preset in small olmoe-1b-7b; do
   args=(--batch 8 --prefill-len 512 --prompt-len 128 --decode-steps 16 --decode-batches 1,16,64 --repeats 3)
   timeout 200 "$bundle/moeval" --device cuda bench --preset "$preset" "${args[@]}" --json > "$out/moeval-$preset.json" 2> "$out/moeval-$preset.err"
   echo "moeval $preset rc=$?: $(tail -c 600 "$out/moeval-$preset.json") $(tail -3 "$out/moeval-$preset.err")"
+  [ -n "${SKIP_BASELINE:-}" ] && continue
   timeout 200 python3 scripts/hf_bench_gpu.py --preset "$preset" --batch 8 --prefill-len 512 --prompt-len 128 --decode-steps 16 --decode-batches 1,16,64 --repeats 3 > "$out/hf-$preset.json" 2> "$out/hf-$preset.err"
   echo "transformers $preset rc=$?: $(tail -c 600 "$out/hf-$preset.json") $(tail -3 "$out/hf-$preset.err")"
 done
+# Where the GPU time goes (each operation timed between synchronisations: slower, so a separate run).
+MOEVAL_CUDA_PROFILE=1 timeout 150 "$bundle/moeval" --device cuda bench --preset olmoe-1b-7b --batch 8 \
+  --prefill-len 512 --prompt-len 128 --decode-steps 8 --decode-batches 1,16,64 --repeats 1 --json \
+  > /dev/null 2> "$out/profile-olmoe.txt"
+cat "$out/profile-olmoe.txt"
 python3 scripts/device_report.py "$out" > "$out/report.json"
 cat "$out/report.json"

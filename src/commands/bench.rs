@@ -139,6 +139,14 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
             prefill_times.push(t.elapsed().as_secs_f64());
         }
     }
+    if let Some(p) = engine::cuda::take_profile() {
+        eprintln!(
+            "prefill (batch {} x {}, {} runs): {p}",
+            a.batch,
+            a.prefill_len,
+            a.repeats + 1
+        );
+    }
     let batches = if a.decode_batches.is_empty() {
         vec![a.batch]
     } else {
@@ -172,6 +180,9 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
             }
         }
         decode.push((batch, (batch * a.decode_steps) as f64 / median(times)));
+        if let Some(p) = engine::cuda::take_profile() {
+            eprintln!("decode batch {batch} (prompt prefills included): {p}");
+        }
     }
     let prefill_tok_s = (a.batch * a.prefill_len) as f64 / median(prefill_times);
     let decode_tok_s = decode[0].1;

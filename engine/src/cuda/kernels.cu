@@ -166,18 +166,24 @@ extern "C" __global__ void qk_norm_rope(const float* qkv, float* q_out, const bf
     }
 }
 
-#define MAX_DPL 8  // head dims per lane: head_dim <= 256
+#define MAX_DPL 8     // head dims per lane: head_dim <= 256
+#define ATT_WARPS 4   // warps per (token, head)
+#define ATT_CHUNK 8   // keys a warp scores before one softmax update
 
-// Causal attention, one warp per (token, head): the lanes split the head's dimensions and walk the
-// token's cached keys 0..=pos with an online softmax. Output bf16 [n, heads * hd] (the o_proj input).
-// Grid: ceil(n * heads / warps per block) blocks.
+// Causal attention, one block of ATT_WARPS warps per (token, head). The lanes split the head's
+// dimensions; the warps take turns over chunks of ATT_CHUNK cached keys (0..=pos), each warp keeping an
+// online softmax, and the warps' partial results are merged at the end. Scoring a chunk's keys before
+// updating keeps many loads in flight, which decoding (few tokens, long caches) needs.
+// Output bf16 [n, heads * hd] (the o_proj input). `tokens` lists the tokens this launch serves.
+// Grid: len(tokens) * heads blocks of 32 * ATT_WARPS threads.
 extern "C" __global__ void attention(const float* q, bf16* out, const int* pos, const int* seq,
-                                     const u64* base, int n, int layer, int layers, int heads,
-                                     int kv_heads, int hd, float scale) {
-    int gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    int lane = threadIdx.x & 31;
-    if (gw >= n * heads) return;
-    int t = gw / heads, head = gw % heads;
+                                     const u64* base, const int* tokens, int layer, int layers,
+                                     int heads, int kv_heads, int hd, float scale) {
+    __shared__ float part_m[ATT_WARPS], part_l[ATT_WARPS];
+    __shared__ float part_acc[ATT_WARPS][32 * MAX_DPL];
+    int pair = blockIdx.x;
+    int t = tokens[pair / heads], head = pair % heads;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int kvh = head / (heads / kv_heads);
     int kvw = kv_heads * hd;
     int dpl = (hd + 31) / 32;
@@ -193,76 +199,262 @@ extern "C" __global__ void attention(const float* q, bf16* out, const int* pos, 
     const bf16* kp = cache + (size_t)layer * 2 * kvw + kvh * hd;
     float m = NEG_INF, l = 0.0f;
     int last = pos[t];
-    for (int j = 0; j <= last; j++) {
-        const bf16* kr = kp + (size_t)j * stride;
-        float s = 0.0f;
+    int chunks = (last + ATT_CHUNK) / ATT_CHUNK;
+    for (int c = warp; c < chunks; c += ATT_WARPS) {
+        int j0 = c * ATT_CHUNK;
+        float s[ATT_CHUNK];
 #pragma unroll
-        for (int i = 0; i < MAX_DPL; i++) {
-            int d = lane + 32 * i;
-            if (i < dpl && d < hd) s += qd[i] * bf2f(kr[d]);
-        }
-        s = warp_sum(s);
-        float mn = fmaxf(m, s);
-        float corr = expf(m - mn), pj = expf(s - mn);
-        l = l * corr + pj;
-        const bf16* vr = kr + kvw;
+        for (int u = 0; u < ATT_CHUNK; u++) {
+            float d_s = 0.0f;
+            if (j0 + u <= last) {
+                const bf16* kr = kp + (size_t)(j0 + u) * stride;
 #pragma unroll
-        for (int i = 0; i < MAX_DPL; i++) {
-            int d = lane + 32 * i;
-            if (i < dpl && d < hd) acc[i] = acc[i] * corr + pj * bf2f(vr[d]);
+                for (int i = 0; i < MAX_DPL; i++) {
+                    int d = lane + 32 * i;
+                    if (i < dpl && d < hd) d_s += qd[i] * bf2f(kr[d]);
+                }
+            }
+            s[u] = d_s;
         }
-        m = mn;
+#pragma unroll
+        for (int u = 0; u < ATT_CHUNK; u++) s[u] = warp_sum(s[u]);
+        float mc = m;
+#pragma unroll
+        for (int u = 0; u < ATT_CHUNK; u++)
+            if (j0 + u <= last) mc = fmaxf(mc, s[u]);
+        float corr = expf(m - mc);
+        l *= corr;
+#pragma unroll
+        for (int i = 0; i < MAX_DPL; i++) acc[i] *= corr;
+#pragma unroll
+        for (int u = 0; u < ATT_CHUNK; u++) {
+            if (j0 + u <= last) {
+                float p = expf(s[u] - mc);
+                l += p;
+                const bf16* vr = kp + (size_t)(j0 + u) * stride + kvw;
+#pragma unroll
+                for (int i = 0; i < MAX_DPL; i++) {
+                    int d = lane + 32 * i;
+                    if (i < dpl && d < hd) acc[i] += p * bf2f(vr[d]);
+                }
+            }
+        }
+        m = mc;
     }
-    float inv = 1.0f / l;
+    if (lane == 0) {
+        part_m[warp] = m;
+        part_l[warp] = l;
+    }
 #pragma unroll
-    for (int i = 0; i < MAX_DPL; i++) {
-        int d = lane + 32 * i;
-        if (i < dpl && d < hd) out[(size_t)t * heads * hd + head * hd + d] = f2bf(acc[i] * inv);
+    for (int i = 0; i < MAX_DPL; i++)
+        if (i < dpl) part_acc[warp][lane + 32 * i] = acc[i];
+    __syncthreads();
+    if (warp == 0) {
+        float mx = NEG_INF;
+        for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, part_m[w]);
+        float f[ATT_WARPS], z = 0.0f;
+        for (int w = 0; w < ATT_WARPS; w++) {
+            // A warp that saw no key has m = -inf: weight 0.
+            f[w] = part_m[w] == NEG_INF ? 0.0f : expf(part_m[w] - mx);
+            z += part_l[w] * f[w];
+        }
+#pragma unroll
+        for (int i = 0; i < MAX_DPL; i++) {
+            int d = lane + 32 * i;
+            if (i < dpl && d < hd) {
+                float v = 0.0f;
+                for (int w = 0; w < ATT_WARPS; w++) v += part_acc[w][d] * f[w];
+                out[(size_t)t * heads * hd + head * hd + d] = f2bf(v / z);
+            }
+        }
+    }
+}
+
+#define PF_TILE 32     // queries and keys per tile
+#define PF_MAX_HD 128
+
+// Tiled causal attention for runs of new tokens of one sequence (prefill). A block serves up to
+// PF_TILE consecutive new tokens of one sequence for one head (`tiles`: first token, count); its 4
+// warps own 8 queries each. Keys and values stream through shared memory PF_TILE positions at a time;
+// lane j scores key j, and each query keeps an online softmax. head_dim <= PF_MAX_HD, even.
+// Output as `attention`. Grid: (number of tiles, heads) blocks of 128 threads.
+extern "C" __global__ void __launch_bounds__(128) attention_prefill(
+    const float* q, bf16* out, const int* pos, const int* seq, const u64* base, const int* tiles,
+    int layer, int layers, int heads, int kv_heads, int hd, float scale) {
+    __shared__ float qs[PF_TILE][PF_MAX_HD];
+    __shared__ unsigned ks[PF_TILE][PF_MAX_HD / 2 + 1];  // bf16 pairs; the pad spreads rows over banks
+    __shared__ bf16 vs[PF_TILE][PF_MAX_HD];
+    int head = blockIdx.y;
+    int t0 = tiles[2 * blockIdx.x], cnt = tiles[2 * blockIdx.x + 1];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int kvh = head / (heads / kv_heads);
+    int kvw = kv_heads * hd, hp = hd / 2, dpl = (hd + 31) / 32;
+    const bf16* cache = (const bf16*)base[seq[t0]];
+    size_t stride = (size_t)layers * 2 * kvw;
+    const bf16* kp = cache + (size_t)layer * 2 * kvw + kvh * hd;
+    int p0 = pos[t0];
+    for (int i = threadIdx.x; i < PF_TILE * hd; i += blockDim.x) {
+        int qi = i / hd, d = i % hd;
+        qs[qi][d] = qi < cnt ? q[(size_t)(t0 + qi) * heads * hd + head * hd + d] * scale : 0.0f;
+    }
+    float m[8], l[8], acc[8][4];
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+        m[u] = NEG_INF;
+        l[u] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[u][i] = 0.0f;
+    }
+    int q_first = warp * 8;                          // this warp's first query in the tile
+    int q_last = min(q_first + 7, cnt - 1);          // and its last (may be < q_first: idle warp)
+    int key_tiles = (p0 + cnt - 1) / PF_TILE + 1;
+    for (int kt = 0; kt < key_tiles; kt++) {
+        int k0 = kt * PF_TILE;
+        __syncthreads();
+        for (int i = threadIdx.x; i < PF_TILE * hp; i += blockDim.x) {
+            int j = i / hp, dp = i % hp;
+            int kpos = k0 + j;
+            unsigned kv2 = 0, vv2 = 0;
+            if (kpos <= p0 + cnt - 1) {
+                const bf16* kr = kp + (size_t)kpos * stride;
+                kv2 = *(const unsigned*)(kr + 2 * dp);
+                vv2 = *(const unsigned*)(kr + kvw + 2 * dp);
+            }
+            ks[j][dp] = kv2;
+            vs[j][2 * dp] = (bf16)(vv2 & 0xffffu);
+            vs[j][2 * dp + 1] = (bf16)(vv2 >> 16);
+        }
+        __syncthreads();
+        if (q_last < q_first || k0 > p0 + q_last) continue;  // every key here is after this warp's queries
+        // Scores: lane = key j of the tile, for each of the warp's 8 queries.
+        float s[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) s[u] = 0.0f;
+        for (int dp = 0; dp < hp; dp++) {
+            unsigned kk = ks[lane][dp];
+            float k_lo = __uint_as_float(kk << 16), k_hi = __uint_as_float(kk & 0xffff0000u);
+#pragma unroll
+            for (int u = 0; u < 8; u++) s[u] += qs[q_first + u][2 * dp] * k_lo + qs[q_first + u][2 * dp + 1] * k_hi;
+        }
+        float pr[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            int qpos = p0 + q_first + u;
+            bool ok = q_first + u <= q_last && k0 + lane <= qpos;
+            float sc = ok ? s[u] : NEG_INF;
+            float mx = sc;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            float mn = fmaxf(m[u], mx);
+            // mn is -inf only for a padding query (no valid key): keep it inert.
+            float corr = mn == NEG_INF ? 1.0f : expf(m[u] - mn);
+            pr[u] = ok ? expf(sc - mn) : 0.0f;
+            l[u] = l[u] * corr + warp_sum(pr[u]);
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[u][i] *= corr;
+            m[u] = mn;
+        }
+        for (int j = 0; j < PF_TILE; j++) {
+            float vv[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int d = lane + 32 * i;
+                vv[i] = (i < dpl && d < hd) ? bf2f(vs[j][d]) : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                float pj = __shfl_sync(0xffffffffu, pr[u], j);
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[u][i] += pj * vv[i];
+            }
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+        int qi = q_first + u;
+        if (qi > q_last) break;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int d = lane + 32 * i;
+            if (i < dpl && d < hd) out[(size_t)(t0 + qi) * heads * hd + head * hd + d] = f2bf(acc[u][i] / l[u]);
+        }
     }
 }
 
 #define MAX_EXPERTS 256
 
 // Router: softmax over the token's allowed experts of (logit + bias), top-k (ties to the lower index),
-// optionally renormalised. Slots past the number of allowed experts get expert -1. One thread per token.
+// optionally renormalised. Slots past the number of allowed experts get expert -1. One warp per token,
+// each lane holding every 32nd expert. Grid: ceil(n / 4) blocks of 128 threads.
 extern "C" __global__ void router_topk(const float* logits, const float* bias, const unsigned char* mask,
                                        int* topk_idx, float* topk_w, int n, int E, int k, int norm) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
     if (t >= n) return;
-    float p[MAX_EXPERTS];
+    const int PER = MAX_EXPERTS / 32;
+    float p[PER];
     const float* lg = logits + (size_t)t * E;
     const unsigned char* mk = mask + (size_t)t * E;
     float mx = NEG_INF;
-    for (int e = 0; e < E; e++) {
-        p[e] = lg[e] + (bias ? bias[e] : 0.0f);
-        if (mk[e]) mx = fmaxf(mx, p[e]);
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        int e = lane + 32 * i;
+        bool ok = e < E && mk[e];
+        p[i] = ok ? lg[e] + (bias ? bias[e] : 0.0f) : NEG_INF;
+        mx = fmaxf(mx, p[i]);
     }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     float sum = 0.0f;
-    for (int e = 0; e < E; e++) {
-        p[e] = mk[e] ? expf(p[e] - mx) : -1.0f;
-        if (mk[e]) sum += p[e];
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        // -1 marks experts that are masked out or already chosen.
+        p[i] = p[i] == NEG_INF ? -1.0f : expf(p[i] - mx);
+        if (p[i] >= 0.0f) sum += p[i];
     }
+    sum = warp_sum(sum);
     float top = 0.0f;
     for (int j = 0; j < k; j++) {
-        int best = -1;
         float bv = -1.0f;
-        for (int e = 0; e < E; e++)
-            if (p[e] >= 0.0f && (best < 0 || p[e] / sum > bv)) { best = e; bv = p[e] / sum; }
-        topk_idx[t * k + j] = best;
-        topk_w[t * k + j] = best >= 0 ? bv : 0.0f;
-        if (best >= 0) { top += bv; p[best] = -1.0f; }
+        int be = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            float v = p[i] >= 0.0f ? p[i] / sum : -1.0f;
+            if (v > bv) { bv = v; be = lane + 32 * i; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int oe = __shfl_xor_sync(0xffffffffu, be, o);
+            if (ov > bv || (ov == bv && oe < be)) { bv = ov; be = oe; }
+        }
+        bool found = bv >= 0.0f;
+        if (lane == 0) {
+            topk_idx[t * k + j] = found ? be : -1;
+            topk_w[t * k + j] = found ? bv : 0.0f;
+        }
+        if (found) {
+            top += bv;
+            if ((be & 31) == lane) {
+#pragma unroll
+                for (int i = 0; i < PER; i++)
+                    if (lane + 32 * i == be) p[i] = -1.0f;
+            }
+        }
     }
-    if (norm)
+    if (norm && lane == 0)
         for (int j = 0; j < k; j++) topk_w[t * k + j] /= top;
 }
 
 // Sorts the (token, slot) entries by expert, stably: `offsets[e]..offsets[e + 1]` are expert e's rows,
-// `sorted_token[r]` is row r's token and `entry_row[t * k + j]` the row of token t's slot j. Also adds
+// `sorted_token[r]` is row r's token and `entry_row[t * k + j]` the row of token t's slot j (-1 for an
+// empty slot); `active` is the number of experts with rows, then those experts. Also adds
 // the per-expert row counts to `routed` (this layer's running totals). One block of 1024 threads: a
 // counting pass, then chunks of 1024 entries where each entry's rank among equal experts comes from
 // its warp (__match_any_sync) plus the counts of the warps and chunks before it.
 extern "C" __global__ void moe_permute(const int* topk_idx, int nk, int k, int E, int* offsets,
-                                       int* sorted_token, int* entry_row, unsigned long long* routed) {
+                                       int* active, int* sorted_token, int* entry_row,
+                                       unsigned long long* routed) {
     __shared__ int counts[MAX_EXPERTS];
     __shared__ int cursor[MAX_EXPERTS];
     __shared__ int warp_counts[32][MAX_EXPERTS];
@@ -275,14 +467,17 @@ extern "C" __global__ void moe_permute(const int* topk_idx, int nk, int k, int E
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        int acc = 0;
+        // `active` lists the experts with rows (count first), so grouped matmuls launch only for them.
+        int acc = 0, used = 0;
         for (int e = 0; e < E; e++) {
             offsets[e] = acc;
             cursor[e] = acc;
             routed[e] += counts[e];
             acc += counts[e];
+            if (counts[e] > 0) active[1 + used++] = e;
         }
         offsets[E] = acc;
+        active[0] = used;
     }
     for (int i = threadIdx.x; i < 32 * MAX_EXPERTS; i += blockDim.x) warp_counts[i / MAX_EXPERTS][i % MAX_EXPERTS] = 0;
     __syncthreads();
@@ -320,24 +515,64 @@ extern "C" __global__ void moe_permute(const int* topk_idx, int nk, int k, int E
     }
 }
 
-// xs[r] = x[sorted_token[r]] (bf16 rows). Grid: rows blocks.
-extern "C" __global__ void gather_rows(const bf16* x, const int* sorted_token, bf16* xs, int h) {
+// xs[r] = x[sorted_token[r]] (bf16 rows) for the routed rows (r < total). Grid: n * k blocks.
+extern "C" __global__ void gather_rows(const bf16* x, const int* sorted_token, const int* total, bf16* xs,
+                                       int h) {
     size_t r = blockIdx.x;
+    if ((int)r >= *total) return;
     const bf16* src = x + (size_t)sorted_token[r] * h;
     for (int j = threadIdx.x; j < h; j += blockDim.x) xs[r * h + j] = src[j];
 }
 
 #define GROUP_ROWS 8
 
+__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
+    float s = __uint_as_float(w.x << 16) * __uint_as_float(x.x << 16);
+    s += __uint_as_float(w.x & 0xffff0000u) * __uint_as_float(x.x & 0xffff0000u);
+    s += __uint_as_float(w.y << 16) * __uint_as_float(x.y << 16);
+    s += __uint_as_float(w.y & 0xffff0000u) * __uint_as_float(x.y & 0xffff0000u);
+    s += __uint_as_float(w.z << 16) * __uint_as_float(x.z << 16);
+    s += __uint_as_float(w.z & 0xffff0000u) * __uint_as_float(x.z & 0xffff0000u);
+    s += __uint_as_float(w.w << 16) * __uint_as_float(x.w << 16);
+    s += __uint_as_float(w.w & 0xffff0000u) * __uint_as_float(x.w & 0xffff0000u);
+    return s;
+}
+
+// One warp's partial dot products of a weight row with R input rows, U weight loads in flight per
+// lane. R and U are compile-time so the accumulators and loads stay in registers.
+template <int R, int U>
+__device__ __forceinline__ void row_dots(const uint4* w, const uint4* const* xr, int kv, int lane,
+                                         float* acc) {
+    for (int c0 = lane; c0 < kv; c0 += 32 * U) {
+        uint4 wv[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int c = c0 + 32 * u;
+            if (c < kv) wv[u] = w[c];
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int c = c0 + 32 * u;
+            if (c < kv) {
+#pragma unroll
+                for (int i = 0; i < R; i++) acc[i] += dot8(wv[u], xr[i][c]);
+            }
+        }
+    }
+}
+
 // Grouped expert matmul for few rows per expert: out[r] = W_e x[row(r)] for each row r of expert e,
 // with W_e [N, K] bf16 at `weights[e]`. A warp computes one output column for up to GROUP_ROWS rows
 // at a time, so the column's weights stream once per GROUP_ROWS rows. `row_map` (or identity) picks
-// the input row. K must be a multiple of 8. Grid: (ceil(N / warps per block), E).
-extern "C" __global__ void grouped_matmul(const bf16* x, const int* row_map, const u64* weights,
-                                          const int* offsets, float* out, int N, int K) {
-    int e = blockIdx.y;
+// the input row. K must be a multiple of 8. Grid: (ceil(N / warps per block), up to E): block row y
+// serves the y-th expert of `active` (see moe_permute).
+extern "C" __global__ void __launch_bounds__(256) grouped_matmul(const bf16* x, const int* row_map,
+                                                                 const u64* weights, const int* offsets,
+                                                                 const int* active, float* out, int N,
+                                                                 int K) {
+    if ((int)blockIdx.y >= active[0]) return;
+    int e = active[1 + blockIdx.y];
     int r0 = offsets[e], r1 = offsets[e + 1];
-    if (r0 == r1) return;
     int col = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (col >= N) return;
     int lane = threadIdx.x & 31;
@@ -349,31 +584,16 @@ extern "C" __global__ void grouped_matmul(const bf16* x, const int* row_map, con
         float acc[GROUP_ROWS];
 #pragma unroll
         for (int i = 0; i < GROUP_ROWS; i++) {
-            int r = rb + (i < rows ? i : 0);
+            // Past the last row, repeat it: computed, never stored.
+            int r = rb + (i < rows ? i : rows - 1);
             int src = row_map ? row_map[r] : r;
             xr[i] = (const uint4*)(x + (size_t)src * K);
             acc[i] = 0.0f;
         }
-        for (int c = lane; c < kv; c += 32) {
-            uint4 wv = w[c];
-            float wf[8];
-            wf[0] = __uint_as_float(wv.x << 16); wf[1] = __uint_as_float(wv.x & 0xffff0000u);
-            wf[2] = __uint_as_float(wv.y << 16); wf[3] = __uint_as_float(wv.y & 0xffff0000u);
-            wf[4] = __uint_as_float(wv.z << 16); wf[5] = __uint_as_float(wv.z & 0xffff0000u);
-            wf[6] = __uint_as_float(wv.w << 16); wf[7] = __uint_as_float(wv.w & 0xffff0000u);
-#pragma unroll
-            for (int i = 0; i < GROUP_ROWS; i++) {
-                if (i < rows) {
-                    uint4 xv = xr[i][c];
-                    float s = acc[i];
-                    s += wf[0] * __uint_as_float(xv.x << 16) + wf[1] * __uint_as_float(xv.x & 0xffff0000u);
-                    s += wf[2] * __uint_as_float(xv.y << 16) + wf[3] * __uint_as_float(xv.y & 0xffff0000u);
-                    s += wf[4] * __uint_as_float(xv.z << 16) + wf[5] * __uint_as_float(xv.z & 0xffff0000u);
-                    s += wf[6] * __uint_as_float(xv.w << 16) + wf[7] * __uint_as_float(xv.w & 0xffff0000u);
-                    acc[i] = s;
-                }
-            }
-        }
+        if (rows == 1) row_dots<1, 8>(w, xr, kv, lane, acc);
+        else if (rows == 2) row_dots<2, 4>(w, xr, kv, lane, acc);
+        else if (rows <= 4) row_dots<4, 4>(w, xr, kv, lane, acc);
+        else row_dots<8, 2>(w, xr, kv, lane, acc);
 #pragma unroll
         for (int i = 0; i < GROUP_ROWS; i++) {
             float s = warp_sum(acc[i]);

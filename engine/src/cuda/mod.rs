@@ -5,9 +5,9 @@
 //! first time a process needs them and cached on disk per device (`~/.cache/moeval/kernels`). Dense
 //! matmuls go to cuBLAS (bf16 inputs, f32 accumulation and output).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
@@ -31,11 +31,13 @@ macro_rules! launch {
         let gpu: &Gpu = $gpu;
         let mut b = gpu.stream.launch_builder(gpu.kernel($name));
         $( b.arg(&$arg); )*
-        // SAFETY: the arguments match the kernel's signature in kernels.cu, and every buffer they
-        // address is alive and large enough until the stream has run the launch.
-        unsafe { b.launch($cfg) }
-            .map(|_| ())
-            .map_err(|e| device_err(concat!("kernel ", $name), e))
+        gpu.timed($name, || {
+            // SAFETY: the arguments match the kernel's signature in kernels.cu, and every buffer they
+            // address is alive and large enough until the stream has run the launch.
+            unsafe { b.launch($cfg) }
+                .map(|_| ())
+                .map_err(|e| device_err(concat!("kernel ", $name), e))
+        })
     }};
 }
 
@@ -48,6 +50,9 @@ use crate::{Error, Result};
 /// The CUDA C source of every kernel.
 pub const KERNELS: &str = include_str!("kernels.cu");
 
+/// cuBLAS workspace bytes (what it recommends for Hopper).
+const BLAS_WORKSPACE: usize = 32 << 20;
+
 /// Every kernel entry point in [`KERNELS`].
 pub const KERNEL_NAMES: &[&str] = &[
     "embed",
@@ -56,6 +61,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "rmsnorm_add",
     "qk_norm_rope",
     "attention",
+    "attention_prefill",
     "router_topk",
     "moe_permute",
     "gather_rows",
@@ -135,8 +141,36 @@ fn cached_ptx(major: i32, minor: i32) -> Result<String> {
 pub(crate) struct Gpu {
     pub stream: Arc<CudaStream>,
     blas: CudaBlas,
+    _workspace: CudaSlice<u8>,
     kernels: HashMap<&'static str, CudaFunction>,
     pub name: String,
+    profiling: bool,
+}
+
+/// With `MOEVAL_CUDA_PROFILE=1`: seconds and calls per GPU operation, each timed between stream
+/// synchronisations (which slows everything down). See [`take_profile`].
+static PROFILE: Mutex<BTreeMap<&'static str, (f64, u64)>> = Mutex::new(BTreeMap::new());
+
+/// The GPU time per operation since the last call, as a table, when `MOEVAL_CUDA_PROFILE=1` is set
+/// (`None` otherwise); resets the counts.
+pub fn take_profile() -> Option<String> {
+    let mut p = PROFILE.lock().unwrap_or_else(|p| p.into_inner());
+    if p.is_empty() {
+        return None;
+    }
+    let total: f64 = p.values().map(|v| v.0).sum();
+    let mut rows: Vec<_> = p.iter().collect();
+    rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    let mut out = format!("GPU time by operation, {:.2} ms in all:\n", total * 1e3);
+    for (what, (secs, calls)) in rows {
+        out += &format!(
+            "  {what:<16} {:>9.2} ms {:>5.1}% {calls:>7} calls\n",
+            secs * 1e3,
+            100.0 * secs / total.max(1e-12)
+        );
+    }
+    p.clear();
+    Some(out)
 }
 
 // SAFETY: the cuBLAS handle is only used through `&Gpu` from one thread at a time: `CudaModel`
@@ -190,12 +224,66 @@ impl Gpu {
             kernels.insert(k, f);
         }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| device_err("cuBLAS", e))?;
+        // A workspace of its own lets cuBLAS pick its fastest Hopper kernels (split-K and others).
+        let workspace = stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE)
+            .map_err(|e| device_err("cuBLAS workspace", e))?;
+        {
+            let (p, _) = workspace.device_ptr(&stream);
+            // SAFETY: the workspace outlives the handle (both live in this struct, dropped together).
+            unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), p as *mut _, BLAS_WORKSPACE) }
+                .result()
+                .map_err(|e| device_err("cuBLAS workspace", e))?;
+        }
+        let profiling = std::env::var_os("MOEVAL_CUDA_PROFILE").is_some_and(|v| v != "0");
         Ok(Self {
             stream,
             blas,
+            _workspace: workspace,
             kernels,
             name,
+            profiling,
         })
+    }
+
+    /// Runs `f`, timing it when profiling.
+    pub fn timed<R>(&self, what: &'static str, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        if !self.profiling {
+            return f();
+        }
+        self.stream.synchronize().map_err(|e| device_err(what, e))?;
+        let t = std::time::Instant::now();
+        let r = f()?;
+        self.stream.synchronize().map_err(|e| device_err(what, e))?;
+        let mut p = PROFILE.lock().unwrap_or_else(|p| p.into_inner());
+        let e = p.entry(what).or_insert((0.0, 0));
+        e.0 += t.elapsed().as_secs_f64();
+        e.1 += 1;
+        Ok(r)
+    }
+
+    /// Copies host values to a device address.
+    pub fn put<T>(&self, dst: u64, src: &[T]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `dst` addresses at least `size_of_val(src)` bytes of a live device buffer; a copy
+        // from pageable memory is staged before this returns, so `src` may be dropped after.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| device_err("upload to the GPU", e))
+    }
+
+    /// Copies device values at `src` into `dst`, waiting for them.
+    pub fn get<T>(&self, src: u64, dst: &mut [T]) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `src` addresses at least `size_of_val(dst)` bytes of a live device buffer.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| device_err("download from the GPU", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| device_err("GPU work failed", e))
     }
 
     pub fn kernel(&self, name: &str) -> &CudaFunction {

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use routers::ExpertMask;
 
 use super::{bf16_bits, cfg1, device_err, Gpu};
@@ -21,7 +21,16 @@ use crate::{Error, Result};
 
 /// Rows per expert (on average) above which expert matmuls go to cuBLAS, one GEMM per expert, instead
 /// of the grouped kernel built for decoding's few rows per expert.
-const GROUPED_MAX_ROWS: usize = 24;
+const GROUPED_MAX_ROWS: usize = 12;
+
+/// Threads per attention block (the kernel's ATT_WARPS warps).
+const ATT_THREADS: u32 = 128;
+
+/// New tokens of one sequence from which attention runs tiled (`attention_prefill`), PREFILL_TILE
+/// queries a block; that kernel holds a tile's keys in shared memory, up to this head size.
+const PREFILL_MIN_TOKENS: usize = 16;
+const PREFILL_TILE: usize = 32;
+const PREFILL_MAX_HEAD_DIM: usize = 128;
 
 /// Router logits of each MoE layer, `[tokens, experts]` row-major.
 pub(crate) type RouterLogits = Vec<Vec<f32>>;
@@ -166,11 +175,11 @@ pub(crate) struct CudaModel {
     inv_freq: CudaSlice<f32>,
     loaded: Option<ExpertMask>,
     /// `[layer][expert]` routed-token counts, accumulated by the permute kernel.
-    routed: Mutex<CudaSlice<u64>>,
+    routed: CudaSlice<u64>,
     /// Every weight buffer (the structs above hold their addresses).
     _weights: Vec<CudaSlice<u16>>,
-    /// One forward pass at a time: they share the stream.
-    lock: Mutex<()>,
+    /// Scratch for forward passes and logits; its lock runs one pass at a time.
+    arena: Mutex<Arena>,
 }
 
 /// Uploads weights as bf16, keeping every buffer.
@@ -342,7 +351,7 @@ impl CudaModel {
             .collect();
         Ok(Self {
             inv_freq: gpu.upload(&inv_freq)?,
-            routed: Mutex::new(gpu.alloc::<u64>(cfg.num_hidden_layers * cfg.num_experts.max(1))?),
+            routed: gpu.alloc::<u64>(cfg.num_hidden_layers * cfg.num_experts.max(1))?,
             gpu,
             h,
             v,
@@ -361,7 +370,7 @@ impl CudaModel {
             layers,
             loaded: loaded.cloned(),
             _weights: owned,
-            lock: Mutex::new(()),
+            arena: Mutex::new(Arena::default()),
         })
     }
 
@@ -376,13 +385,10 @@ impl CudaModel {
 
     /// Tokens routed to each expert per layer since the last call (which resets them).
     pub fn take_routed(&self) -> Result<Vec<Vec<u64>>> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut routed = self.routed.lock().unwrap_or_else(|p| p.into_inner());
-        let counts = self.gpu.download(&routed)?;
-        self.gpu
-            .stream
-            .memset_zeros(&mut *routed)
-            .map_err(|e| device_err("reset routing counts", e))?;
+        let _pass = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+        let counts = self.gpu.download(&self.routed)?;
+        let zeros = vec![0u64; counts.len()];
+        self.gpu.put(self.gpu.ptr(&self.routed), &zeros)?;
         let e = self.experts.max(1);
         Ok(counts.chunks(e).map(|c| c.to_vec()).collect())
     }
@@ -395,12 +401,14 @@ impl CudaModel {
         seqs: &mut [SeqInput<'_>],
         record_router_logits: bool,
     ) -> Result<(Vec<f32>, Option<RouterLogits>)> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
         let gpu = &*self.gpu;
         let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
-        let (h, e_n, k) = (self.h, self.experts, self.top_k);
+        let (h, e_n, k, inter) = (self.h, self.experts, self.top_k, self.inter);
         let qw = self.heads * self.hd;
         let kvw = self.kv_heads * self.hd;
+
+        // Token metadata, uploaded in one copy: ids, positions, sequences, cache addresses, masks.
         let mut ids = Vec::with_capacity(n);
         let mut pos = Vec::with_capacity(n);
         let mut seq = Vec::with_capacity(n);
@@ -424,52 +432,69 @@ impl CudaModel {
                 }
             }
         }
-        let d_ids = gpu.upload(&ids)?;
-        let d_pos = gpu.upload(&pos)?;
-        let d_seq = gpu.upload(&seq)?;
-        let d_base = gpu.upload(&bases)?;
-        let d_mask = gpu.upload(if mask.is_empty() { &[0u8][..] } else { &mask })?;
-        let (p_ids, p_pos, p_seq, p_base, p_mask) = (
-            gpu.ptr(&d_ids),
-            gpu.ptr(&d_pos),
-            gpu.ptr(&d_seq),
-            gpu.ptr(&d_base),
-            gpu.ptr(&d_mask),
-        );
+        // Attention work: runs of at least PREFILL_MIN_TOKENS new tokens go to the tiled kernel in
+        // tiles of PREFILL_TILE; other tokens (decoding) to the per-token kernel.
+        let mut tiles: Vec<i32> = Vec::new();
+        let mut singles: Vec<i32> = Vec::new();
+        let mut first = 0usize;
+        for s in seqs.iter() {
+            let len = s.tokens.len();
+            if len >= PREFILL_MIN_TOKENS && self.hd <= PREFILL_MAX_HEAD_DIM {
+                for start in (0..len).step_by(PREFILL_TILE) {
+                    tiles.push((first + start) as i32);
+                    tiles.push(PREFILL_TILE.min(len - start) as i32);
+                }
+            } else {
+                singles.extend((first..first + len).map(|t| t as i32));
+            }
+            first += len;
+        }
+        let mut meta = Packer::default();
+        let o_ids = meta.push(&ids);
+        let o_pos = meta.push(&pos);
+        let o_seq = meta.push(&seq);
+        let o_base = meta.push(&bases);
+        let o_mask = meta.push(&mask);
+        let o_tiles = meta.push(&tiles);
+        let o_singles = meta.push(&singles);
 
-        // Scratch for the whole pass, reused by every layer.
-        let x = gpu.alloc::<f32>(n * h)?;
-        let xb = gpu.alloc::<u16>(n * h)?;
-        let qkv = gpu.alloc::<f32>(n * (qw + 2 * kvw))?;
-        let q = gpu.alloc::<f32>(n * qw)?;
-        let ab = gpu.alloc::<u16>(n * qw)?;
-        let a = gpu.alloc::<f32>(n * h)?;
+        // Scratch for the whole pass, reused by every layer (and by the next pass).
         let rows = if e_n > 0 { n * k } else { n };
-        let gu = gpu.alloc::<f32>(rows * 2 * self.inter)?;
-        let hb = gpu.alloc::<u16>(rows * self.inter)?;
-        let eo = gpu.alloc::<f32>(rows * h)?;
-        let (p_x, p_xb, p_qkv, p_q, p_ab, p_a) = (
-            gpu.ptr(&x),
-            gpu.ptr(&xb),
-            gpu.ptr(&qkv),
-            gpu.ptr(&q),
-            gpu.ptr(&ab),
-            gpu.ptr(&a),
+        let nk = n * k;
+        let sizes = [
+            meta.bytes.len(),                     // 0 metadata
+            n * h * 4,                            // 1 x: residual stream (f32)
+            n * h * 2,                            // 2 xb: matmul input (bf16)
+            n * (qw + 2 * kvw) * 4,               // 3 qkv
+            n * qw * 4,                           // 4 q after norm + RoPE
+            n * qw * 2,                           // 5 attention output (bf16)
+            n * h * 4,                            // 6 a: o_proj / FFN output
+            rows * 2 * inter * 4,                 // 7 gate|up
+            rows * inter * 2,                     // 8 SwiGLU output (bf16)
+            rows * h * 4,                         // 9 expert outputs
+            n * e_n * 4,                          // 10 router logits
+            nk * 4,                               // 11 top-k experts
+            nk * 4,                               // 12 top-k weights
+            (e_n + 1) * 4,                        // 13 offsets
+            (e_n + 1) * 4,                        // 14 active experts
+            nk * 4,                               // 15 sorted tokens
+            nk * 4,                               // 16 entry rows
+            if e_n > 0 { nk * h * 2 } else { 0 }, // 17 gathered expert inputs
+        ];
+        let p = arena.carve(gpu, &sizes)?;
+        gpu.timed("upload", || gpu.put(p[0], &meta.bytes))?;
+        let (p_ids, p_pos, p_seq, p_base, p_mask) = (
+            p[0] + o_ids,
+            p[0] + o_pos,
+            p[0] + o_seq,
+            p[0] + o_base,
+            p[0] + o_mask,
         );
-        let (p_gu, p_hb, p_eo) = (gpu.ptr(&gu), gpu.ptr(&hb), gpu.ptr(&eo));
-        let moe_bufs = if e_n > 0 {
-            Some((
-                gpu.alloc::<f32>(n * e_n)?,
-                gpu.alloc::<i32>(n * k)?,
-                gpu.alloc::<f32>(n * k)?,
-                gpu.alloc::<i32>(e_n + 1)?,
-                gpu.alloc::<i32>(n * k)?,
-                gpu.alloc::<i32>(n * k)?,
-                gpu.alloc::<u16>(n * k * h)?,
-            ))
-        } else {
-            None
-        };
+        let (p_tiles, p_singles) = (p[0] + o_tiles, p[0] + o_singles);
+        let (p_x, p_xb, p_qkv, p_q, p_ab, p_a) = (p[1], p[2], p[3], p[4], p[5], p[6]);
+        let (p_gu, p_hb, p_eo) = (p[7], p[8], p[9]);
+        let (p_rl, p_idx, p_w, p_off, p_active, p_sorted, p_entry, p_xs) =
+            (p[10], p[11], p[12], p[13], p[14], p[15], p[16], p[17]);
 
         let (hi, ni, ei) = (h as i32, n as i32, self.eps);
         let block = 256u32;
@@ -484,33 +509,44 @@ impl CudaModel {
         let (clip, p_inv) = (self.clip, gpu.ptr(&self.inv_freq));
         let scale = 1.0f32 / (self.hd as f32).sqrt();
         let null = 0u64;
-        let routed = self.routed.lock().unwrap_or_else(|p| p.into_inner());
-        let p_routed = gpu.ptr(&*routed);
+        let p_routed = gpu.ptr(&self.routed);
         for (li, layer) in self.layers.iter().enumerate() {
             let l_i = li as i32;
             // Attention input: OLMoE normalises first; OLMo2/FlexOlmo attend to the residual itself.
             match layer.input_norm {
                 Some(w) => launch!(gpu, "rmsnorm", cfg1(n, block); p_x, w, p_xb, null, hi, ei)?,
-                // The embedding or the previous layer's rmsnorm_add left x in bf16 in xb.
+                // The previous layer's rmsnorm_add left x in bf16 in xb.
                 None if li > 0 => {}
                 None => launch!(gpu, "to_bf16", cfg1(n, block); p_x, p_xb, hi)?,
             }
-            gpu.gemm(p_xb, layer.qkv.ptr, p_qkv, n, layer.qkv.n, h, 0.0)?;
+            gpu.timed("gemm qkv", || {
+                gpu.gemm(p_xb, layer.qkv.ptr, p_qkv, n, layer.qkv.n, h, 0.0)
+            })?;
             launch!(gpu, "qk_norm_rope", cfg1(n, block);
                 p_qkv, p_q, layer.q_norm, layer.k_norm, p_inv, p_pos, p_seq, p_base,
                 l_i, layers_i, heads_i, kvh_i, hd_i, ei, clip)?;
-            let warps = (block / 32) as usize;
-            launch!(gpu, "attention", cfg1((n * self.heads).div_ceil(warps), block);
-                p_q, p_ab, p_pos, p_seq, p_base, ni, l_i, layers_i, heads_i, kvh_i, hd_i, scale)?;
+            if !tiles.is_empty() {
+                let cfg = LaunchConfig {
+                    grid_dim: ((tiles.len() / 2) as u32, self.heads as u32, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                launch!(gpu, "attention_prefill", cfg;
+                    p_q, p_ab, p_pos, p_seq, p_base, p_tiles, l_i, layers_i, heads_i, kvh_i, hd_i, scale)?;
+            }
+            if !singles.is_empty() {
+                launch!(gpu, "attention", cfg1(singles.len() * self.heads, ATT_THREADS);
+                    p_q, p_ab, p_pos, p_seq, p_base, p_singles, l_i, layers_i, heads_i, kvh_i, hd_i, scale)?;
+            }
             // The FFN's input (bf16 in xb) and where its output goes.
             match layer.post_ffn_norm {
                 Some(_) => {
-                    gpu.gemm(p_ab, layer.o.ptr, p_a, n, h, qw, 0.0)?;
+                    gpu.timed("gemm o", || gpu.gemm(p_ab, layer.o.ptr, p_a, n, h, qw, 0.0))?;
                     launch!(gpu, "rmsnorm_add", cfg1(n, block);
                         p_x, p_a, layer.post_attention_norm, p_xb, hi, ei)?;
                 }
                 None => {
-                    gpu.gemm(p_ab, layer.o.ptr, p_x, n, h, qw, 1.0)?;
+                    gpu.timed("gemm o", || gpu.gemm(p_ab, layer.o.ptr, p_x, n, h, qw, 1.0))?;
                     launch!(gpu, "rmsnorm", cfg1(n, block);
                         p_x, layer.post_attention_norm, p_xb, null, hi, ei)?;
                 }
@@ -520,12 +556,16 @@ impl CudaModel {
                 Some(_) => (p_a, 0i32),
                 None => (p_x, 1i32),
             };
+            let inter_i = inter as i32;
             match &layer.ffn {
                 Ffn::Dense { gate_up, down } => {
-                    let inter_i = self.inter as i32;
-                    gpu.gemm(p_xb, gate_up.ptr, p_gu, n, gate_up.n, h, 0.0)?;
+                    gpu.timed("gemm mlp", || {
+                        gpu.gemm(p_xb, gate_up.ptr, p_gu, n, gate_up.n, h, 0.0)
+                    })?;
                     launch!(gpu, "swiglu", cfg1(n, block); p_gu, p_hb, inter_i)?;
-                    gpu.gemm(p_hb, down.ptr, ffn_out, n, h, self.inter, accumulate as f32)?;
+                    gpu.timed("gemm mlp", || {
+                        gpu.gemm(p_hb, down.ptr, ffn_out, n, h, inter, accumulate as f32)
+                    })?;
                 }
                 Ffn::Moe {
                     gate,
@@ -535,56 +575,53 @@ impl CudaModel {
                     gate_up_table,
                     down_table,
                 } => {
-                    let (rl, idx, w, offsets, sorted, entry, xs) =
-                        moe_bufs.as_ref().expect("allocated for MoE models");
-                    let (p_rl, p_idx, p_w, p_off, p_sorted, p_entry, p_xs) = (
-                        gpu.ptr(rl),
-                        gpu.ptr(idx),
-                        gpu.ptr(w),
-                        gpu.ptr(offsets),
-                        gpu.ptr(sorted),
-                        gpu.ptr(entry),
-                        gpu.ptr(xs),
-                    );
-                    gpu.gemm(p_xb, gate.ptr, p_rl, n, e_n, h, 0.0)?;
+                    gpu.timed("gemm router", || {
+                        gpu.gemm(p_xb, gate.ptr, p_rl, n, e_n, h, 0.0)
+                    })?;
                     if let Some(all) = router_logits.as_mut() {
-                        all.push(gpu.download(rl)?[..n * e_n].to_vec());
+                        let mut l = vec![0f32; n * e_n];
+                        gpu.get(p_rl, &mut l)?;
+                        all.push(l);
                     }
                     let p_bias = bias.as_ref().map_or(0, |b| gpu.ptr(b));
                     let (e_i, k_i, norm_i, nk_i) =
-                        (e_n as i32, k as i32, self.norm_topk as i32, (n * k) as i32);
-                    launch!(gpu, "router_topk", cfg1(n.div_ceil(128), 128);
+                        (e_n as i32, k as i32, self.norm_topk as i32, nk as i32);
+                    launch!(gpu, "router_topk", cfg1(n.div_ceil(4), 128);
                         p_rl, p_bias, p_mask, p_idx, p_w, ni, e_i, k_i, norm_i)?;
                     let p_routed_l = at::<u64>(p_routed, li * e_n);
                     launch!(gpu, "moe_permute", cfg1(1, 1024);
-                        p_idx, nk_i, k_i, e_i, p_off, p_sorted, p_entry, p_routed_l)?;
-                    let inter = self.inter;
+                        p_idx, nk_i, k_i, e_i, p_off, p_active, p_sorted, p_entry, p_routed_l)?;
                     let loaded_experts = gate_up.iter().filter(|&&p| p != 0).count().max(1);
-                    let grouped = (n * k).div_ceil(loaded_experts) <= GROUPED_MAX_ROWS
+                    let grouped = nk.div_ceil(loaded_experts) <= GROUPED_MAX_ROWS
                         && h.is_multiple_of(8)
                         && inter.is_multiple_of(8);
                     if grouped {
                         let (gt, dt) = (gpu.ptr(gate_up_table), gpu.ptr(down_table));
                         let warps = (block / 32) as usize;
-                        let (n2, hi2, ii) = ((2 * inter) as i32, h as i32, inter as i32);
+                        let (n2, hi2) = ((2 * inter) as i32, h as i32);
+                        // Block rows beyond the experts that got tokens return at once.
                         let grid = |cols: usize| LaunchConfig {
-                            grid_dim: (cols.div_ceil(warps) as u32, e_n as u32, 1),
+                            grid_dim: (cols.div_ceil(warps) as u32, e_n.min(nk) as u32, 1),
                             block_dim: (block, 1, 1),
                             shared_mem_bytes: 0,
                         };
                         launch!(gpu, "grouped_matmul", grid(2 * inter);
-                            p_xb, p_sorted, gt, p_off, p_gu, n2, hi2)?;
-                        launch!(gpu, "swiglu", cfg1(n * k, block); p_gu, p_hb, ii)?;
+                            p_xb, p_sorted, gt, p_off, p_active, p_gu, n2, hi2)?;
+                        launch!(gpu, "swiglu", cfg1(nk, block); p_gu, p_hb, inter_i)?;
                         launch!(gpu, "grouped_matmul", grid(h);
-                            p_hb, null, dt, p_off, p_eo, hi2, ii)?;
+                            p_hb, null, dt, p_off, p_active, p_eo, hi2, inter_i)?;
                     } else {
                         // Many rows per expert: one cuBLAS GEMM per expert over its sorted rows.
-                        launch!(gpu, "gather_rows", cfg1(n * k, block); p_xb, p_sorted, p_xs, hi)?;
-                        let off = gpu.download(offsets)?;
-                        let ii = inter as i32;
-                        for ex in 0..e_n {
-                            let (r0, r1) = (off[ex] as usize, off[ex + 1] as usize);
-                            if r1 > r0 {
+                        let p_total = at::<i32>(p_off, e_n);
+                        launch!(gpu, "gather_rows", cfg1(nk, block); p_xb, p_sorted, p_total, p_xs, hi)?;
+                        let mut off = vec![0i32; e_n + 1];
+                        gpu.timed("offsets", || gpu.get(p_off, &mut off))?;
+                        gpu.timed("gemm experts", || {
+                            for ex in 0..e_n {
+                                let (r0, r1) = (off[ex] as usize, off[ex + 1] as usize);
+                                if r1 == r0 {
+                                    continue;
+                                }
                                 if gate_up[ex] == 0 {
                                     return Err(Error::Input(format!(
                                         "expert {ex} was opted out when the model was loaded"
@@ -600,22 +637,26 @@ impl CudaModel {
                                     0.0,
                                 )?;
                             }
-                        }
-                        launch!(gpu, "swiglu", cfg1(n * k, block); p_gu, p_hb, ii)?;
-                        for ex in 0..e_n {
-                            let (r0, r1) = (off[ex] as usize, off[ex + 1] as usize);
-                            if r1 > r0 {
-                                gpu.gemm(
-                                    at::<u16>(p_hb, r0 * inter),
-                                    down[ex],
-                                    at::<f32>(p_eo, r0 * h),
-                                    r1 - r0,
-                                    h,
-                                    inter,
-                                    0.0,
-                                )?;
+                            Ok(())
+                        })?;
+                        launch!(gpu, "swiglu", cfg1(nk, block); p_gu, p_hb, inter_i)?;
+                        gpu.timed("gemm experts", || {
+                            for ex in 0..e_n {
+                                let (r0, r1) = (off[ex] as usize, off[ex + 1] as usize);
+                                if r1 > r0 {
+                                    gpu.gemm(
+                                        at::<u16>(p_hb, r0 * inter),
+                                        down[ex],
+                                        at::<f32>(p_eo, r0 * h),
+                                        r1 - r0,
+                                        h,
+                                        inter,
+                                        0.0,
+                                    )?;
+                                }
                             }
-                        }
+                            Ok(())
+                        })?;
                     }
                     launch!(gpu, "moe_combine", cfg1(n, block);
                         ffn_out, p_eo, p_idx, p_w, p_entry, k_i, hi, accumulate)?;
@@ -626,9 +667,9 @@ impl CudaModel {
                 launch!(gpu, "rmsnorm_add", cfg1(n, block); p_x, p_a, w, p_xb, hi, ei)?;
             }
         }
-        drop(routed);
         launch!(gpu, "rmsnorm", cfg1(n, block); p_x, self.final_norm, null, p_a, hi, ei)?;
-        let hidden = gpu.download(&a)?[..n * h].to_vec();
+        let mut hidden = vec![0f32; n * h];
+        gpu.timed("download", || arena.download(gpu, p_a, &mut hidden))?;
         for s in seqs.iter_mut() {
             if let Some(c) = s.cache.gpu_cache_mut() {
                 c.len += s.tokens.len();
@@ -637,68 +678,147 @@ impl CudaModel {
         Ok((hidden, router_logits))
     }
 
-    /// Uploads rows of final hidden states and computes their logits on the GPU (`[rows, vocab]` f32).
-    fn logits_on_device(&self, hidden: &[f32]) -> Result<(CudaSlice<f32>, usize)> {
+    /// Computes the logits of rows of final hidden states on the GPU, in the arena; returns the
+    /// arena's pointers (logits `[rows, vocab]` f32, then room for `extra` more bytes).
+    fn logits_on_device(
+        &self,
+        arena: &mut Arena,
+        hidden: &[f32],
+        extra: usize,
+    ) -> Result<(u64, u64)> {
         let gpu = &*self.gpu;
         let rows = hidden.len() / self.h;
-        let d_h = gpu.upload(hidden)?;
-        let hb = gpu.alloc::<u16>(rows * self.h)?;
-        let logits = gpu.alloc::<f32>(rows * self.v)?;
-        let (p_h, p_hb, hi) = (gpu.ptr(&d_h), gpu.ptr(&hb), self.h as i32);
-        launch!(gpu, "to_bf16", cfg1(rows, 256); p_h, p_hb, hi)?;
-        gpu.gemm(
-            p_hb,
-            self.lm_head.ptr,
-            gpu.ptr(&logits),
-            rows,
-            self.v,
-            self.h,
-            0.0,
+        let p = arena.carve(
+            gpu,
+            &[
+                rows * self.h * 4,
+                rows * self.h * 2,
+                rows * self.v * 4,
+                extra,
+            ],
         )?;
-        Ok((logits, rows))
+        gpu.put(p[0], hidden)?;
+        let hi = self.h as i32;
+        launch!(gpu, "to_bf16", cfg1(rows, 256); p[0], p[1], hi)?;
+        gpu.timed("gemm lm_head", || {
+            gpu.gemm(p[1], self.lm_head.ptr, p[2], rows, self.v, self.h, 0.0)
+        })?;
+        Ok((p[2], p[3]))
     }
 
     /// Logits `[rows, vocab]` of rows of final hidden states.
     pub fn logits(&self, hidden: &[f32]) -> Result<Vec<f32>> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (logits, rows) = self.logits_on_device(hidden)?;
-        Ok(self.gpu.download(&logits)?[..rows * self.v].to_vec())
+        let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+        let (logits, _) = self.logits_on_device(&mut arena, hidden, 0)?;
+        let mut out = vec![0f32; hidden.len() / self.h * self.v];
+        self.gpu.get(logits, &mut out)?;
+        Ok(out)
     }
 
     /// The argmax token of each row's logits, computed without leaving the GPU.
     pub fn argmax(&self, hidden: &[f32]) -> Result<Vec<u32>> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
         let gpu = &*self.gpu;
-        let (logits, rows) = self.logits_on_device(hidden)?;
-        let out = gpu.alloc::<i32>(rows)?;
-        let (p_l, p_o, vi) = (gpu.ptr(&logits), gpu.ptr(&out), self.v as i32);
+        let rows = hidden.len() / self.h;
+        let (p_l, p_o) = self.logits_on_device(&mut arena, hidden, rows * 4)?;
+        let vi = self.v as i32;
         launch!(gpu, "argmax_rows", cfg1(rows, 1024); p_l, p_o, vi)?;
-        Ok(gpu.download(&out)?[..rows]
-            .iter()
-            .map(|&t| t as u32)
-            .collect())
+        let mut out = vec![0i32; rows];
+        gpu.get(p_o, &mut out)?;
+        Ok(out.into_iter().map(|t| t as u32).collect())
     }
 
     /// For each (row, token): the token's log-probability under the row's logits and whether it is the
     /// first argmax. `hidden` holds one row per pair.
     pub fn logprobs(&self, hidden: &[f32], tokens: &[u32]) -> Result<Vec<(f32, bool)>> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
         let gpu = &*self.gpu;
-        let (logits, rows) = self.logits_on_device(hidden)?;
+        let rows = hidden.len() / self.h;
+        // Extra room: targets, log-probabilities, greedy flags (4 bytes each), 256-byte aligned.
+        let slot = (rows * 4).div_ceil(256) * 256;
+        let (p_l, p_x) = self.logits_on_device(&mut arena, hidden, 3 * slot)?;
+        let (p_t, p_lp, p_g) = (p_x, p_x + slot as u64, p_x + 2 * slot as u64);
         let targets: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let d_t = gpu.upload(&targets)?;
-        let lp = gpu.alloc::<f32>(rows)?;
-        let greedy = gpu.alloc::<i32>(rows)?;
-        let (p_l, p_t, p_lp, p_g, vi) = (
-            gpu.ptr(&logits),
-            gpu.ptr(&d_t),
-            gpu.ptr(&lp),
-            gpu.ptr(&greedy),
-            self.v as i32,
-        );
+        gpu.put(p_t, &targets)?;
+        let vi = self.v as i32;
         launch!(gpu, "logprob_gather", cfg1(rows, 1024); p_l, p_t, p_lp, p_g, vi)?;
-        let lp = gpu.download(&lp)?;
-        let greedy = gpu.download(&greedy)?;
-        Ok((0..rows).map(|r| (lp[r], greedy[r] != 0)).collect())
+        let (mut lp, mut greedy) = (vec![0f32; rows], vec![0i32; rows]);
+        gpu.get(p_lp, &mut lp)?;
+        gpu.get(p_g, &mut greedy)?;
+        Ok(lp
+            .into_iter()
+            .zip(greedy)
+            .map(|(l, g)| (l, g != 0))
+            .collect())
+    }
+}
+
+/// Host bytes packed for one upload, each part 8-byte aligned.
+#[derive(Default)]
+struct Packer {
+    bytes: Vec<u8>,
+}
+
+impl Packer {
+    /// Appends `values` and returns their byte offset.
+    fn push<T: Copy>(&mut self, values: &[T]) -> u64 {
+        let at = self.bytes.len().next_multiple_of(8);
+        self.bytes.resize(at, 0);
+        // SAFETY: T is a plain number type (u8, i32, u32, u64); its bytes are its value.
+        let raw = unsafe {
+            std::slice::from_raw_parts(values.as_ptr() as *const u8, std::mem::size_of_val(values))
+        };
+        self.bytes.extend_from_slice(raw);
+        at as u64
+    }
+}
+
+/// One device buffer carved into each pass's scratch, so passes allocate nothing once it is large
+/// enough. Holding its lock also serialises passes, which share the stream.
+#[derive(Default)]
+pub(crate) struct Arena {
+    buf: Option<CudaSlice<u8>>,
+    /// Page-locked staging for downloads: copies from pageable memory run several times slower.
+    staging: Option<PinnedHostSlice<f32>>,
+}
+
+impl Arena {
+    /// Addresses of regions of `sizes` bytes (each 256-byte aligned), growing the buffer when needed.
+    fn carve(&mut self, gpu: &Gpu, sizes: &[usize]) -> Result<Vec<u64>> {
+        let mut offsets = Vec::with_capacity(sizes.len());
+        let mut total = 0usize;
+        for &s in sizes {
+            offsets.push(total);
+            total += s.div_ceil(256).max(1) * 256;
+        }
+        if self.buf.as_ref().is_none_or(|b| b.len() < total) {
+            self.buf = None;
+            self.buf = Some(gpu.alloc::<u8>(total + total / 4)?);
+        }
+        let base = gpu.ptr(self.buf.as_ref().expect("allocated above"));
+        Ok(offsets.into_iter().map(|o| base + o as u64).collect())
+    }
+
+    /// Copies `dst.len()` floats from device address `src` through the pinned staging buffer.
+    fn download(&mut self, gpu: &Gpu, src: u64, dst: &mut [f32]) -> Result<()> {
+        if self.staging.as_ref().is_none_or(|s| s.len() < dst.len()) {
+            self.staging = None;
+            // SAFETY: the buffer is written by the copy below before it is read. Flags 0: cached
+            // memory (write-combined memory is slow for the CPU to read).
+            let pinned = unsafe {
+                gpu.stream
+                    .context()
+                    .alloc_pinned_with_flags::<f32>(dst.len(), 0)
+            }
+            .map_err(|e| device_err("page-locked host memory", e))?;
+            self.staging = Some(pinned);
+        }
+        let staging = self.staging.as_mut().expect("allocated above");
+        let host = staging
+            .as_mut_slice()
+            .map_err(|e| device_err("page-locked host memory", e))?;
+        gpu.get(src, &mut host[..dst.len()])?;
+        dst.copy_from_slice(&host[..dst.len()]);
+        Ok(())
     }
 }

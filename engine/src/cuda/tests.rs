@@ -63,48 +63,53 @@ fn grouped_matmul_matches_naive() -> Result<()> {
     let g = gpu();
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let (n_out, k) = (5usize, 16usize);
-    let counts = [2usize, 0, 11];
+    let counts = [2usize, 0, 11, 1, 5];
     let offsets: Vec<i32> = std::iter::once(0)
         .chain(counts.iter().scan(0, |a, &c| {
             *a += c as i32;
             Some(*a)
         }))
         .collect();
-    let rows = offsets[3] as usize;
+    let rows = offsets[5] as usize;
     let (x, xb) = rand_bf16(&mut rng, 20 * k);
     let row_map: Vec<i32> = (0..rows).map(|r| ((r * 7) % 20) as i32).collect();
     let mut weights = Vec::new();
     let mut slabs = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..5 {
         let (w, wb) = rand_bf16(&mut rng, n_out * k);
         slabs.push(g.upload(&wb)?);
         weights.push(w);
     }
     let table: Vec<u64> = slabs.iter().map(|s| g.ptr(s)).collect();
-    let (dx, dmap, dt, doff) = (
+    // Rows per expert 2, 0, 11, 1, 5 take every row-count path (1, 2, 4, 8 and a remainder); the
+    // fifth block row has no expert and must do nothing.
+    let active = vec![4i32, 0, 2, 3, 4];
+    let (dx, dmap, dt, doff, dact) = (
         g.upload(&xb)?,
         g.upload(&row_map)?,
         g.upload(&table)?,
         g.upload(&offsets)?,
+        g.upload(&active)?,
     );
     let out = g.alloc::<f32>(rows * n_out)?;
-    let (px, pm, pt, po, pout) = (
+    let (px, pm, pt, po, pa, pout) = (
         g.ptr(&dx),
         g.ptr(&dmap),
         g.ptr(&dt),
         g.ptr(&doff),
+        g.ptr(&dact),
         g.ptr(&out),
     );
     let (ni, ki) = (n_out as i32, k as i32);
     let cfg = LaunchConfig {
-        grid_dim: (n_out.div_ceil(8) as u32, 3, 1),
+        grid_dim: (n_out.div_ceil(8) as u32, 5, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    launch!(&g, "grouped_matmul", cfg; px, pm, pt, po, pout, ni, ki)?;
+    launch!(&g, "grouped_matmul", cfg; px, pm, pt, po, pa, pout, ni, ki)?;
     let got = g.download(&out)?;
     let mut want = vec![0f32; rows * n_out];
-    for e in 0..3 {
+    for e in 0..5 {
         for r in offsets[e] as usize..offsets[e + 1] as usize {
             let src = row_map[r] as usize;
             for c in 0..n_out {
@@ -140,7 +145,7 @@ fn router_topk_matches_cpu_routing() -> Result<()> {
         let (idx, w) = (g.alloc::<i32>(n * k)?, g.alloc::<f32>(n * k)?);
         let (pl, pb, pm, pi, pw) = (g.ptr(&dl), g.ptr(&db), g.ptr(&dm), g.ptr(&idx), g.ptr(&w));
         let (ni, ei, ki, normi) = (n as i32, e as i32, k as i32, norm as i32);
-        launch!(&g, "router_topk", cfg1(1, 64); pl, pb, pm, pi, pw, ni, ei, ki, normi)?;
+        launch!(&g, "router_topk", cfg1(n.div_ceil(4), 128); pl, pb, pm, pi, pw, ni, ei, ki, normi)?;
         let (gi, gw) = (g.download(&idx)?, g.download(&w)?);
         let routing = Routing {
             top_k: k,
@@ -180,16 +185,19 @@ fn moe_permute_sorts_stably_and_combine_weights() -> Result<()> {
         g.alloc::<i32>(n * k)?,
     );
     let routed = g.alloc::<u64>(e)?;
-    let (pi, po, ps, pe, pr) = (
+    let active = g.alloc::<i32>(e + 1)?;
+    let (pi, po, pa, ps, pe, pr) = (
         g.ptr(&di),
         g.ptr(&off),
+        g.ptr(&active),
         g.ptr(&sorted),
         g.ptr(&entry),
         g.ptr(&routed),
     );
     let (nki, ki, ei) = ((n * k) as i32, k as i32, e as i32);
-    launch!(&g, "moe_permute", cfg1(1, 1024); pi, nki, ki, ei, po, ps, pe, pr)?;
+    launch!(&g, "moe_permute", cfg1(1, 1024); pi, nki, ki, ei, po, pa, ps, pe, pr)?;
     assert_eq!(g.download(&off)?, vec![0, 3, 6, 9, 11]);
+    assert_eq!(g.download(&active)?, vec![4, 0, 1, 2, 3]);
     assert_eq!(
         g.download(&sorted)?[..11],
         [0, 2, 4, 1, 3, 5, 0, 1, 3, 2, 4]
@@ -241,15 +249,17 @@ fn moe_permute_matches_a_stable_sort_at_scale() -> Result<()> {
         g.alloc::<i32>(n * k)?,
     );
     let routed = g.alloc::<u64>(e)?;
-    let (pi, po, ps, pe, pr) = (
+    let active = g.alloc::<i32>(e + 1)?;
+    let (pi, po, pa, ps, pe, pr) = (
         g.ptr(&di),
         g.ptr(&off),
+        g.ptr(&active),
         g.ptr(&sorted),
         g.ptr(&entry),
         g.ptr(&routed),
     );
     let (nki, ki, ei) = ((n * k) as i32, k as i32, e as i32);
-    launch!(&g, "moe_permute", cfg1(1, 1024); pi, nki, ki, ei, po, ps, pe, pr)?;
+    launch!(&g, "moe_permute", cfg1(1, 1024); pi, nki, ki, ei, po, pa, ps, pe, pr)?;
     // The reference: entries sorted by (expert, entry index).
     let mut order: Vec<usize> = (0..n * k).filter(|&i| idx[i] >= 0).collect();
     order.sort_by_key(|&i| (idx[i], i));
@@ -263,6 +273,10 @@ fn moe_permute_matches_a_stable_sort_at_scale() -> Result<()> {
     let offsets = g.download(&off)?;
     assert_eq!(offsets[e] as usize, order.len());
     let counts = g.download(&routed)?;
+    let act = g.download(&active)?;
+    let used: Vec<i32> = (0..e as i32).filter(|&x| counts[x as usize] > 0).collect();
+    assert_eq!(act[0] as usize, used.len());
+    assert_eq!(act[1..=used.len()], used[..]);
     for x in 0..e {
         assert_eq!(counts[x] as i32, offsets[x + 1] - offsets[x], "expert {x}");
         assert_eq!(
@@ -273,76 +287,194 @@ fn moe_permute_matches_a_stable_sort_at_scale() -> Result<()> {
     Ok(())
 }
 
+/// Runs one attention kernel over random caches (`lens` positions each) for `toks` = (sequence,
+/// position) and compares with a naive softmax attention. `tiles` selects `attention_prefill`.
+fn check_attention(
+    g: &Gpu,
+    hd: usize,
+    lens: &[usize],
+    toks: &[(usize, usize)],
+    tiles: Option<&[i32]>,
+) -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(4 + hd as u64);
+    let (heads, kv_heads, layers, layer) = (4usize, 2usize, 2usize, 1usize);
+    let kvw = kv_heads * hd;
+    let row = layers * 2 * kvw;
+    let mut caches = Vec::new();
+    let mut host = Vec::new();
+    for &len in lens {
+        let (vals, bits) = rand_bf16(&mut rng, len * row);
+        caches.push(g.upload(&bits)?);
+        host.push(vals);
+    }
+    let n = toks.len();
+    let q: Vec<f32> = (0..n * heads * hd)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let pos: Vec<i32> = toks.iter().map(|t| t.1 as i32).collect();
+    let seq: Vec<i32> = toks.iter().map(|t| t.0 as i32).collect();
+    let base: Vec<u64> = caches.iter().map(|c| g.ptr(c)).collect();
+    let list: Vec<i32> = match tiles {
+        Some(t) => t.to_vec(),
+        None => (0..n as i32).collect(),
+    };
+    let (dq, dp, ds, db, dl) = (
+        g.upload(&q)?,
+        g.upload(&pos)?,
+        g.upload(&seq)?,
+        g.upload(&base)?,
+        g.upload(&list)?,
+    );
+    let out = g.alloc::<u16>(n * heads * hd)?;
+    let (pq, po, pp, ps, pb, pl) = (
+        g.ptr(&dq),
+        g.ptr(&out),
+        g.ptr(&dp),
+        g.ptr(&ds),
+        g.ptr(&db),
+        g.ptr(&dl),
+    );
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (li, lsi, hi, kvi, hdi) = (
+        layer as i32,
+        layers as i32,
+        heads as i32,
+        kv_heads as i32,
+        hd as i32,
+    );
+    match tiles {
+        Some(t) => {
+            let cfg = LaunchConfig {
+                grid_dim: ((t.len() / 2) as u32, heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(g, "attention_prefill", cfg; pq, po, pp, ps, pb, pl, li, lsi, hi, kvi, hdi, scale)?;
+        }
+        None => {
+            launch!(g, "attention", cfg1(n * heads, 128); pq, po, pp, ps, pb, pl, li, lsi, hi, kvi, hdi, scale)?
+        }
+    }
+    let got: Vec<f32> = g
+        .download(&out)?
+        .iter()
+        .map(|&b| f32::from_bits((b as u32) << 16))
+        .collect();
+    let mut want = Vec::new();
+    for (t, &(s, p)) in toks.iter().enumerate() {
+        for head in 0..heads {
+            let kvh = head / (heads / kv_heads);
+            let qv = &q[(t * heads + head) * hd..][..hd];
+            let key = |j: usize| &host[s][j * row + layer * 2 * kvw + kvh * hd..][..hd];
+            let val = |j: usize| &host[s][j * row + layer * 2 * kvw + kvw + kvh * hd..][..hd];
+            let scores: Vec<f32> = (0..=p)
+                .map(|j| qv.iter().zip(key(j)).map(|(a, b)| a * b).sum::<f32>() * scale)
+                .collect();
+            let mx = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let ex: Vec<f32> = scores.iter().map(|s| (s - mx).exp()).collect();
+            let z: f32 = ex.iter().sum();
+            for d in 0..hd {
+                want.push((0..=p).map(|j| ex[j] / z * val(j)[d]).sum::<f32>());
+            }
+        }
+    }
+    // The output is bf16: half an ulp of bf16 at |x| <= 1.
+    let what = format!(
+        "{} hd={hd}",
+        if tiles.is_some() {
+            "attention_prefill"
+        } else {
+            "attention"
+        }
+    );
+    close(&got, &want, 8e-3, &what);
+    Ok(())
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU: scripts/device-check.sh runs it"]
 fn attention_matches_naive() -> Result<()> {
     let g = gpu();
-    let mut rng = ChaCha8Rng::seed_from_u64(4);
     for hd in [16usize, 40, 128] {
-        let (heads, kv_heads, layers, layer) = (4usize, 2usize, 2usize, 1usize);
-        let kvw = kv_heads * hd;
-        let row = layers * 2 * kvw;
-        // Two sequences with 7 and 3 cached positions; the new tokens are each sequence's last ones.
-        let lens = [7usize, 3];
-        let mut caches = Vec::new();
-        let mut host = Vec::new();
-        for &len in &lens {
-            let (vals, bits) = rand_bf16(&mut rng, len * row);
-            caches.push(g.upload(&bits)?);
-            host.push(vals);
-        }
-        let toks: Vec<(usize, usize)> = vec![(0, 5), (0, 6), (1, 2)];
-        let n = toks.len();
-        let q: Vec<f32> = (0..n * heads * hd)
-            .map(|_| rng.random_range(-1.0f32..1.0))
-            .collect();
-        let pos: Vec<i32> = toks.iter().map(|t| t.1 as i32).collect();
-        let seq: Vec<i32> = toks.iter().map(|t| t.0 as i32).collect();
-        let base: Vec<u64> = caches.iter().map(|c| g.ptr(c)).collect();
-        let (dq, dp, ds, db) = (
-            g.upload(&q)?,
-            g.upload(&pos)?,
-            g.upload(&seq)?,
-            g.upload(&base)?,
-        );
-        let out = g.alloc::<u16>(n * heads * hd)?;
-        let (pq, po, pp, ps, pb) = (g.ptr(&dq), g.ptr(&out), g.ptr(&dp), g.ptr(&ds), g.ptr(&db));
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (ni, li, lsi, hi, kvi, hdi) = (
-            n as i32,
-            layer as i32,
-            layers as i32,
-            heads as i32,
-            kv_heads as i32,
-            hd as i32,
-        );
-        launch!(&g, "attention", cfg1((n * heads).div_ceil(8), 256);
-            pq, po, pp, ps, pb, ni, li, lsi, hi, kvi, hdi, scale)?;
-        let got: Vec<f32> = g
-            .download(&out)?
-            .iter()
-            .map(|&b| f32::from_bits((b as u32) << 16))
-            .collect();
-        let mut want = Vec::new();
-        for (t, &(s, p)) in toks.iter().enumerate() {
-            for head in 0..heads {
-                let kvh = head / (heads / kv_heads);
-                let qv = &q[(t * heads + head) * hd..][..hd];
-                let key = |j: usize| &host[s][j * row + layer * 2 * kvw + kvh * hd..][..hd];
-                let val = |j: usize| &host[s][j * row + layer * 2 * kvw + kvw + kvh * hd..][..hd];
-                let scores: Vec<f32> = (0..=p)
-                    .map(|j| qv.iter().zip(key(j)).map(|(a, b)| a * b).sum::<f32>() * scale)
-                    .collect();
-                let mx = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let ex: Vec<f32> = scores.iter().map(|s| (s - mx).exp()).collect();
-                let z: f32 = ex.iter().sum();
-                for d in 0..hd {
-                    want.push((0..=p).map(|j| ex[j] / z * val(j)[d]).sum::<f32>());
-                }
+        // Three caches of 7, 3 and 100 positions; several chunks of keys per warp for the long one.
+        let toks = [(0, 5), (0, 6), (1, 2), (2, 99), (2, 37)];
+        check_attention(&g, hd, &[7, 3, 100], &toks, None)?;
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/device-check.sh runs it"]
+fn attention_prefill_matches_naive() -> Result<()> {
+    let g = gpu();
+    for hd in [16usize, 64, 128] {
+        // Sequence 0: 45 new tokens at positions 20..65 after 20 cached; sequence 1: 40 from position 0.
+        let mut toks: Vec<(usize, usize)> = (20..65).map(|p| (0, p)).collect();
+        toks.extend((0..40).map(|p| (1, p)));
+        let tiles = [0, 32, 32, 13, 45, 32, 77, 8];
+        check_attention(&g, hd, &[65, 40], &toks, Some(&tiles))?;
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/device-check.sh runs it"]
+fn gemm_throughput_probe() -> Result<()> {
+    // Not a check: prints what cuBLAS reaches on a prefill-sized projection, f32 vs bf16 output.
+    let g = gpu();
+    let (m, n, k) = (4096usize, 6144usize, 2048usize);
+    let x = g.alloc::<u16>(m * k)?;
+    let w = g.alloc::<u16>(n * k)?;
+    let y = g.alloc::<f32>(m * n)?;
+    let (px, pw, py) = (g.ptr(&x), g.ptr(&w), g.ptr(&y));
+    for out_bf16 in [false, true] {
+        let run = || -> Result<()> {
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            let ty = if out_bf16 {
+                cudarc::cublas::sys::cudaDataType::CUDA_R_16BF
+            } else {
+                cudarc::cublas::sys::cudaDataType::CUDA_R_32F
+            };
+            // SAFETY: buffers sized above.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *g.blas.handle(),
+                    cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+                    cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    &alpha as *const f32 as *const _,
+                    pw as *const _,
+                    cudarc::cublas::sys::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    px as *const _,
+                    cudarc::cublas::sys::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    &beta as *const f32 as *const _,
+                    py as *mut _,
+                    ty,
+                    n as i32,
+                    cudarc::cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cudarc::cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
             }
+            .map_err(|e| device_err("probe", e))
+        };
+        run()?;
+        g.stream.synchronize().map_err(|e| device_err("probe", e))?;
+        let t = std::time::Instant::now();
+        for _ in 0..20 {
+            run()?;
         }
-        // The output is bf16: half an ulp of bf16 at |x| <= 1.
-        close(&got, &want, 8e-3, &format!("attention hd={hd}"));
+        g.stream.synchronize().map_err(|e| device_err("probe", e))?;
+        let secs = t.elapsed().as_secs_f64() / 20.0;
+        println!(
+            "PROBE gemm {m}x{n}x{k} bf16 in, {} out: {:.3} ms, {:.0} TFLOP/s",
+            if out_bf16 { "bf16" } else { "f32" },
+            secs * 1e3,
+            2.0 * (m * n * k) as f64 / secs / 1e12
+        );
     }
     Ok(())
 }
