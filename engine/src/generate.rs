@@ -255,6 +255,11 @@ impl<'m> Decoder<'m> {
             })
             .collect();
         let firsts: Vec<bool> = live.iter().map(|&i| !self.seqs[i].started).collect();
+        // Every row is needed only when a prompt is scored; otherwise each sequence's last.
+        let all_rows = live
+            .iter()
+            .zip(&firsts)
+            .any(|(&i, &first)| first && self.seqs[i].req.prompt_logprobs);
         // `live` lists exactly the unfinished sequences, in order.
         let mut inputs: Vec<SeqInput> = self
             .seqs
@@ -267,7 +272,12 @@ impl<'m> Decoder<'m> {
                 mask: s.req.mask.as_ref(),
             })
             .collect();
-        let fwd = model.forward(&mut inputs, false)?;
+
+        let fwd = if all_rows {
+            model.forward(&mut inputs, false)?
+        } else {
+            model.forward_last(&mut inputs)?
+        };
         drop(inputs);
         // Rows whose logits we need: the last of each sequence, plus a scored prompt's other rows.
         let mut rows: Vec<u32> = Vec::new();
@@ -275,7 +285,9 @@ impl<'m> Decoder<'m> {
         for (j, (&i, f)) in live.iter().zip(&feeds).enumerate() {
             let start = fwd.starts[j];
             first_row.push(rows.len());
-            if firsts[j] && self.seqs[i].req.prompt_logprobs {
+            if !all_rows {
+                rows.push(start as u32);
+            } else if firsts[j] && self.seqs[i].req.prompt_logprobs {
                 rows.extend((start..start + f.len()).map(|r| r as u32));
             } else {
                 rows.push((start + f.len() - 1) as u32);

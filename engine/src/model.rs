@@ -357,6 +357,21 @@ impl Model {
         seqs: &mut [SeqInput<'_>],
         record_router_logits: bool,
     ) -> Result<Forward> {
+        self.run(seqs, record_router_logits, false)
+    }
+
+    /// Like [`forward`](Self::forward), but `hidden` holds only each sequence's last row (`starts[i] ==
+    /// i`): what generation and the context pass of scoring need. On a GPU the other rows never leave it.
+    pub fn forward_last(&self, seqs: &mut [SeqInput<'_>]) -> Result<Forward> {
+        self.run(seqs, false, true)
+    }
+
+    fn run(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        record_router_logits: bool,
+        last_only: bool,
+    ) -> Result<Forward> {
         let v = self.config.vocab_size as u32;
         let mut ids = Vec::new();
         let mut starts = Vec::with_capacity(seqs.len());
@@ -389,14 +404,15 @@ impl Model {
                 ..
             } => (embed_tokens, blocks, norm),
             Backend::Cuda(c) => {
-                let (hidden, router) = c.forward(seqs, record_router_logits)?;
+                let (hidden, router) = c.forward(seqs, record_router_logits, last_only)?;
                 let n = hidden.len() / self.config.hidden_size;
+                let tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
                 let e = self.config.num_experts;
                 let router_logits = router
                     .map(|layers| {
                         layers
                             .into_iter()
-                            .map(|l| Tensor::from_vec(l, (n, e), &candle_core::Device::Cpu))
+                            .map(|l| Tensor::from_vec(l, (tokens, e), &candle_core::Device::Cpu))
                             .collect::<candle_core::Result<Vec<_>>>()
                     })
                     .transpose()?;
@@ -406,11 +422,21 @@ impl Model {
                         (n, self.config.hidden_size),
                         &candle_core::Device::Cpu,
                     )?,
-                    starts,
+                    starts: if last_only {
+                        (0..seqs.len()).collect()
+                    } else {
+                        starts
+                    },
                     router_logits,
                 });
             }
         };
+        let n_seqs = seqs.len();
+        let last_rows: Vec<u32> = starts
+            .iter()
+            .zip(seqs.iter())
+            .map(|(&st, s)| (st + s.tokens.len() - 1) as u32)
+            .collect();
         let mut token_masks = Vec::new();
         if let Some(loaded) = &self.loaded {
             for s in seqs.iter() {
@@ -453,9 +479,17 @@ impl Model {
                 }
             }
         }
+        if last_only {
+            let idx = Tensor::from_vec(last_rows, n_seqs, &candle_core::Device::Cpu)?;
+            x = x.index_select(&idx, 0)?;
+        }
         Ok(Forward {
             hidden: norm.forward(&x)?,
-            starts,
+            starts: if last_only {
+                (0..n_seqs).collect()
+            } else {
+                starts
+            },
             router_logits: batch.router_logits,
         })
     }

@@ -109,15 +109,15 @@ pub fn loglikelihood(
                 mask,
             })
             .collect();
-        let fwd = model.forward(&mut inputs, false)?;
+        let fwd = model.forward_last(&mut inputs)?;
         drop(inputs);
         // Each context's last row predicts the first token of every continuation in its group.
         let queries: Vec<(u32, Vec<u32>)> = chunk
             .iter()
             .zip(&fwd.starts)
-            .map(|((ctx, reqs), &s)| {
+            .map(|((_, reqs), &s)| {
                 let firsts = reqs.iter().map(|&r| requests[r].continuation[0]).collect();
-                ((s + ctx.len() - 1) as u32, firsts)
+                (s as u32, firsts)
             })
             .collect();
         let first = gather_logprobs(model, &fwd.hidden, &queries)?;

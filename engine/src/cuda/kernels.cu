@@ -88,17 +88,19 @@ extern "C" __global__ void to_bf16(const float* x, bf16* y, int h) {
     for (int j = threadIdx.x; j < h; j += blockDim.x) y[r + j] = f2bf(x[r + j]);
 }
 
-// RMSNorm of each row of x: w * x / sqrt(mean(x^2) + eps), to bf16 (`yb`) and/or f32 (`yf`).
-// Grid: n blocks.
-extern "C" __global__ void rmsnorm(const float* x, const bf16* w, bf16* yb, float* yf, int h, float eps) {
-    size_t r = (size_t)blockIdx.x * h;
+// RMSNorm of rows of x: w * x / sqrt(mean(x^2) + eps), to bf16 (`yb`) and/or f32 (`yf`). Output row
+// b normalises input row `rows[b]` (or b when `rows` is null). Grid: one block per output row.
+extern "C" __global__ void rmsnorm(const float* x, const int* rows, const bf16* w, bf16* yb, float* yf,
+                                   int h, float eps) {
+    size_t o = (size_t)blockIdx.x * h;
+    size_t r = (size_t)(rows ? rows[blockIdx.x] : blockIdx.x) * h;
     float ss = 0.0f;
     for (int j = threadIdx.x; j < h; j += blockDim.x) ss += x[r + j] * x[r + j];
     float inv = rsqrtf(block_sum(ss) / h + eps);
     for (int j = threadIdx.x; j < h; j += blockDim.x) {
         float y = x[r + j] * inv * bf2f(w[j]);
-        if (yb) yb[r + j] = f2bf(y);
-        if (yf) yf[r + j] = y;
+        if (yb) yb[o + j] = f2bf(y);
+        if (yf) yf[o + j] = y;
     }
 }
 
@@ -167,7 +169,7 @@ extern "C" __global__ void qk_norm_rope(const float* qkv, float* q_out, const bf
 }
 
 #define MAX_DPL 8     // head dims per lane: head_dim <= 256
-#define ATT_WARPS 4   // warps per (token, head)
+#define ATT_WARPS 8   // warps per (token, head)
 #define ATT_CHUNK 8   // keys a warp scores before one softmax update
 
 // Causal attention, one block of ATT_WARPS warps per (token, head). The lanes split the head's
@@ -515,15 +517,6 @@ extern "C" __global__ void moe_permute(const int* topk_idx, int nk, int k, int E
     }
 }
 
-// xs[r] = x[sorted_token[r]] (bf16 rows) for the routed rows (r < total). Grid: n * k blocks.
-extern "C" __global__ void gather_rows(const bf16* x, const int* sorted_token, const int* total, bf16* xs,
-                                       int h) {
-    size_t r = blockIdx.x;
-    if ((int)r >= *total) return;
-    const bf16* src = x + (size_t)sorted_token[r] * h;
-    for (int j = threadIdx.x; j < h; j += blockDim.x) xs[r * h + j] = src[j];
-}
-
 #define GROUP_ROWS 8
 
 __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
@@ -564,12 +557,13 @@ __device__ __forceinline__ void row_dots(const uint4* w, const uint4* const* xr,
 // Grouped expert matmul for few rows per expert: out[r] = W_e x[row(r)] for each row r of expert e,
 // with W_e [N, K] bf16 at `weights[e]`. A warp computes one output column for up to GROUP_ROWS rows
 // at a time, so the column's weights stream once per GROUP_ROWS rows. `row_map` (or identity) picks
-// the input row. K must be a multiple of 8. Grid: (ceil(N / warps per block), up to E): block row y
-// serves the y-th expert of `active` (see moe_permute).
+// the input row; `accumulate` adds to `out` instead of writing it. A dense matrix is the one-expert
+// case. K must be a multiple of 8. Grid: (ceil(N / warps per block), up to E): block row y serves the
+// y-th expert of `active` (see moe_permute).
 extern "C" __global__ void __launch_bounds__(256) grouped_matmul(const bf16* x, const int* row_map,
                                                                  const u64* weights, const int* offsets,
                                                                  const int* active, float* out, int N,
-                                                                 int K) {
+                                                                 int K, int accumulate) {
     if ((int)blockIdx.y >= active[0]) return;
     int e = active[1 + blockIdx.y];
     int r0 = offsets[e], r1 = offsets[e + 1];
@@ -597,7 +591,111 @@ extern "C" __global__ void __launch_bounds__(256) grouped_matmul(const bf16* x, 
 #pragma unroll
         for (int i = 0; i < GROUP_ROWS; i++) {
             float s = warp_sum(acc[i]);
-            if (lane == 0 && i < rows) out[(size_t)(rb + i) * N + col] = s;
+            if (lane == 0 && i < rows) {
+                float* o = out + (size_t)(rb + i) * N + col;
+                *o = accumulate ? *o + s : s;
+            }
+        }
+    }
+}
+
+#define MMA_BM 64   // rows per block
+#define MMA_BN 128  // output columns per block
+#define MMA_BK 64   // K per shared-memory stage
+#define MMA_LD 72   // padded shared row (bf16): fragment reads hit 32 distinct banks
+
+__device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Grouped expert matmul on tensor cores, for many rows per expert (prefill): out[r] = W_e x[row(r)]
+// over the rows of each tile (`tiles`: expert, first row; up to MMA_BM rows of that expert). Each
+// block computes MMA_BM x MMA_BN outputs; its 8 warps hold 32 x 32 each as m16n8k16 bf16 MMAs with
+// f32 accumulators. K must be a multiple of 8. Grid: (ceil(N / MMA_BN), tiles) blocks of 256 threads.
+extern "C" __global__ void __launch_bounds__(256) grouped_mma(const bf16* x, const int* row_map,
+                                                              const u64* weights, const int* offsets,
+                                                              const int* tiles, float* out, int N, int K) {
+    __shared__ __align__(16) bf16 as[MMA_BM][MMA_LD];
+    __shared__ __align__(16) bf16 bs[MMA_BN][MMA_LD];
+    int e = tiles[2 * blockIdx.y], r0 = tiles[2 * blockIdx.y + 1];
+    int r_end = offsets[e + 1];
+    int n0 = blockIdx.x * MMA_BN;
+    const bf16* W = (const bf16*)weights[e];
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    int wm = warp >> 2, wn = warp & 3;
+    int g = lane >> 2, c = lane & 3;
+    uint4 zero;
+    zero.x = zero.y = zero.z = zero.w = 0u;
+    // Each thread loads 2 A and 4 B vectors of 8 bf16 per stage.
+    int lc = (tid & 7) * 8;
+    const bf16* a_src[2];
+#pragma unroll
+    for (int h2 = 0; h2 < 2; h2++) {
+        int r = r0 + (tid >> 3) + 32 * h2;
+        a_src[h2] = r < r_end ? x + (size_t)(row_map ? row_map[r] : r) * K : nullptr;
+    }
+    float acc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int v = 0; v < 4; v++) acc[i][j][v] = 0.0f;
+    for (int k0 = 0; k0 < K; k0 += MMA_BK) {
+        bool in_k = k0 + lc < K;
+#pragma unroll
+        for (int h2 = 0; h2 < 2; h2++)
+            *(uint4*)&as[(tid >> 3) + 32 * h2][lc] =
+                a_src[h2] && in_k ? *(const uint4*)(a_src[h2] + k0 + lc) : zero;
+#pragma unroll
+        for (int h4 = 0; h4 < 4; h4++) {
+            int n = n0 + (tid >> 3) + 32 * h4;
+            *(uint4*)&bs[(tid >> 3) + 32 * h4][lc] =
+                n < N && in_k ? *(const uint4*)(W + (size_t)n * K + k0 + lc) : zero;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < MMA_BK; kk += 16) {
+            unsigned af[2][4], bfr[4][2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                int row = wm * 32 + i * 16 + g;
+                af[i][0] = *(const unsigned*)&as[row][kk + 2 * c];
+                af[i][1] = *(const unsigned*)&as[row + 8][kk + 2 * c];
+                af[i][2] = *(const unsigned*)&as[row][kk + 2 * c + 8];
+                af[i][3] = *(const unsigned*)&as[row + 8][kk + 2 * c + 8];
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                int col = wn * 32 + j * 8 + g;
+                bfr[j][0] = *(const unsigned*)&bs[col][kk + 2 * c];
+                bfr[j][1] = *(const unsigned*)&bs[col][kk + 2 * c + 8];
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) mma_bf16(acc[i][j], af[i], bfr[j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int row = r0 + wm * 32 + i * 16 + g;
+            int col = n0 + wn * 32 + j * 8 + 2 * c;
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                int r = row + 8 * half;
+                if (r < r_end) {
+                    if (col < N) out[(size_t)r * N + col] = acc[i][j][2 * half];
+                    if (col + 1 < N) out[(size_t)r * N + col + 1] = acc[i][j][2 * half + 1];
+                }
+            }
         }
     }
 }
@@ -613,10 +711,12 @@ extern "C" __global__ void swiglu(const float* gu, bf16* y, int inter) {
 }
 
 // Each token's output: its experts' rows weighted by the routing weights, summed in expert order;
-// added to `out` when `accumulate`, else written. Grid: n blocks.
+// added to `out` when `accumulate`, else written. Grid: (n, ceil(h / blockDim.x)) blocks.
 extern "C" __global__ void moe_combine(float* out, const float* eo, const int* topk_idx, const float* topk_w,
                                        const int* entry_row, int k, int h, int accumulate) {
     int t = blockIdx.x;
+    int d = blockIdx.y * blockDim.x + threadIdx.x;
+    if (d >= h) return;
     int order[16];
     int m = 0;
     for (int j = 0; j < k && j < 16; j++)
@@ -627,21 +727,13 @@ extern "C" __global__ void moe_combine(float* out, const float* eo, const int* t
         while (b >= 0 && topk_idx[t * k + order[b]] > topk_idx[t * k + v]) { order[b + 1] = order[b]; b--; }
         order[b + 1] = v;
     }
-    for (int d = threadIdx.x; d < h; d += blockDim.x) {
-        float s = 0.0f;
-        for (int a = 0; a < m; a++) {
-            int j = order[a];
-            s += topk_w[t * k + j] * eo[(size_t)entry_row[t * k + j] * h + d];
-        }
-        size_t o = (size_t)t * h + d;
-        out[o] = accumulate ? out[o] + s : s;
+    float s = 0.0f;
+    for (int a = 0; a < m; a++) {
+        int j = order[a];
+        s += topk_w[t * k + j] * eo[(size_t)entry_row[t * k + j] * h + d];
     }
-}
-
-// Copies one KV cache's first `len` positions into another (forks and growth). Grid: ceil(len*w/256).
-extern "C" __global__ void copy_bf16(const bf16* src, bf16* dst, size_t count) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < count) dst[i] = src[i];
+    size_t o = (size_t)t * h + d;
+    out[o] = accumulate ? out[o] + s : s;
 }
 
 // Scoring: for each row of logits, log-softmax at `targets[r]` and whether the target is the argmax

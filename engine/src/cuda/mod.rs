@@ -64,11 +64,10 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attention_prefill",
     "router_topk",
     "moe_permute",
-    "gather_rows",
     "grouped_matmul",
+    "grouped_mma",
     "swiglu",
     "moe_combine",
-    "copy_bf16",
     "logprob_gather",
     "argmax_rows",
 ];

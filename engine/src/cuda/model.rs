@@ -24,7 +24,14 @@ use crate::{Error, Result};
 const GROUPED_MAX_ROWS: usize = 12;
 
 /// Threads per attention block (the kernel's ATT_WARPS warps).
-const ATT_THREADS: u32 = 128;
+const ATT_THREADS: u32 = 256;
+
+/// Dense matmuls of up to this many rows run on the grouped kernel as one-expert GEMVs: at decoding
+/// batch sizes a cuBLAS call costs more host time than the GPU spends on it.
+const DENSE_GEMV_MAX_ROWS: usize = 16;
+
+/// Rows per tile of the tensor-core grouped kernel (its MMA_BM).
+const MMA_ROWS: usize = 64;
 
 /// New tokens of one sequence from which attention runs tiled (`attention_prefill`), PREFILL_TILE
 /// queries a block; that kernel holds a tile's keys in shared memory, up to this head size.
@@ -123,6 +130,8 @@ impl SeqCache {
 struct Lin {
     ptr: u64,
     n: usize,
+    /// A one-entry device table holding `ptr`, so the grouped kernel can run it as a dense GEMV.
+    table: u64,
 }
 
 enum Ffn {
@@ -133,9 +142,8 @@ enum Ffn {
     Moe {
         gate: Lin,
         bias: Option<CudaSlice<f32>>,
-        /// Per expert: the fused `[2I, H]` gate/up slab and the `[H, I]` down slab (0 when opted out).
+        /// Per expert: the fused `[2I, H]` gate/up slab's address (0 when opted out).
         gate_up: Vec<u64>,
-        down: Vec<u64>,
         gate_up_table: CudaSlice<u64>,
         down_table: CudaSlice<u64>,
     },
@@ -176,8 +184,8 @@ pub(crate) struct CudaModel {
     loaded: Option<ExpertMask>,
     /// `[layer][expert]` routed-token counts, accumulated by the permute kernel.
     routed: CudaSlice<u64>,
-    /// Every weight buffer (the structs above hold their addresses).
-    _weights: Vec<CudaSlice<u16>>,
+    /// Every weight buffer and pointer table (the structs above hold their addresses).
+    _weights: (Vec<CudaSlice<u16>>, Vec<CudaSlice<u64>>),
     /// Scratch for forward passes and logits; its lock runs one pass at a time.
     arena: Mutex<Arena>,
 }
@@ -187,6 +195,7 @@ struct Uploader<'a> {
     gpu: &'a Gpu,
     src: &'a dyn TensorSource,
     owned: Vec<CudaSlice<u16>>,
+    tables: Vec<CudaSlice<u64>>,
 }
 
 impl Uploader<'_> {
@@ -197,15 +206,25 @@ impl Uploader<'_> {
         Ok(p)
     }
 
-    /// Tensors `names` (`rows[i]` x `k` each) stacked into one matrix.
-    fn lin(&mut self, names: &[&str], rows: &[usize], k: usize) -> Result<Lin> {
+    /// Tensors `names` (`rows[i]` x `k` each) stacked into one matrix; returns its address.
+    fn slab(&mut self, names: &[&str], rows: &[usize], k: usize) -> Result<u64> {
         let mut values = Vec::new();
         for (name, &r) in names.iter().zip(rows) {
             values.extend(self.src.values(name, &[r, k])?);
         }
+        self.put(&values)
+    }
+
+    /// A dense matrix stacked from `names`, with its one-entry pointer table.
+    fn lin(&mut self, names: &[&str], rows: &[usize], k: usize) -> Result<Lin> {
+        let ptr = self.slab(names, rows, k)?;
+        let table = self.gpu.upload(&[ptr])?;
+        let table_ptr = self.gpu.ptr(&table);
+        self.tables.push(table);
         Ok(Lin {
-            ptr: self.put(&values)?,
+            ptr,
             n: rows.iter().sum(),
+            table: table_ptr,
         })
     }
 
@@ -239,6 +258,12 @@ impl CudaModel {
                 cfg.head_dim
             )));
         }
+        if !h.is_multiple_of(8) || !inter.is_multiple_of(8) || !qw.is_multiple_of(8) {
+            return Err(Error::Input(format!(
+                "--device cuda needs hidden, intermediate and attention sizes that are multiples of 8 \
+                 (this model: {h}, {inter}, {qw})"
+            )));
+        }
         if cfg.num_experts > 256 || cfg.num_experts_per_tok > 16 {
             return Err(Error::Input(format!(
                 "--device cuda supports up to 256 experts and top-16 routing (this model: {} experts, top-{})",
@@ -249,6 +274,7 @@ impl CudaModel {
             gpu: &gpu,
             src,
             owned: Vec::new(),
+            tables: Vec::new(),
         };
         let embed = w.lin(&["model.embed_tokens.weight"], &[v], h)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -275,17 +301,15 @@ impl CudaModel {
                 let (mut gu, mut dn) = (vec![0u64; cfg.num_experts], vec![0u64; cfg.num_experts]);
                 for e in mask.allowed() {
                     let x = format!("{p}.mlp.experts.{e}");
-                    gu[e] = w
-                        .lin(
-                            &[
-                                &format!("{x}.gate_proj.weight"),
-                                &format!("{x}.up_proj.weight"),
-                            ],
-                            &[inter, inter],
-                            h,
-                        )?
-                        .ptr;
-                    dn[e] = w.lin(&[&format!("{x}.down_proj.weight")], &[h], inter)?.ptr;
+                    gu[e] = w.slab(
+                        &[
+                            &format!("{x}.gate_proj.weight"),
+                            &format!("{x}.up_proj.weight"),
+                        ],
+                        &[inter, inter],
+                        h,
+                    )?;
+                    dn[e] = w.slab(&[&format!("{x}.down_proj.weight")], &[h], inter)?;
                 }
                 let bias = if router_bias.iter().any(|&b| b != 0.0) {
                     Some(gpu.upload(router_bias)?)
@@ -298,7 +322,6 @@ impl CudaModel {
                     gate_up_table: gpu.upload(&gu)?,
                     down_table: gpu.upload(&dn)?,
                     gate_up: gu,
-                    down: dn,
                 }
             } else {
                 let m = format!("{p}.mlp");
@@ -344,7 +367,7 @@ impl CudaModel {
         } else {
             w.lin(&["lm_head.weight"], &[v], h)?
         };
-        let owned = w.owned;
+        let (owned, tables) = (w.owned, w.tables);
         let base = cfg.rope_theta as f32;
         let inv_freq: Vec<f32> = (0..cfg.head_dim / 2)
             .map(|i| 1.0f32 / base.powf((2 * i) as f32 / cfg.head_dim as f32))
@@ -369,7 +392,7 @@ impl CudaModel {
             lm_head,
             layers,
             loaded: loaded.cloned(),
-            _weights: owned,
+            _weights: (owned, tables),
             arena: Mutex::new(Arena::default()),
         })
     }
@@ -394,12 +417,13 @@ impl CudaModel {
     }
 
     /// Runs the new tokens of `seqs` (already validated by `Model::forward`) and returns the final
-    /// hidden states `[tokens, hidden]` (f32, after the final norm) and, when asked, the router logits
-    /// of each MoE layer.
+    /// hidden states `[tokens, hidden]` (f32, after the final norm; only each sequence's last row when
+    /// `last_only`) and, when asked, the router logits of each MoE layer.
     pub fn forward(
         &self,
         seqs: &mut [SeqInput<'_>],
         record_router_logits: bool,
+        last_only: bool,
     ) -> Result<(Vec<f32>, Option<RouterLogits>)> {
         let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
         let gpu = &*self.gpu;
@@ -457,29 +481,41 @@ impl CudaModel {
         let o_mask = meta.push(&mask);
         let o_tiles = meta.push(&tiles);
         let o_singles = meta.push(&singles);
+        let last_rows: Vec<i32> = {
+            let mut end = 0i32;
+            seqs.iter()
+                .map(|s| {
+                    end += s.tokens.len() as i32;
+                    end - 1
+                })
+                .collect()
+        };
+        let o_last = meta.push(&last_rows);
+        // A dense matrix as the grouped kernel's one expert: offsets [0, n], active [1, expert 0].
+        let o_dense = meta.push(&[0i32, n as i32, 1, 0]);
 
         // Scratch for the whole pass, reused by every layer (and by the next pass).
         let rows = if e_n > 0 { n * k } else { n };
         let nk = n * k;
         let sizes = [
-            meta.bytes.len(),                     // 0 metadata
-            n * h * 4,                            // 1 x: residual stream (f32)
-            n * h * 2,                            // 2 xb: matmul input (bf16)
-            n * (qw + 2 * kvw) * 4,               // 3 qkv
-            n * qw * 4,                           // 4 q after norm + RoPE
-            n * qw * 2,                           // 5 attention output (bf16)
-            n * h * 4,                            // 6 a: o_proj / FFN output
-            rows * 2 * inter * 4,                 // 7 gate|up
-            rows * inter * 2,                     // 8 SwiGLU output (bf16)
-            rows * h * 4,                         // 9 expert outputs
-            n * e_n * 4,                          // 10 router logits
-            nk * 4,                               // 11 top-k experts
-            nk * 4,                               // 12 top-k weights
-            (e_n + 1) * 4,                        // 13 offsets
-            (e_n + 1) * 4,                        // 14 active experts
-            nk * 4,                               // 15 sorted tokens
-            nk * 4,                               // 16 entry rows
-            if e_n > 0 { nk * h * 2 } else { 0 }, // 17 gathered expert inputs
+            meta.bytes.len(),              // 0 metadata
+            n * h * 4,                     // 1 x: residual stream (f32)
+            n * h * 2,                     // 2 xb: matmul input (bf16)
+            n * (qw + 2 * kvw) * 4,        // 3 qkv
+            n * qw * 4,                    // 4 q after norm + RoPE
+            n * qw * 2,                    // 5 attention output (bf16)
+            n * h * 4,                     // 6 a: o_proj / FFN output
+            rows * 2 * inter * 4,          // 7 gate|up
+            rows * inter * 2,              // 8 SwiGLU output (bf16)
+            rows * h * 4,                  // 9 expert outputs
+            n * e_n * 4,                   // 10 router logits
+            nk * 4,                        // 11 top-k experts
+            nk * 4,                        // 12 top-k weights
+            (e_n + 1) * 4,                 // 13 offsets
+            (e_n + 1) * 4,                 // 14 active experts
+            nk * 4,                        // 15 sorted tokens
+            nk * 4,                        // 16 entry rows
+            (nk / MMA_ROWS + e_n + 1) * 8, // 17 tensor-core tiles (expert, first row)
         ];
         let p = arena.carve(gpu, &sizes)?;
         gpu.timed("upload", || gpu.put(p[0], &meta.bytes))?;
@@ -490,11 +526,13 @@ impl CudaModel {
             p[0] + o_base,
             p[0] + o_mask,
         );
-        let (p_tiles, p_singles) = (p[0] + o_tiles, p[0] + o_singles);
+        let (p_tiles, p_singles, p_last) = (p[0] + o_tiles, p[0] + o_singles, p[0] + o_last);
+        let dense = (p[0] + o_dense, p[0] + o_dense + 8);
+        let p_mma_tiles = p[17];
         let (p_x, p_xb, p_qkv, p_q, p_ab, p_a) = (p[1], p[2], p[3], p[4], p[5], p[6]);
         let (p_gu, p_hb, p_eo) = (p[7], p[8], p[9]);
-        let (p_rl, p_idx, p_w, p_off, p_active, p_sorted, p_entry, p_xs) =
-            (p[10], p[11], p[12], p[13], p[14], p[15], p[16], p[17]);
+        let (p_rl, p_idx, p_w, p_off, p_active, p_sorted, p_entry) =
+            (p[10], p[11], p[12], p[13], p[14], p[15], p[16]);
 
         let (hi, ni, ei) = (h as i32, n as i32, self.eps);
         let block = 256u32;
@@ -514,14 +552,13 @@ impl CudaModel {
             let l_i = li as i32;
             // Attention input: OLMoE normalises first; OLMo2/FlexOlmo attend to the residual itself.
             match layer.input_norm {
-                Some(w) => launch!(gpu, "rmsnorm", cfg1(n, block); p_x, w, p_xb, null, hi, ei)?,
-                // The previous layer's rmsnorm_add left x in bf16 in xb.
+                Some(w) => {
+                    launch!(gpu, "rmsnorm", cfg1(n, block); p_x, null, w, p_xb, null, hi, ei)?
+                } // The previous layer's rmsnorm_add left x in bf16 in xb.
                 None if li > 0 => {}
                 None => launch!(gpu, "to_bf16", cfg1(n, block); p_x, p_xb, hi)?,
             }
-            gpu.timed("gemm qkv", || {
-                gpu.gemm(p_xb, layer.qkv.ptr, p_qkv, n, layer.qkv.n, h, 0.0)
-            })?;
+            self.matmul("gemm qkv", p_xb, &layer.qkv, p_qkv, n, h, false, dense)?;
             launch!(gpu, "qk_norm_rope", cfg1(n, block);
                 p_qkv, p_q, layer.q_norm, layer.k_norm, p_inv, p_pos, p_seq, p_base,
                 l_i, layers_i, heads_i, kvh_i, hd_i, ei, clip)?;
@@ -541,14 +578,14 @@ impl CudaModel {
             // The FFN's input (bf16 in xb) and where its output goes.
             match layer.post_ffn_norm {
                 Some(_) => {
-                    gpu.timed("gemm o", || gpu.gemm(p_ab, layer.o.ptr, p_a, n, h, qw, 0.0))?;
+                    self.matmul("gemm o", p_ab, &layer.o, p_a, n, qw, false, dense)?;
                     launch!(gpu, "rmsnorm_add", cfg1(n, block);
                         p_x, p_a, layer.post_attention_norm, p_xb, hi, ei)?;
                 }
                 None => {
-                    gpu.timed("gemm o", || gpu.gemm(p_ab, layer.o.ptr, p_x, n, h, qw, 1.0))?;
+                    self.matmul("gemm o", p_ab, &layer.o, p_x, n, qw, true, dense)?;
                     launch!(gpu, "rmsnorm", cfg1(n, block);
-                        p_x, layer.post_attention_norm, p_xb, null, hi, ei)?;
+                        p_x, null, layer.post_attention_norm, p_xb, null, hi, ei)?;
                 }
             }
             // OLMoE adds the FFN output to the residual directly; the post-norm models normalise it first.
@@ -559,25 +596,27 @@ impl CudaModel {
             let inter_i = inter as i32;
             match &layer.ffn {
                 Ffn::Dense { gate_up, down } => {
-                    gpu.timed("gemm mlp", || {
-                        gpu.gemm(p_xb, gate_up.ptr, p_gu, n, gate_up.n, h, 0.0)
-                    })?;
+                    self.matmul("gemm mlp", p_xb, gate_up, p_gu, n, h, false, dense)?;
                     launch!(gpu, "swiglu", cfg1(n, block); p_gu, p_hb, inter_i)?;
-                    gpu.timed("gemm mlp", || {
-                        gpu.gemm(p_hb, down.ptr, ffn_out, n, h, inter, accumulate as f32)
-                    })?;
+                    self.matmul(
+                        "gemm mlp",
+                        p_hb,
+                        down,
+                        ffn_out,
+                        n,
+                        inter,
+                        accumulate != 0,
+                        dense,
+                    )?;
                 }
                 Ffn::Moe {
                     gate,
                     bias,
                     gate_up,
-                    down,
                     gate_up_table,
                     down_table,
                 } => {
-                    gpu.timed("gemm router", || {
-                        gpu.gemm(p_xb, gate.ptr, p_rl, n, e_n, h, 0.0)
-                    })?;
+                    self.matmul("gemm router", p_xb, gate, p_rl, n, h, false, dense)?;
                     if let Some(all) = router_logits.as_mut() {
                         let mut l = vec![0f32; n * e_n];
                         gpu.get(p_rl, &mut l)?;
@@ -592,9 +631,7 @@ impl CudaModel {
                     launch!(gpu, "moe_permute", cfg1(1, 1024);
                         p_idx, nk_i, k_i, e_i, p_off, p_active, p_sorted, p_entry, p_routed_l)?;
                     let loaded_experts = gate_up.iter().filter(|&&p| p != 0).count().max(1);
-                    let grouped = nk.div_ceil(loaded_experts) <= GROUPED_MAX_ROWS
-                        && h.is_multiple_of(8)
-                        && inter.is_multiple_of(8);
+                    let grouped = nk.div_ceil(loaded_experts) <= GROUPED_MAX_ROWS;
                     if grouped {
                         let (gt, dt) = (gpu.ptr(gate_up_table), gpu.ptr(down_table));
                         let warps = (block / 32) as usize;
@@ -605,60 +642,49 @@ impl CudaModel {
                             block_dim: (block, 1, 1),
                             shared_mem_bytes: 0,
                         };
+                        let write = 0i32;
                         launch!(gpu, "grouped_matmul", grid(2 * inter);
-                            p_xb, p_sorted, gt, p_off, p_active, p_gu, n2, hi2)?;
+                            p_xb, p_sorted, gt, p_off, p_active, p_gu, n2, hi2, write)?;
                         launch!(gpu, "swiglu", cfg1(nk, block); p_gu, p_hb, inter_i)?;
                         launch!(gpu, "grouped_matmul", grid(h);
-                            p_hb, null, dt, p_off, p_active, p_eo, hi2, inter_i)?;
+                            p_hb, null, dt, p_off, p_active, p_eo, hi2, inter_i, write)?;
                     } else {
-                        // Many rows per expert: one cuBLAS GEMM per expert over its sorted rows.
-                        let p_total = at::<i32>(p_off, e_n);
-                        launch!(gpu, "gather_rows", cfg1(nk, block); p_xb, p_sorted, p_total, p_xs, hi)?;
+                        // Many rows per expert: tensor-core tiles of MMA_ROWS rows of one expert.
                         let mut off = vec![0i32; e_n + 1];
                         gpu.timed("offsets", || gpu.get(p_off, &mut off))?;
-                        gpu.timed("gemm experts", || {
-                            for ex in 0..e_n {
-                                let (r0, r1) = (off[ex] as usize, off[ex + 1] as usize);
-                                if r1 == r0 {
-                                    continue;
-                                }
-                                if gate_up[ex] == 0 {
-                                    return Err(Error::Input(format!(
-                                        "expert {ex} was opted out when the model was loaded"
-                                    )));
-                                }
-                                gpu.gemm(
-                                    at::<u16>(p_xs, r0 * h),
-                                    gate_up[ex],
-                                    at::<f32>(p_gu, r0 * 2 * inter),
-                                    r1 - r0,
-                                    2 * inter,
-                                    h,
-                                    0.0,
-                                )?;
+                        if let Some(ex) =
+                            (0..e_n).find(|&ex| off[ex + 1] > off[ex] && gate_up[ex] == 0)
+                        {
+                            return Err(Error::Input(format!(
+                                "expert {ex} was opted out when the model was loaded"
+                            )));
+                        }
+                        let mut mma_tiles: Vec<i32> = Vec::new();
+                        for ex in 0..e_n {
+                            for r in (off[ex]..off[ex + 1]).step_by(MMA_ROWS) {
+                                mma_tiles.extend([ex as i32, r]);
                             }
-                            Ok(())
-                        })?;
+                        }
+                        gpu.put(p_mma_tiles, &mma_tiles)?;
+                        let (gt, dt) = (gpu.ptr(gate_up_table), gpu.ptr(down_table));
+                        let (n2, hi2) = ((2 * inter) as i32, h as i32);
+                        let grid = |cols: usize| LaunchConfig {
+                            grid_dim: (cols.div_ceil(128) as u32, (mma_tiles.len() / 2) as u32, 1),
+                            block_dim: (256, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        launch!(gpu, "grouped_mma", grid(2 * inter);
+                            p_xb, p_sorted, gt, p_off, p_mma_tiles, p_gu, n2, hi2)?;
                         launch!(gpu, "swiglu", cfg1(nk, block); p_gu, p_hb, inter_i)?;
-                        gpu.timed("gemm experts", || {
-                            for ex in 0..e_n {
-                                let (r0, r1) = (off[ex] as usize, off[ex + 1] as usize);
-                                if r1 > r0 {
-                                    gpu.gemm(
-                                        at::<u16>(p_hb, r0 * inter),
-                                        down[ex],
-                                        at::<f32>(p_eo, r0 * h),
-                                        r1 - r0,
-                                        h,
-                                        inter,
-                                        0.0,
-                                    )?;
-                                }
-                            }
-                            Ok(())
-                        })?;
+                        launch!(gpu, "grouped_mma", grid(h);
+                            p_hb, null, dt, p_off, p_mma_tiles, p_eo, hi2, inter_i)?;
                     }
-                    launch!(gpu, "moe_combine", cfg1(n, block);
+                    let cfg = LaunchConfig {
+                        grid_dim: (n as u32, h.div_ceil(block as usize) as u32, 1),
+                        block_dim: (block, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    launch!(gpu, "moe_combine", cfg;
                         ffn_out, p_eo, p_idx, p_w, p_entry, k_i, hi, accumulate)?;
                 }
             }
@@ -667,8 +693,14 @@ impl CudaModel {
                 launch!(gpu, "rmsnorm_add", cfg1(n, block); p_x, p_a, w, p_xb, hi, ei)?;
             }
         }
-        launch!(gpu, "rmsnorm", cfg1(n, block); p_x, self.final_norm, null, p_a, hi, ei)?;
-        let mut hidden = vec![0f32; n * h];
+        // The final norm, of every row or of each sequence's last row only.
+        let (rows_out, row_list) = if last_only {
+            (seqs.len(), p_last)
+        } else {
+            (n, null)
+        };
+        launch!(gpu, "rmsnorm", cfg1(rows_out, block); p_x, row_list, self.final_norm, null, p_a, hi, ei)?;
+        let mut hidden = vec![0f32; rows_out * h];
         gpu.timed("download", || arena.download(gpu, p_a, &mut hidden))?;
         for s in seqs.iter_mut() {
             if let Some(c) = s.cache.gpu_cache_mut() {
@@ -676,6 +708,36 @@ impl CudaModel {
             }
         }
         Ok((hidden, router_logits))
+    }
+
+    /// `out[m, lin.n] (f32) (+)= x[m, k] (bf16) · linᵀ`: a GEMV on the grouped kernel for few rows,
+    /// cuBLAS otherwise. `dense` is the one-expert (offsets, active) pair for `m` rows.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        what: &'static str,
+        x: u64,
+        lin: &Lin,
+        out: u64,
+        m: usize,
+        k: usize,
+        accumulate: bool,
+        dense: (u64, u64),
+    ) -> Result<()> {
+        let gpu = &*self.gpu;
+        if m <= DENSE_GEMV_MAX_ROWS && k.is_multiple_of(8) {
+            let cfg = LaunchConfig {
+                grid_dim: (lin.n.div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (null, ni, ki, acc) = (0u64, lin.n as i32, k as i32, accumulate as i32);
+            let (offsets, active) = dense;
+            launch!(gpu, "grouped_matmul", cfg; x, null, lin.table, offsets, active, out, ni, ki, acc)
+        } else {
+            let beta = if accumulate { 1.0 } else { 0.0 };
+            gpu.timed(what, || gpu.gemm(x, lin.ptr, out, m, lin.n, k, beta))
+        }
     }
 
     /// Computes the logits of rows of final hidden states on the GPU, in the arena; returns the

@@ -106,7 +106,8 @@ fn grouped_matmul_matches_naive() -> Result<()> {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    launch!(&g, "grouped_matmul", cfg; px, pm, pt, po, pa, pout, ni, ki)?;
+    let (write, add) = (0i32, 1i32);
+    launch!(&g, "grouped_matmul", cfg.clone(); px, pm, pt, po, pa, pout, ni, ki, write)?;
     let got = g.download(&out)?;
     let mut want = vec![0f32; rows * n_out];
     for e in 0..5 {
@@ -118,6 +119,81 @@ fn grouped_matmul_matches_naive() -> Result<()> {
         }
     }
     close(&got, &want, 1e-4, "grouped_matmul");
+    // Accumulating adds the same products again.
+    launch!(&g, "grouped_matmul", cfg; px, pm, pt, po, pa, pout, ni, ki, add)?;
+    let twice: Vec<f32> = want.iter().map(|w| 2.0 * w).collect();
+    close(
+        &g.download(&out)?,
+        &twice,
+        2e-4,
+        "grouped_matmul accumulate",
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/device-check.sh runs it"]
+fn grouped_mma_matches_naive() -> Result<()> {
+    let g = gpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    // N not a multiple of the 128-column tile, K not of the 64-deep stage; 1, 0, 64 and 70 rows.
+    let (n_out, k) = (200usize, 48usize);
+    let counts = [1usize, 0, 64, 70];
+    let mut offsets = vec![0i32];
+    for c in counts {
+        offsets.push(offsets.last().unwrap() + c as i32);
+    }
+    let rows = *offsets.last().unwrap() as usize;
+    let (x, xb) = rand_bf16(&mut rng, 150 * k);
+    let row_map: Vec<i32> = (0..rows).map(|r| ((r * 11) % 150) as i32).collect();
+    let mut weights = Vec::new();
+    let mut slabs = Vec::new();
+    for _ in 0..counts.len() {
+        let (w, wb) = rand_bf16(&mut rng, n_out * k);
+        slabs.push(g.upload(&wb)?);
+        weights.push(w);
+    }
+    let table: Vec<u64> = slabs.iter().map(|s| g.ptr(s)).collect();
+    let mut tiles = Vec::new();
+    for (e, w) in offsets.windows(2).enumerate() {
+        for r in (w[0]..w[1]).step_by(64) {
+            tiles.extend([e as i32, r]);
+        }
+    }
+    let (dx, dm, dt, doff, dtl) = (
+        g.upload(&xb)?,
+        g.upload(&row_map)?,
+        g.upload(&table)?,
+        g.upload(&offsets)?,
+        g.upload(&tiles)?,
+    );
+    let out = g.alloc::<f32>(rows * n_out)?;
+    let (px, pm, pt, po, ptl, pout) = (
+        g.ptr(&dx),
+        g.ptr(&dm),
+        g.ptr(&dt),
+        g.ptr(&doff),
+        g.ptr(&dtl),
+        g.ptr(&out),
+    );
+    let (ni, ki) = (n_out as i32, k as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (n_out.div_ceil(128) as u32, (tiles.len() / 2) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(&g, "grouped_mma", cfg; px, pm, pt, po, ptl, pout, ni, ki)?;
+    let got = g.download(&out)?;
+    let mut want = vec![0f32; rows * n_out];
+    for e in 0..counts.len() {
+        for r in offsets[e] as usize..offsets[e + 1] as usize {
+            let src = row_map[r] as usize;
+            for c in 0..n_out {
+                want[r * n_out + c] = (0..k).map(|j| x[src * k + j] * weights[e][c * k + j]).sum();
+            }
+        }
+    }
+    close(&got, &want, 1e-4, "grouped_mma");
     Ok(())
 }
 
