@@ -585,7 +585,7 @@ extern "C" __global__ void __launch_bounds__(256) grouped_matmul(const bf16* x, 
             acc[i] = 0.0f;
         }
         if (rows == 1) row_dots<1, 8>(w, xr, kv, lane, acc);
-        else if (rows == 2) row_dots<2, 4>(w, xr, kv, lane, acc);
+        else if (rows == 2) row_dots<2, 8>(w, xr, kv, lane, acc);
         else if (rows <= 4) row_dots<4, 4>(w, xr, kv, lane, acc);
         else row_dots<8, 2>(w, xr, kv, lane, acc);
 #pragma unroll
@@ -601,8 +601,8 @@ extern "C" __global__ void __launch_bounds__(256) grouped_matmul(const bf16* x, 
 
 #define MMA_BM 64   // rows per block
 #define MMA_BN 128  // output columns per block
-#define MMA_BK 64   // K per shared-memory stage
-#define MMA_LD 72   // padded shared row (bf16): fragment reads hit 32 distinct banks
+#define MMA_BK 32   // K per shared-memory stage (two stages, filled by cp.async while the other computes)
+#define MMA_LD 40   // padded shared row (bf16): fragment reads hit 32 distinct banks
 
 __device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, const unsigned* b) {
     asm volatile(
@@ -612,15 +612,23 @@ __device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, const unsi
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// 16 bytes global -> shared without passing through registers; `valid` false writes zeros.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    unsigned dst;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(dst) : "l"(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
+}
+
 // Grouped expert matmul on tensor cores, for many rows per expert (prefill): out[r] = W_e x[row(r)]
 // over the rows of each tile (`tiles`: expert, first row; up to MMA_BM rows of that expert). Each
 // block computes MMA_BM x MMA_BN outputs; its 8 warps hold 32 x 32 each as m16n8k16 bf16 MMAs with
-// f32 accumulators. K must be a multiple of 8. Grid: (ceil(N / MMA_BN), tiles) blocks of 256 threads.
+// f32 accumulators, while the next K stage streams into shared memory. K must be a multiple of 8.
+// Grid: (ceil(N / MMA_BN), tiles) blocks of 256 threads.
 extern "C" __global__ void __launch_bounds__(256) grouped_mma(const bf16* x, const int* row_map,
                                                               const u64* weights, const int* offsets,
                                                               const int* tiles, float* out, int N, int K) {
-    __shared__ __align__(16) bf16 as[MMA_BM][MMA_LD];
-    __shared__ __align__(16) bf16 bs[MMA_BN][MMA_LD];
+    __shared__ __align__(16) bf16 as[2][MMA_BM][MMA_LD];
+    __shared__ __align__(16) bf16 bs[2][MMA_BN][MMA_LD];
     int e = tiles[2 * blockIdx.y], r0 = tiles[2 * blockIdx.y + 1];
     int r_end = offsets[e + 1];
     int n0 = blockIdx.x * MMA_BN;
@@ -628,15 +636,18 @@ extern "C" __global__ void __launch_bounds__(256) grouped_mma(const bf16* x, con
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     int wm = warp >> 2, wn = warp & 3;
     int g = lane >> 2, c = lane & 3;
-    uint4 zero;
-    zero.x = zero.y = zero.z = zero.w = 0u;
-    // Each thread loads 2 A and 4 B vectors of 8 bf16 per stage.
-    int lc = (tid & 7) * 8;
-    const bf16* a_src[2];
+    // Each thread copies one A and two B vectors of 8 bf16 per stage.
+    int lr = tid >> 2, lc = (tid & 3) * 8;
+    int ar = r0 + lr;
+    const bf16* a_src = ar < r_end ? x + (size_t)(row_map ? row_map[ar] : ar) * K : x;
+    bool a_ok = ar < r_end;
+    const bf16* b_src[2];
+    bool b_ok[2];
 #pragma unroll
     for (int h2 = 0; h2 < 2; h2++) {
-        int r = r0 + (tid >> 3) + 32 * h2;
-        a_src[h2] = r < r_end ? x + (size_t)(row_map ? row_map[r] : r) * K : nullptr;
+        int n = n0 + lr + 64 * h2;
+        b_ok[h2] = n < N;
+        b_src[h2] = W + (size_t)(b_ok[h2] ? n : 0) * K;
     }
     float acc[2][4][4];
 #pragma unroll
@@ -645,18 +656,27 @@ extern "C" __global__ void __launch_bounds__(256) grouped_mma(const bf16* x, con
         for (int j = 0; j < 4; j++)
 #pragma unroll
             for (int v = 0; v < 4; v++) acc[i][j][v] = 0.0f;
-    for (int k0 = 0; k0 < K; k0 += MMA_BK) {
-        bool in_k = k0 + lc < K;
+    int stages = (K + MMA_BK - 1) / MMA_BK;
+    // Stage 0, then each iteration fetches stage kt + 1 while computing stage kt.
+    {
+        bool in_k = lc < K;
+        cp_async16(&as[0][lr][lc], a_src + (in_k ? lc : 0), a_ok && in_k);
 #pragma unroll
-        for (int h2 = 0; h2 < 2; h2++)
-            *(uint4*)&as[(tid >> 3) + 32 * h2][lc] =
-                a_src[h2] && in_k ? *(const uint4*)(a_src[h2] + k0 + lc) : zero;
+        for (int h2 = 0; h2 < 2; h2++) cp_async16(&bs[0][lr + 64 * h2][lc], b_src[h2] + (in_k ? lc : 0), b_ok[h2] && in_k);
+        asm volatile("cp.async.commit_group;\n" ::);
+    }
+    for (int kt = 0; kt < stages; kt++) {
+        int cur = kt & 1;
+        if (kt + 1 < stages) {
+            int k = (kt + 1) * MMA_BK + lc;
+            bool in_k = k < K;
+            int kk = in_k ? k : 0;
+            cp_async16(&as[cur ^ 1][lr][lc], a_src + kk, a_ok && in_k);
 #pragma unroll
-        for (int h4 = 0; h4 < 4; h4++) {
-            int n = n0 + (tid >> 3) + 32 * h4;
-            *(uint4*)&bs[(tid >> 3) + 32 * h4][lc] =
-                n < N && in_k ? *(const uint4*)(W + (size_t)n * K + k0 + lc) : zero;
+            for (int h2 = 0; h2 < 2; h2++) cp_async16(&bs[cur ^ 1][lr + 64 * h2][lc], b_src[h2] + kk, b_ok[h2] && in_k);
         }
+        asm volatile("cp.async.commit_group;\n" ::);
+        asm volatile("cp.async.wait_group 1;\n" ::);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < MMA_BK; kk += 16) {
@@ -664,22 +684,23 @@ extern "C" __global__ void __launch_bounds__(256) grouped_mma(const bf16* x, con
 #pragma unroll
             for (int i = 0; i < 2; i++) {
                 int row = wm * 32 + i * 16 + g;
-                af[i][0] = *(const unsigned*)&as[row][kk + 2 * c];
-                af[i][1] = *(const unsigned*)&as[row + 8][kk + 2 * c];
-                af[i][2] = *(const unsigned*)&as[row][kk + 2 * c + 8];
-                af[i][3] = *(const unsigned*)&as[row + 8][kk + 2 * c + 8];
+                af[i][0] = *(const unsigned*)&as[cur][row][kk + 2 * c];
+                af[i][1] = *(const unsigned*)&as[cur][row + 8][kk + 2 * c];
+                af[i][2] = *(const unsigned*)&as[cur][row][kk + 2 * c + 8];
+                af[i][3] = *(const unsigned*)&as[cur][row + 8][kk + 2 * c + 8];
             }
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 int col = wn * 32 + j * 8 + g;
-                bfr[j][0] = *(const unsigned*)&bs[col][kk + 2 * c];
-                bfr[j][1] = *(const unsigned*)&bs[col][kk + 2 * c + 8];
+                bfr[j][0] = *(const unsigned*)&bs[cur][col][kk + 2 * c];
+                bfr[j][1] = *(const unsigned*)&bs[cur][col][kk + 2 * c + 8];
             }
 #pragma unroll
             for (int i = 0; i < 2; i++)
 #pragma unroll
                 for (int j = 0; j < 4; j++) mma_bf16(acc[i][j], af[i], bfr[j]);
         }
+        // The next iteration refills this stage.
         __syncthreads();
     }
 #pragma unroll

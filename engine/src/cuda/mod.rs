@@ -143,7 +143,7 @@ pub(crate) struct Gpu {
     _workspace: CudaSlice<u8>,
     kernels: HashMap<&'static str, CudaFunction>,
     pub name: String,
-    profiling: bool,
+    pub profiling: bool,
 }
 
 /// With `MOEVAL_CUDA_PROFILE=1`: seconds and calls per GPU operation, each timed between stream
@@ -210,7 +210,10 @@ impl Gpu {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| device_err("compute capability", e))?;
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be captured into CUDA graphs.
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| device_err("cannot create a CUDA stream", e))?;
         let ptx = cached_ptx(major, minor)?;
         let module = ctx
             .load_module(Ptx::from_src(ptx))

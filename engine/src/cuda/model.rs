@@ -6,10 +6,11 @@
 //! sort of (token, slot) entries by expert, the experts' SwiGLU as grouped GEMMs over those sorted rows
 //! (one weight slab per expert), and a weighted un-permute. Sequences are never padded.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PinnedHostSlice, PushKernelArg};
+use cudarc::driver::{CudaGraph, CudaSlice, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use routers::ExpertMask;
 
 use super::{bf16_bits, cfg1, device_err, Gpu};
@@ -24,7 +25,7 @@ use crate::{Error, Result};
 const GROUPED_MAX_ROWS: usize = 12;
 
 /// Threads per attention block (the kernel's ATT_WARPS warps).
-const ATT_THREADS: u32 = 256;
+pub(crate) const ATT_THREADS: u32 = 256;
 
 /// Dense matmuls of up to this many rows run on the grouped kernel as one-expert GEMVs: at decoding
 /// batch sizes a cuBLAS call costs more host time than the GPU spends on it.
@@ -188,6 +189,10 @@ pub(crate) struct CudaModel {
     _weights: (Vec<CudaSlice<u16>>, Vec<CudaSlice<u64>>),
     /// Scratch for forward passes and logits; its lock runs one pass at a time.
     arena: Mutex<Arena>,
+    /// Experts loaded (for choosing the expert matmul kernel).
+    loaded_count: usize,
+    /// Cleared when the driver cannot capture CUDA graphs: decoding then launches kernel by kernel.
+    graphs_ok: std::sync::atomic::AtomicBool,
 }
 
 /// Uploads weights as bf16, keeping every buffer.
@@ -394,6 +399,8 @@ impl CudaModel {
             loaded: loaded.cloned(),
             _weights: (owned, tables),
             arena: Mutex::new(Arena::default()),
+            loaded_count: loaded.map_or(0, |m| m.count()),
+            graphs_ok: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -536,170 +543,205 @@ impl CudaModel {
 
         let (hi, ni, ei) = (h as i32, n as i32, self.eps);
         let block = 256u32;
-        launch!(gpu, "embed", cfg1(n, block); self.embed, p_ids, p_x, hi)?;
-        let mut router_logits = record_router_logits.then(Vec::new);
-        let (layers_i, heads_i, kvh_i, hd_i) = (
-            self.layers.len() as i32,
-            self.heads as i32,
-            self.kv_heads as i32,
-            self.hd as i32,
-        );
-        let (clip, p_inv) = (self.clip, gpu.ptr(&self.inv_freq));
-        let scale = 1.0f32 / (self.hd as f32).sqrt();
         let null = 0u64;
-        let p_routed = gpu.ptr(&self.routed);
-        for (li, layer) in self.layers.iter().enumerate() {
-            let l_i = li as i32;
-            // Attention input: OLMoE normalises first; OLMo2/FlexOlmo attend to the residual itself.
-            match layer.input_norm {
-                Some(w) => {
-                    launch!(gpu, "rmsnorm", cfg1(n, block); p_x, null, w, p_xb, null, hi, ei)?
-                } // The previous layer's rmsnorm_add left x in bf16 in xb.
-                None if li > 0 => {}
-                None => launch!(gpu, "to_bf16", cfg1(n, block); p_x, p_xb, hi)?,
-            }
-            self.matmul("gemm qkv", p_xb, &layer.qkv, p_qkv, n, h, false, dense)?;
-            launch!(gpu, "qk_norm_rope", cfg1(n, block);
-                p_qkv, p_q, layer.q_norm, layer.k_norm, p_inv, p_pos, p_seq, p_base,
-                l_i, layers_i, heads_i, kvh_i, hd_i, ei, clip)?;
-            if !tiles.is_empty() {
-                let cfg = LaunchConfig {
-                    grid_dim: ((tiles.len() / 2) as u32, self.heads as u32, 1),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                launch!(gpu, "attention_prefill", cfg;
-                    p_q, p_ab, p_pos, p_seq, p_base, p_tiles, l_i, layers_i, heads_i, kvh_i, hd_i, scale)?;
-            }
-            if !singles.is_empty() {
-                launch!(gpu, "attention", cfg1(singles.len() * self.heads, ATT_THREADS);
-                    p_q, p_ab, p_pos, p_seq, p_base, p_singles, l_i, layers_i, heads_i, kvh_i, hd_i, scale)?;
-            }
-            // The FFN's input (bf16 in xb) and where its output goes.
-            match layer.post_ffn_norm {
-                Some(_) => {
-                    self.matmul("gemm o", p_ab, &layer.o, p_a, n, qw, false, dense)?;
-                    launch!(gpu, "rmsnorm_add", cfg1(n, block);
-                        p_x, p_a, layer.post_attention_norm, p_xb, hi, ei)?;
-                }
-                None => {
-                    self.matmul("gemm o", p_ab, &layer.o, p_x, n, qw, true, dense)?;
-                    launch!(gpu, "rmsnorm", cfg1(n, block);
-                        p_x, null, layer.post_attention_norm, p_xb, null, hi, ei)?;
-                }
-            }
-            // OLMoE adds the FFN output to the residual directly; the post-norm models normalise it first.
-            let (ffn_out, accumulate) = match layer.post_ffn_norm {
-                Some(_) => (p_a, 0i32),
-                None => (p_x, 1i32),
-            };
-            let inter_i = inter as i32;
-            match &layer.ffn {
-                Ffn::Dense { gate_up, down } => {
-                    self.matmul("gemm mlp", p_xb, gate_up, p_gu, n, h, false, dense)?;
-                    launch!(gpu, "swiglu", cfg1(n, block); p_gu, p_hb, inter_i)?;
-                    self.matmul(
-                        "gemm mlp",
-                        p_hb,
-                        down,
-                        ffn_out,
-                        n,
-                        inter,
-                        accumulate != 0,
-                        dense,
-                    )?;
-                }
-                Ffn::Moe {
-                    gate,
-                    bias,
-                    gate_up,
-                    gate_up_table,
-                    down_table,
-                } => {
-                    self.matmul("gemm router", p_xb, gate, p_rl, n, h, false, dense)?;
-                    if let Some(all) = router_logits.as_mut() {
-                        let mut l = vec![0f32; n * e_n];
-                        gpu.get(p_rl, &mut l)?;
-                        all.push(l);
-                    }
-                    let p_bias = bias.as_ref().map_or(0, |b| gpu.ptr(b));
-                    let (e_i, k_i, norm_i, nk_i) =
-                        (e_n as i32, k as i32, self.norm_topk as i32, nk as i32);
-                    launch!(gpu, "router_topk", cfg1(n.div_ceil(4), 128);
-                        p_rl, p_bias, p_mask, p_idx, p_w, ni, e_i, k_i, norm_i)?;
-                    let p_routed_l = at::<u64>(p_routed, li * e_n);
-                    launch!(gpu, "moe_permute", cfg1(1, 1024);
-                        p_idx, nk_i, k_i, e_i, p_off, p_active, p_sorted, p_entry, p_routed_l)?;
-                    let loaded_experts = gate_up.iter().filter(|&&p| p != 0).count().max(1);
-                    let grouped = nk.div_ceil(loaded_experts) <= GROUPED_MAX_ROWS;
-                    if grouped {
-                        let (gt, dt) = (gpu.ptr(gate_up_table), gpu.ptr(down_table));
-                        let warps = (block / 32) as usize;
-                        let (n2, hi2) = ((2 * inter) as i32, h as i32);
-                        // Block rows beyond the experts that got tokens return at once.
-                        let grid = |cols: usize| LaunchConfig {
-                            grid_dim: (cols.div_ceil(warps) as u32, e_n.min(nk) as u32, 1),
-                            block_dim: (block, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        let write = 0i32;
-                        launch!(gpu, "grouped_matmul", grid(2 * inter);
-                            p_xb, p_sorted, gt, p_off, p_active, p_gu, n2, hi2, write)?;
-                        launch!(gpu, "swiglu", cfg1(nk, block); p_gu, p_hb, inter_i)?;
-                        launch!(gpu, "grouped_matmul", grid(h);
-                            p_hb, null, dt, p_off, p_active, p_eo, hi2, inter_i, write)?;
-                    } else {
-                        // Many rows per expert: tensor-core tiles of MMA_ROWS rows of one expert.
-                        let mut off = vec![0i32; e_n + 1];
-                        gpu.timed("offsets", || gpu.get(p_off, &mut off))?;
-                        if let Some(ex) =
-                            (0..e_n).find(|&ex| off[ex + 1] > off[ex] && gate_up[ex] == 0)
-                        {
-                            return Err(Error::Input(format!(
-                                "expert {ex} was opted out when the model was loaded"
-                            )));
-                        }
-                        let mut mma_tiles: Vec<i32> = Vec::new();
-                        for ex in 0..e_n {
-                            for r in (off[ex]..off[ex + 1]).step_by(MMA_ROWS) {
-                                mma_tiles.extend([ex as i32, r]);
-                            }
-                        }
-                        gpu.put(p_mma_tiles, &mma_tiles)?;
-                        let (gt, dt) = (gpu.ptr(gate_up_table), gpu.ptr(down_table));
-                        let (n2, hi2) = ((2 * inter) as i32, h as i32);
-                        let grid = |cols: usize| LaunchConfig {
-                            grid_dim: (cols.div_ceil(128) as u32, (mma_tiles.len() / 2) as u32, 1),
-                            block_dim: (256, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        launch!(gpu, "grouped_mma", grid(2 * inter);
-                            p_xb, p_sorted, gt, p_off, p_mma_tiles, p_gu, n2, hi2)?;
-                        launch!(gpu, "swiglu", cfg1(nk, block); p_gu, p_hb, inter_i)?;
-                        launch!(gpu, "grouped_mma", grid(h);
-                            p_hb, null, dt, p_off, p_mma_tiles, p_eo, hi2, inter_i)?;
-                    }
-                    let cfg = LaunchConfig {
-                        grid_dim: (n as u32, h.div_ceil(block as usize) as u32, 1),
-                        block_dim: (block, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
-                    launch!(gpu, "moe_combine", cfg;
-                        ffn_out, p_eo, p_idx, p_w, p_entry, k_i, hi, accumulate)?;
-                }
-            }
-            if let Some(w) = layer.post_ffn_norm {
-                // The next layer's attention reads the residual itself, in bf16.
-                launch!(gpu, "rmsnorm_add", cfg1(n, block); p_x, p_a, w, p_xb, hi, ei)?;
-            }
-        }
         // The final norm, of every row or of each sequence's last row only.
         let (rows_out, row_list) = if last_only {
             (seqs.len(), p_last)
         } else {
             (n, null)
         };
-        launch!(gpu, "rmsnorm", cfg1(rows_out, block); p_x, row_list, self.final_norm, null, p_a, hi, ei)?;
+        let mut router_logits = record_router_logits.then(Vec::new);
+        // Every launch from the embedding to the final norm, with no host synchronisation on the
+        // decoding path, so a decoding step can be captured once as a CUDA graph and replayed.
+        let enqueue = |router_logits: &mut Option<RouterLogits>| -> Result<()> {
+            launch!(gpu, "embed", cfg1(n, block); self.embed, p_ids, p_x, hi)?;
+            let (layers_i, heads_i, kvh_i, hd_i) = (
+                self.layers.len() as i32,
+                self.heads as i32,
+                self.kv_heads as i32,
+                self.hd as i32,
+            );
+            let (clip, p_inv) = (self.clip, gpu.ptr(&self.inv_freq));
+            let scale = 1.0f32 / (self.hd as f32).sqrt();
+            let p_routed = gpu.ptr(&self.routed);
+            for (li, layer) in self.layers.iter().enumerate() {
+                let l_i = li as i32;
+                // Attention input: OLMoE normalises first; OLMo2/FlexOlmo attend to the residual itself.
+                match layer.input_norm {
+                    Some(w) => {
+                        launch!(gpu, "rmsnorm", cfg1(n, block); p_x, null, w, p_xb, null, hi, ei)?
+                    } // The previous layer's rmsnorm_add left x in bf16 in xb.
+                    None if li > 0 => {}
+                    None => launch!(gpu, "to_bf16", cfg1(n, block); p_x, p_xb, hi)?,
+                }
+                self.matmul("gemm qkv", p_xb, &layer.qkv, p_qkv, n, h, false, dense)?;
+                launch!(gpu, "qk_norm_rope", cfg1(n, block);
+                    p_qkv, p_q, layer.q_norm, layer.k_norm, p_inv, p_pos, p_seq, p_base,
+                    l_i, layers_i, heads_i, kvh_i, hd_i, ei, clip)?;
+                if !tiles.is_empty() {
+                    let cfg = LaunchConfig {
+                        grid_dim: ((tiles.len() / 2) as u32, self.heads as u32, 1),
+                        block_dim: (128, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    launch!(gpu, "attention_prefill", cfg;
+                        p_q, p_ab, p_pos, p_seq, p_base, p_tiles, l_i, layers_i, heads_i, kvh_i, hd_i, scale)?;
+                }
+                if !singles.is_empty() {
+                    launch!(gpu, "attention", cfg1(singles.len() * self.heads, ATT_THREADS);
+                        p_q, p_ab, p_pos, p_seq, p_base, p_singles, l_i, layers_i, heads_i, kvh_i, hd_i, scale)?;
+                }
+                // The FFN's input (bf16 in xb) and where its output goes.
+                match layer.post_ffn_norm {
+                    Some(_) => {
+                        self.matmul("gemm o", p_ab, &layer.o, p_a, n, qw, false, dense)?;
+                        launch!(gpu, "rmsnorm_add", cfg1(n, block);
+                            p_x, p_a, layer.post_attention_norm, p_xb, hi, ei)?;
+                    }
+                    None => {
+                        self.matmul("gemm o", p_ab, &layer.o, p_x, n, qw, true, dense)?;
+                        launch!(gpu, "rmsnorm", cfg1(n, block);
+                            p_x, null, layer.post_attention_norm, p_xb, null, hi, ei)?;
+                    }
+                }
+                // OLMoE adds the FFN output to the residual directly; the post-norm models normalise it first.
+                let (ffn_out, accumulate) = match layer.post_ffn_norm {
+                    Some(_) => (p_a, 0i32),
+                    None => (p_x, 1i32),
+                };
+                let inter_i = inter as i32;
+                match &layer.ffn {
+                    Ffn::Dense { gate_up, down } => {
+                        self.matmul("gemm mlp", p_xb, gate_up, p_gu, n, h, false, dense)?;
+                        launch!(gpu, "swiglu", cfg1(n, block); p_gu, p_hb, inter_i)?;
+                        self.matmul(
+                            "gemm mlp",
+                            p_hb,
+                            down,
+                            ffn_out,
+                            n,
+                            inter,
+                            accumulate != 0,
+                            dense,
+                        )?;
+                    }
+                    Ffn::Moe {
+                        gate,
+                        bias,
+                        gate_up,
+                        gate_up_table,
+                        down_table,
+                    } => {
+                        self.matmul("gemm router", p_xb, gate, p_rl, n, h, false, dense)?;
+                        if let Some(all) = router_logits.as_mut() {
+                            let mut l = vec![0f32; n * e_n];
+                            gpu.get(p_rl, &mut l)?;
+                            all.push(l);
+                        }
+                        let p_bias = bias.as_ref().map_or(0, |b| gpu.ptr(b));
+                        let (e_i, k_i, norm_i, nk_i) =
+                            (e_n as i32, k as i32, self.norm_topk as i32, nk as i32);
+                        launch!(gpu, "router_topk", cfg1(n.div_ceil(4), 128);
+                            p_rl, p_bias, p_mask, p_idx, p_w, ni, e_i, k_i, norm_i)?;
+                        let p_routed_l = at::<u64>(p_routed, li * e_n);
+                        launch!(gpu, "moe_permute", cfg1(1, 1024);
+                            p_idx, nk_i, k_i, e_i, p_off, p_active, p_sorted, p_entry, p_routed_l)?;
+                        let loaded_experts = gate_up.iter().filter(|&&p| p != 0).count().max(1);
+                        let grouped = nk.div_ceil(loaded_experts) <= GROUPED_MAX_ROWS;
+                        if grouped {
+                            let (gt, dt) = (gpu.ptr(gate_up_table), gpu.ptr(down_table));
+                            let warps = (block / 32) as usize;
+                            let (n2, hi2) = ((2 * inter) as i32, h as i32);
+                            // Block rows beyond the experts that got tokens return at once.
+                            let grid = |cols: usize| LaunchConfig {
+                                grid_dim: (cols.div_ceil(warps) as u32, e_n.min(nk) as u32, 1),
+                                block_dim: (block, 1, 1),
+                                shared_mem_bytes: 0,
+                            };
+                            let write = 0i32;
+                            launch!(gpu, "grouped_matmul", grid(2 * inter);
+                                p_xb, p_sorted, gt, p_off, p_active, p_gu, n2, hi2, write)?;
+                            launch!(gpu, "swiglu", cfg1(nk, block); p_gu, p_hb, inter_i)?;
+                            launch!(gpu, "grouped_matmul", grid(h);
+                                p_hb, null, dt, p_off, p_active, p_eo, hi2, inter_i, write)?;
+                        } else {
+                            // Many rows per expert: tensor-core tiles of MMA_ROWS rows of one expert.
+                            let mut off = vec![0i32; e_n + 1];
+                            gpu.timed("offsets", || gpu.get(p_off, &mut off))?;
+                            if let Some(ex) =
+                                (0..e_n).find(|&ex| off[ex + 1] > off[ex] && gate_up[ex] == 0)
+                            {
+                                return Err(Error::Input(format!(
+                                    "expert {ex} was opted out when the model was loaded"
+                                )));
+                            }
+                            let mut mma_tiles: Vec<i32> = Vec::new();
+                            for ex in 0..e_n {
+                                for r in (off[ex]..off[ex + 1]).step_by(MMA_ROWS) {
+                                    mma_tiles.extend([ex as i32, r]);
+                                }
+                            }
+                            gpu.put(p_mma_tiles, &mma_tiles)?;
+                            let (gt, dt) = (gpu.ptr(gate_up_table), gpu.ptr(down_table));
+                            let (n2, hi2) = ((2 * inter) as i32, h as i32);
+                            let grid = |cols: usize| LaunchConfig {
+                                grid_dim: (
+                                    cols.div_ceil(128) as u32,
+                                    (mma_tiles.len() / 2) as u32,
+                                    1,
+                                ),
+                                block_dim: (256, 1, 1),
+                                shared_mem_bytes: 0,
+                            };
+                            launch!(gpu, "grouped_mma", grid(2 * inter);
+                                p_xb, p_sorted, gt, p_off, p_mma_tiles, p_gu, n2, hi2)?;
+                            launch!(gpu, "swiglu", cfg1(nk, block); p_gu, p_hb, inter_i)?;
+                            launch!(gpu, "grouped_mma", grid(h);
+                                p_hb, null, dt, p_off, p_mma_tiles, p_eo, hi2, inter_i)?;
+                        }
+                        let cfg = LaunchConfig {
+                            grid_dim: (n as u32, h.div_ceil(block as usize) as u32, 1),
+                            block_dim: (block, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        launch!(gpu, "moe_combine", cfg;
+                            ffn_out, p_eo, p_idx, p_w, p_entry, k_i, hi, accumulate)?;
+                    }
+                }
+                if let Some(w) = layer.post_ffn_norm {
+                    // The next layer's attention reads the residual itself, in bf16.
+                    launch!(gpu, "rmsnorm_add", cfg1(n, block); p_x, p_a, w, p_xb, hi, ei)?;
+                }
+            }
+            launch!(gpu, "rmsnorm", cfg1(rows_out, block); p_x, row_list, self.final_norm, null, p_a, hi, ei)?;
+            Ok(())
+        };
+        let graph_key = (n, last_only);
+        let use_graph = !record_router_logits
+            && !gpu.profiling
+            && self.graphs_ok.load(std::sync::atomic::Ordering::Relaxed)
+            && seqs.iter().all(|s| s.tokens.len() == 1)
+            && n <= DENSE_GEMV_MAX_ROWS
+            && (e_n == 0 || nk.div_ceil(self.loaded_count.max(1)) <= GROUPED_MAX_ROWS);
+        if use_graph && !arena.graphs.contains_key(&graph_key) {
+            match capture(gpu, || enqueue(&mut router_logits)) {
+                Ok(graph) => {
+                    arena.graphs.insert(graph_key, graph);
+                }
+                Err(_) => {
+                    // A driver that cannot capture gets the same launches one by one.
+                    self.graphs_ok
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        match arena.graphs.get(&graph_key).filter(|_| use_graph) {
+            Some(graph) => graph
+                .0
+                .launch()
+                .map_err(|e| device_err("CUDA graph launch", e))?,
+            None => enqueue(&mut router_logits)?,
+        }
         let mut hidden = vec![0f32; rows_out * h];
         gpu.timed("download", || arena.download(gpu, p_a, &mut hidden))?;
         for s in seqs.iter_mut() {
@@ -815,6 +857,31 @@ impl CudaModel {
     }
 }
 
+/// A captured CUDA graph. Graphs must not be used from two threads at once; every use is under the
+/// arena's lock.
+pub(crate) struct Graph(CudaGraph);
+
+// SAFETY: only touched while the arena mutex is held (see above).
+unsafe impl Send for Graph {}
+
+/// Records the launches `enqueue` makes on the GPU's stream as a CUDA graph (nothing runs yet).
+fn capture(gpu: &Gpu, enqueue: impl FnOnce() -> Result<()>) -> Result<Graph> {
+    use cudarc::driver::sys;
+    gpu.stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| device_err("CUDA graph capture", e))?;
+    let recorded = enqueue();
+    // Capture must end whatever happened, or the stream stays unusable.
+    let graph = gpu
+        .stream
+        .end_capture(sys::CUgraphInstantiate_flags(0))
+        .map_err(|e| device_err("CUDA graph capture", e));
+    recorded?;
+    graph?
+        .map(Graph)
+        .ok_or_else(|| Error::Device("CUDA graph capture recorded nothing".into()))
+}
+
 /// Host bytes packed for one upload, each part 8-byte aligned.
 #[derive(Default)]
 struct Packer {
@@ -840,6 +907,9 @@ impl Packer {
 #[derive(Default)]
 pub(crate) struct Arena {
     buf: Option<CudaSlice<u8>>,
+    /// Captured decoding steps by (tokens, last rows only); they address this buffer, so they are
+    /// dropped whenever it is reallocated.
+    graphs: HashMap<(usize, bool), Graph>,
     /// Page-locked staging for downloads: copies from pageable memory run several times slower.
     staging: Option<PinnedHostSlice<f32>>,
 }
@@ -854,6 +924,7 @@ impl Arena {
             total += s.div_ceil(256).max(1) * 256;
         }
         if self.buf.as_ref().is_none_or(|b| b.len() < total) {
+            self.graphs.clear();
             self.buf = None;
             self.buf = Some(gpu.alloc::<u8>(total + total / 4)?);
         }

@@ -428,7 +428,7 @@ fn check_attention(
             launch!(g, "attention_prefill", cfg; pq, po, pp, ps, pb, pl, li, lsi, hi, kvi, hdi, scale)?;
         }
         None => {
-            launch!(g, "attention", cfg1(n * heads, 128); pq, po, pp, ps, pb, pl, li, lsi, hi, kvi, hdi, scale)?
+            launch!(g, "attention", cfg1(n * heads, super::model::ATT_THREADS); pq, po, pp, ps, pb, pl, li, lsi, hi, kvi, hdi, scale)?
         }
     }
     let got: Vec<f32> = g
