@@ -144,11 +144,22 @@ pub(crate) struct Gpu {
     kernels: HashMap<&'static str, CudaFunction>,
     pub name: String,
     pub profiling: bool,
+    /// Decoding steps replay as CUDA graphs unless `MOEVAL_CUDA_GRAPHS=0`.
+    pub graphs: bool,
 }
 
 /// With `MOEVAL_CUDA_PROFILE=1`: seconds and calls per GPU operation, each timed between stream
 /// synchronisations (which slows everything down). See [`take_profile`].
 static PROFILE: Mutex<BTreeMap<&'static str, (f64, u64)>> = Mutex::new(BTreeMap::new());
+
+/// Decoding-step shapes captured as CUDA graphs so far in this process.
+pub(crate) static GRAPHS_CAPTURED: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// How many decoding-step shapes this process has captured as CUDA graphs (each replays from then on).
+pub fn graphs_captured() -> usize {
+    GRAPHS_CAPTURED.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// The GPU time per operation since the last call, as a table, when `MOEVAL_CUDA_PROFILE=1` is set
 /// (`None` otherwise); resets the counts.
@@ -238,6 +249,7 @@ impl Gpu {
                 .map_err(|e| device_err("cuBLAS workspace", e))?;
         }
         let profiling = std::env::var_os("MOEVAL_CUDA_PROFILE").is_some_and(|v| v != "0");
+        let graphs = std::env::var_os("MOEVAL_CUDA_GRAPHS").is_none_or(|v| v != "0");
         Ok(Self {
             stream,
             blas,
@@ -245,6 +257,7 @@ impl Gpu {
             kernels,
             name,
             profiling,
+            graphs,
         })
     }
 

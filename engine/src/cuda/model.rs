@@ -191,8 +191,6 @@ pub(crate) struct CudaModel {
     arena: Mutex<Arena>,
     /// Experts loaded (for choosing the expert matmul kernel).
     loaded_count: usize,
-    /// Cleared when the driver cannot capture CUDA graphs: decoding then launches kernel by kernel.
-    graphs_ok: std::sync::atomic::AtomicBool,
 }
 
 /// Uploads weights as bf16, keeping every buffer.
@@ -400,7 +398,6 @@ impl CudaModel {
             _weights: (owned, tables),
             arena: Mutex::new(Arena::default()),
             loaded_count: loaded.map_or(0, |m| m.count()),
-            graphs_ok: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -717,21 +714,26 @@ impl CudaModel {
             Ok(())
         };
         let graph_key = (n, last_only);
-        let use_graph = !record_router_logits
+        // Decoding steps (one token per sequence, no host synchronisation inside) replay as graphs.
+        let use_graph = gpu.graphs
+            && !record_router_logits
             && !gpu.profiling
-            && self.graphs_ok.load(std::sync::atomic::Ordering::Relaxed)
             && seqs.iter().all(|s| s.tokens.len() == 1)
-            && n <= DENSE_GEMV_MAX_ROWS
-            && (e_n == 0 || nk.div_ceil(self.loaded_count.max(1)) <= GROUPED_MAX_ROWS);
+            && (e_n == 0 || nk.div_ceil(self.loaded_count.max(1)) <= GROUPED_MAX_ROWS)
+            && !arena.uncapturable.contains(&graph_key);
         if use_graph && !arena.graphs.contains_key(&graph_key) {
             match capture(gpu, || enqueue(&mut router_logits)) {
                 Ok(graph) => {
                     arena.graphs.insert(graph_key, graph);
+                    super::GRAPHS_CAPTURED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                Err(_) => {
-                    // A driver that cannot capture gets the same launches one by one.
-                    self.graphs_ok
-                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                Err(e) => {
+                    // Such steps run kernel by kernel instead, with the same results.
+                    eprintln!(
+                        "moeval: CUDA graph capture failed for {n}-sequence decoding steps ({e}); they \
+                         run kernel by kernel"
+                    );
+                    arena.uncapturable.insert(graph_key);
                 }
             }
         }
@@ -910,6 +912,8 @@ pub(crate) struct Arena {
     /// Captured decoding steps by (tokens, last rows only); they address this buffer, so they are
     /// dropped whenever it is reallocated.
     graphs: HashMap<(usize, bool), Graph>,
+    /// Shapes whose capture failed; they run kernel by kernel.
+    uncapturable: std::collections::HashSet<(usize, bool)>,
     /// Page-locked staging for downloads: copies from pageable memory run several times slower.
     staging: Option<PinnedHostSlice<f32>>,
 }
