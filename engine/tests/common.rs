@@ -65,3 +65,35 @@ pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     }
     tmp
 }
+
+/// Logits of `tokens` fed to one cache in pieces of `steps` tokens (prefill, then small steps), and the
+/// cache's length at the end.
+pub fn logits_in_steps(model: &engine::Model, tokens: &[u32], steps: &[usize]) -> (Tensor, usize) {
+    let mut cache = model.new_cache();
+    let mut rows = Vec::new();
+    let mut at = 0;
+    for &step in steps {
+        let end = (at + step).min(tokens.len());
+        if at == end {
+            break;
+        }
+        let fwd = model
+            .forward(
+                &mut [engine::SeqInput {
+                    tokens: &tokens[at..end],
+                    cache: &mut cache,
+                    mask: None,
+                }],
+                false,
+            )
+            .unwrap();
+        rows.push(model.logits(&fwd.hidden).unwrap());
+        at = end;
+    }
+    (Tensor::cat(&rows, 0).unwrap(), cache.len())
+}
+
+/// Largest absolute value of a tensor.
+pub fn max_abs(t: &Tensor) -> f32 {
+    max_abs_diff(t, &t.zeros_like().unwrap())
+}

@@ -51,17 +51,6 @@ fn logits(model: &Model, tokens: &[u32]) -> Tensor {
     logits_batch(model, &[(tokens, None)]).remove(0)
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// bf16 tolerance: bf16 keeps 8 significant bits, and weights, GEMM inputs and the KV cache are rounded
 /// to it, so logits may differ by a few percent of their scale.
 fn bf16_tol(reference: &Tensor) -> f32 {
@@ -291,32 +280,11 @@ fn cuda_incremental_decoding_matches_one_pass() {
     let model = gpu("tiny-flexolmo");
     let tokens = prompt_ids("tiny-flexolmo", 3);
     let whole = logits(&model, &tokens);
-    let mut cache = model.new_cache();
-    let mut rows = Vec::new();
-    let mut at = 0;
-    for step in [10, 1, 2, 3, 1, 1, 5, 1000] {
-        let end = (at + step).min(tokens.len());
-        if at == end {
-            break;
-        }
-        let fwd = model
-            .forward(
-                &mut [SeqInput {
-                    tokens: &tokens[at..end],
-                    cache: &mut cache,
-                    mask: None,
-                }],
-                false,
-            )
-            .unwrap();
-        rows.push(model.logits(&fwd.hidden).unwrap());
-        at = end;
-    }
-    let steps = Tensor::cat(&rows, 0).unwrap();
+    let (steps, cached) = logits_in_steps(&model, &tokens, &[10, 1, 2, 3, 1, 1, 5, 1000]);
     let d = max_abs_diff(&steps, &whole);
     println!("INCREMENTAL max|steps-whole| {d:.6}");
     assert!(d <= bf16_tol(&whole), "incremental logits differ by {d}");
-    assert_eq!(cache.len(), tokens.len());
+    assert_eq!(cached, tokens.len());
 }
 
 #[test]

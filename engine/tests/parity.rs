@@ -146,33 +146,11 @@ fn incremental_decoding_matches_full_forward() {
     let model = Model::load(&fixture("tiny-flexolmo"), &LoadOptions::default()).unwrap();
     let reference = reference("tiny-flexolmo");
     let tokens = ids(&reference["input_ids.3"]);
-    let mut cache = model.new_cache();
-    let mut rows = Vec::new();
     // Prefill 10 tokens, then feed the rest in steps of 1, 2 and 3 tokens.
-    let mut at = 0;
-    for step in [10, 1, 2, 3, 1, 1, 5, 100] {
-        let end = (at + step).min(tokens.len());
-        if at == end {
-            break;
-        }
-        let fwd = model
-            .forward(
-                &mut [SeqInput {
-                    tokens: &tokens[at..end],
-                    cache: &mut cache,
-                    mask: None,
-                }],
-                false,
-            )
-            .unwrap();
-        rows.push(model.logits(&fwd.hidden).unwrap());
-        at = end;
-    }
-    let logits = Tensor::cat(&rows, 0).unwrap();
+    let (logits, cached) = logits_in_steps(&model, &tokens, &[10, 1, 2, 3, 1, 1, 5, 100]);
     let d = max_abs_diff(&logits, &reference["logits.3"]);
     assert!(d <= 1e-4, "incremental logits differ by {d}");
-    assert_eq!(cache.len(), tokens.len());
-    let _ = Device::Cpu;
+    assert_eq!(cached, tokens.len());
 }
 
 #[test]

@@ -75,6 +75,15 @@ __device__ void block_argmax(float v, int i, float* best_v, int* best_i) {
     __syncthreads();
 }
 
+// The block's maximum of a row of V values and its first index.
+__device__ void row_argmax(const float* row, int V, float* best_v, int* best_i) {
+    float mv = NEG_INF;
+    int mi = 0x7fffffff;
+    for (int j = threadIdx.x; j < V; j += blockDim.x)
+        if (row[j] > mv) { mv = row[j]; mi = j; }
+    block_argmax(mv, mi, best_v, best_i);
+}
+
 // x[t] = embedding row ids[t] (f32). Grid: n blocks.
 extern "C" __global__ void embed(const bf16* table, const unsigned* ids, float* x, int h) {
     int t = blockIdx.x;
@@ -762,13 +771,9 @@ extern "C" __global__ void moe_combine(float* out, const float* eo, const int* t
 extern "C" __global__ void logprob_gather(const float* logits, const int* targets, float* lp, int* greedy,
                                           int V) {
     const float* row = logits + (size_t)blockIdx.x * V;
-    float mv = NEG_INF;
-    int mi = 0x7fffffff;
-    for (int j = threadIdx.x; j < V; j += blockDim.x)
-        if (row[j] > mv) { mv = row[j]; mi = j; }
     float bv;
     int bi;
-    block_argmax(mv, mi, &bv, &bi);
+    row_argmax(row, V, &bv, &bi);
     float s = 0.0f;
     for (int j = threadIdx.x; j < V; j += blockDim.x) s += expf(row[j] - bv);
     float z = block_sum(s);
@@ -781,13 +786,8 @@ extern "C" __global__ void logprob_gather(const float* logits, const int* target
 
 // Greedy decoding: argmax (first maximum) of each row. Grid: rows blocks.
 extern "C" __global__ void argmax_rows(const float* logits, int* out, int V) {
-    const float* row = logits + (size_t)blockIdx.x * V;
-    float mv = NEG_INF;
-    int mi = 0x7fffffff;
-    for (int j = threadIdx.x; j < V; j += blockDim.x)
-        if (row[j] > mv) { mv = row[j]; mi = j; }
     float bv;
     int bi;
-    block_argmax(mv, mi, &bv, &bi);
+    row_argmax(logits + (size_t)blockIdx.x * V, V, &bv, &bi);
     if (threadIdx.x == 0) out[blockIdx.x] = bi;
 }

@@ -1,10 +1,12 @@
 //! A FlexOlmo, OLMoE or OLMo2 forward pass on one GPU: bf16 weights and GEMM inputs, an f32 residual
 //! stream, f32 accumulation everywhere.
 //!
-//! Per layer: q/k/v in one cuBLAS GEMM; q/k norm + RoPE + cache append in one kernel; attention over each
-//! sequence's own cache; for MoE layers router softmax + top-k under each token's expert mask, a stable
-//! sort of (token, slot) entries by expert, the experts' SwiGLU as grouped GEMMs over those sorted rows
-//! (one weight slab per expert), and a weighted un-permute. Sequences are never padded.
+//! Per layer: q/k/v in one matmul (a GEMV kernel for few rows, cuBLAS otherwise); q/k norm + RoPE + cache
+//! append in one kernel; attention over each sequence's own cache (tiled for prefill, split-key for
+//! decoding); for MoE layers router softmax + top-k under each token's expert mask, a stable sort of
+//! (token, slot) entries by expert, the experts' SwiGLU as grouped matmuls over those sorted rows (one
+//! weight slab per expert: CUDA cores for decoding's few rows, tensor cores for prefill), and a weighted
+//! un-permute. Sequences are never padded. Decoding steps are replayed as CUDA graphs.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,8 +22,9 @@ use crate::layers::TensorSource;
 use crate::model::SeqInput;
 use crate::{Error, Result};
 
-/// Rows per expert (on average) above which expert matmuls go to cuBLAS, one GEMM per expert, instead
-/// of the grouped kernel built for decoding's few rows per expert.
+/// Rows per expert (on average) above which expert matmuls run on the tensor-core kernel in tiles of
+/// MMA_ROWS rows (which needs the rows per expert on the host: one synchronisation per layer) instead of
+/// the CUDA-core kernel built for decoding's few rows per expert.
 const GROUPED_MAX_ROWS: usize = 12;
 
 /// Threads per attention block (the kernel's ATT_WARPS warps).

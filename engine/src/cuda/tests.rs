@@ -246,22 +246,22 @@ fn router_topk_matches_cpu_routing() -> Result<()> {
     Ok(())
 }
 
-#[test]
-#[ignore = "needs a CUDA GPU: scripts/device-check.sh runs it"]
-fn moe_permute_sorts_stably_and_combine_weights() -> Result<()> {
-    let g = gpu();
-    let (n, k, e, h) = (6usize, 2usize, 4usize, 3usize);
-    // Token 5's second slot has no expert (fewer allowed experts than k).
-    let idx: Vec<i32> = vec![2, 0, 1, 2, 0, 3, 2, 1, 3, 0, 1, -1];
-    let w: Vec<f32> = (0..n * k).map(|i| 0.1 * (i + 1) as f32).collect();
-    let (di, dw) = (g.upload(&idx)?, g.upload(&w)?);
-    let (off, sorted, entry) = (
-        g.alloc::<i32>(e + 1)?,
-        g.alloc::<i32>(n * k)?,
-        g.alloc::<i32>(n * k)?,
-    );
+/// What `moe_permute` produced, downloaded.
+struct Permuted {
+    offsets: Vec<i32>,
+    active: Vec<i32>,
+    sorted: Vec<i32>,
+    entry_rows: Vec<i32>,
+    routed: Vec<u64>,
+}
+
+/// Runs `moe_permute` on top-k expert indices (`k` per token, `e` experts).
+fn permute(g: &Gpu, idx: &[i32], k: usize, e: usize) -> Result<Permuted> {
+    let nk = idx.len();
+    let di = g.upload(idx)?;
+    let (off, active) = (g.alloc::<i32>(e + 1)?, g.alloc::<i32>(e + 1)?);
+    let (sorted, entry) = (g.alloc::<i32>(nk)?, g.alloc::<i32>(nk)?);
     let routed = g.alloc::<u64>(e)?;
-    let active = g.alloc::<i32>(e + 1)?;
     let (pi, po, pa, ps, pe, pr) = (
         g.ptr(&di),
         g.ptr(&off),
@@ -270,17 +270,35 @@ fn moe_permute_sorts_stably_and_combine_weights() -> Result<()> {
         g.ptr(&entry),
         g.ptr(&routed),
     );
-    let (nki, ki, ei) = ((n * k) as i32, k as i32, e as i32);
-    launch!(&g, "moe_permute", cfg1(1, 1024); pi, nki, ki, ei, po, pa, ps, pe, pr)?;
-    assert_eq!(g.download(&off)?, vec![0, 3, 6, 9, 11]);
-    assert_eq!(g.download(&active)?, vec![4, 0, 1, 2, 3]);
-    assert_eq!(
-        g.download(&sorted)?[..11],
-        [0, 2, 4, 1, 3, 5, 0, 1, 3, 2, 4]
-    );
-    assert_eq!(g.download(&routed)?, vec![3, 3, 3, 2]);
-    let entry_rows = g.download(&entry)?;
+    let (nki, ki, ei) = (nk as i32, k as i32, e as i32);
+    launch!(g, "moe_permute", cfg1(1, 1024); pi, nki, ki, ei, po, pa, ps, pe, pr)?;
+    Ok(Permuted {
+        offsets: g.download(&off)?,
+        active: g.download(&active)?,
+        sorted: g.download(&sorted)?,
+        entry_rows: g.download(&entry)?,
+        routed: g.download(&routed)?,
+    })
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/device-check.sh runs it"]
+fn moe_permute_sorts_stably_and_combine_weights() -> Result<()> {
+    let g = gpu();
+    let (n, k, e, h) = (6usize, 2usize, 4usize, 3usize);
+    // Token 5's second slot has no expert (fewer allowed experts than k).
+    let idx: Vec<i32> = vec![2, 0, 1, 2, 0, 3, 2, 1, 3, 0, 1, -1];
+    let w: Vec<f32> = (0..n * k).map(|i| 0.1 * (i + 1) as f32).collect();
+    let dw = g.upload(&w)?;
+    let p = permute(&g, &idx, k, e)?;
+    assert_eq!(p.offsets, vec![0, 3, 6, 9, 11]);
+    assert_eq!(p.active, vec![4, 0, 1, 2, 3]);
+    assert_eq!(p.sorted[..11], [0, 2, 4, 1, 3, 5, 0, 1, 3, 2, 4]);
+    assert_eq!(p.routed, vec![3, 3, 3, 2]);
+    let entry_rows = p.entry_rows.clone();
     assert_eq!(entry_rows[11], -1);
+    let (di, de) = (g.upload(&idx)?, g.upload(&entry_rows)?);
+    let (pi, pe, ki) = (g.ptr(&di), g.ptr(&de), k as i32);
     // Expert outputs: row r is [r, r, r]; each token's output is the weighted sum of its rows.
     let eo: Vec<f32> = (0..n * k).flat_map(|r| [r as f32; 3]).collect();
     let deo = g.upload(&eo)?;
@@ -318,24 +336,7 @@ fn moe_permute_matches_a_stable_sort_at_scale() -> Result<()> {
             }
         })
         .collect();
-    let di = g.upload(&idx)?;
-    let (off, sorted, entry) = (
-        g.alloc::<i32>(e + 1)?,
-        g.alloc::<i32>(n * k)?,
-        g.alloc::<i32>(n * k)?,
-    );
-    let routed = g.alloc::<u64>(e)?;
-    let active = g.alloc::<i32>(e + 1)?;
-    let (pi, po, pa, ps, pe, pr) = (
-        g.ptr(&di),
-        g.ptr(&off),
-        g.ptr(&active),
-        g.ptr(&sorted),
-        g.ptr(&entry),
-        g.ptr(&routed),
-    );
-    let (nki, ki, ei) = ((n * k) as i32, k as i32, e as i32);
-    launch!(&g, "moe_permute", cfg1(1, 1024); pi, nki, ki, ei, po, pa, ps, pe, pr)?;
+    let p = permute(&g, &idx, k, e)?;
     // The reference: entries sorted by (expert, entry index).
     let mut order: Vec<usize> = (0..n * k).filter(|&i| idx[i] >= 0).collect();
     order.sort_by_key(|&i| (idx[i], i));
@@ -344,12 +345,10 @@ fn moe_permute_matches_a_stable_sort_at_scale() -> Result<()> {
         want_entry[i] = r as i32;
     }
     let want_sorted: Vec<i32> = order.iter().map(|&i| (i / k) as i32).collect();
-    assert_eq!(g.download(&sorted)?[..order.len()], want_sorted[..]);
-    assert_eq!(g.download(&entry)?, want_entry);
-    let offsets = g.download(&off)?;
+    assert_eq!(p.sorted[..order.len()], want_sorted[..]);
+    assert_eq!(p.entry_rows, want_entry);
+    let (offsets, counts, act) = (p.offsets, p.routed, p.active);
     assert_eq!(offsets[e] as usize, order.len());
-    let counts = g.download(&routed)?;
-    let act = g.download(&active)?;
     let used: Vec<i32> = (0..e as i32).filter(|&x| counts[x as usize] > 0).collect();
     assert_eq!(act[0] as usize, used.len());
     assert_eq!(act[1..=used.len()], used[..]);
