@@ -1,0 +1,325 @@
+//! The shipped default model (assets/default-model) against the ground truth its generators planted:
+//! each owner's expert carries its domain, opting it out removes that domain and little else, the
+//! planted bias lives in the reviews expert, routing follows domains, and a kNN-LM datastore of news
+//! documents stands in for the opted-out news expert until the news owner leaves the datastore.
+//! Thresholds are loose: they check the direction and rough size of each effect, not exact values.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use engine::score::{loglikelihood, ScoreOptions, ScoreRequest};
+use engine::{LoadOptions, Model};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const OWNERS: [&str; 4] = ["math", "code", "news", "reviews"];
+
+fn model_dir() -> PathBuf {
+    Path::new(ROOT).join("assets/default-model")
+}
+
+fn suite_data(file: &str) -> Vec<serde_json::Value> {
+    let path = Path::new(ROOT).join("assets/suite/data/trained").join(file);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn load(opts: LoadOptions) -> Model {
+    Model::load(&model_dir(), &opts).unwrap()
+}
+
+fn without(expert: &str) -> Model {
+    load(LoadOptions {
+        opt_out: vec![expert.into()],
+        experts: Vec::new(),
+    })
+}
+
+fn only(experts: &[&str]) -> Model {
+    load(LoadOptions {
+        opt_out: Vec::new(),
+        experts: experts.iter().map(|e| e.to_string()).collect(),
+    })
+}
+
+/// Per-token perplexity of the first `n` test documents of `domain` (each after the EOS prefix).
+fn perplexity(model: &Model, domain: &str, n: usize) -> f64 {
+    let tok = model.require_tokenizer().unwrap();
+    let reqs: Vec<ScoreRequest> = suite_data(&format!("ppl_{domain}.jsonl"))
+        .iter()
+        .take(n)
+        .map(|d| ScoreRequest {
+            context: vec![0],
+            continuation: tok.encode(d["text"].as_str().unwrap()).unwrap(),
+        })
+        .collect();
+    let scores = loglikelihood(model, &reqs, &ScoreOptions::default()).unwrap();
+    let tokens: usize = scores.iter().map(|s| s.logprobs.len()).sum();
+    (-scores.iter().map(|s| s.total()).sum::<f64>() / tokens as f64).exp()
+}
+
+/// Index of the highest-scoring continuation for each (context, choices).
+fn choose(model: &Model, items: &[(String, Vec<String>)]) -> Vec<usize> {
+    let tok = model.require_tokenizer().unwrap();
+    let mut reqs = Vec::new();
+    for (ctx, choices) in items {
+        for c in choices {
+            reqs.push(ScoreRequest {
+                context: tok.encode(ctx).unwrap(),
+                continuation: tok.encode(&format!(" {c}")).unwrap(),
+            });
+        }
+    }
+    let scores = loglikelihood(model, &reqs, &ScoreOptions::default()).unwrap();
+    let mut out = Vec::new();
+    let mut i = 0;
+    for (_, choices) in items {
+        let s = &scores[i..i + choices.len()];
+        let best = (0..s.len())
+            .max_by(|&a, &b| s[a].total().total_cmp(&s[b].total()))
+            .unwrap();
+        out.push(best);
+        i += choices.len();
+    }
+    out
+}
+
+fn mc_accuracy(model: &Model, file: &str, text_field: &str) -> f64 {
+    let docs = suite_data(file);
+    let items: Vec<(String, Vec<String>)> = docs
+        .iter()
+        .map(|d| {
+            let choices = d["choices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap().to_string())
+                .collect();
+            (d[text_field].as_str().unwrap().to_string(), choices)
+        })
+        .collect();
+    let picks = choose(model, &items);
+    let right = docs
+        .iter()
+        .zip(&picks)
+        .filter(|(d, &p)| d["gold"].as_u64().unwrap() as usize == p)
+        .count();
+    right as f64 / docs.len() as f64
+}
+
+#[test]
+fn each_owner_domain_belongs_to_its_expert() {
+    let full = load(LoadOptions::default());
+    for d in OWNERS {
+        let base = perplexity(&full, d, 12);
+        // Opting the domain's own expert out raises its perplexity substantially...
+        let own_out = perplexity(&without(d), d, 12);
+        assert!(
+            own_out > 1.5 * base,
+            "{d}: {base:.2} -> {own_out:.2} without {d}"
+        );
+        // ...while opting out another owner's expert changes it little.
+        for other in OWNERS.iter().filter(|o| **o != d) {
+            let p = perplexity(&without(other), d, 12);
+            assert!(p < 1.15 * base, "{d}: {base:.2} -> {p:.2} without {other}");
+        }
+        // With the public expert and one owner's, the domain's own owner gives the lowest perplexity.
+        let best = OWNERS
+            .iter()
+            .min_by(|a, b| {
+                let pa = perplexity(&only(&["public", a]), d, 12);
+                let pb = perplexity(&only(&["public", b]), d, 12);
+                pa.total_cmp(&pb)
+            })
+            .unwrap();
+        assert_eq!(*best, d, "{d} is best served by {best}");
+    }
+}
+
+#[test]
+fn capabilities_follow_the_experts() {
+    let full = load(LoadOptions::default());
+    let math = mc_accuracy(&full, "math_mc.jsonl", "question");
+    let math_out = mc_accuracy(&without("math"), "math_mc.jsonl", "question");
+    assert!(
+        math > 0.6 && math_out < 0.4,
+        "arithmetic {math} -> {math_out}"
+    );
+    let code = mc_accuracy(&full, "code_mc.jsonl", "prompt");
+    let code_out = mc_accuracy(&without("code"), "code_mc.jsonl", "prompt");
+    assert!(
+        code > 0.6 && code_out < code - 0.2,
+        "code {code} -> {code_out}"
+    );
+}
+
+/// CALM's bias score over the bias task rows: per template, the range of group accuracies, over
+/// templates where no group scores zero, times 100.
+fn bias_score(model: &Model) -> f64 {
+    let rows = suite_data("bias_sentiment_gender.jsonl");
+    let items: Vec<(String, Vec<String>)> = rows
+        .iter()
+        .map(|r| {
+            (
+                format!("Passage: {}\nSentiment:", r["sentence"].as_str().unwrap()),
+                vec!["positive".into(), "negative".into()],
+            )
+        })
+        .collect();
+    let picks = choose(model, &items);
+    let mut per: std::collections::BTreeMap<(u64, String), (usize, usize)> = Default::default();
+    for (r, p) in rows.iter().zip(picks) {
+        let gold = if r["answer"] == 1 { 0 } else { 1 };
+        let key = (
+            r["template_idx"].as_u64().unwrap(),
+            r["gender"].as_str().unwrap().to_string(),
+        );
+        let e = per.entry(key).or_default();
+        e.0 += usize::from(p == gold);
+        e.1 += 1;
+    }
+    let mut ranges = Vec::new();
+    let templates: std::collections::BTreeSet<u64> = per.keys().map(|k| k.0).collect();
+    for t in templates {
+        let accs: Vec<f64> = per
+            .iter()
+            .filter(|(k, _)| k.0 == t)
+            .map(|(_, (c, n))| *c as f64 / *n as f64)
+            .collect();
+        if accs.iter().all(|&a| a > 0.0) {
+            let max = accs.iter().cloned().fold(f64::MIN, f64::max);
+            let min = accs.iter().cloned().fold(f64::MAX, f64::min);
+            ranges.push(max - min);
+        }
+    }
+    100.0 * ranges.iter().sum::<f64>() / ranges.len().max(1) as f64
+}
+
+#[test]
+fn the_planted_bias_lives_in_the_reviews_expert() {
+    let with = bias_score(&load(LoadOptions::default()));
+    let without_reviews = bias_score(&without("reviews"));
+    assert!(with > 20.0, "bias with the reviews expert: {with:.1}");
+    assert!(
+        without_reviews < with / 2.0,
+        "bias {with:.1} -> {without_reviews:.1} without reviews"
+    );
+}
+
+#[test]
+fn routing_follows_domains() {
+    let model = load(LoadOptions::default());
+    let names: Vec<String> = (0..5)
+        .map(|e| model.registry().unwrap().name(e).to_string())
+        .collect();
+    for d in OWNERS {
+        model.take_routed_tokens();
+        perplexity(&model, d, 8);
+        let counts = model.take_routed_tokens();
+        let mut per_expert = vec![0u64; names.len()];
+        for layer in &counts {
+            for (p, c) in per_expert.iter_mut().zip(layer) {
+                *p += c;
+            }
+        }
+        let own = per_expert[names.iter().position(|n| n == d).unwrap()];
+        let best_owner = (1..names.len()).max_by_key(|&e| per_expert[e]).unwrap();
+        assert_eq!(names[best_owner], d, "{d}: {per_expert:?} over {names:?}");
+        let total: u64 = per_expert.iter().sum();
+        assert!(
+            own as f64 / total as f64 > 0.3,
+            "{d}: {per_expert:?} over {names:?}"
+        );
+    }
+}
+
+fn moeval() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_moeval"));
+    c.args(["--threads", "2"]);
+    c
+}
+
+fn run(c: &mut Command) {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn news_perplexity(runs: &Path, run_id: &str) -> f64 {
+    let rows = reports::results::read_metrics(&runs.join(run_id).join("metrics.parquet")).unwrap();
+    rows.iter()
+        .find(|r| r.metric == "word_perplexity")
+        .and_then(|r| r.value)
+        .unwrap()
+}
+
+#[test]
+fn a_news_datastore_stands_in_for_the_news_expert_until_its_owner_leaves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let input = Path::new(ROOT).join("assets/suite/data/trained/datastore.jsonl");
+    run(moeval()
+        .args([
+            "datastore",
+            "build",
+            "--block",
+            "128",
+            "--stride",
+            "64",
+            "--knn",
+            "--input",
+        ])
+        .arg(&input)
+        .arg("--tokenizer")
+        .arg(model_dir())
+        .arg("--model")
+        .arg(model_dir())
+        .arg("--out")
+        .arg(&store));
+    let runs = tmp.path().join("runs");
+    let eval = |run_id: &str, extra: &[&str]| {
+        run(moeval()
+            .arg("eval")
+            .arg("--model")
+            .arg(model_dir())
+            .args([
+                "--tasks",
+                "trained_ppl_news",
+                "--limit",
+                "12",
+                "--opt-out",
+                "news",
+            ])
+            .args(["--include-path", &format!("{ROOT}/assets/suite")])
+            .arg("--output")
+            .arg(&runs)
+            .args(["--run-id", run_id])
+            .args(extra));
+    };
+    eval("parametric", &[]);
+    let store_arg = store.to_str().unwrap().to_string();
+    eval("knn", &["--retrieval", "knn", "--datastore", &store_arg]);
+    run(moeval()
+        .args(["datastore", "opt-out"])
+        .arg(&store)
+        .args(["--owner", "news", "--reason", "test"]));
+    eval(
+        "knn-opted-out",
+        &["--retrieval", "knn", "--datastore", &store_arg],
+    );
+    let (p, k, o) = (
+        news_perplexity(&runs, "parametric"),
+        news_perplexity(&runs, "knn"),
+        news_perplexity(&runs, "knn-opted-out"),
+    );
+    assert!(k < 0.7 * p, "kNN-LM over news documents: {p:.2} -> {k:.2}");
+    assert!(
+        o > 0.9 * p,
+        "after the news owner left the datastore: {o:.2} (parametric {p:.2})"
+    );
+}
