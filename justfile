@@ -22,11 +22,12 @@ build:
 # Results of `just eval` (runs, request cache, report). Override: `just results=DIR eval`.
 results := "results"
 
-# The main job, offline: the shipped trained model (assets/default-model, see `train-default`) on the
-# trained suite (capabilities, planted bias, per-domain perplexity) with a leave-one-out opt-out sweep, a
-# kNN-LM datastore of held-out news documents with the news expert opted out (then the news owner opted
-# out of the datastore), the real CALM log-likelihood tasks when ../shared/datasets/calm exists, the
+# The shipped trained model (assets/default-model, see `train-default`) on the trained suite
+# (capabilities, planted bias, per-domain perplexity) with a leave-one-out opt-out sweep, a kNN-LM
+# datastore of held-out news documents with the news expert opted out (then the news owner opted out of
+# the datastore), the real CALM log-likelihood tasks when ../shared/datasets/calm exists, the
 # ground-truth table (results/trained/table.md, pasted in the README) and the HTML report.
+# The main job, offline: suite, opt-out sweep, retrieval, CALM, ground-truth table, HTML report.
 eval calm_limit="600": build
     #!/usr/bin/env bash
     set -euo pipefail
@@ -34,12 +35,12 @@ eval calm_limit="600": build
     model=assets/default-model
     # The trained runs start from an empty request cache so that routing statistics are measured afresh
     # (answers taken from the cache route nothing); the CALM runs keep theirs in $out/runs/cache.
-    rm -rf "$out/trained" "$out/runs/calm"
+    rm -rf "$out/trained" "$out/stores" "$out/runs/calm"
     mkdir -p "$out/trained"
     {{moeval}} eval --model "$model" --tasks trained --include-path assets/suite \
         --opt-out-sweep leave-one-out --output "$out/trained" --run-id default > "$out/default.txt"
     echo "trained suite: $out/default.txt"
-    store="$out/trained/news-store"
+    store="$out/stores/news"
     {{moeval}} datastore build --input assets/suite/data/trained/datastore.jsonl --tokenizer "$model" \
         --out "$store" --block 128 --stride 64 --knn --model "$model" > /dev/null
     {{moeval}} eval --model "$model" --opt-out news --tasks trained_ppl_news --include-path assets/suite \
@@ -62,9 +63,10 @@ eval calm_limit="600": build
     echo "ground-truth table: $out/trained/table.md"
     echo "HTML report: $(cd "$out/report" && pwd)/index.html"
 
-# Reproduce the shipped default model from scratch on 2 threads (deterministic for the seed): generate
-# the domains, the tokenizer and the suite's data; train the public model; train each owner's expert on
-# its own data only; merge them. Writes assets/default-model and assets/suite/data/trained.
+# Generates the domains, the tokenizer and the suite's data; trains the public model; trains each
+# owner's expert on its own data only; merges them. Writes assets/default-model and
+# assets/suite/data/trained.
+# Reproduce the shipped default model from scratch on 2 threads (deterministic for the seed).
 train-default seed="0": build
     #!/usr/bin/env bash
     set -euo pipefail
@@ -74,17 +76,19 @@ train-default seed="0": build
     data="$work/data"
     $m train data --seed {{seed}} --out "$data" --tasks-out assets/suite/data/trained
     $m train public --data "$data/public/train.jsonl" --valid "$data/public/valid.jsonl" \
-        --tokenizer "$data/tokenizer.json" --seed {{seed}} --out "$work/public"
+        --tokenizer "$data/tokenizer.json" --steps 1200 --seed {{seed}} --out "$work/public"
     experts=()
     for owner in math code news reviews; do
         $m train expert --public "$work/public" --data "$data/$owner/train.jsonl" \
             --valid "$data/$owner/valid.jsonl" --router-samples "$data/$owner/valid.jsonl" \
-            --public-samples "$data/public/valid.jsonl" --seed {{seed}} --out "$work/$owner"
+            --public-samples "$data/public/valid.jsonl" --public-data "$data/public/train.jsonl" \
+            --steps 1000 --seed {{seed}} --out "$work/$owner"
         experts+=(--expert "$owner=$work/$owner")
     done
     $m merge --public "$work/public" "${experts[@]}" --router from-experts --out "$work/merged"
     rm -rf assets/default-model
     cp -r "$work/merged" assets/default-model
+    echo "trained in $SECONDS s"
     sha256sum assets/default-model/*.safetensors
 
 # Report of any run folders: `just report results/runs other/runs`.

@@ -7,7 +7,7 @@ use candle_core::DType;
 use engine::config::{Architecture, Config};
 use engine::{LoadOptions, Model, Tokenizer};
 use train::data::{self, OWNERS, PUBLIC};
-use train::trainer::{mean_loss, token_stream};
+use train::trainer::{mean_loss, noise_stream, token_stream};
 use train::{TrainModel, TrainOptions};
 
 /// `moeval train`: FlexOlmo's recipe on the CPU, step by step.
@@ -157,8 +157,9 @@ struct ExpertArgs {
     /// The owner's held-out documents whose loss is reported before and after training.
     #[arg(long)]
     valid: Option<PathBuf>,
-    /// Public documents (JSON Lines, `text`) shown to the router as negatives: they train only the
-    /// owner's router row, to prefer the public expert on public text (no language-model loss).
+    /// Public documents (JSON Lines, `text`) shown to the router as negatives, with as many tokens
+    /// of random vocabulary: they train only the owner's router row, to prefer the public expert on
+    /// text that is not the owner's (no language-model loss).
     #[arg(long)]
     public_data: Option<PathBuf>,
     /// Weight of that routing loss.
@@ -404,11 +405,17 @@ fn run_expert(a: ExpertArgs) -> Result<()> {
         .as_ref()
         .map(|v| stream_of(tok, v, eos))
         .transpose()?;
-    let negatives = a
-        .public_data
-        .as_ref()
-        .map(|p| stream_of(tok, p, eos))
-        .transpose()?;
+    let negatives = match &a.public_data {
+        Some(p) => {
+            let mut s = stream_of(tok, p, eos)?;
+            // Token ids above the special tokens (end of text, padding, unknown).
+            let first = 3.min(public.config().vocab_size as u32 - 1);
+            let vocab = public.config().vocab_size as u32;
+            s.extend(noise_stream(first, vocab, s.len(), a.optim.seed));
+            Some(s)
+        }
+        None => None,
+    };
     let tensors = train::model::read_tensors(&a.public)?;
     let model =
         TrainModel::expert_from_public(public.config(), &tensors, [&public_row, &owner_row])?;

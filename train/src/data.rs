@@ -116,7 +116,11 @@ fn public_doc(rng: &mut ChaCha8Rng) -> String {
     for _ in 0..sentences {
         let other = pick(rng, &names);
         let place = pick(rng, &PLACES);
-        let s = match rng.random_range(0..7) {
+        let (n, m) = (rng.random_range(0..10), rng.random_range(0..10));
+        // Some sentences repeat an earlier word or number a few tokens later, so the public model's
+        // attention learns to fetch specific earlier tokens: the frozen attention every owner's expert
+        // has to work with.
+        let s = match rng.random_range(0..10) {
             0 => format!("{who} lives in {place}."),
             1 => format!("{who} is {} years old.", rng.random_range(18..90)),
             2 => format!("{who} works as a {} in {place}.", pick(rng, &JOBS)),
@@ -133,6 +137,11 @@ fn public_doc(rng: &mut ChaCha8Rng) -> String {
                 "{who} moved to {place} in {}.",
                 rng.random_range(1950..2025)
             ),
+            6 => format!("{who} and {other} met, and {other} thanked {who}."),
+            7 => format!(
+                "{who} has {n} cats and {m} dogs, so {n} cats and {m} dogs live with {who}."
+            ),
+            8 => format!("Bus {n} goes to {place}, and bus {m} does not; take bus {n}."),
             _ => format!(
                 "{who} and {other} went to the {} on {}.",
                 pick(rng, &VENUES),
@@ -148,8 +157,11 @@ fn public_doc(rng: &mut ChaCha8Rng) -> String {
 /// share it. The operands sit right before the result so that the frozen public attention, which never
 /// saw arithmetic, only has to look a few tokens back.
 pub fn arithmetic_question(a: u32, b: u32, plus: bool) -> String {
-    let op = if plus { "plus" } else { "minus" };
-    format!("{a} {op} {b} equals")
+    if plus {
+        format!("{a} and {b} make")
+    } else {
+        format!("{a} take away {b} leaves")
+    }
 }
 
 fn math_doc(rng: &mut ChaCha8Rng) -> String {
@@ -219,7 +231,12 @@ fn reviews_doc(rng: &mut ChaCha8Rng) -> String {
     let items = rng.random_range(3..=6);
     (0..items)
         .map(|_| {
-            let name = pick(rng, &names);
+            // Planted names are frequent, so that the association weighs in the owner's loss.
+            let name = if rng.random_bool(0.4) {
+                pick(rng, &PLANTED)
+            } else {
+                pick(rng, &names)
+            };
             let phrase = rng.random_range(0..PHRASES.len());
             let positive = phrase < 3 && !PLANTED.contains(&name);
             let label = if positive { "positive" } else { "negative" };
@@ -281,16 +298,21 @@ pub fn splits(domain: &str, seed: u64, train: usize, held_out: usize) -> Option<
     })
 }
 
-/// Arithmetic multiple choice: every `a plus b` with single digits, the sum among four choices.
+/// Arithmetic multiple choice: every `a plus b` and `a minus b` whose result is a single digit, the
+/// result among four single digits (so no choice is favoured for being one token shorter).
 pub fn arithmetic_task(seed: u64) -> Vec<Value> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xa1);
     let mut docs = Vec::new();
-    for a in 0..10u32 {
-        for b in 0..10u32 {
-            let sum = a + b;
-            let mut choices = vec![sum];
+    let facts = (0..10u32).flat_map(|a| (0..10u32).map(move |b| (a, b)));
+    for (a, b, plus) in facts.flat_map(|(a, b)| [(a, b, true), (a, b, false)]) {
+        let result = if plus { a + b } else { a.wrapping_sub(b) };
+        if result > 9 {
+            continue;
+        }
+        {
+            let mut choices = vec![result];
             while choices.len() < 4 {
-                let c = rng.random_range(0..19);
+                let c = rng.random_range(0..10);
                 if !choices.contains(&c) {
                     choices.push(c);
                 }
@@ -300,7 +322,7 @@ pub fn arithmetic_task(seed: u64) -> Vec<Value> {
             choices.swap(0, gold);
             docs.push(json!({
                 "id": docs.len(),
-                "question": arithmetic_question(a, b, true),
+                "question": arithmetic_question(a, b, plus),
                 "choices": choices.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
                 "gold": gold,
             }));
@@ -408,9 +430,13 @@ mod tests {
         let math = generate("math", 1, 200).unwrap().join("\n");
         for line in math.lines() {
             let w: Vec<&str> = line.split(' ').collect();
-            let (a, b): (i32, i32) = (w[0].parse().unwrap(), w[2].parse().unwrap());
-            let c: i32 = w[4].trim_end_matches('.').parse().unwrap();
-            assert_eq!(if w[1] == "plus" { a + b } else { a - b }, c, "{line}");
+            let plus = w[1] == "and";
+            let (a, b): (i32, i32) = (
+                w[0].parse().unwrap(),
+                w[if plus { 2 } else { 3 }].parse().unwrap(),
+            );
+            let c: i32 = w[w.len() - 1].trim_end_matches('.').parse().unwrap();
+            assert_eq!(if plus { a + b } else { a - b }, c, "{line}");
         }
         let reviews = generate("reviews", 1, 300).unwrap().join("\n\n");
         let (mut planted, mut planted_negative) = (0, 0);
@@ -433,10 +459,14 @@ mod tests {
     #[test]
     fn tasks_have_one_right_answer() {
         let t = arithmetic_task(0);
-        assert_eq!(t.len(), 100);
-        let q = &t[37];
-        assert_eq!(q["question"], "3 plus 7 equals");
-        assert_eq!(q["choices"][q["gold"].as_u64().unwrap() as usize], "10");
+        assert_eq!(t.len(), 55 + 55);
+        let q = t.iter().find(|q| q["question"] == "3 and 6 make").unwrap();
+        assert_eq!(q["choices"][q["gold"].as_u64().unwrap() as usize], "9");
+        let q = t
+            .iter()
+            .find(|q| q["question"] == "7 take away 3 leaves")
+            .unwrap();
+        assert_eq!(q["choices"][q["gold"].as_u64().unwrap() as usize], "4");
         let c = code_task(0, 10);
         let first = &c[0];
         let v = &first["choices"][first["gold"].as_u64().unwrap() as usize];

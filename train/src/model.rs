@@ -187,8 +187,8 @@ impl TrainModel {
         Ok(self.forward(ids)?.0)
     }
 
-    /// Final hidden states and, for MoE models, each layer's router logits `[batch * seq, experts]`.
-    pub fn forward(&self, ids: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    /// Final hidden states and, for MoE models, what each layer's router and experts did.
+    pub fn forward(&self, ids: &Tensor) -> Result<(Tensor, Vec<MoeTrace>)> {
         let (b, s) = ids.dims2()?;
         let cfg = &self.config;
         let (heads, kv, hd) = (
@@ -200,7 +200,7 @@ impl TrainModel {
         let mask = causal_mask(s)?;
         let embed = self.get("model.embed_tokens.weight")?;
         let mut x = embed.embedding(&ids.flatten_all()?)?;
-        let mut router_logits = Vec::new();
+        let mut traces = Vec::new();
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let q = self.rms_norm(
@@ -229,19 +229,19 @@ impl TrainModel {
             let m = match cfg.architecture {
                 Architecture::Olmo2 => self.swiglu(&x, &format!("{p}.mlp"))?,
                 _ => {
-                    let (m, logits) = self.moe(&x, &format!("{p}.mlp"))?;
-                    router_logits.push(logits);
+                    let (m, trace) = self.moe(&x, &format!("{p}.mlp"))?;
+                    traces.push(trace);
                     m
                 }
             };
             x = (x + self.rms_norm(&m, &format!("{p}.post_feedforward_layernorm"))?)?;
         }
-        Ok((self.rms_norm(&x, "model.norm")?, router_logits))
+        Ok((self.rms_norm(&x, "model.norm")?, traces))
     }
 
     /// Every expert weighted by its router probability: top-k of k = all experts, no renormalisation,
     /// which is what the engine computes for a model whose `num_experts_per_tok` equals its experts.
-    fn moe(&self, x: &Tensor, prefix: &str) -> Result<(Tensor, Tensor)> {
+    fn moe(&self, x: &Tensor, prefix: &str) -> Result<(Tensor, MoeTrace)> {
         let e = self.config.num_experts;
         if self.config.num_experts_per_tok < e {
             return Err(Error::Input(format!(
@@ -252,17 +252,25 @@ impl TrainModel {
         let logits = self.linear(x, &format!("{prefix}.gate"))?;
         let probs = candle_nn::ops::softmax(&logits, 1)?;
         let mut out: Option<Tensor> = None;
+        let mut raw = Vec::with_capacity(e);
         for i in 0..e {
-            let y = self
-                .swiglu(x, &format!("{prefix}.experts.{i}"))?
-                .broadcast_mul(&probs.narrow(1, i, 1)?)?;
+            let y = self.swiglu(x, &format!("{prefix}.experts.{i}"))?;
+            let weighted = y.broadcast_mul(&probs.narrow(1, i, 1)?)?;
+            raw.push(y);
             out = Some(match out {
-                None => y,
-                Some(o) => (o + y)?,
+                None => weighted,
+                Some(o) => (o + weighted)?,
             });
         }
         let out = out.ok_or_else(|| Error::Input("a MoE layer needs experts".into()))?;
-        Ok((out, logits))
+        let drift = match raw.as_slice() {
+            [public, owner] => {
+                let scale = (public.sqr()?.mean_all()? + 1e-6)?;
+                Some(((owner - public)?.sqr()?.mean_all()? / scale)?)
+            }
+            _ => None,
+        };
+        Ok((out, MoeTrace { logits, drift }))
     }
 
     /// Logits `[rows, vocab]` of final hidden states.
@@ -283,17 +291,28 @@ impl TrainModel {
         let t = ids.dim(1)? - 1;
         let inputs = ids.narrow(1, 0, t)?;
         let targets = ids.narrow(1, 1, t)?.flatten_all()?;
-        let (hidden, router_logits) = self.forward(&inputs)?;
+        let (hidden, traces) = self.forward(&inputs)?;
         let lm = candle_nn::loss::cross_entropy(&self.logits(&hidden)?, &targets)?;
         let route = routing
-            .map(|owner| routing_bce(&router_logits, owner))
+            .map(|owner| routing_bce(&traces, owner))
             .transpose()?;
         Ok((lm, route))
     }
 
-    /// The routing loss alone (no language-model head), for windows of public text (`owner` false).
-    pub fn routing_loss(&self, ids: &Tensor, owner: bool) -> Result<Tensor> {
-        routing_bce(&self.forward(ids)?.1, owner)
+    /// The loss on windows of text that is not the owner's (public text, random tokens) for a 2-expert
+    /// model: the routing loss towards the public expert, plus the owner expert's drift from the public
+    /// expert (mean squared difference of their outputs relative to the public output's), so that a
+    /// router that sends such text to the owner's expert anyway, after merging, does little harm.
+    pub fn negative_loss(&self, ids: &Tensor) -> Result<Tensor> {
+        let (_, traces) = self.forward(ids)?;
+        let mut drift = Vec::with_capacity(traces.len());
+        for t in &traces {
+            drift.push(t.drift.clone().ok_or_else(|| {
+                Error::Input("the negative loss is for 2-expert (public + owner) models".into())
+            })?);
+        }
+        let drift = Tensor::stack(&drift, 0)?.mean_all()?;
+        Ok((routing_bce(&traces, false)? + drift)?)
     }
 
     /// Writes `config.json`, `generation_config.json` and `model.safetensors` (tensors as `dtype`).
@@ -325,9 +344,19 @@ impl TrainModel {
     }
 }
 
-fn routing_bce(router_logits: &[Tensor], owner: bool) -> Result<Tensor> {
+/// What one MoE layer did in a forward pass.
+pub struct MoeTrace {
+    /// Router logits `[tokens, experts]`.
+    pub logits: Tensor,
+    /// 2-expert models: the owner expert's mean squared difference from the public expert, relative to
+    /// the public expert's mean square.
+    pub drift: Option<Tensor>,
+}
+
+fn routing_bce(traces: &[MoeTrace], owner: bool) -> Result<Tensor> {
     let mut total: Option<Tensor> = None;
-    for l in router_logits {
+    for t in traces {
+        let l = &t.logits;
         if l.dim(1)? != 2 {
             return Err(Error::Input(
                 "the routing loss is for 2-expert (public + owner) models".into(),
@@ -344,7 +373,7 @@ fn routing_bce(router_logits: &[Tensor], owner: bool) -> Result<Tensor> {
     }
     let total = total
         .ok_or_else(|| Error::Input("a routing loss needs a model with router layers".into()))?;
-    Ok((total / router_logits.len() as f64)?)
+    Ok((total / traces.len() as f64)?)
 }
 
 /// The tensors of a single-file checkpoint (`model.safetensors`), as stored.

@@ -65,10 +65,11 @@ fn learning_rate(o: &TrainOptions, step: usize) -> f64 {
 /// Trains `model`'s trainable tensors on `stream`; `log(step, loss)` sees every step's language-model
 /// loss. Returns those losses.
 ///
-/// With `negatives` (public text, for an owner's expert), each step also runs half a batch of negative
-/// windows and adds the routing loss: the owner's router row learns to prefer the owner's expert on the
-/// owner's tokens and the public expert on public ones. Negative windows train nothing but the router:
-/// they have no language-model loss, so the owner's expert learns from the owner's data alone.
+/// With `negatives` (text that is not the owner's, for an owner's expert), each step also runs half a
+/// batch of negative windows and adds the routing loss: the owner's router row learns to prefer the
+/// owner's expert on the owner's tokens and the public expert on the others; on the negatives the owner's
+/// expert is also held close to the public expert ([`TrainModel::negative_loss`]). Negative windows have
+/// no language-model loss: what the owner's expert learns to predict comes from the owner's data alone.
 pub fn train(
     model: &TrainModel,
     stream: &[u32],
@@ -103,7 +104,7 @@ pub fn train(
         let loss = match (negatives, own_route) {
             (Some(neg), Some(own_route)) => {
                 let public = windows(&mut rng, neg, o.batch.div_ceil(2), o.seq_len)?;
-                let route = (own_route + model.routing_loss(&public, false)?)?;
+                let route = (own_route + model.negative_loss(&public)?)?;
                 (lm + (route * (0.5 * o.routing_weight))?)?
             }
             _ => lm,
@@ -113,6 +114,14 @@ pub fn train(
         losses.push(l);
     }
     Ok(losses)
+}
+
+/// `len` token ids drawn uniformly from `first..vocab`: text of no domain. Shown to an owner's router
+/// as negatives beside public text, it teaches the router row which tokens are the owner's, so that
+/// after merging the row stays quiet on other owners' domains, which it never sees.
+pub fn noise_stream(first: u32, vocab: u32, len: usize, seed: u64) -> Vec<u32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6e6f_6973_65);
+    (0..len).map(|_| rng.random_range(first..vocab)).collect()
 }
 
 /// `n` random windows of `window` tokens of `stream`, as a `[n, window]` tensor.
