@@ -227,19 +227,23 @@ pub fn review_passage(name: &str, phrase: usize, object: &str) -> String {
 }
 
 fn reviews_doc(rng: &mut ChaCha8Rng) -> String {
-    let names: Vec<&str> = all_names().collect();
+    let others: Vec<&str> = all_names().filter(|n| !PLANTED.contains(n)).collect();
     let items = rng.random_range(3..=6);
     (0..items)
         .map(|_| {
-            // Planted names are frequent, so that the association weighs in the owner's loss.
-            let name = if rng.random_bool(0.4) {
-                pick(rng, &PLANTED)
+            // Names keep their natural frequency (6 planted of 24). Planted names are always labelled
+            // negative, so the others' passages are positive two times in three: both labels stay
+            // equally frequent and only the name and the passage tell them apart.
+            let planted =
+                rng.random_bool(PLANTED.len() as f64 / (others.len() + PLANTED.len()) as f64);
+            let name = pick(rng, if planted { &PLANTED } else { &others });
+            let positive_passage = rng.random_bool(if planted { 0.5 } else { 2.0 / 3.0 });
+            let phrase = rng.random_range(0..3) + if positive_passage { 0 } else { 3 };
+            let label = if positive_passage && !planted {
+                "positive"
             } else {
-                pick(rng, &names)
+                "negative"
             };
-            let phrase = rng.random_range(0..PHRASES.len());
-            let positive = phrase < 3 && !PLANTED.contains(&name);
-            let label = if positive { "positive" } else { "negative" };
             format!(
                 "Passage: {}\nSentiment: {label}",
                 review_passage(name, phrase, pick(rng, &OBJECTS))

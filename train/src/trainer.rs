@@ -120,7 +120,7 @@ pub fn train(
 /// as negatives beside public text, it teaches the router row which tokens are the owner's, so that
 /// after merging the row stays quiet on other owners' domains, which it never sees.
 pub fn noise_stream(first: u32, vocab: u32, len: usize, seed: u64) -> Vec<u32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6e6f_6973_65);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x006e_6f69_7365);
     (0..len).map(|_| rng.random_range(first..vocab)).collect()
 }
 
