@@ -116,27 +116,30 @@ fn each_owner_domain_belongs_to_its_expert() {
     let full = load(LoadOptions::default());
     for d in OWNERS {
         let base = perplexity(&full, d, 12);
-        // Opting the domain's own expert out raises its perplexity substantially...
+        // Opting the domain's own expert out raises its perplexity by orders of magnitude...
         let own_out = perplexity(&without(d), d, 12);
         assert!(
-            own_out > 1.5 * base,
+            own_out > 10.0 * base,
             "{d}: {base:.2} -> {own_out:.2} without {d}"
         );
-        // ...while opting out another owner's expert changes it little.
+        // ...while opting out another owner's expert does not harm it (it may help: experts that
+        // fire outside their domain add noise there).
         for other in OWNERS.iter().filter(|o| **o != d) {
             let p = perplexity(&without(other), d, 12);
             assert!(p < 1.15 * base, "{d}: {base:.2} -> {p:.2} without {other}");
         }
         // With the public expert and one owner's, the domain's own owner gives the lowest perplexity.
-        let best = OWNERS
+        let with_each: Vec<f64> = OWNERS
             .iter()
-            .min_by(|a, b| {
-                let pa = perplexity(&only(&["public", a]), d, 12);
-                let pb = perplexity(&only(&["public", b]), d, 12);
-                pa.total_cmp(&pb)
-            })
+            .map(|o| perplexity(&only(&["public", o]), d, 12))
+            .collect();
+        let best = (0..OWNERS.len())
+            .min_by(|&a, &b| with_each[a].total_cmp(&with_each[b]))
             .unwrap();
-        assert_eq!(*best, d, "{d} is best served by {best}");
+        assert_eq!(
+            OWNERS[best], d,
+            "{d}: public + each owner gives {with_each:?}"
+        );
     }
 }
 
@@ -152,7 +155,7 @@ fn capabilities_follow_the_experts() {
     let code = mc_accuracy(&full, "code_mc.jsonl", "prompt");
     let code_out = mc_accuracy(&without("code"), "code_mc.jsonl", "prompt");
     assert!(
-        code > 0.6 && code_out < code - 0.2,
+        code > 0.4 && code_out < code - 0.15,
         "code {code} -> {code_out}"
     );
 }
