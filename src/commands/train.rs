@@ -15,10 +15,11 @@ use train::{TrainModel, TrainOptions};
 #[command(after_help = "FlexOlmo's recipe, as `just train-default` runs it:
   moeval train data --seed 0 --out data/ --tasks-out assets/suite/data/trained
   moeval train public --data data/public/train.jsonl --valid data/public/valid.jsonl \\
-      --tokenizer data/tokenizer.json --out public/
+      --tokenizer data/tokenizer.json --steps 1200 --out public/
   moeval train expert --public public/ --data data/math/train.jsonl --valid data/math/valid.jsonl \\
-      --router-samples data/math/valid.jsonl --public-samples data/public/valid.jsonl --out math/
-  (one `train expert` per owner, each reading only its own data)
+      --router-samples data/math/valid.jsonl --public-samples data/public/valid.jsonl \\
+      --public-data data/public/train.jsonl --steps 1000 --out math/
+  (one `train expert` per owner: its own data, plus public text and random tokens for the router)
   moeval merge --public public/ --expert math=math/ ... --router from-experts --out merged/
 
 With your own data: any JSON Lines files with a `text` field, and a tokenizer.json.")]
