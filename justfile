@@ -22,30 +22,74 @@ build:
 # Results of `just eval` (runs, request cache, report). Override: `just results=DIR eval`.
 results := "results"
 
-# The main job, offline: the default model (tiny random FlexOlmo, seed 0, shipped tokenizer), the
-# default suite (CALM-format bias, perplexity) with a leave-one-out opt-out sweep, the real CALM
-# log-likelihood tasks when ../shared/datasets/calm exists, then the report.
+# The shipped trained model (assets/default-model) on the trained suite (capabilities, planted bias,
+# per-domain perplexity) with a leave-one-out opt-out sweep, a kNN-LM datastore of held-out news
+# documents with the news expert opted out (then the news owner opted out of the datastore), the real
+# CALM log-likelihood tasks when ../shared/datasets/calm exists, the ground-truth table
+# (results/trained/table.md, pasted in the README) and the HTML report.
+# The main job, offline: trained model, suite, opt-out sweep, retrieval, CALM, ground-truth table, report.
 eval calm_limit="600": build
     #!/usr/bin/env bash
     set -euo pipefail
     out="{{results}}"
-    model="$out/default-model"
-    if [ ! -f "$model/model.safetensors" ]; then
-        {{moeval}} init-model --preset tiny --seed 0 --out "$model"
-    fi
-    cp assets/tokenizer.json "$model/tokenizer.json"
-    # Runs have fixed ids so the gate finds them; the request cache in $out/runs/cache is kept.
-    rm -rf "$out/runs/default" "$out/runs/calm"
-    {{moeval}} eval --model "$model" --tasks default --include-path assets/suite         --opt-out-sweep leave-one-out --output "$out/runs" --run-id default > "$out/default.txt"
-    echo "default suite: $out/default.txt"
+    model=assets/default-model
+    # The trained runs start from an empty request cache so that routing statistics are measured afresh
+    # (answers taken from the cache route nothing); the CALM runs keep theirs in $out/runs/cache.
+    rm -rf "$out/trained" "$out/stores" "$out/runs/calm"
+    mkdir -p "$out/trained"
+    {{moeval}} eval --model "$model" --tasks trained --include-path assets/suite \
+        --opt-out-sweep leave-one-out --output "$out/trained" --run-id default > "$out/default.txt"
+    echo "trained suite: $out/default.txt"
+    store="$out/stores/news"
+    {{moeval}} datastore build --input assets/suite/data/trained/datastore.jsonl --tokenizer "$model" \
+        --out "$store" --block 128 --stride 64 --knn --model "$model" > /dev/null
+    {{moeval}} eval --model "$model" --opt-out news --tasks trained_ppl_news --include-path assets/suite \
+        --retrieval knn --datastore "$store" --output "$out/trained" --run-id knn-news > /dev/null
+    cp -r "$store" "$store-optout"
+    {{moeval}} datastore opt-out "$store-optout" --owner news --reason "news owner left the datastore" > /dev/null
+    {{moeval}} eval --model "$model" --opt-out news --tasks trained_ppl_news --include-path assets/suite \
+        --retrieval knn --datastore "$store-optout" --output "$out/trained" --run-id knn-news-optout > /dev/null
+    {{moeval}} train report --runs "$out/trained" --out "$out/trained/table.md"
     if [ -d ../shared/datasets/calm ]; then
-        {{moeval}} eval --model "$model" --tasks calm_ll --data-dir ../shared/datasets/calm             --limit {{calm_limit}} --output "$out/runs" --run-id calm > "$out/calm.txt"
+        {{moeval}} eval --model "$model" --tasks calm_ll --data-dir ../shared/datasets/calm \
+            --limit {{calm_limit}} --output "$out/runs" --run-id calm > "$out/calm.txt"
         echo "CALM (log-likelihood tasks, first {{calm_limit}} documents each): $out/calm.txt"
     else
         echo "../shared/datasets/calm not found: skipping the real CALM tasks"
     fi
-    {{moeval}} report --runs "$out/runs" --out "$out/report" --title "moeval: default suite" > /dev/null
+    runs=("$out/trained")
+    if [ -d "$out/runs/calm" ]; then runs+=("$out/runs"); fi
+    {{moeval}} report --runs "${runs[@]}" --out "$out/report" --title "moeval: trained default model" > /dev/null
+    echo "ground-truth table: $out/trained/table.md"
     echo "HTML report: $(cd "$out/report" && pwd)/index.html"
+
+# Generates the domains, the tokenizer and the suite's data; trains the public model; trains each
+# owner's expert on its own data only; merges them. Writes assets/default-model and
+# assets/suite/data/trained.
+# Reproduce the shipped default model from scratch on 2 threads (deterministic for the seed).
+train-default seed="0": build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    work="{{results}}/train-default"
+    rm -rf "$work"
+    m="{{moeval}} --threads 2"
+    data="$work/data"
+    $m train data --seed {{seed}} --out "$data" --tasks-out assets/suite/data/trained
+    $m train public --data "$data/public/train.jsonl" --valid "$data/public/valid.jsonl" \
+        --tokenizer "$data/tokenizer.json" --steps 1200 --seed {{seed}} --out "$work/public"
+    experts=()
+    for owner in math code news reviews; do
+        $m train expert --public "$work/public" --data "$data/$owner/train.jsonl" \
+            --valid "$data/$owner/valid.jsonl" --router-samples "$data/$owner/valid.jsonl" \
+            --public-samples "$data/public/valid.jsonl" --public-data "$data/public/train.jsonl" \
+            --steps 1000 --seed {{seed}} --out "$work/$owner"
+        experts+=(--expert "$owner=$work/$owner")
+    done
+    $m merge --public "$work/public" "${experts[@]}" --router from-experts --out "$work/merged"
+    rm -rf assets/default-model
+    cp -r "$work/merged" assets/default-model
+    echo "trained in $SECONDS s"
+    sha256sum assets/default-model/*.safetensors
 
 # Report of any run folders: `just report results/runs other/runs`.
 report +runs: build
@@ -53,7 +97,7 @@ report +runs: build
 
 # The regression gate on the default suite (after `just eval`); `just gate --update` rewrites the baseline.
 gate *args: build
-    {{moeval}} gate --baseline assets/eval-baseline.json --runs {{results}}/runs/default {{args}}
+    {{moeval}} gate --baseline assets/eval-baseline.json --runs {{results}}/trained/default {{args}}
 
 # Engine throughput against Hugging Face transformers on the same model and thread count.
 bench threads="2": build

@@ -17,7 +17,12 @@ for f in files:
     assert n_arrow == n_duck, f"{f}: pyarrow {n_arrow} rows, duckdb {n_duck}"
 print(f"{len(files)} Parquet files read by pyarrow and DuckDB")
 
-for run in sorted(glob.glob(os.path.join(root, "runs", "*", "manifest.json"))):
+# `just eval` writes the trained suite's runs under trained/ and the CALM runs under runs/.
+manifests = sorted(
+    glob.glob(os.path.join(root, "runs", "*", "manifest.json"))
+    + glob.glob(os.path.join(root, "trained", "*", "manifest.json"))
+)
+for run in manifests:
     m = json.load(open(run))
     d = os.path.dirname(run)
     assert m["status"] == "complete", run
@@ -41,7 +46,7 @@ if os.path.isdir(samples):
     ).fetchall()
     total = sum(
         pq.read_table(os.path.join(os.path.dirname(r), "samples.parquet")).num_rows
-        for r in glob.glob(os.path.join(root, "runs", "*", "manifest.json"))
+        for r in manifests
     )
     assert n_duck == total, f"Hive dataset has {n_duck} rows, runs have {total}"
     dset = ds.dataset(samples, format="parquet", partitioning="hive")

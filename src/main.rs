@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
   moeval experts list --model ./my-flexolmo
   moeval forward --model ./my-flexolmo --prompt 'Hello' --out logits.safetensors
   moeval generate --model ./my-flexolmo --prompt 'Once upon a time' --max-new-tokens 32
+  moeval train data --seed 0 --out data/   (then `train public`, `train expert`, `merge`)
   moeval init-model --preset small --seed 0 --out ./small-random
   moeval bench --preset small --threads 2 --json
   moeval --device cuda bench --preset olmoe-1b-7b --decode-batches 1,16,64 --json")]
@@ -55,6 +56,8 @@ enum Command {
     Serve(commands::serve::Args),
     /// Load-test the server over loopback: requests/s, tokens/s and latency at several concurrencies.
     ServeBench(commands::serve::BenchArgs),
+    /// Train on the CPU with FlexOlmo's recipe: synthetic data, a public model, owners' experts.
+    Train(commands::train::Args),
     /// Write a seeded random-weight checkpoint of a named shape (for benchmarks and examples).
     InitModel(commands::init_model::Args),
     /// Measure prefill and decode throughput and peak memory.
@@ -87,6 +90,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => commands::merge::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::InitModel(a) => commands::init_model::run(a),
+        Command::Train(a) => commands::train::run(a),
         Command::Bench(a) => commands::bench::run(a, cli.threads),
         Command::Eval(a) => commands::eval::run(a),
         Command::Datastore(a) => commands::datastore::run(a),

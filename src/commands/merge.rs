@@ -111,7 +111,7 @@ fn from_f32(dtype: Dtype, values: &[f32]) -> Result<Vec<u8>> {
 }
 
 /// Mean of the public model's final hidden states over every token of every document in `file`.
-fn domain_embedding(model: &Model, file: &Path) -> Result<Vec<f32>> {
+pub(crate) fn domain_embedding(model: &Model, file: &Path) -> Result<Vec<f32>> {
     let tok = model.require_tokenizer()?;
     let reader = std::io::BufReader::new(
         std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,

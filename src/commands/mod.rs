@@ -14,6 +14,8 @@ pub mod merge;
 pub mod report;
 pub mod route;
 pub mod serve;
+pub mod train;
+pub mod train_report;
 
 use std::path::Path;
 use std::sync::OnceLock;
