@@ -95,7 +95,7 @@ train-default seed="0": build
 report +runs: build
     {{moeval}} report --runs {{runs}} --out {{results}}/report
 
-# The regression gate on the default suite (after `just eval`); `just gate --update` rewrites the baseline.
+# The regression gate on the trained suite (after `just eval`); `just gate --update` rewrites the baseline.
 gate *args: build
     {{moeval}} gate --baseline assets/eval-baseline.json --runs {{results}}/trained/default {{args}}
 
