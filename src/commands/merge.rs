@@ -1,5 +1,4 @@
 use std::collections::{BTreeMap, HashMap};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -113,23 +112,11 @@ fn from_f32(dtype: Dtype, values: &[f32]) -> Result<Vec<u8>> {
 /// Mean of the public model's final hidden states over every token of every document in `file`.
 pub(crate) fn domain_embedding(model: &Model, file: &Path) -> Result<Vec<f32>> {
     let tok = model.require_tokenizer()?;
-    let reader = std::io::BufReader::new(
-        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
-    );
     let h = model.config().hidden_size;
     let mut sum = vec![0f64; h];
     let mut docs = 0usize;
-    for (i, line) in reader.lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("{} line {}: invalid JSON", file.display(), i + 1))?;
-        let text = v["text"].as_str().with_context(|| {
-            format!("{} line {}: no string field `text`", file.display(), i + 1)
-        })?;
-        let ids = tok.encode(text)?;
+    for text in super::jsonl_texts(file)? {
+        let ids = tok.encode(&text)?;
         if ids.is_empty() {
             continue;
         }

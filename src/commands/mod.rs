@@ -57,6 +57,28 @@ pub fn load_model_with(dir: &Path, experts: &ExpertArgs) -> Result<Model> {
     Model::load(dir, &opts).with_context(|| format!("cannot load the model in {}", dir.display()))
 }
 
+/// The `text` field of every non-blank line of a JSON Lines file; errors name the file and line.
+pub fn jsonl_texts(file: &Path) -> Result<Vec<String>> {
+    use std::io::BufRead;
+    let reader = std::io::BufReader::new(
+        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
+    );
+    let mut out = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| format!("cannot read {}", file.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("{} line {}: invalid JSON", file.display(), i + 1))?;
+        let text = v["text"].as_str().with_context(|| {
+            format!("{} line {}: no string field `text`", file.display(), i + 1)
+        })?;
+        out.push(text.to_string());
+    }
+    Ok(out)
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename, so readers never see a partial file.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let name = path

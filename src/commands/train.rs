@@ -1,4 +1,4 @@
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -203,21 +203,7 @@ fn write_jsonl(path: &Path, rows: impl IntoIterator<Item = serde_json::Value>) -
 fn read_texts(files: &[PathBuf]) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for file in files {
-        let reader = std::io::BufReader::new(
-            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
-        );
-        for (i, line) in reader.lines().enumerate() {
-            let line = line.with_context(|| format!("cannot read {}", file.display()))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: serde_json::Value = serde_json::from_str(&line)
-                .with_context(|| format!("{} line {}: invalid JSON", file.display(), i + 1))?;
-            let text = v["text"].as_str().with_context(|| {
-                format!("{} line {}: no string field `text`", file.display(), i + 1)
-            })?;
-            out.push(text.to_string());
-        }
+        out.extend(super::jsonl_texts(file)?);
     }
     anyhow::ensure!(!out.is_empty(), "no documents in {files:?}");
     Ok(out)
