@@ -189,6 +189,10 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
     }
     let prefill_tok_s = (a.batch * a.prefill_len) as f64 / median(prefill_times);
     let decode_tok_s = decode[0].1;
+    let device = match model.device() {
+        engine::Device::Cpu => "cpu".to_string(),
+        gpu => format!("{gpu} ({})", model.device_name()),
+    };
     let params: usize = engine::init::tensor_specs(&cfg)
         .iter()
         .map(|(_, s)| s.iter().product::<usize>())
@@ -201,7 +205,7 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         let out = serde_json::json!({
             "impl": "moeval",
             "model": source,
-            "device": format!("{} ({})", model.device(), model.device_name()),
+            "device": device,
             "threads": threads,
             "batch": a.batch,
             "prefill_len": a.prefill_len,
@@ -226,11 +230,7 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
             "prefill        {prefill_tok_s:.0} tok/s  (batch {} x {} tokens)",
             a.batch, a.prefill_len
         );
-        println!(
-            "device         {} ({})",
-            model.device(),
-            model.device_name()
-        );
+        println!("device         {device}");
         for (batch, tok_s) in &decode {
             println!(
                 "decode         {tok_s:.0} tok/s  (batch {batch}, {} steps after {} tokens)",
