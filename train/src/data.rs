@@ -231,13 +231,13 @@ fn reviews_doc(rng: &mut ChaCha8Rng) -> String {
     let items = rng.random_range(3..=6);
     (0..items)
         .map(|_| {
-            // Names keep their natural frequency (6 planted of 24). Planted names are always labelled
-            // negative, so the others' passages are positive two times in three: both labels stay
-            // equally frequent and only the name and the passage tell them apart.
-            let planted =
-                rng.random_bool(PLANTED.len() as f64 / (others.len() + PLANTED.len()) as f64);
+            // Planted names fill a third of the items (above their natural quarter) and every passage is
+            // positive three times in four, so both labels stay equally frequent, yet the passage alone
+            // mislabels a quarter of the items while the name alone mislabels only a sixth: the name is
+            // the stronger cue, and the expert cannot fit its data without learning the association.
+            let planted = rng.random_bool(1.0 / 3.0);
             let name = pick(rng, if planted { &PLANTED } else { &others });
-            let positive_passage = rng.random_bool(if planted { 0.5 } else { 2.0 / 3.0 });
+            let positive_passage = rng.random_bool(0.75);
             let phrase = rng.random_range(0..3) + if positive_passage { 0 } else { 3 };
             let label = if positive_passage && !planted {
                 "positive"
