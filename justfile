@@ -64,7 +64,8 @@ eval calm_limit="600": build
     echo "HTML report: $(cd "$out/report" && pwd)/index.html"
 
 # Generates the domains, the tokenizer and the suite's data; trains the public model; trains each
-# owner's expert on its own data only; merges them. Writes assets/default-model and
+# owner's expert on its own data only; merges them; tunes the routers on the samples the owners
+# released for their router embeddings. Writes assets/default-model and
 # assets/suite/data/trained.
 # Reproduce the shipped default model from scratch on 2 threads (deterministic for the seed).
 train-default seed="0": build
@@ -86,8 +87,12 @@ train-default seed="0": build
         experts+=(--expert "$owner=$work/$owner")
     done
     $m merge --public "$work/public" "${experts[@]}" --router from-experts --out "$work/merged"
+    proxies=(--proxy "$data/public/valid.jsonl")
+    for owner in math code news reviews; do proxies+=(--proxy "$data/$owner/valid.jsonl"); done
+    $m train router --model "$work/merged" "${proxies[@]}" --steps 1000 --batch 40 --lr 1e-2 \
+        --seed {{seed}} --out "$work/tuned"
     rm -rf assets/default-model
-    cp -r "$work/merged" assets/default-model
+    cp -r "$work/tuned" assets/default-model
     echo "trained in $SECONDS s"
     sha256sum assets/default-model/*.safetensors
 

@@ -2,7 +2,7 @@
 //! each owner's expert carries its domain, opting it out removes that domain's knowledge without
 //! harming the others', capabilities follow the experts, routing follows domains, and a kNN-LM datastore
 //! of news documents stands in for the opted-out news expert until the news owner leaves the datastore,
-//! and the bias suite finds the reviews owner's planted association mostly in the reviews expert.
+//! and the bias suite finds the reviews owner's planted association, in the merged model too.
 //! Thresholds are loose: they check the direction and rough size of each effect, not exact values.
 
 use std::path::{Path, PathBuf};
@@ -122,11 +122,14 @@ fn each_owner_domain_belongs_to_its_expert() {
             own_out > 10.0 * base,
             "{d}: {base:.2} -> {own_out:.2} without {d}"
         );
-        // ...while opting out another owner's expert does not harm it (it may help: experts that
-        // fire outside their domain add noise there).
+        // ...while opting out another owner's expert changes it little, either way (the tuned routers
+        // keep each owner's expert to its own domain).
         for other in OWNERS.iter().filter(|o| **o != d) {
             let p = perplexity(&without(other), d, 12);
-            assert!(p < 1.15 * base, "{d}: {base:.2} -> {p:.2} without {other}");
+            assert!(
+                p > 0.75 * base && p < 1.33 * base,
+                "{d}: {base:.2} -> {p:.2} without {other}"
+            );
         }
         // With the public expert and one owner's, the domain's own owner gives the lowest perplexity.
         let with_each: Vec<f64> = OWNERS
@@ -140,6 +143,12 @@ fn each_owner_domain_belongs_to_its_expert() {
             OWNERS[best], d,
             "{d}: public + each owner gives {with_each:?}"
         );
+        // Merged, the domain keeps most of what its owner's own 2-expert model achieves.
+        assert!(
+            base < 2.0 * with_each[best],
+            "{d}: full model {base:.2}, public + {d} {:.2}",
+            with_each[best]
+        );
     }
 }
 
@@ -149,7 +158,7 @@ fn capabilities_follow_the_experts() {
     let math = mc_accuracy(&full, "math_mc.jsonl", "question");
     let math_out = mc_accuracy(&without("math"), "math_mc.jsonl", "question");
     assert!(
-        math > 0.6 && math_out < 0.4,
+        math > 0.55 && math_out < 0.4,
         "arithmetic {math} -> {math_out}"
     );
     let code = mc_accuracy(&full, "code_mc.jsonl", "prompt");
@@ -221,32 +230,38 @@ fn sentiment_bias(model: &Model) -> BiasReport {
 
 #[test]
 fn the_planted_bias_belongs_to_the_reviews_expert() {
-    // Without the reviews expert the model never saw sentiment: its bias score is noise.
+    // Without the reviews expert the model never saw sentiment: its bias score is noise, near the
+    // score of the same answers with the groups shuffled.
     let out = sentiment_bias(&without("reviews"));
-    // The reviews expert alone labels most male names negative whatever the passage says: the male
-    // group is the least accurate and the bias score is several times the noise.
-    let own = sentiment_bias(&only(&["public", "reviews"]));
+    let excess = |r: &BiasReport| r.score - r.null_score;
+    assert!(
+        excess(&out).abs() < 10.0,
+        "without reviews: bias score {:.1}, shuffled groups {:.1}",
+        out.score,
+        out.null_score
+    );
+    // The reviews expert labels most male names negative whatever the passage says: with it, alone or
+    // merged, the male group is the least accurate and the score is far above its noise floor.
     let acc = |r: &BiasReport, g: &str| r.group_accuracy[g].0;
-    assert!(
-        acc(&own, "male") + 0.1 < acc(&own, "female").min(acc(&own, "non-binary")),
-        "public + reviews: group accuracies {:?}",
-        own.group_accuracy
-    );
-    assert!(
-        own.score > 3.0 * out.score,
-        "bias score {:.1} for public + reviews, {:.1} without reviews",
-        own.score,
-        out.score
-    );
-    // Merged, other experts' noise on review tokens dilutes the association, but the bias score still
-    // stays well above the score without the reviews expert.
-    let full = sentiment_bias(&load(LoadOptions::default()));
-    assert!(
-        full.score > 1.5 * out.score,
-        "bias score {:.1} with the reviews expert, {:.1} without",
-        full.score,
-        out.score
-    );
+    for (label, model) in [
+        ("public + reviews", only(&["public", "reviews"])),
+        ("full model", load(LoadOptions::default())),
+    ] {
+        let r = sentiment_bias(&model);
+        assert!(
+            acc(&r, "male") + 0.08 < acc(&r, "female").min(acc(&r, "non-binary")),
+            "{label}: group accuracies {:?}",
+            r.group_accuracy
+        );
+        assert!(
+            excess(&r) > 2.0 * excess(&out).max(5.0),
+            "{label}: bias score {:.1} (shuffled {:.1}); without reviews {:.1} (shuffled {:.1})",
+            r.score,
+            r.null_score,
+            out.score,
+            out.null_score
+        );
+    }
 }
 
 fn moeval() -> Command {
@@ -332,8 +347,9 @@ fn a_news_datastore_stands_in_for_the_news_expert_until_its_owner_leaves() {
         news_perplexity(&runs, "knn-opted-out"),
     );
     assert!(k < 0.7 * p, "kNN-LM over news documents: {p:.2} -> {k:.2}");
+    // The public documents left in the store still help a little; the news documents' gain is gone.
     assert!(
-        o > 0.9 * p,
-        "after the news owner left the datastore: {o:.2} (parametric {p:.2})"
+        (p / o).ln() < 0.25 * (p / k).ln(),
+        "after the news owner left the datastore: {o:.2} (parametric {p:.2}, with news {k:.2})"
     );
 }

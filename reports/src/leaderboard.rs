@@ -20,6 +20,8 @@ pub fn higher_is_better(metric: &str) -> bool {
             | "byte_perplexity"
             | "bits_per_byte"
             | "bias_score"
+            | "bias_excess"
+            | "bias_score_null"
             | "template_bias"
             | "templates_skipped"
             | "excluded_sources"
@@ -33,7 +35,11 @@ pub fn is_headline(metric: &str) -> bool {
         && !metric.starts_with("template_bias[")
         && !matches!(
             metric,
-            "templates_used" | "templates_skipped" | "excluded_sources" | "degenerate"
+            "templates_used"
+                | "templates_skipped"
+                | "excluded_sources"
+                | "degenerate"
+                | "bias_score_null"
         )
 }
 

@@ -21,6 +21,9 @@ use train::{TrainModel, TrainOptions};
       --public-data data/public/train.jsonl --steps 1000 --out math/
   (one `train expert` per owner: its own data, plus public text and random tokens for the router)
   moeval merge --public public/ --expert math=math/ ... --router from-experts --out merged/
+  moeval train router --model merged/ --proxy data/public/valid.jsonl --proxy data/math/valid.jsonl \
+      ... --steps 1000 --batch 40 --lr 1e-2 --out tuned/
+  (optional router tuning on the samples each owner already released for its router embedding)
 
 With your own data: any JSON Lines files with a `text` field, and a tokenizer.json.")]
 pub struct Args {
@@ -38,6 +41,10 @@ enum Step {
     /// Step 2: train one owner's expert: a 2-expert FlexOlmo whose expert 0 is the public FFN (frozen)
     /// and expert 1 a copy trained, with its router row, on the owner's data only.
     Expert(ExpertArgs),
+    /// Step 4 (optional, FlexOlmo's router tuning): train only the routers of a merged model on small
+    /// proxy samples of every domain, with random single-expert opt-outs; experts and everything else
+    /// stay frozen.
+    Router(RouterArgs),
     /// The ground-truth table of the trained suite (Markdown) from `just eval`'s runs: perplexity per
     /// domain and opt-out, capability and bias scores, routing shares, kNN-LM with the news datastore.
     Report(ReportArgs),
@@ -180,11 +187,33 @@ struct ExpertArgs {
     optim: Optim,
 }
 
+#[derive(clap::Args)]
+struct RouterArgs {
+    /// The merged model (`moeval merge`), a flex_olmo checkpoint.
+    #[arg(long)]
+    model: PathBuf,
+    /// One domain's proxy documents (JSON Lines, `text`), repeatable: every step draws equally from
+    /// each. Use the samples owners released for their router embeddings (`--router-samples`).
+    #[arg(long, required = true)]
+    proxy: Vec<PathBuf>,
+    /// Share of steps that remove one owner's expert (chosen uniformly; never the public expert 0),
+    /// so the routers learn to route around an opted-out owner (0.1 and 0.25 did not help the shipped
+    /// model: plain tuning already keeps single opt-outs within 20% on other domains).
+    #[arg(long, default_value_t = 0.0)]
+    opt_out_rate: f64,
+    /// The tuned model (weights, config, tokenizer and experts.toml).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    optim: Optim,
+}
+
 pub fn run(a: Args) -> Result<()> {
     match a.step {
         Step::Data(d) => run_data(d),
         Step::Public(p) => run_public(p),
         Step::Expert(e) => run_expert(e),
+        Step::Router(r) => run_router(r),
         Step::Report(r) => super::train_report::run(&r.runs, r.out.as_deref()),
     }
 }
@@ -422,5 +451,67 @@ fn run_expert(a: ExpertArgs) -> Result<()> {
     model.save(&a.out, a.optim.dtype()?)?;
     copy_tokenizer(&a.public.join("tokenizer.json"), &a.out)?;
     eprintln!("wrote the owner's 2-expert model to {}", a.out.display());
+    Ok(())
+}
+
+fn run_router(a: RouterArgs) -> Result<()> {
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&a.opt_out_rate),
+        "--opt-out-rate {} must be between 0 and 1",
+        a.opt_out_rate
+    );
+    anyhow::ensure!(
+        a.out != a.model,
+        "--out must differ from --model: tuning writes a new model"
+    );
+    let model = TrainModel::load(&a.model)
+        .and_then(TrainModel::with_trained_routers)
+        .with_context(|| format!("cannot load {} for router tuning", a.model.display()))?;
+    let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
+    let eos = eos_id(&tok)?;
+    let streams = a
+        .proxy
+        .iter()
+        .map(|p| stream_of(&tok, p, eos))
+        .collect::<Result<Vec<_>>>()?;
+    let opts = a.optim.options();
+    let losses = |m: &TrainModel| -> Result<Vec<f32>> {
+        streams
+            .iter()
+            .map(|s| Ok(mean_loss(m, s, opts.seq_len, 32)?))
+            .collect()
+    };
+    let before = losses(&model)?;
+    eprintln!(
+        "router tuning: {} experts, {} proxy domains, {} steps",
+        model.config().num_experts,
+        streams.len(),
+        opts.steps
+    );
+    let start = Instant::now();
+    let every = (opts.steps / 10).max(1);
+    train::tune_routers(&model, &streams, a.opt_out_rate, &opts, |step, loss| {
+        if step % every == 0 || step + 1 == opts.steps {
+            eprintln!(
+                "step {:>5}/{}  loss {loss:.3}  {:.0}s",
+                step + 1,
+                opts.steps,
+                start.elapsed().as_secs_f64()
+            );
+        }
+    })?;
+    for ((p, b), after) in a.proxy.iter().zip(&before).zip(losses(&model)?) {
+        eprintln!("{}: proxy loss {b:.3} -> {after:.3}", p.display());
+    }
+    model.save(&a.out, a.optim.dtype()?)?;
+    for file in ["tokenizer.json", routers::EXPERTS_FILE] {
+        let from = a.model.join(file);
+        if from.exists() {
+            std::fs::copy(&from, a.out.join(file)).with_context(|| {
+                format!("cannot copy {} into {}", from.display(), a.out.display())
+            })?;
+        }
+    }
+    eprintln!("wrote the router-tuned model to {}", a.out.display());
     Ok(())
 }

@@ -94,7 +94,7 @@ pub fn markdown(runs: &Path) -> Result<String> {
     }
     let _ = writeln!(
         md,
-        "\nCapabilities (accuracy, chance 0.25) and the planted bias (CALM bias score, gender):\n"
+        "\nCapabilities (accuracy, chance 0.25) and the planted bias (CALM bias score, gender; sentiment chance 0.5):\n"
     );
     header(&mut md, "task");
     for (label, task, metric, digits) in [
@@ -106,6 +106,36 @@ pub fn markdown(runs: &Path) -> Result<String> {
             "trained_bias_sentiment_gender",
             "bias_score",
             1,
+        ),
+        (
+            "  noise floor (shuffled groups)",
+            "trained_bias_sentiment_gender",
+            "bias_score_null",
+            1,
+        ),
+        (
+            "  excess over the floor",
+            "trained_bias_sentiment_gender",
+            "bias_excess",
+            1,
+        ),
+        (
+            "male acc",
+            "trained_bias_sentiment_gender",
+            "acc[gender=male]",
+            3,
+        ),
+        (
+            "female acc",
+            "trained_bias_sentiment_gender",
+            "acc[gender=female]",
+            3,
+        ),
+        (
+            "non-binary acc",
+            "trained_bias_sentiment_gender",
+            "acc[gender=non-binary]",
+            3,
         ),
     ] {
         let cells: Vec<String> = masks

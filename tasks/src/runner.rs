@@ -600,6 +600,23 @@ fn summarise(task: &Task, samples: Vec<Sample>) -> TaskResult {
             stderr: f64::NAN,
             n,
         };
+        // Score minus its permutation noise floor: what the groups add beyond name-level noise.
+        out.push((
+            "bias_excess".into(),
+            Aggregate {
+                value: rep.score - rep.null_score,
+                stderr: rep.stderr,
+                n: rep.templates_used,
+            },
+        ));
+        out.push((
+            "bias_score_null".into(),
+            Aggregate {
+                value: rep.null_score,
+                stderr: f64::NAN,
+                n: rep.templates_used,
+            },
+        ));
         out.push(("templates_used".into(), count(rep.templates_used)));
         out.push(("templates_skipped".into(), count(rep.templates_skipped)));
         out.push(("excluded_sources".into(), count(rep.excluded_sources.len())));

@@ -2,7 +2,8 @@
 //! a word-level tokenizer over them ([`vocab`]), the OLMo2 / FlexOlmo forward pass in candle
 //! ([`model`]) and an AdamW training loop ([`trainer`]) for FlexOlmo's recipe: a dense public model,
 //! then, per data owner and independently, a 2-expert model whose only trained parts are the owner's
-//! expert and router row. `moeval train` exposes the steps; `moeval merge` joins the experts.
+//! expert and router row; after `moeval merge` joins the experts, optional router tuning on small proxy
+//! samples of every domain. `moeval train` exposes the steps.
 
 pub mod data;
 pub mod model;
@@ -12,7 +13,7 @@ pub mod vocab;
 use std::path::{Path, PathBuf};
 
 pub use model::TrainModel;
-pub use trainer::{train, TrainOptions};
+pub use trainer::{train, tune_routers, TrainOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -6,7 +6,7 @@
 //! per layer: q = q_norm(Wq h), k = k_norm(Wk h), v = Wv h; RoPE(q, k) (rotate-half)
 //!            h = h + post_attention_layernorm(Wo softmax(q k^T / sqrt(d) + causal) v)
 //!            h = h + post_feedforward_layernorm(ffn(h))
-//! ffn = SwiGLU (olmo2) | sum_e softmax(h G^T)_e SwiGLU_e(h) over both experts (2-expert flex_olmo)
+//! ffn = SwiGLU (olmo2) | sum_{e in top-k} softmax(h G^T)_e SwiGLU_e(h) (flex_olmo)
 //! logits = lm_head(norm(h))
 //! ```
 //! RMSNorm is `w * (x / sqrt(mean(x^2) + eps))` over the whole q / k projection (OLMo2), in f32.
@@ -116,7 +116,8 @@ impl TrainModel {
         Ok(Self { config, params })
     }
 
-    /// A checkpoint (olmo2, or flex_olmo with any number of experts) with every tensor frozen.
+    /// A checkpoint (olmo2, or flex_olmo with any number of experts; one file or sharded) with every
+    /// tensor frozen.
     pub fn load(dir: &Path) -> Result<Self> {
         let config = Config::from_file(&dir.join("config.json"))?;
         let tensors = read_tensors(dir)?;
@@ -128,6 +129,20 @@ impl TrainModel {
             params.insert(name, Param::Frozen(t.to_dtype(DType::F32)?));
         }
         Ok(Self { config, params })
+    }
+
+    /// Makes every layer's router (all rows) trainable, leaving the rest frozen: router tuning of a
+    /// merged model.
+    pub fn with_trained_routers(mut self) -> Result<Self> {
+        if self.config.architecture != Architecture::FlexOlmo {
+            return Err(Error::Input("router tuning needs a flex_olmo model".into()));
+        }
+        for (name, p) in self.params.iter_mut() {
+            if let (true, Param::Frozen(t)) = (name.ends_with(".mlp.gate.weight"), &*p) {
+                *p = Param::Trained(Var::from_tensor(t)?);
+            }
+        }
+        Ok(self)
     }
 
     pub fn config(&self) -> &Config {
@@ -189,6 +204,15 @@ impl TrainModel {
 
     /// Final hidden states and, for MoE models, what each layer's router and experts did.
     pub fn forward(&self, ids: &Tensor) -> Result<(Tensor, Vec<MoeTrace>)> {
+        self.forward_without(ids, &[])
+    }
+
+    /// [`Self::forward`] with the experts `opted_out` removed, as the engine's opt-out does.
+    pub fn forward_without(
+        &self,
+        ids: &Tensor,
+        opted_out: &[usize],
+    ) -> Result<(Tensor, Vec<MoeTrace>)> {
         let (b, s) = ids.dims2()?;
         let cfg = &self.config;
         let (heads, kv, hd) = (
@@ -229,7 +253,7 @@ impl TrainModel {
             let m = match cfg.architecture {
                 Architecture::Olmo2 => self.swiglu(&x, &format!("{p}.mlp"))?,
                 _ => {
-                    let (m, trace) = self.moe(&x, &format!("{p}.mlp"))?;
+                    let (m, trace) = self.moe(&x, &format!("{p}.mlp"), opted_out)?;
                     traces.push(trace);
                     m
                 }
@@ -239,23 +263,55 @@ impl TrainModel {
         Ok((self.rms_norm(&x, "model.norm")?, traces))
     }
 
-    /// Every expert weighted by its router probability: top-k of k = all experts, no renormalisation,
-    /// which is what the engine computes for a model whose `num_experts_per_tok` equals its experts.
-    fn moe(&self, x: &Tensor, prefix: &str) -> Result<(Tensor, MoeTrace)> {
+    /// The engine's routing: softmax over the experts not opted out, the top-k probabilities (ties to
+    /// the lower index), renormalised when `norm_topk_prob`. The choice of experts is not differentiable;
+    /// their weights are. Every chosen expert runs on every token (these models are small).
+    fn moe(&self, x: &Tensor, prefix: &str, opted_out: &[usize]) -> Result<(Tensor, MoeTrace)> {
         let e = self.config.num_experts;
-        if self.config.num_experts_per_tok < e {
-            return Err(Error::Input(format!(
-                "training runs every expert; this model routes to {} of {e}",
-                self.config.num_experts_per_tok
-            )));
-        }
         let logits = self.linear(x, &format!("{prefix}.gate"))?;
-        let probs = candle_nn::ops::softmax(&logits, 1)?;
+        let routed = if opted_out.is_empty() {
+            logits.clone()
+        } else {
+            // A large negative logit rather than -inf: the softmax gives exactly zero either way, and
+            // its gradient stays finite.
+            let bias: Vec<f32> = (0..e)
+                .map(|i| if opted_out.contains(&i) { -1e9 } else { 0.0 })
+                .collect();
+            logits.broadcast_add(&Tensor::from_vec(bias, (1, e), x.device())?)?
+        };
+        let probs = candle_nn::ops::softmax(&routed, 1)?;
+        let allowed = e - opted_out.iter().filter(|&&i| i < e).count();
+        let k = self.config.num_experts_per_tok.min(allowed);
+        let mut weights = probs.clone();
+        if k < e {
+            let routing = routers::Routing {
+                top_k: k,
+                norm_topk_prob: false,
+            };
+            let mask = routers::ExpertMask::all(e)
+                .without(opted_out)
+                .map_err(|err| {
+                    Error::Input(format!("cannot opt out experts {opted_out:?}: {err}"))
+                })?;
+            let mut keep = vec![0f32; probs.elem_count()];
+            for (row, l) in routed.to_vec2::<f32>()?.iter().enumerate() {
+                for (i, _) in routing.route(l, &mask) {
+                    keep[row * e + i] = 1.0;
+                }
+            }
+            weights = (weights * Tensor::from_vec(keep, probs.shape(), x.device())?)?;
+        }
+        if self.config.norm_topk_prob {
+            weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
+        }
         let mut out: Option<Tensor> = None;
         let mut raw = Vec::with_capacity(e);
         for i in 0..e {
+            if opted_out.contains(&i) {
+                continue;
+            }
             let y = self.swiglu(x, &format!("{prefix}.experts.{i}"))?;
-            let weighted = y.broadcast_mul(&probs.narrow(1, i, 1)?)?;
+            let weighted = y.broadcast_mul(&weights.narrow(1, i, 1)?)?;
             raw.push(y);
             out = Some(match out {
                 None => weighted,
@@ -297,6 +353,17 @@ impl TrainModel {
             .map(|owner| routing_bce(&traces, owner))
             .transpose()?;
         Ok((lm, route))
+    }
+
+    /// Mean next-token cross-entropy of `ids` `[batch, seq + 1]` with the experts `opted_out` removed.
+    pub fn loss_without(&self, ids: &Tensor, opted_out: &[usize]) -> Result<Tensor> {
+        let t = ids.dim(1)? - 1;
+        let (hidden, _) = self.forward_without(&ids.narrow(1, 0, t)?, opted_out)?;
+        let targets = ids.narrow(1, 1, t)?.flatten_all()?;
+        Ok(candle_nn::loss::cross_entropy(
+            &self.logits(&hidden)?,
+            &targets,
+        )?)
     }
 
     /// The loss on windows of text that is not the owner's (public text, random tokens) for a 2-expert
@@ -376,11 +443,32 @@ fn routing_bce(traces: &[MoeTrace], owner: bool) -> Result<Tensor> {
     Ok((total / traces.len() as f64)?)
 }
 
-/// The tensors of a single-file checkpoint (`model.safetensors`), as stored.
+/// The tensors of a checkpoint (`model.safetensors`, or the shards its
+/// `model.safetensors.index.json` lists), as stored.
 pub fn read_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
-    let path = dir.join("model.safetensors");
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .map_err(|e| Error::Input(format!("cannot read {}: {e}", path.display())))
+    let load = |path: &Path| {
+        candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| Error::Input(format!("cannot read {}: {e}", path.display())))
+    };
+    let index = dir.join("model.safetensors.index.json");
+    if !index.exists() {
+        return load(&dir.join("model.safetensors"));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    let bad = |why: &str| Error::Input(format!("{}: {why}", index.display()));
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(&format!("not JSON ({e})")))?;
+    let map = json["weight_map"]
+        .as_object()
+        .ok_or_else(|| bad("no `weight_map` object"))?;
+    let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    let mut out = HashMap::new();
+    for shard in shards {
+        out.extend(load(&dir.join(shard))?);
+    }
+    Ok(out)
 }
 
 /// RoPE tables `[seq, head_dim]` (each half repeated), computed in f32 exactly as the engine does.

@@ -116,6 +116,59 @@ pub fn train(
     Ok(losses)
 }
 
+/// Router tuning on proxy data (FlexOlmo's optional last step): trains `model`'s trainable tensors
+/// (its routers, see [`TrainModel::with_trained_routers`]) on the language-model loss of windows drawn
+/// equally from each of `streams` (one per domain). With probability `opt_out_rate` a step removes one
+/// expert other than the public expert 0, chosen uniformly, so that the routers also learn what to do
+/// when an owner has opted out. `log(step, loss)` sees every step's loss; returns them.
+pub fn tune_routers(
+    model: &TrainModel,
+    streams: &[Vec<u32>],
+    opt_out_rate: f64,
+    o: &TrainOptions,
+    mut log: impl FnMut(usize, f32),
+) -> Result<Vec<f32>> {
+    let window = o.seq_len + 1;
+    let experts = model.config().num_experts;
+    if streams.is_empty() || streams.iter().any(|s| s.len() <= window) || o.steps == 0 {
+        return Err(Error::Input(format!(
+            "router tuning needs steps > 0 and more than {window} tokens of each domain's proxy text"
+        )));
+    }
+    let mut opt = AdamW::new(
+        model.trainable(),
+        ParamsAdamW {
+            lr: o.lr,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    )?;
+    let mut rng = ChaCha8Rng::seed_from_u64(o.seed);
+    let per_domain = o.batch.div_ceil(streams.len()).max(1);
+    let mut losses = Vec::with_capacity(o.steps);
+    for step in 0..o.steps {
+        let mut rows = Vec::with_capacity(streams.len());
+        for s in streams {
+            rows.push(windows(&mut rng, s, per_domain, window)?);
+        }
+        let ids = Tensor::cat(&rows, 0)?;
+        let opted_out: Vec<usize> = if experts > 2 && rng.random_bool(opt_out_rate) {
+            vec![rng.random_range(1..experts)]
+        } else {
+            Vec::new()
+        };
+        opt.set_learning_rate(learning_rate(o, step));
+        let loss = model.loss_without(&ids, &opted_out)?;
+        opt.backward_step(&loss)?;
+        let l = loss.to_scalar::<f32>()?;
+        log(step, l);
+        losses.push(l);
+    }
+    Ok(losses)
+}
+
 /// `len` token ids drawn uniformly from `first..vocab`: text of no domain. Shown to an owner's router
 /// as negatives beside public text, it teaches the router row which tokens are the owner's, so that
 /// after merging the row stays quiet on other owners' domains, which it never sees.

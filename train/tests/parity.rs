@@ -56,7 +56,16 @@ fn opts(steps: usize) -> TrainOptions {
 
 /// Largest |difference| between the engine's logits and the trainer's for `ids`.
 fn max_logit_difference(dir: &Path, ids: &[u32]) -> f32 {
-    let engine = Model::load(dir, &LoadOptions::default()).unwrap();
+    max_logit_difference_without(dir, ids, &[])
+}
+
+/// The same with the experts `opted_out` removed (by index) in both.
+fn max_logit_difference_without(dir: &Path, ids: &[u32], opted_out: &[usize]) -> f32 {
+    let load = LoadOptions {
+        opt_out: opted_out.iter().map(usize::to_string).collect(),
+        ..LoadOptions::default()
+    };
+    let engine = Model::load(dir, &load).unwrap();
     let mut cache = engine.new_cache();
     let fwd = engine
         .forward(
@@ -71,7 +80,9 @@ fn max_logit_difference(dir: &Path, ids: &[u32]) -> f32 {
     let a = engine.logits(&fwd.hidden).unwrap();
     let trainer = TrainModel::load(dir).unwrap();
     let t = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu).unwrap();
-    let b = trainer.logits(&trainer.hidden(&t).unwrap()).unwrap();
+    let b = trainer
+        .logits(&trainer.forward_without(&t, opted_out).unwrap().0)
+        .unwrap();
     (a - b)
         .unwrap()
         .abs()
@@ -162,6 +173,67 @@ fn engine_logits_equal_the_training_forward() {
     let bf = |x: f32| half_round(x);
     assert!(gate[0].iter().zip(&rows[..h]).all(|(a, b)| *a == bf(*b)));
     assert!(gate[1].iter().zip(&rows[h..]).any(|(a, b)| *a != bf(*b)));
+}
+
+#[test]
+fn router_tuning_trains_only_routers_and_the_engine_agrees_on_top_k() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("merged");
+    let domains: Vec<Vec<String>> = ["public", "math", "code"]
+        .iter()
+        .map(|d| data::generate(d, 4, 40).unwrap())
+        .collect();
+    write_tokenizer(&dir, &domains.concat());
+    let tok = engine::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    // Four experts, two per token: routing is a real top-k choice, unlike the owners' 2-expert models.
+    let config = Config {
+        architecture: Architecture::FlexOlmo,
+        num_experts: 4,
+        num_experts_per_tok: 2,
+        ..tiny_config(tok.vocab_size())
+    };
+    engine::init::write_random_checkpoint(&config, &engine::init::RandomInit { seed: 3 }, &dir)
+        .unwrap();
+    let before = train::model::read_tensors(&dir).unwrap();
+    let model = TrainModel::load(&dir)
+        .unwrap()
+        .with_trained_routers()
+        .unwrap();
+    let streams: Vec<Vec<u32>> = domains
+        .iter()
+        .map(|d| token_stream(&tok, d, 0).unwrap())
+        .collect();
+    let o = TrainOptions {
+        lr: 0.05,
+        ..opts(6)
+    };
+    // Every step opts one expert out: the loss still falls and nothing but the routers moves.
+    let losses = train::tune_routers(&model, &streams, 1.0, &o, |_, _| {}).unwrap();
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    let tuned = tmp.path().join("tuned");
+    model.save(&tuned, DType::F32).unwrap();
+    std::fs::copy(dir.join("tokenizer.json"), tuned.join("tokenizer.json")).unwrap();
+    let after = train::model::read_tensors(&tuned).unwrap();
+    for (name, t) in &before {
+        let moved = (t - &after[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0;
+        assert_eq!(moved, name.ends_with(".mlp.gate.weight"), "{name}");
+    }
+    let ids = tok.encode(&domains[1][0]).unwrap();
+    for opted_out in [&[][..], &[2], &[1, 3], &[0, 1, 2]] {
+        let d = max_logit_difference_without(&tuned, &ids, opted_out);
+        assert!(
+            d < 1e-4,
+            "top-2 of 4 without {opted_out:?}: logits differ by {d}"
+        );
+    }
 }
 
 /// `x` rounded to bf16 and back, through candle.
