@@ -1,5 +1,5 @@
 //! `moeval train` end to end at toy size: generated data, a public model, two owners' experts, the
-//! merge and router tuning; the tuned model loads in the engine with only its routers changed, and bad
+//! merge and router tuning; the tuned model runs in the engine with only its routers changed, and bad
 //! input is refused with a message that names the problem.
 
 use std::path::Path;
@@ -164,6 +164,21 @@ fn the_recipe_runs_end_to_end_and_tuning_moves_only_the_routers() {
             s(&out),
         ],
         "--opt-out-rate 2 must be between 0 and 1",
+    );
+    let tiny = t.join("tiny.jsonl");
+    std::fs::write(&tiny, "{\"text\": \"3 and 4 make 7.\"}\n").unwrap();
+    fails_with(
+        &[
+            "train",
+            "router",
+            "--model",
+            s(&merged),
+            "--proxy",
+            s(&tiny),
+            "--out",
+            s(&out),
+        ],
+        "tiny.jsonl: 7 tokens of proxy text; router tuning needs more than --seq-len + 1 = 65",
     );
     assert!(!out.exists(), "nothing written on bad input");
 }

@@ -475,6 +475,15 @@ fn run_router(a: RouterArgs) -> Result<()> {
         .map(|p| stream_of(&tok, p, eos))
         .collect::<Result<Vec<_>>>()?;
     let opts = a.optim.options();
+    for (p, s) in a.proxy.iter().zip(&streams) {
+        anyhow::ensure!(
+            s.len() > opts.seq_len + 1,
+            "{}: {} tokens of proxy text; router tuning needs more than --seq-len + 1 = {}",
+            p.display(),
+            s.len(),
+            opts.seq_len + 1
+        );
+    }
     let losses = |m: &TrainModel| -> Result<Vec<f32>> {
         streams
             .iter()
