@@ -42,8 +42,8 @@ enum Step {
     /// and expert 1 a copy trained, with its router row, on the owner's data only.
     Expert(ExpertArgs),
     /// Step 4 (optional, FlexOlmo's router tuning): train only the routers of a merged model on small
-    /// proxy samples of every domain, with random single-expert opt-outs; experts and everything else
-    /// stay frozen.
+    /// proxy samples of every domain (optionally with random single-expert opt-outs); experts and
+    /// everything else stay frozen.
     Router(RouterArgs),
     /// The ground-truth table of the trained suite (Markdown) from `just eval`'s runs: perplexity per
     /// domain and opt-out, capability and bias scores, routing shares, kNN-LM with the news datastore.
