@@ -108,18 +108,12 @@ fn the_recipe_runs_end_to_end_and_tuning_moves_only_the_routers() {
     let a = train::model::read_tensors(&merged).unwrap();
     let b = train::model::read_tensors(&tuned).unwrap();
     assert_eq!(a.len(), b.len());
+    let values = |t: &candle_core::Tensor| {
+        let t = t.to_dtype(candle_core::DType::F32).unwrap();
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
     for (name, x) in &a {
-        let x = x.to_dtype(candle_core::DType::F32).unwrap();
-        let y = b[name].to_dtype(candle_core::DType::F32).unwrap();
-        let moved = (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            > 0.0;
+        let moved = values(x) != values(&b[name]);
         assert_eq!(moved, name.ends_with(".mlp.gate.weight"), "{name}");
     }
     ok(&[
@@ -137,47 +131,24 @@ fn the_recipe_runs_end_to_end_and_tuning_moves_only_the_routers() {
     // Bad input: a dense model has no routers; the share of opt-out steps is a probability.
     let pv = file("public", "valid");
     let out = t.join("x");
-    fails_with(
-        &[
-            "train",
-            "router",
-            "--model",
-            s(&public),
-            "--proxy",
-            s(&pv),
-            "--out",
-            s(&out),
-        ],
-        "router tuning needs a flex_olmo model",
-    );
-    fails_with(
-        &[
-            "train",
-            "router",
-            "--model",
-            s(&merged),
-            "--proxy",
-            s(&pv),
-            "--opt-out-rate",
-            "2",
-            "--out",
-            s(&out),
-        ],
-        "--opt-out-rate 2 must be between 0 and 1",
-    );
     let tiny = t.join("tiny.jsonl");
     std::fs::write(&tiny, "{\"text\": \"3 and 4 make 7.\"}\n").unwrap();
-    fails_with(
-        &[
-            "train",
-            "router",
-            "--model",
-            s(&merged),
-            "--proxy",
-            s(&tiny),
-            "--out",
-            s(&out),
-        ],
+    let tune = |model: &Path, proxy: &Path, rate: &str, message: &str| {
+        let args = ["train", "router", "--model", s(model), "--proxy", s(proxy)];
+        let rest = ["--opt-out-rate", rate, "--out", s(&out)];
+        fails_with(&[&args[..], &rest[..]].concat(), message);
+    };
+    tune(&public, &pv, "0", "router tuning needs a flex_olmo model");
+    tune(
+        &merged,
+        &pv,
+        "2",
+        "--opt-out-rate 2 must be between 0 and 1",
+    );
+    tune(
+        &merged,
+        &tiny,
+        "0",
         "tiny.jsonl: 7 tokens of proxy text; router tuning needs more than --seq-len + 1 = 65",
     );
     assert!(!out.exists(), "nothing written on bad input");

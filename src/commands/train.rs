@@ -311,6 +311,21 @@ fn eos_id(tok: &Tokenizer) -> Result<u32> {
     })
 }
 
+/// Logs the loss of every tenth of `steps` (and the last) with the time since the first.
+fn progress(steps: usize) -> impl FnMut(usize, f32) {
+    let start = Instant::now();
+    let every = (steps / 10).max(1);
+    move |step, loss| {
+        if step % every == 0 || step + 1 == steps {
+            eprintln!(
+                "step {:>5}/{steps}  loss {loss:.3}  {:.0}s",
+                step + 1,
+                start.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
 /// Trains `model`, logging progress, and reports held-out loss before and after.
 fn fit(
     model: &TrainModel,
@@ -328,18 +343,7 @@ fn fit(
     if let Some(l) = held_out(model)? {
         eprintln!("held-out loss before: {l:.3}");
     }
-    let start = Instant::now();
-    let every = (opts.steps / 10).max(1);
-    train::train(model, train_stream, negatives, opts, |step, loss| {
-        if step % every == 0 || step + 1 == opts.steps {
-            eprintln!(
-                "step {:>5}/{}  loss {loss:.3}  {:.0}s",
-                step + 1,
-                opts.steps,
-                start.elapsed().as_secs_f64()
-            );
-        }
-    })?;
+    train::train(model, train_stream, negatives, opts, progress(opts.steps))?;
     if let Some(l) = held_out(model)? {
         eprintln!("held-out loss after:  {l:.3}");
     }
@@ -497,18 +501,13 @@ fn run_router(a: RouterArgs) -> Result<()> {
         streams.len(),
         opts.steps
     );
-    let start = Instant::now();
-    let every = (opts.steps / 10).max(1);
-    train::tune_routers(&model, &streams, a.opt_out_rate, &opts, |step, loss| {
-        if step % every == 0 || step + 1 == opts.steps {
-            eprintln!(
-                "step {:>5}/{}  loss {loss:.3}  {:.0}s",
-                step + 1,
-                opts.steps,
-                start.elapsed().as_secs_f64()
-            );
-        }
-    })?;
+    train::tune_routers(
+        &model,
+        &streams,
+        a.opt_out_rate,
+        &opts,
+        progress(opts.steps),
+    )?;
     for ((p, b), after) in a.proxy.iter().zip(&before).zip(losses(&model)?) {
         eprintln!("{}: proxy loss {b:.3} -> {after:.3}", p.display());
     }

@@ -54,6 +54,18 @@ pub fn token_stream(tokenizer: &engine::Tokenizer, docs: &[String], eos: u32) ->
     Ok(out)
 }
 
+/// AdamW over `model`'s trainable tensors (betas 0.9 / 0.95).
+fn adamw(model: &TrainModel, lr: f64, weight_decay: f64) -> Result<AdamW> {
+    let params = ParamsAdamW {
+        lr,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay,
+    };
+    Ok(AdamW::new(model.trainable(), params)?)
+}
+
 fn learning_rate(o: &TrainOptions, step: usize) -> f64 {
     if step < o.warmup {
         return o.lr * (step + 1) as f64 / o.warmup as f64;
@@ -84,16 +96,7 @@ pub fn train(
             "need steps > 0, batch > 0 and more than {window} tokens of training (and negative) text"
         )));
     }
-    let mut opt = AdamW::new(
-        model.trainable(),
-        ParamsAdamW {
-            lr: o.lr,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: o.weight_decay,
-        },
-    )?;
+    let mut opt = adamw(model, o.lr, o.weight_decay)?;
     let mut rng = ChaCha8Rng::seed_from_u64(o.seed);
     let mut losses = Vec::with_capacity(o.steps);
     for step in 0..o.steps {
@@ -135,16 +138,7 @@ pub fn tune_routers(
             "router tuning needs steps > 0 and more than {window} tokens of each domain's proxy text"
         )));
     }
-    let mut opt = AdamW::new(
-        model.trainable(),
-        ParamsAdamW {
-            lr: o.lr,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-    )?;
+    let mut opt = adamw(model, o.lr, 0.0)?;
     let mut rng = ChaCha8Rng::seed_from_u64(o.seed);
     let per_domain = o.batch.div_ceil(streams.len()).max(1);
     let mut losses = Vec::with_capacity(o.steps);

@@ -83,7 +83,13 @@ fn max_logit_difference_without(dir: &Path, ids: &[u32], opted_out: &[usize]) ->
     let b = trainer
         .logits(&trainer.forward_without(&t, opted_out).unwrap().0)
         .unwrap();
-    (a - b)
+    max_abs_difference(&a, &b)
+}
+
+/// Largest |a - b| over two tensors of one shape, as f32.
+fn max_abs_difference(a: &Tensor, b: &Tensor) -> f32 {
+    let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    (f(a) - f(b))
         .unwrap()
         .abs()
         .unwrap()
@@ -137,21 +143,7 @@ fn engine_logits_equal_the_training_forward() {
     // Frozen parts are the public model's (as bf16); the owner's expert and router row moved.
     let saved = train::model::read_tensors(&expert_dir).unwrap();
     let same = |a: &str, b: &str| {
-        let x = saved[a].to_dtype(DType::F32).unwrap();
-        let y = tensors[b]
-            .to_dtype(DType::BF16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            == 0.0
+        max_abs_difference(&saved[a], &tensors[b].to_dtype(DType::BF16).unwrap()) == 0.0
     };
     assert!(same(
         "model.layers.1.self_attn.q_proj.weight",
@@ -215,15 +207,7 @@ fn router_tuning_trains_only_routers_and_the_engine_agrees_on_top_k() {
     std::fs::copy(dir.join("tokenizer.json"), tuned.join("tokenizer.json")).unwrap();
     let after = train::model::read_tensors(&tuned).unwrap();
     for (name, t) in &before {
-        let moved = (t - &after[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            > 0.0;
+        let moved = max_abs_difference(t, &after[name]) > 0.0;
         assert_eq!(moved, name.ends_with(".mlp.gate.weight"), "{name}");
     }
     let ids = tok.encode(&domains[1][0]).unwrap();
