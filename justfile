@@ -40,6 +40,14 @@ eval calm_limit="600": build
     {{moeval}} eval --model "$model" --tasks trained --include-path assets/suite \
         --opt-out-sweep leave-one-out --output "$out/trained" --run-id default > "$out/default.txt"
     echo "trained suite: $out/default.txt"
+    # Each domain with the public expert and its owner's alone (public text: the public expert alone),
+    # what the merge is measured against.
+    for owner in public math code news reviews; do
+        experts=public
+        if [ "$owner" != public ]; then experts="public,$owner"; fi
+        {{moeval}} eval --model "$model" --experts "$experts" --tasks "trained_ppl_$owner" \
+            --include-path assets/suite --output "$out/trained" --run-id "own-$owner" > /dev/null
+    done
     store="$out/stores/news"
     {{moeval}} datastore build --input assets/suite/data/trained/datastore.jsonl --tokenizer "$model" \
         --out "$store" --block 128 --stride 64 --knn --model "$model" > /dev/null

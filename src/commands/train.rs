@@ -52,7 +52,8 @@ enum Step {
 
 #[derive(clap::Args)]
 struct ReportArgs {
-    /// Folder holding the runs `default` (trained suite, leave-one-out sweep), `knn-news` and
+    /// Folder holding the runs `default` (trained suite, leave-one-out sweep), `own-<domain>` (the
+    /// domain's perplexity with the public expert and its owner's alone), `knn-news` and
     /// `knn-news-optout` (news perplexity, news expert opted out, kNN-LM over the news datastore
     /// before and after the news owner left it).
     #[arg(long)]

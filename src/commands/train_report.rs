@@ -75,28 +75,36 @@ pub fn markdown(runs: &Path) -> Result<String> {
         .chain(OWNERS.iter().map(|o| format!("-{o}")))
         .collect();
     let mut md = String::new();
-    let header = |md: &mut String, first: &str| {
-        let _ = writeln!(md, "| {first} | {} |", masks.join(" | "));
-        let _ = writeln!(md, "|---|{}", "---|".repeat(masks.len()));
+    let header = |md: &mut String, first: &str, extra: &str| {
+        let _ = writeln!(md, "| {first} | {}{extra} |", masks.join(" | "));
+        let _ = writeln!(
+            md,
+            "|---|{}{}",
+            "---|".repeat(masks.len()),
+            if extra.is_empty() { "" } else { "---|" }
+        );
     };
     let _ = writeln!(
         md,
-        "Held-out word perplexity per domain, full model and each owner's expert opted out:\n"
+        "Held-out word perplexity per domain, full model, each owner's expert opted out, and the \
+         public expert with the domain owner's alone (public text: the public expert alone):\n"
     );
-    header(&mut md, "domain");
+    header(&mut md, "domain", " | public + own");
     for d in std::iter::once(PUBLIC).chain(OWNERS) {
         let task = format!("trained_ppl_{d}");
-        let cells: Vec<String> = masks
+        let mut cells: Vec<String> = masks
             .iter()
             .map(|m| cell(value(&default, m, &task, "word_perplexity"), 2))
             .collect();
+        let own = metrics(&runs.join(format!("own-{d}")))?;
+        cells.push(cell(value(&own, "full", &task, "word_perplexity"), 2));
         let _ = writeln!(md, "| {d} | {} |", cells.join(" | "));
     }
     let _ = writeln!(
         md,
         "\nCapabilities (accuracy, chance 0.25) and the planted bias (CALM bias score, gender; sentiment chance 0.5):\n"
     );
-    header(&mut md, "task");
+    header(&mut md, "task", "");
     for (label, task, metric, digits) in [
         ("arithmetic acc", "trained_math_mc", "acc", 3),
         ("code completion acc", "trained_code_mc", "acc", 3),
