@@ -336,7 +336,7 @@ impl TrainModel {
 
     /// Mean next-token cross-entropy of `ids` `[batch, seq + 1]`.
     pub fn loss(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(self.losses(ids, None)?.0)
+        self.loss_without(ids, &[])
     }
 
     /// The next-token cross-entropy of `ids` `[batch, seq + 1]` and, when `routing` gives whether these
@@ -344,11 +344,7 @@ impl TrainModel {
     /// cross-entropy of that label against the router's preference for expert 1 (logit 1 - logit 0),
     /// averaged over tokens and layers.
     pub fn losses(&self, ids: &Tensor, routing: Option<bool>) -> Result<(Tensor, Option<Tensor>)> {
-        let t = ids.dim(1)? - 1;
-        let inputs = ids.narrow(1, 0, t)?;
-        let targets = ids.narrow(1, 1, t)?.flatten_all()?;
-        let (hidden, traces) = self.forward(&inputs)?;
-        let lm = candle_nn::loss::cross_entropy(&self.logits(&hidden)?, &targets)?;
+        let (lm, traces) = self.next_token_loss(ids, &[])?;
         let route = routing
             .map(|owner| routing_bce(&traces, owner))
             .transpose()?;
@@ -357,13 +353,20 @@ impl TrainModel {
 
     /// Mean next-token cross-entropy of `ids` `[batch, seq + 1]` with the experts `opted_out` removed.
     pub fn loss_without(&self, ids: &Tensor, opted_out: &[usize]) -> Result<Tensor> {
+        Ok(self.next_token_loss(ids, opted_out)?.0)
+    }
+
+    /// Next-token cross-entropy of `ids` `[batch, seq + 1]` and the MoE traces of that forward pass.
+    fn next_token_loss(
+        &self,
+        ids: &Tensor,
+        opted_out: &[usize],
+    ) -> Result<(Tensor, Vec<MoeTrace>)> {
         let t = ids.dim(1)? - 1;
-        let (hidden, _) = self.forward_without(&ids.narrow(1, 0, t)?, opted_out)?;
+        let (hidden, traces) = self.forward_without(&ids.narrow(1, 0, t)?, opted_out)?;
         let targets = ids.narrow(1, 1, t)?.flatten_all()?;
-        Ok(candle_nn::loss::cross_entropy(
-            &self.logits(&hidden)?,
-            &targets,
-        )?)
+        let lm = candle_nn::loss::cross_entropy(&self.logits(&hidden)?, &targets)?;
+        Ok((lm, traces))
     }
 
     /// The loss on windows of text that is not the owner's (public text, random tokens) for a 2-expert
@@ -444,31 +447,28 @@ fn routing_bce(traces: &[MoeTrace], owner: bool) -> Result<Tensor> {
 }
 
 /// The tensors of a checkpoint (`model.safetensors`, or the shards its
-/// `model.safetensors.index.json` lists), as stored.
+/// `model.safetensors.index.json` lists, as the engine reads them), in their stored dtype.
 pub fn read_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
-    let load = |path: &Path| {
-        candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| Error::Input(format!("cannot read {}: {e}", path.display())))
-    };
-    let index = dir.join("model.safetensors.index.json");
-    if !index.exists() {
-        return load(&dir.join("model.safetensors"));
-    }
-    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-    let bad = |why: &str| Error::Input(format!("{}: {why}", index.display()));
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(&format!("not JSON ({e})")))?;
-    let map = json["weight_map"]
-        .as_object()
-        .ok_or_else(|| bad("no `weight_map` object"))?;
-    let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
-    shards.sort_unstable();
-    shards.dedup();
-    let mut out = HashMap::new();
-    for shard in shards {
-        out.extend(load(&dir.join(shard))?);
-    }
-    Ok(out)
+    let weights = engine::Weights::open(dir)?;
+    weights
+        .names()
+        .map(|name| {
+            let (stored, shape, bytes) = weights.raw(name)?;
+            let dtype = match stored {
+                safetensors::Dtype::BF16 => DType::BF16,
+                safetensors::Dtype::F16 => DType::F16,
+                safetensors::Dtype::F32 => DType::F32,
+                other => {
+                    return Err(Error::Input(format!(
+                        "{}: tensor `{name}` is {other:?}; supported: F32, BF16, F16",
+                        dir.display()
+                    )))
+                }
+            };
+            let t = Tensor::from_raw_buffer(bytes, dtype, &shape, &Device::Cpu)?;
+            Ok((name.to_string(), t))
+        })
+        .collect()
 }
 
 /// RoPE tables `[seq, head_dim]` (each half repeated), computed in f32 exactly as the engine does.
