@@ -903,6 +903,9 @@ pub fn build_knn_keys(
     model_dir: &Path,
     progress: &dyn Fn(u64, u64),
 ) -> Result<u64> {
+    // The writer holds the store's lock from here to `finish`: no opt-out can slip in between reading
+    // the blocks and committing their keys.
+    let mut w = datastore::knn::KnnWriter::create(store_dir, model.config().hidden_size)?;
     let store = Datastore::open(store_dir)?;
     let m = store.manifest().clone();
     let max = model.config().max_position_embeddings;
@@ -912,7 +915,6 @@ pub fn build_knn_keys(
     let vocab = model.config().vocab_size as u32;
     let blocks = store.blocks()?;
     drop(store);
-    let mut w = datastore::knn::KnnWriter::create(store_dir, model.config().hidden_size)?;
     let total = blocks.len() as u64;
     // Several blocks per forward pass; rows come back in input order.
     for (ci, chunk) in blocks.chunks(16).enumerate() {

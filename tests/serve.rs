@@ -184,7 +184,13 @@ fn openai_endpoints_masks_policy_and_errors() {
     // by a request.
     let mut policy = routers::Policy::load(dir.path()).unwrap();
     policy
-        .record("news", routers::Action::OptOut, "withdrawn")
+        .record(routers::Decision {
+            expert: "news",
+            owner: "News Owner",
+            actor: "cli:test",
+            action: routers::Action::OptOut,
+            reason: "withdrawn",
+        })
         .unwrap();
     assert_eq!(
         mask_of(&s.post("/v1/completions", &body)),
@@ -202,7 +208,13 @@ fn openai_endpoints_masks_policy_and_errors() {
         "opted-out"
     );
     policy
-        .record("news", routers::Action::OptIn, "back")
+        .record(routers::Decision {
+            expert: "news",
+            owner: "News Owner",
+            actor: "cli:test",
+            action: routers::Action::OptIn,
+            reason: "back",
+        })
         .unwrap();
     assert_eq!(
         mask_of(&s.post("/v1/completions", &force)),

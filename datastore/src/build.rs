@@ -1,5 +1,6 @@
 //! Building a store: read rows, cut each document into token blocks, index the blocks.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -122,6 +123,11 @@ pub fn build(
             "already exists and is not empty; remove it or choose another output directory",
         ));
     }
+    // Built in a hidden folder beside `out` and renamed into place when complete, so a killed build
+    // leaves no half store at `out` and a retry starts afresh.
+    let staged = durable::StagedDir::new(out).map_err(|e| Error::store(out, e.to_string()))?;
+    let final_out = out;
+    let out = staged.path();
     let index_dir = out.join(INDEX_DIR);
     std::fs::create_dir_all(&index_dir).map_err(Error::io(&index_dir))?;
     let index = Index::create_in_dir(&index_dir, schema())?;
@@ -153,6 +159,9 @@ pub fn build(
     let mut chunk: Vec<Row> = Vec::new();
     let mut chunk_bytes = 0usize;
     let mut inputs_meta = Vec::new();
+    // Document id -> (owner, file, line) of its first row: `opt-out --document ID` removes every block
+    // with that id, so one id under two owners would let one owner's opt-out delete another's text.
+    let mut doc_owners: HashMap<String, (String, PathBuf, u64)> = HashMap::new();
     let mut flush = |chunk: &mut Vec<Row>, report: &mut BuildReport| -> Result<()> {
         let rows = std::mem::take(chunk);
         // Tokenise, decode and count BM25 terms in parallel; ids are assigned in input order below.
@@ -211,6 +220,29 @@ pub fn build(
                     });
                 }
                 Outcome::Row(r) => {
+                    match doc_owners.get(&r.doc_id) {
+                        Some((owner, file, line)) if *owner != r.owner => {
+                            return Err(Error::Malformed {
+                                path: path.clone(),
+                                line: r.line,
+                                reason: format!(
+                                    "document id `{}` of owner `{}` is already used by owner `{owner}` \
+                                     ({}:{line}); document ids must be unique across owners, because \
+                                     `datastore opt-out --document` removes every block with the id",
+                                    r.doc_id,
+                                    r.owner,
+                                    file.display()
+                                ),
+                            });
+                        }
+                        Some(_) => {}
+                        None => {
+                            doc_owners.insert(
+                                r.doc_id.clone(),
+                                (r.owner.clone(), path.clone(), r.line),
+                            );
+                        }
+                    }
                     chunk_bytes += r.text.len();
                     chunk.push(r);
                     if chunk_bytes >= CHUNK_BYTES {
@@ -290,6 +322,8 @@ pub fn build(
             "identity": manifest.identity(),
         }),
     )?;
+    let out = staged.commit().map_err(Error::io(final_out))?;
+    let out = out.as_path();
     // Sanity: the store opens.
     Datastore::open(out)?;
     report.identity = manifest.identity();

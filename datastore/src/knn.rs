@@ -39,19 +39,36 @@ pub struct Neighbor {
     pub distance: f32,
 }
 
-/// Writes kNN entries block by block.
+/// Writes kNN entries block by block into a new key folder; [`KnnWriter::finish`] switches the store
+/// to it. In a store, the writer holds the store's writers' lock from `create` to `finish`, so no
+/// opt-out can happen between reading the blocks and committing their keys.
 pub struct KnnWriter {
+    store: PathBuf,
+    name: String,
     dir: PathBuf,
     dim: usize,
     keys: BufWriter<File>,
     entries: BufWriter<File>,
     count: u64,
+    _lock: Option<durable::Lock>,
 }
 
 impl KnnWriter {
-    /// Starts `knn/` under the store directory `dir` for keys of `dim` dimensions.
+    /// Starts a key folder under the store directory `dir` for keys of `dim` dimensions. In a store,
+    /// first completes an interrupted opt-out and removes key folders a killed writer left behind.
     pub fn create(dir: &Path, dim: usize) -> Result<Self> {
-        let d = dir.join(DIR);
+        let is_store = dir.join(crate::manifest::FILE).is_file();
+        let lock = if is_store {
+            let lock = crate::txn::lock(dir)?;
+            crate::store::complete_pending(dir)?;
+            let current = Manifest::read(dir)?.knn.map(|k| k.dir);
+            remove_stale(dir, current.as_deref())?;
+            Some(lock)
+        } else {
+            None
+        };
+        let name = fresh_name(dir);
+        let d = dir.join(&name);
         std::fs::create_dir_all(&d).map_err(Error::io(&d))?;
         let open = |name: &str| -> Result<BufWriter<File>> {
             let p = d.join(name);
@@ -61,9 +78,12 @@ impl KnnWriter {
         Ok(KnnWriter {
             keys: open(KEYS)?,
             entries: open(ENTRIES)?,
+            store: dir.to_path_buf(),
+            name,
             dir: d,
             dim,
             count: 0,
+            _lock: lock,
         })
     }
 
@@ -91,17 +111,22 @@ impl KnnWriter {
                 .map_err(Error::io(&ep))?;
         }
         self.count += values.len() as u64;
+        durable::fault::point("knn.push");
         Ok(())
     }
 
-    /// Flushes the files and returns the number of entries. When the directory is a store, its
-    /// manifest records the keys' model (a name and a hash identifying its weights).
+    /// Syncs the files and returns the number of entries. In a store, the manifest then records the
+    /// keys' folder and model (a name and a hash identifying its weights) in one atomic write, and the
+    /// previous keys are removed.
     pub fn finish(mut self, model: &str, model_sha256: &str) -> Result<u64> {
-        self.keys.flush().map_err(Error::io(self.dir.join(KEYS)))?;
-        self.entries
-            .flush()
-            .map_err(Error::io(self.dir.join(ENTRIES)))?;
-        let store = self.dir.parent().unwrap_or(&self.dir);
+        for (w, name) in [(&mut self.keys, KEYS), (&mut self.entries, ENTRIES)] {
+            let p = self.dir.join(name);
+            w.flush().map_err(Error::io(&p))?;
+            w.get_ref().sync_all().map_err(Error::io(&p))?;
+        }
+        durable::sync_dir(&self.dir).map_err(Error::io(&self.dir))?;
+        durable::fault::point("knn.written");
+        let store = &self.store;
         if store.join(crate::manifest::FILE).is_file() {
             let mut m = Manifest::read(store)?;
             m.knn = Some(KnnInfo {
@@ -111,8 +136,11 @@ impl KnnWriter {
                 entries: self.count,
                 dtype: "f16".into(),
                 search: "exact".into(),
+                dir: self.name.clone(),
             });
             m.write(store)?;
+            durable::fault::point("knn.committed");
+            remove_stale(store, Some(&self.name))?;
             crate::store::audit(
                 store,
                 serde_json::json!({"action": "knn", "model": model, "entries": self.count, "identity": m.identity()}),
@@ -120,6 +148,29 @@ impl KnnWriter {
         }
         Ok(self.count)
     }
+}
+
+/// A key folder name not in use: `knn`, else `knn-1`, `knn-2`, ...
+fn fresh_name(store: &Path) -> String {
+    std::iter::once(DIR.to_string())
+        .chain((1..).map(|i| format!("{DIR}-{i}")))
+        .find(|n| !store.join(n).exists())
+        .unwrap_or_else(|| DIR.to_string())
+}
+
+/// Removes key folders other than `keep` (left by a killed writer, or replaced). Writers only, under
+/// the store's lock.
+pub(crate) fn remove_stale(store: &Path, keep: Option<&str>) -> Result<()> {
+    let entries = std::fs::read_dir(store).map_err(Error::io(store))?;
+    for e in entries {
+        let e = e.map_err(Error::io(store))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_keys = name == DIR || name.strip_prefix("knn-").is_some_and(|n| n.parse::<u64>().is_ok());
+        if is_keys && Some(name.as_str()) != keep && e.path().is_dir() {
+            std::fs::remove_dir_all(e.path()).map_err(Error::io(e.path()))?;
+        }
+    }
+    durable::sync_dir(store).map_err(Error::io(store))
 }
 
 /// kNN entries in memory (keys widened to f32 for the distance loop).
@@ -140,8 +191,18 @@ fn read_all(path: &Path) -> Result<Vec<u8>> {
 
 impl KnnIndex {
     /// Loads `knn/` from a store directory.
+    /// Opens the keys of the store in `dir` (the folder its manifest names; `knn/` outside a store).
     pub fn open(dir: &Path) -> Result<Self> {
-        let d = dir.join(DIR);
+        let name = if dir.join(crate::manifest::FILE).is_file() {
+            Manifest::read(dir)?.knn.map(|k| k.dir)
+        } else {
+            None
+        };
+        Self::open_in(dir, name.as_deref().unwrap_or(DIR))
+    }
+
+    pub(crate) fn open_in(dir: &Path, name: &str) -> Result<Self> {
+        let d = dir.join(name);
         let dim_path = d.join(DIM);
         let dim: usize = String::from_utf8_lossy(&read_all(&dim_path)?)
             .trim()
@@ -258,10 +319,13 @@ pub fn next_token_distribution(
     p
 }
 
-/// Drops the entries of `blocks` from the store's kNN files (rewritten, then renamed into place).
-pub(crate) fn remove_blocks(dir: &Path, blocks: &HashSet<u64>) -> Result<u64> {
-    let knn = KnnIndex::open(dir)?;
-    let d = dir.join(DIR);
+/// Writes the store's keys without the entries of `blocks` into a new folder, synced, and returns its
+/// name and the number of entries dropped. The caller switches the manifest to it.
+pub(crate) fn remove_blocks(dir: &Path, current: &str, blocks: &HashSet<u64>) -> Result<(String, u64)> {
+    let knn = KnnIndex::open_in(dir, current)?;
+    let name = fresh_name(dir);
+    let d = dir.join(&name);
+    std::fs::create_dir_all(&d).map_err(Error::io(&d))?;
     let mut keys = Vec::new();
     let mut entries = Vec::new();
     let mut removed = 0;
@@ -276,7 +340,13 @@ pub(crate) fn remove_blocks(dir: &Path, blocks: &HashSet<u64>) -> Result<u64> {
         entries.extend_from_slice(&knn.values[i].to_le_bytes());
         entries.extend_from_slice(&knn.blocks[i].to_le_bytes());
     }
-    crate::manifest::write_atomic(&d.join(KEYS), &keys)?;
-    crate::manifest::write_atomic(&d.join(ENTRIES), &entries)?;
-    Ok(removed)
+    for (file, bytes) in [
+        (KEYS, keys),
+        (ENTRIES, entries),
+        (DIM, knn.dim.to_string().into_bytes()),
+    ] {
+        let p = d.join(file);
+        crate::manifest::write_atomic(&p, &bytes)?;
+    }
+    Ok((name, removed))
 }

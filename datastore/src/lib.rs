@@ -40,6 +40,7 @@ mod input;
 pub mod knn;
 mod manifest;
 mod store;
+mod txn;
 mod tokenizer;
 
 pub use analyzer::{analyze, english_analyzer};

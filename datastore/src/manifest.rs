@@ -56,6 +56,21 @@ pub struct KnnInfo {
     /// Key storage (`f16`) and search (`exact`).
     pub dtype: String,
     pub search: String,
+    /// Folder of the key files in the store. A writer writes a new folder and switches this name in
+    /// one manifest write, so a crash leaves the old keys or the new ones, never a mix.
+    #[serde(
+        default = "default_knn_dir",
+        skip_serializing_if = "is_default_knn_dir"
+    )]
+    pub dir: String,
+}
+
+fn default_knn_dir() -> String {
+    crate::knn::DIR.to_string()
+}
+
+fn is_default_knn_dir(d: &str) -> bool {
+    d == crate::knn::DIR
 }
 
 impl Manifest {
@@ -127,11 +142,5 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).map_err(Error::io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(Error::io(path))
+    durable::write_atomic(path, bytes).map_err(Error::io(path))
 }

@@ -239,16 +239,36 @@ pub(crate) fn open_index(dir: &Path) -> Result<(Index, Fields)> {
 }
 
 impl Datastore {
-    /// Opens the store in `dir` (with its kNN keys, when it has them).
+    /// Opens the store in `dir` (with its kNN keys, when it has them). An opt-out that was interrupted
+    /// is completed first: a store never serves a half-applied opt-out.
     pub fn open(dir: &Path) -> Result<Datastore> {
-        let manifest = Manifest::read(dir)?;
+        if crate::txn::pending(dir)?.is_some() {
+            let _lock = crate::txn::lock(dir)?;
+            complete_pending(dir)?;
+        }
+        Self::open_unchecked(dir)
+    }
+
+    /// Whether an opt-out of the store in `dir` has started and not completed (it is completed by the
+    /// next [`Datastore::open`]).
+    pub fn opt_out_pending(dir: &Path) -> bool {
+        crate::txn::intent_path(dir).exists()
+    }
+
+    /// Opens without looking for a pending opt-out (writers, under the lock, mid-transaction).
+    fn open_unchecked(dir: &Path) -> Result<Datastore> {
+        Self::open_with(dir, Manifest::read(dir)?)
+    }
+
+    /// Opens with `manifest` in place of the one on disk (an opt-out, before it writes its own).
+    fn open_with(dir: &Path, manifest: Manifest) -> Result<Datastore> {
         let (index, fields) = open_index(dir)?;
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
             .try_into()?;
         let knn = match &manifest.knn {
-            Some(_) => Some(KnnIndex::open(dir)?),
+            Some(k) => Some(KnnIndex::open_in(dir, &k.dir)?),
             None => None,
         };
         let (total_len, live_blocks) = live_lengths(&reader.searcher(), dir)?;
@@ -554,7 +574,10 @@ impl Datastore {
     /// Removes every block (and kNN entry) of the given owners and documents, then merges the index
     /// into one segment so that BM25 statistics (document count, document frequencies, average length)
     /// no longer count them: afterwards the store scores every query as one built without them would.
-    /// Appends the opt-out to `audit.jsonl` and records it in the manifest.
+    ///
+    /// A recoverable transaction (see the `txn` module): the intent and the audit line are on disk
+    /// before anything is deleted, and an interrupted opt-out is completed by the next writer or
+    /// reader, so it is never half-applied and a retry always completes it.
     ///
     /// Naming an owner or document the store never had is an error; naming one already opted out is not.
     pub fn opt_out(dir: &Path, req: &OptOut) -> Result<OptOutReport> {
@@ -563,36 +586,37 @@ impl Datastore {
                 "name an owner or a document id to opt out".into(),
             ));
         }
-        let mut manifest = Manifest::read(dir)?;
-        let before = manifest.identity();
+        let _lock = crate::txn::lock(dir)?;
+        // An earlier opt-out killed half-way is finished before this one starts.
+        complete_pending(dir)?;
+        let manifest = Manifest::read(dir)?;
         let (index, f) = open_index(dir)?;
         let reader: IndexReader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
             .try_into()?;
         let searcher = reader.searcher();
-        let terms: Vec<(Term, &str, bool)> = req
+        // Block ids to remove (kNN entries refer to them), found before anything is deleted.
+        let mut removed: HashSet<u64> = HashSet::new();
+        for (name, is_owner) in req
             .owners
             .iter()
-            .map(|o| (Term::from_field_text(f.owner, o), o.as_str(), true))
-            .chain(
-                req.documents
-                    .iter()
-                    .map(|d| (Term::from_field_text(f.doc_id, d), d.as_str(), false)),
-            )
-            .collect();
-        // Block ids to remove (kNN entries refer to them).
-        let mut removed: HashSet<u64> = HashSet::new();
-        for (term, name, is_owner) in &terms {
-            let q = TermQuery::new(term.clone(), IndexRecordOption::Basic);
+            .map(|o| (o, true))
+            .chain(req.documents.iter().map(|d| (d, false)))
+        {
+            let field = if is_owner { f.owner } else { f.doc_id };
+            let q = TermQuery::new(
+                Term::from_field_text(field, name),
+                IndexRecordOption::Basic,
+            );
             let n = searcher.search(&q, &Count)?;
-            let already = if *is_owner {
-                manifest.excluded_owners.iter().any(|o| o == name)
+            let already = if is_owner {
+                manifest.excluded_owners.contains(name)
             } else {
-                manifest.excluded_documents.iter().any(|d| d == name)
+                manifest.excluded_documents.contains(name)
             };
             if n == 0 && !already {
-                let what = if *is_owner { "owner" } else { "document" };
+                let what = if is_owner { "owner" } else { "document" };
                 return Err(Error::store(dir, format!("no blocks of {what} `{name}`")));
             }
             if n > 0 {
@@ -606,73 +630,26 @@ impl Datastore {
                 }
             }
         }
-        let mut writer: tantivy::IndexWriter<TantivyDocument> =
-            index.writer_with_num_threads(1, 64 << 20)?;
-        for (term, _, _) in &terms {
-            writer.delete_term(term.clone());
-        }
-        writer.commit()?;
-        // Deleted blocks still count in BM25 statistics until their segment is rewritten.
-        let segments = index.searchable_segment_ids()?;
-        if !segments.is_empty() {
-            writer.merge(&segments).wait()?;
-        }
-        writer.wait_merging_threads()?;
-        let writer: tantivy::IndexWriter<TantivyDocument> =
-            index.writer_with_num_threads(1, 15 << 20)?;
-        writer.garbage_collect_files().wait()?;
-        drop(writer);
-
-        let knn_removed = if manifest.knn.is_some() {
-            crate::knn::remove_blocks(dir, &removed)?
-        } else {
-            0
+        drop(searcher);
+        drop(reader);
+        drop(index);
+        let mut blocks: Vec<u64> = removed.into_iter().collect();
+        blocks.sort_unstable();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let intent = crate::txn::Intent {
+            id: format!("{}-{}-{}", now.as_secs(), now.subsec_nanos(), std::process::id()),
+            owners: req.owners.clone(),
+            documents: req.documents.clone(),
+            reason: req.reason.clone(),
+            blocks,
+            identity_before: manifest.identity(),
+            knn_entries_before: manifest.knn.as_ref().map_or(0, |k| k.entries),
         };
-        for (_, name, is_owner) in &terms {
-            let list = if *is_owner {
-                &mut manifest.excluded_owners
-            } else {
-                &mut manifest.excluded_documents
-            };
-            if !list.iter().any(|x| x == name) {
-                list.push(name.to_string());
-            }
-        }
-        let store = Datastore::open_with(dir, manifest.clone())?;
-        let st = store.stats()?;
-        manifest.documents = st.total.documents;
-        manifest.blocks = st.total.blocks;
-        manifest.tokens = st.total.tokens;
-        if let Some(k) = &mut manifest.knn {
-            k.entries = st.knn_entries;
-        }
-        manifest.write(dir)?;
-        let report = OptOutReport {
-            blocks_removed: removed.len() as u64,
-            knn_entries_removed: knn_removed,
-            identity_before: before,
-            identity_after: manifest.identity(),
-        };
-        audit(
-            dir,
-            serde_json::json!({
-                "action": "opt-out",
-                "owners": req.owners,
-                "documents": req.documents,
-                "reason": req.reason,
-                "blocks_removed": report.blocks_removed,
-                "knn_entries_removed": report.knn_entries_removed,
-                "identity_before": report.identity_before,
-                "identity_after": report.identity_after,
-            }),
-        )?;
-        Ok(report)
-    }
-
-    fn open_with(dir: &Path, manifest: Manifest) -> Result<Datastore> {
-        let mut s = Datastore::open(dir)?;
-        s.manifest = manifest;
-        Ok(s)
+        crate::txn::write_intent(dir, &intent)?;
+        durable::fault::point("datastore.opt-out.intent");
+        complete(dir, &intent)
     }
 
     /// Number of blocks (live documents of the index).
@@ -729,4 +706,122 @@ pub(crate) fn audit(dir: &Path, mut entry: serde_json::Value) -> Result<()> {
         .map_err(Error::io(&path))?;
     writeln!(f, "{entry}").map_err(Error::io(&path))?;
     f.sync_all().map_err(Error::io(&path))
+}
+
+/// Completes the pending opt-out, if any. Writers only, under the store's lock.
+pub(crate) fn complete_pending(dir: &Path) -> Result<()> {
+    if let Some(intent) = crate::txn::pending(dir)? {
+        complete(dir, &intent).map_err(|e| {
+            Error::store(
+                dir,
+                format!(
+                    "an interrupted opt-out (owners {:?}, documents {:?}) is pending in {} and could \
+                     not be completed: {e}. The store cannot be used until it is; fix the cause and \
+                     run `moeval datastore stats` on the store (any command that opens it completes \
+                     the opt-out)",
+                    intent.owners,
+                    intent.documents,
+                    crate::txn::INTENT
+                ),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Carries out an opt-out whose intent is on disk. Every step can be redone after a crash.
+fn complete(dir: &Path, intent: &crate::txn::Intent) -> Result<OptOutReport> {
+    if !crate::txn::logged(dir, &intent.id, "opt-out-started")? {
+        audit(
+            dir,
+            serde_json::json!({
+                "action": "opt-out-started",
+                "opt_out_id": intent.id,
+                "owners": intent.owners,
+                "documents": intent.documents,
+                "reason": intent.reason,
+                "blocks": intent.blocks.len(),
+                "identity_before": intent.identity_before,
+            }),
+        )?;
+    }
+    durable::fault::point("datastore.opt-out.logged");
+    let (index, f) = open_index(dir)?;
+    let mut writer: tantivy::IndexWriter<TantivyDocument> =
+        index.writer_with_num_threads(1, 64 << 20)?;
+    for o in &intent.owners {
+        writer.delete_term(Term::from_field_text(f.owner, o));
+    }
+    for d in &intent.documents {
+        writer.delete_term(Term::from_field_text(f.doc_id, d));
+    }
+    writer.commit()?;
+    durable::fault::point("datastore.opt-out.deleted");
+    // Deleted blocks still count in BM25 statistics, and their text stays in the segment files, until
+    // their segment is rewritten.
+    let segments = index.searchable_segment_ids()?;
+    if !segments.is_empty() {
+        writer.merge(&segments).wait()?;
+    }
+    writer.wait_merging_threads()?;
+    let writer: tantivy::IndexWriter<TantivyDocument> =
+        index.writer_with_num_threads(1, 15 << 20)?;
+    writer.garbage_collect_files().wait()?;
+    drop(writer);
+    drop(index);
+    durable::fault::point("datastore.opt-out.merged");
+
+    let mut manifest = Manifest::read(dir)?;
+    if let Some(k) = &mut manifest.knn {
+        let blocks: HashSet<u64> = intent.blocks.iter().copied().collect();
+        let (name, _) = crate::knn::remove_blocks(dir, &k.dir, &blocks)?;
+        k.dir = name;
+    }
+    durable::fault::point("datastore.opt-out.knn");
+    for o in &intent.owners {
+        if !manifest.excluded_owners.contains(o) {
+            manifest.excluded_owners.push(o.clone());
+        }
+    }
+    for d in &intent.documents {
+        if !manifest.excluded_documents.contains(d) {
+            manifest.excluded_documents.push(d.clone());
+        }
+    }
+    let store = Datastore::open_with(dir, manifest.clone())?;
+    let st = store.stats()?;
+    drop(store);
+    manifest.documents = st.total.documents;
+    manifest.blocks = st.total.blocks;
+    manifest.tokens = st.total.tokens;
+    if let Some(k) = &mut manifest.knn {
+        k.entries = st.knn_entries;
+    }
+    manifest.write(dir)?;
+    durable::fault::point("datastore.opt-out.manifest");
+    crate::knn::remove_stale(dir, manifest.knn.as_ref().map(|k| k.dir.as_str()))?;
+    let report = OptOutReport {
+        blocks_removed: intent.blocks.len() as u64,
+        knn_entries_removed: intent.knn_entries_before.saturating_sub(st.knn_entries),
+        identity_before: intent.identity_before.clone(),
+        identity_after: manifest.identity(),
+    };
+    if !crate::txn::logged(dir, &intent.id, "opt-out")? {
+        audit(
+            dir,
+            serde_json::json!({
+                "action": "opt-out",
+                "opt_out_id": intent.id,
+                "owners": intent.owners,
+                "documents": intent.documents,
+                "reason": intent.reason,
+                "blocks_removed": report.blocks_removed,
+                "knn_entries_removed": report.knn_entries_removed,
+                "identity_before": report.identity_before,
+                "identity_after": report.identity_after,
+            }),
+        )?;
+    }
+    crate::txn::clear_intent(dir)?;
+    Ok(report)
 }

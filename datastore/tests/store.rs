@@ -214,16 +214,22 @@ fn opt_out_equals_a_store_built_without_the_owner() {
     assert_eq!(st, Datastore::open(&without).unwrap().stats().unwrap());
     assert_eq!(store.manifest().excluded_owners, ["bob"]);
 
-    // The audit log has the build and the opt-out, with the reason.
+    // The audit log has the build, the opt-out's start (written before anything was deleted) and its
+    // completion, with the reason.
     let audit = std::fs::read_to_string(full.join("audit.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = audit
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 2);
-    assert_eq!(lines[1]["action"], "opt-out");
-    assert_eq!(lines[1]["reason"], "left the consortium");
-    assert_eq!(lines[1]["owners"][0], "bob");
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[1]["action"], "opt-out-started");
+    assert_eq!(lines[2]["action"], "opt-out");
+    assert_eq!(lines[1]["opt_out_id"], lines[2]["opt_out_id"]);
+    for l in &lines[1..] {
+        assert_eq!(l["reason"], "left the consortium");
+        assert_eq!(l["owners"][0], "bob");
+    }
+    assert!(!full.join("opt-out.pending.json").exists());
 
     // Again: nothing left to remove, not an error. An owner never seen is.
     drop(store);

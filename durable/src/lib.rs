@@ -118,6 +118,86 @@ fn open_lock_file(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// A folder written under a hidden name beside its destination and renamed into place when complete,
+/// so a killed writer never leaves a half-written folder at the destination and a retry starts afresh.
+/// One writer per destination at a time (a lock beside it).
+#[derive(Debug)]
+pub struct StagedDir {
+    staging: PathBuf,
+    dest: PathBuf,
+    _lock: Lock,
+}
+
+impl StagedDir {
+    /// Starts writing `dest`, which must not exist or be an empty folder. Removes what a killed
+    /// writer of the same destination left.
+    pub fn new(dest: &Path) -> std::io::Result<StagedDir> {
+        use std::io::{Error, ErrorKind};
+        if dest.exists() && std::fs::read_dir(dest)?.next().is_some() {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("{} exists and is not empty", dest.display()),
+            ));
+        }
+        let name = dest
+            .file_name()
+            .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "not a folder path"))?
+            .to_string_lossy()
+            .into_owned();
+        let parent = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent)?;
+        let lock = Lock::try_acquire(&parent.join(format!(".{name}.lock")))?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::WouldBlock,
+                format!("another command is writing {}", dest.display()),
+            )
+        })?;
+        let staging = parent.join(format!(".{name}.partial"));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)?;
+        }
+        std::fs::create_dir_all(&staging)?;
+        Ok(StagedDir {
+            staging,
+            dest: dest.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    /// Where to write.
+    pub fn path(&self) -> &Path {
+        &self.staging
+    }
+
+    /// Syncs every file and moves the folder into place.
+    pub fn commit(self) -> std::io::Result<PathBuf> {
+        sync_tree(&self.staging)?;
+        fault::point("staged.commit");
+        if self.dest.exists() {
+            // Empty (checked in `new`): rename(2) cannot replace a folder otherwise.
+            std::fs::remove_dir(&self.dest)?;
+        }
+        std::fs::rename(&self.staging, &self.dest)?;
+        sync_dir(self.dest.parent().unwrap_or(Path::new(".")))?;
+        Ok(self.dest)
+    }
+}
+
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            sync_tree(&e.path())?;
+        } else {
+            File::open(e.path())?.sync_all()?;
+        }
+    }
+    sync_dir(dir)
+}
+
 /// Test-only crash points for fault-injection tests.
 ///
 /// A state-changing command calls [`fault::point`] between its durable steps. When the environment
@@ -198,6 +278,26 @@ mod tests {
         append_line(&p, "a").unwrap();
         append_line(&p, "b\n").unwrap();
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "a\nb\n");
+    }
+
+    #[test]
+    fn staged_dir_appears_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out");
+        let staged = StagedDir::new(&dest).unwrap();
+        std::fs::write(staged.path().join("a"), b"1").unwrap();
+        assert!(!dest.exists());
+        // A second writer of the same destination is refused while the first holds it.
+        assert!(StagedDir::new(&dest).is_err());
+        staged.commit().unwrap();
+        assert_eq!(std::fs::read(dest.join("a")).unwrap(), b"1");
+        assert!(StagedDir::new(&dest).is_err(), "not empty");
+        // A killed writer's leftovers are removed by the next one.
+        let other = dir.path().join("other");
+        std::fs::create_dir_all(dir.path().join(".other.partial")).unwrap();
+        std::fs::write(dir.path().join(".other.partial/stale"), b"x").unwrap();
+        let staged = StagedDir::new(&other).unwrap();
+        assert!(!staged.path().join("stale").exists());
     }
 
     #[test]

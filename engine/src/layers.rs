@@ -25,6 +25,18 @@ pub trait TensorSource {
     }
     /// True when the source holds `name` (used for optional tensors such as an untied `lm_head`).
     fn contains(&self, name: &str) -> bool;
+
+    /// The rows of the 2-D tensor `name` that `keep` selects, the others zero. A checkpoint reads
+    /// only the kept rows' bytes (an opted-out expert's router row is never read).
+    fn rows(&self, name: &str, shape: [usize; 2], keep: &dyn Fn(usize) -> bool) -> Result<Vec<f32>> {
+        let mut v = self.values(name, &shape)?;
+        for (r, row) in v.chunks_exact_mut(shape[1]).enumerate() {
+            if !keep(r) {
+                row.fill(0.0);
+            }
+        }
+        Ok(v)
+    }
 }
 
 impl TensorSource for crate::weights::Weights {
@@ -33,6 +45,9 @@ impl TensorSource for crate::weights::Weights {
     }
     fn contains(&self, name: &str) -> bool {
         crate::weights::Weights::contains(self, name)
+    }
+    fn rows(&self, name: &str, shape: [usize; 2], keep: &dyn Fn(usize) -> bool) -> Result<Vec<f32>> {
+        self.get_rows(name, shape, keep)
     }
 }
 
@@ -192,7 +207,15 @@ impl SparseMoe {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            gate: linear(src, &format!("{prefix}.gate"), cfg.num_experts, h)?,
+            gate: Linear::new(
+                src.rows(
+                    &format!("{prefix}.gate.weight"),
+                    [cfg.num_experts, h],
+                    &|e| loaded.is_allowed(e),
+                )?,
+                cfg.num_experts,
+                h,
+            ),
             experts,
             routing: Routing {
                 top_k: cfg.num_experts_per_tok,
@@ -240,6 +263,15 @@ impl SparseMoe {
             }
         }
         if let Some(all) = batch.router_logits.as_mut() {
+            // An expert not loaded has no router row: its logit is reported as removed.
+            let mut logits = logits;
+            for row in logits.chunks_exact_mut(num_experts) {
+                for (e, l) in row.iter_mut().enumerate() {
+                    if self.experts[e].is_none() {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
             all.push(Tensor::from_vec(logits, (n, num_experts), &Device::Cpu)?);
         }
         let mut out = vec![0f32; n * h];

@@ -168,6 +168,49 @@ impl Weights {
         Ok(data)
     }
 
+    /// Reads the rows of the 2-D tensor `name` that `keep` selects as f32, the others zero; the bytes
+    /// of rows not kept are never read.
+    pub fn get_rows(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        keep: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<f32>> {
+        let (path, open, info) = self.entry(name)?;
+        if info.shape != shape {
+            return Err(Error::Weights {
+                path: path.to_path_buf(),
+                message: format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    info.shape
+                ),
+            });
+        }
+        let [rows, cols] = shape;
+        let width = match info.dtype {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+            other => {
+                return Err(Error::Weights {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "tensor `{name}` has dtype {other:?}; supported: F32, BF16, F16"
+                    ),
+                })
+            }
+        };
+        let begin = open.data_start + info.data_offsets.0;
+        let mut out = vec![0f32; rows * cols];
+        for (r, dst) in out.chunks_exact_mut(cols.max(1)).enumerate().take(rows) {
+            if keep(r) {
+                let at = begin + r * cols * width;
+                let row = to_f32(info.dtype, &open.mmap[at..at + cols * width]).unwrap_or_default();
+                dst.copy_from_slice(&row);
+            }
+        }
+        Ok(out)
+    }
+
     /// The stored bytes of tensor `name` with their dtype and shape, borrowed from the memory map (for
     /// tools that copy or compare tensors without converting them).
     pub fn raw(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8])> {

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 
 pub use mask::{ExpertMask, MaskError};
 pub use policy::{
-    effective_mask, Action, AuditRecord, EffectiveMask, OptOutEntry, Policy, AUDIT_FILE,
+    effective_mask, Action, AuditRecord, Decision, EffectiveMask, OptOutEntry, Policy, AUDIT_FILE,
     POLICY_FILE,
 };
 pub use registry::{ExpertInfo, Registry, EXPERTS_FILE};

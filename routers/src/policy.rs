@@ -1,10 +1,18 @@
 //! Data owners' opt-out decisions, kept beside the checkpoint and honoured by every run.
 //!
-//! `expert-policy.json` holds the current decisions; `expert-policy.log.jsonl` is an append-only audit log
-//! with one line per decision (time, expert, action, reason). A run removes every opted-out expert, and a
-//! request to use one anyway is refused with a message naming the policy file.
+//! Invariants:
+//! - The append-only audit log (`expert-policy.log.jsonl`) is the write-ahead log: a decision's line
+//!   (time, expert, owner, who acted, action, reason, sequence number) is synced to disk before the
+//!   decision takes effect, so no opt-out is ever in force without its audit line.
+//! - `expert-policy.json` is the log applied up to `applied` records. Every reader replays records past
+//!   `applied`, so a decision whose writer died after logging it is in force for every run from then
+//!   on, and the next writer makes the file catch up: an opt-out is never half-applied and never lost.
+//! - Writers (CLI and server alike) hold `expert-policy.lock` while they re-read, log and write, so
+//!   concurrent decisions are serialised and none is lost.
+//!
+//! A run removes every opted-out expert, and a request to use one anyway is refused with a message
+//! naming the policy file.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -36,15 +44,41 @@ pub struct OptOutEntry {
 /// One line of the audit log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
+    /// Position in the log, from 1 (absent in logs written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
     pub time: String,
     pub expert: String,
+    /// The expert's owner (experts.toml), empty when it names none.
+    #[serde(default)]
+    pub owner: String,
+    /// Who acted: `cli:USER` for the command line, `admin:OWNER` for the admin API.
+    #[serde(default)]
+    pub actor: String,
     pub action: Action,
     pub reason: String,
+}
+
+/// An owner's decision about one expert, as [`Policy::record`] takes it.
+#[derive(Clone, Copy, Debug)]
+pub struct Decision<'a> {
+    /// The expert's canonical name.
+    pub expert: &'a str,
+    /// The expert's owner.
+    pub owner: &'a str,
+    /// Who acted (see [`AuditRecord::actor`]).
+    pub actor: &'a str,
+    pub action: Action,
+    pub reason: &'a str,
 }
 
 #[derive(Default, Serialize, Deserialize)]
 struct PolicyFile {
     opted_out: Vec<OptOutEntry>,
+    /// Audit records applied to `opted_out`; absent in files written before it was recorded, which
+    /// are taken as having applied the whole log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    applied: Option<u64>,
 }
 
 /// The opt-out policy of one checkpoint directory (or of an explicit policy file).
@@ -54,13 +88,21 @@ pub struct Policy {
     file: PathBuf,
     /// The audit log, beside the policy file.
     audit: PathBuf,
+    /// Writers' lock, beside the policy file.
+    lock: PathBuf,
     opted_out: Vec<OptOutEntry>,
+    /// Records in the audit log, all of them applied to `opted_out`.
+    records: u64,
 }
 
 impl Policy {
     /// Reads the policy of `model_dir` (empty when there is none).
     pub fn load(model_dir: &Path) -> Result<Self, RouterError> {
-        Self::read(model_dir.join(POLICY_FILE), model_dir.join(AUDIT_FILE))
+        Self::read(
+            model_dir.join(POLICY_FILE),
+            model_dir.join(AUDIT_FILE),
+            model_dir.join("expert-policy.lock"),
+        )
     }
 
     /// Reads the policy kept in `file` (empty when it does not exist yet), e.g. a server's `--policy`.
@@ -74,30 +116,62 @@ impl Policy {
                 path: file.to_path_buf(),
                 message: "not a file path".into(),
             })?;
-        let audit = file.with_file_name(format!("{}.log.jsonl", stem.to_string_lossy()));
-        Self::read(file.to_path_buf(), audit)
+        let stem = stem.to_string_lossy();
+        let audit = file.with_file_name(format!("{stem}.log.jsonl"));
+        let lock = file.with_file_name(format!("{stem}.lock"));
+        Self::read(file.to_path_buf(), audit, lock)
     }
 
-    fn read(path: PathBuf, audit: PathBuf) -> Result<Self, RouterError> {
-        let opted_out = if path.exists() {
+    fn read(path: PathBuf, audit: PathBuf, lock: PathBuf) -> Result<Self, RouterError> {
+        let stored = if path.exists() {
             let text = std::fs::read_to_string(&path).map_err(|e| RouterError::File {
                 path: path.clone(),
                 message: format!("cannot read: {e}"),
             })?;
-            serde_json::from_str::<PolicyFile>(&text)
-                .map_err(|e| RouterError::File {
-                    path: path.clone(),
-                    message: format!("invalid policy file: {e}"),
-                })?
-                .opted_out
+            serde_json::from_str::<PolicyFile>(&text).map_err(|e| RouterError::File {
+                path: path.clone(),
+                message: format!("invalid policy file: {e}"),
+            })?
         } else {
-            Vec::new()
+            PolicyFile::default()
         };
-        Ok(Self {
+        let log = read_log(&audit)?;
+        let records = log.len() as u64;
+        let applied = stored.applied.unwrap_or(records);
+        if applied > records {
+            return Err(RouterError::File {
+                path: path.clone(),
+                message: format!(
+                    "has applied {applied} audit records but {} holds {records}: the audit log was \
+                     truncated or replaced; restore it before changing or using this policy",
+                    audit.display()
+                ),
+            });
+        }
+        let mut policy = Self {
             file: path,
             audit,
-            opted_out,
-        })
+            lock,
+            opted_out: stored.opted_out,
+            records,
+        };
+        // Decisions logged by a writer that died before updating the policy file are in force.
+        for r in &log[applied as usize..] {
+            policy.apply(r);
+        }
+        Ok(policy)
+    }
+
+    fn apply(&mut self, r: &AuditRecord) {
+        match r.action {
+            Action::OptOut if !self.is_opted_out(&r.expert) => self.opted_out.push(OptOutEntry {
+                expert: r.expert.clone(),
+                reason: r.reason.clone(),
+                since: r.time.clone(),
+            }),
+            Action::OptOut => {}
+            Action::OptIn => self.opted_out.retain(|e| e.expert != r.expert),
+        }
     }
 
     /// Path of the policy file (whether or not it exists yet).
@@ -118,89 +192,107 @@ impl Policy {
         self.opted_out.iter().any(|e| e.expert == name)
     }
 
-    /// Records an owner's decision for expert `name`: updates the policy file (atomically) and appends to
-    /// the audit log. Opting out an expert that is already out, or in one that is in, is an error.
-    pub fn record(
-        &mut self,
-        name: &str,
-        action: Action,
-        reason: &str,
-    ) -> Result<AuditRecord, RouterError> {
-        let time = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-        match action {
-            Action::OptOut if self.is_opted_out(name) => {
-                return Err(RouterError::Invalid(format!(
-                    "expert `{name}` is already opted out"
-                )))
-            }
-            Action::OptIn if !self.is_opted_out(name) => {
-                return Err(RouterError::Invalid(format!(
-                    "expert `{name}` is not opted out"
-                )))
-            }
-            Action::OptOut => self.opted_out.push(OptOutEntry {
-                expert: name.to_string(),
-                reason: reason.to_string(),
-                since: time.clone(),
-            }),
-            Action::OptIn => self.opted_out.retain(|e| e.expert != name),
-        }
-        let path = self.path();
+    /// Records an owner's decision: under the writers' lock, re-reads the policy (so a concurrent
+    /// writer's decision is kept), appends the audit line and syncs it, then rewrites the policy file
+    /// atomically. Opting out an expert that is already out, or in one that is in, is an error.
+    pub fn record(&mut self, d: Decision<'_>) -> Result<AuditRecord, RouterError> {
         let file_err = |path: &Path, e: std::io::Error| RouterError::File {
             path: path.to_path_buf(),
             message: format!("cannot write: {e}"),
         };
-        let text = serde_json::to_string_pretty(&PolicyFile {
-            opted_out: self.opted_out.clone(),
-        })
-        .map_err(|e| RouterError::Invalid(e.to_string()))?;
-        // The temporary file sits beside the policy file so that the rename is atomic.
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| POLICY_FILE.to_string());
-        let tmp = path.with_file_name(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).map_err(|e| file_err(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| file_err(&path, e))?;
+        let _lock = durable::Lock::acquire(&self.lock).map_err(|e| file_err(&self.lock, e))?;
+        *self = Self::read(self.file.clone(), self.audit.clone(), self.lock.clone())?;
+        match d.action {
+            Action::OptOut if self.is_opted_out(d.expert) => {
+                return Err(RouterError::Invalid(format!(
+                    "expert `{}` is already opted out",
+                    d.expert
+                )))
+            }
+            Action::OptIn if !self.is_opted_out(d.expert) => {
+                return Err(RouterError::Invalid(format!(
+                    "expert `{}` is not opted out",
+                    d.expert
+                )))
+            }
+            _ => {}
+        }
         let record = AuditRecord {
-            time,
-            expert: name.to_string(),
-            action,
-            reason: reason.to_string(),
+            seq: Some(self.records + 1),
+            time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            expert: d.expert.to_string(),
+            owner: d.owner.to_string(),
+            actor: d.actor.to_string(),
+            action: d.action,
+            reason: d.reason.to_string(),
         };
-        let audit = self.audit.clone();
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&audit)
-            .map_err(|e| file_err(&audit, e))?;
         let line =
             serde_json::to_string(&record).map_err(|e| RouterError::Invalid(e.to_string()))?;
-        writeln!(log, "{line}").map_err(|e| file_err(&audit, e))?;
+        drop_torn_tail(&self.audit).map_err(|e| file_err(&self.audit, e))?;
+        durable::append_line(&self.audit, &line).map_err(|e| file_err(&self.audit, e))?;
+        durable::fault::point("policy.logged");
+        self.apply(&record);
+        self.records += 1;
+        let text = serde_json::to_string_pretty(&PolicyFile {
+            opted_out: self.opted_out.clone(),
+            applied: Some(self.records),
+        })
+        .map_err(|e| RouterError::Invalid(e.to_string()))?;
+        durable::write_atomic(&self.file, text.as_bytes()).map_err(|e| file_err(&self.file, e))?;
+        durable::fault::point("policy.written");
         Ok(record)
     }
 
     /// The audit log's records, oldest first.
     pub fn audit_log(&self) -> Result<Vec<AuditRecord>, RouterError> {
-        let path = self.audit.clone();
-        if !path.exists() {
-            return Ok(Vec::new());
-        }
-        let text = std::fs::read_to_string(&path).map_err(|e| RouterError::File {
-            path: path.clone(),
-            message: format!("cannot read: {e}"),
-        })?;
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .enumerate()
-            .map(|(i, l)| {
-                serde_json::from_str(l).map_err(|e| RouterError::File {
-                    path: path.clone(),
-                    message: format!("line {}: {e}", i + 1),
-                })
-            })
-            .collect()
+        read_log(&self.audit)
     }
+}
+
+/// The complete lines of an audit log. A last line without its newline is an append cut short by a
+/// crash: its decision never took effect (the writer had not returned), so it is not a record.
+fn read_log(path: &Path) -> Result<Vec<AuditRecord>, RouterError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(RouterError::File {
+                path: path.to_path_buf(),
+                message: format!("cannot read: {e}"),
+            })
+        }
+    };
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    complete
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| RouterError::File {
+                path: path.to_path_buf(),
+                message: format!("line {}: {e}", i + 1),
+            })
+        })
+        .collect()
+}
+
+/// Cuts a torn last line (see [`read_log`]) so the next record starts on a line of its own.
+fn drop_torn_tail(path: &Path) -> std::io::Result<()> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if keep < bytes.len() {
+        let f = std::fs::OpenOptions::new().write(true).open(path)?;
+        f.set_len(keep as u64)?;
+        f.sync_all()?;
+    }
+    Ok(())
 }
 
 /// The experts a run may use: all, minus the owners' policy, narrowed by the command line.
@@ -264,14 +356,26 @@ pub fn effective_mask<S: AsRef<str>>(
 mod tests {
     use super::*;
 
+    fn decision<'a>(expert: &'a str, action: Action, reason: &'a str) -> Decision<'a> {
+        Decision {
+            expert,
+            owner: "Owner",
+            actor: "cli:test",
+            action,
+            reason,
+        }
+    }
+
     #[test]
     fn decisions_persist_audit_and_refuse() {
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::unnamed(4);
         let mut p = Policy::load(dir.path()).unwrap();
-        p.record("expert-2", Action::OptOut, "licence withdrawn")
+        p.record(decision("expert-2", Action::OptOut, "licence withdrawn"))
             .unwrap();
-        assert!(p.record("expert-2", Action::OptOut, "again").is_err());
+        assert!(p
+            .record(decision("expert-2", Action::OptOut, "again"))
+            .is_err());
         let p = Policy::load(dir.path()).unwrap();
         assert!(p.is_opted_out("expert-2"));
         let m = effective_mask(&reg, &p, &["3"], &[] as &[&str]).unwrap();
@@ -290,7 +394,7 @@ mod tests {
         let only = effective_mask(&reg, &p, &[] as &[&str], &["0,1"]).unwrap();
         assert_eq!(only.mask.allowed().collect::<Vec<_>>(), vec![0, 1]);
         let mut p = p;
-        p.record("expert-2", Action::OptIn, "licence renewed")
+        p.record(decision("expert-2", Action::OptIn, "licence renewed"))
             .unwrap();
         let log = Policy::load(dir.path()).unwrap().audit_log().unwrap();
         assert_eq!(log.len(), 2);
@@ -311,7 +415,8 @@ mod tests {
         let mut p = Policy::load_file(&file).unwrap();
         assert!(p.opted_out().is_empty());
         assert_eq!(p.path(), file);
-        p.record("expert-1", Action::OptOut, "withdrawn").unwrap();
+        p.record(decision("expert-1", Action::OptOut, "withdrawn"))
+            .unwrap();
         let p = Policy::load_file(&file).unwrap();
         assert!(p.is_opted_out("expert-1"));
         let log = file.with_file_name("serve-policy.log.jsonl");
@@ -325,5 +430,64 @@ mod tests {
         let d = Policy::load_file(&dir.path().join(POLICY_FILE)).unwrap();
         assert_eq!(d.audit_path(), dir.path().join(AUDIT_FILE));
         assert!(Policy::load_file(Path::new("/")).is_err());
+    }
+
+    #[test]
+    fn logged_decision_is_in_force_before_the_policy_file_catches_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Policy::load(dir.path()).unwrap();
+        p.record(decision("a", Action::OptOut, "one")).unwrap();
+        // A writer that died between its audit line and the policy file: the line alone is in force.
+        let line = r#"{"seq":2,"time":"2026-01-01T00:00:00Z","expert":"b","owner":"B","actor":"cli:x","action":"opt-out","reason":"two"}"#;
+        durable::append_line(&dir.path().join(AUDIT_FILE), line).unwrap();
+        let mut p = Policy::load(dir.path()).unwrap();
+        assert!(p.is_opted_out("a") && p.is_opted_out("b"));
+        // The next writer writes the file up to date and numbers its record after the pending one.
+        let r = p.record(decision("a", Action::OptIn, "back")).unwrap();
+        assert_eq!(r.seq, Some(3));
+        let text = std::fs::read_to_string(dir.path().join(POLICY_FILE)).unwrap();
+        assert!(text.contains("\"applied\": 3") && text.contains("\"b\""), "{text}");
+    }
+
+    #[test]
+    fn torn_last_line_is_no_decision_and_is_cut_by_the_next_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join(AUDIT_FILE);
+        let mut p = Policy::load(dir.path()).unwrap();
+        p.record(decision("a", Action::OptOut, "one")).unwrap();
+        let mut bytes = std::fs::read(&log).unwrap();
+        bytes.extend_from_slice(br#"{"seq":2,"time":"x","exp"#);
+        std::fs::write(&log, &bytes).unwrap();
+        let mut p = Policy::load(dir.path()).unwrap();
+        assert_eq!(p.audit_log().unwrap().len(), 1);
+        p.record(decision("c", Action::OptOut, "two")).unwrap();
+        let records = Policy::load(dir.path()).unwrap().audit_log().unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!((records[1].seq, records[1].owner.as_str()), (Some(2), "Owner"));
+    }
+
+    #[test]
+    fn truncated_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Policy::load(dir.path()).unwrap();
+        p.record(decision("a", Action::OptOut, "one")).unwrap();
+        std::fs::write(dir.path().join(AUDIT_FILE), "").unwrap();
+        let e = Policy::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("truncated") && e.contains(AUDIT_FILE), "{e}");
+    }
+
+    #[test]
+    fn legacy_policy_without_applied_takes_the_whole_log_as_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(POLICY_FILE),
+            r#"{"opted_out": [{"expert": "a", "reason": "r", "since": "t"}]}"#,
+        )
+        .unwrap();
+        let old = r#"{"time":"t","expert":"expert-policy.json","action":"opt-out","reason":"r"}"#;
+        durable::append_line(&dir.path().join(AUDIT_FILE), old).unwrap();
+        let p = Policy::load(dir.path()).unwrap();
+        assert_eq!(p.opted_out().len(), 1);
+        assert!(p.is_opted_out("a"));
     }
 }

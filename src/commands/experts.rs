@@ -145,8 +145,16 @@ fn decide(dir: &Path, expert: &str, action: Action, reason: &str) -> Result<()> 
     let (_, registry, mut policy) = describe(dir)?;
     let index = registry.resolve(expert)?;
     let name = registry.name(index).to_string();
+    let owner = registry.experts()[index].owner.clone().unwrap_or_default();
+    let actor = format!("cli:{}", cli_user());
     let record = policy
-        .record(&name, action, reason)
+        .record(routers::Decision {
+            expert: &name,
+            owner: &owner,
+            actor: &actor,
+            action,
+            reason,
+        })
         .with_context(|| format!("cannot update the policy of {}", dir.display()))?;
     let verb = match action {
         Action::OptOut => "opted out",
@@ -159,4 +167,12 @@ fn decide(dir: &Path, expert: &str, action: Action, reason: &str) -> Result<()> 
         dir.join(routers::AUDIT_FILE).display()
     );
     Ok(())
+}
+
+/// The login name of whoever ran the command, for the audit log.
+fn cli_user() -> String {
+    ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "unknown".into())
 }

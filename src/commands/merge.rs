@@ -362,13 +362,14 @@ pub fn run(a: Args) -> Result<()> {
     let mut config = first.raw.clone();
     config["num_experts"] = n_experts.into();
     config["num_experts_per_tok"] = top_k.into();
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("cannot create {}", a.out.display()))?;
-    write_shards(&out, layers, &a.out)?;
-    std::fs::write(
-        a.out.join("config.json"),
-        serde_json::to_string_pretty(&config)?,
-    )?;
+    // Written under a hidden name and moved into place when complete: a killed merge leaves no
+    // half-merged model at --out, and running it again starts afresh.
+    let staged = durable::StagedDir::new(&a.out)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    let dir = staged.path();
+    write_shards(&out, layers, dir)?;
+    durable::fault::point("merge.shards");
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
     for f in [
         "tokenizer.json",
         "tokenizer_config.json",
@@ -376,11 +377,14 @@ pub fn run(a: Args) -> Result<()> {
         "special_tokens_map.json",
     ] {
         if first.dir.join(f).exists() {
-            std::fs::copy(first.dir.join(f), a.out.join(f))
+            std::fs::copy(first.dir.join(f), dir.join(f))
                 .with_context(|| format!("cannot copy {f}"))?;
         }
     }
-    Registry::from_experts(experts)?.write(&a.out.join(routers::EXPERTS_FILE))?;
+    Registry::from_experts(experts)?.write(&dir.join(routers::EXPERTS_FILE))?;
+    staged
+        .commit()
+        .with_context(|| format!("cannot move the merged model into {}", a.out.display()))?;
     eprintln!(
         "merged public + {} experts ({}) into {} (top-{top_k}, router: {})",
         inputs.len(),

@@ -469,6 +469,11 @@ fn run_router(a: RouterArgs) -> Result<()> {
         a.out != a.model,
         "--out must differ from --model: tuning writes a new model"
     );
+    anyhow::ensure!(
+        !a.out.exists() || std::fs::read_dir(&a.out)?.next().is_none(),
+        "{} exists and is not empty; choose a new --out directory",
+        a.out.display()
+    );
     let model = TrainModel::load(&a.model)
         .and_then(TrainModel::with_trained_routers)
         .with_context(|| format!("cannot load {} for router tuning", a.model.display()))?;
@@ -512,15 +517,23 @@ fn run_router(a: RouterArgs) -> Result<()> {
     for ((p, b), after) in a.proxy.iter().zip(&before).zip(losses(&model)?) {
         eprintln!("{}: proxy loss {b:.3} -> {after:.3}", p.display());
     }
-    model.save(&a.out, a.optim.dtype()?)?;
+    // Written under a hidden name and moved into place when complete: a killed run leaves no
+    // half-written model at --out, and running it again (deterministic) gives the same weights.
+    let staged = durable::StagedDir::new(&a.out)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    model.save(staged.path(), a.optim.dtype()?)?;
+    durable::fault::point("train-router.saved");
     for file in ["tokenizer.json", routers::EXPERTS_FILE] {
         let from = a.model.join(file);
         if from.exists() {
-            std::fs::copy(&from, a.out.join(file)).with_context(|| {
+            std::fs::copy(&from, staged.path().join(file)).with_context(|| {
                 format!("cannot copy {} into {}", from.display(), a.out.display())
             })?;
         }
     }
+    staged
+        .commit()
+        .with_context(|| format!("cannot move the tuned model into {}", a.out.display()))?;
     eprintln!("wrote the router-tuned model to {}", a.out.display());
     Ok(())
 }

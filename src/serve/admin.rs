@@ -59,6 +59,15 @@ impl AdminTokens {
                     o.name
                 )
             })?;
+            // A token shared by two owners would let either change the other's experts, and the
+            // audit log could not say which of them acted.
+            if let Some((other, _)) = owners.iter().find(|(_, d)| *d == digest) {
+                anyhow::bail!(
+                    "{}: owners `{other}` and `{}` have the same token; give each owner its own",
+                    path.display(),
+                    o.name
+                );
+            }
             owners.push((o.name, digest));
         }
         anyhow::ensure!(
@@ -120,5 +129,15 @@ mod tests {
         assert_eq!(t.owner_of("gamma"), None);
         std::fs::write(&path, "[[owner]]\nname = \"A\"\ntoken_sha256 = \"xyz\"\n").unwrap();
         assert!(AdminTokens::load(&path).is_err());
+        std::fs::write(
+            &path,
+            format!(
+                "[[owner]]\nname = \"A\"\ntoken_sha256 = \"{0}\"\n[[owner]]\nname = \"B\"\ntoken_sha256 = \"{0}\"\n",
+                digest_hex("same")
+            ),
+        )
+        .unwrap();
+        let e = AdminTokens::load(&path).err().unwrap().to_string();
+        assert!(e.contains("same token") && e.contains("`A`") && e.contains("`B`"), "{e}");
     }
 }

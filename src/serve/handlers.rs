@@ -1050,8 +1050,15 @@ impl AppState {
         } else {
             change.reason
         };
+        let actor = format!("admin:{owner}");
         let record = policy
-            .record(&info.name, action, &reason)
+            .record(routers::Decision {
+                expert: &info.name,
+                owner,
+                actor: &actor,
+                action,
+                reason: &reason,
+            })
             .map_err(|e| match e {
                 RouterError::Invalid(m) => {
                     ApiError::new(StatusCode::CONFLICT, "invalid_request_error", m)

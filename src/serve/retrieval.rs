@@ -125,10 +125,14 @@ impl Store {
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::fs::read(self.dir.join("manifest.json"))
             .map_err(|e| ApiError::internal(format!("cannot read the datastore manifest: {e}")))?;
-        if now != cur.0 {
+        // A pending opt-out may already have deleted from the index under the open reader: reopening
+        // completes it (waiting for the writer if it is still running), so no request sees its blocks.
+        if now != cur.0 || Datastore::opt_out_pending(&self.dir) {
             let store = Datastore::open(&self.dir)
                 .map_err(|e| ApiError::internal(format!("cannot reopen the datastore: {e}")))?;
-            *cur = (now, Arc::new(store));
+            let manifest = store.manifest();
+            let bytes = serde_json::to_vec_pretty(manifest).unwrap_or(now);
+            *cur = (bytes, Arc::new(store));
         }
         Ok(cur.1.clone())
     }
