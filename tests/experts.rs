@@ -382,3 +382,47 @@ fn merging_refuses_experts_with_different_shared_weights() {
         "{err}"
     );
 }
+
+#[test]
+fn killed_merge_leaves_nothing_and_a_retry_gives_the_same_model() {
+    let root = tempfile::tempdir().unwrap();
+    let (public, owners) = split(root.path());
+    let merge = |out: &Path, fault: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_moeval"));
+        c.args(["merge", "--public", public.to_str().unwrap(), "--out"])
+            .arg(out)
+            .env_remove("MOEVAL_TEST_FAULT");
+        for (name, dir) in &owners {
+            c.arg("--expert").arg(format!("{name}={}", dir.display()));
+        }
+        if let Some(f) = fault {
+            c.env("MOEVAL_TEST_FAULT", f);
+        }
+        c.output().unwrap()
+    };
+    let reference = root.path().join("reference");
+    assert!(merge(&reference, None).status.success());
+    for point in ["merge.shards", "staged.commit"] {
+        let out = root.path().join(point);
+        let killed = merge(&out, Some(point));
+        assert!(killed.status.code().is_none(), "{point}: {killed:?}");
+        assert!(
+            !out.exists(),
+            "{point}: a half-merged model was left at --out"
+        );
+        let retry = merge(&out, None);
+        assert!(retry.status.success(), "{point}: {retry:?}");
+        let mut names: Vec<_> = std::fs::read_dir(&reference)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            assert_eq!(
+                std::fs::read(reference.join(&n)).unwrap(),
+                std::fs::read(out.join(&n)).unwrap(),
+                "{point}: {n:?} differs"
+            );
+        }
+    }
+}

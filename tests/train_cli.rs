@@ -102,6 +102,33 @@ fn the_recipe_runs_end_to_end_and_tuning_moves_only_the_routers() {
     args.extend(short);
     ok(&args);
 
+    // Killed while writing the tuned model: nothing at --out, and the retry gives the same bytes.
+    for point in ["train-router.saved", "staged.commit"] {
+        let out = t.join(point);
+        let mut killed_args = args.clone();
+        let at = killed_args.iter().position(|a| *a == s(&tuned)).unwrap();
+        killed_args[at] = s(&out);
+        let killed = Command::new(env!("CARGO_BIN_EXE_moeval"))
+            .args(["--threads", "1"])
+            .args(&killed_args)
+            .env("MOEVAL_TEST_FAULT", point)
+            .output()
+            .unwrap();
+        assert!(killed.status.code().is_none(), "{point}: {killed:?}");
+        assert!(
+            !out.exists(),
+            "{point}: a half-written model was left at --out"
+        );
+        ok(&killed_args);
+        for f in ["model.safetensors", "experts.toml", "config.json"] {
+            assert_eq!(
+                std::fs::read(tuned.join(f)).unwrap(),
+                std::fs::read(out.join(f)).unwrap(),
+                "{point}: {f}"
+            );
+        }
+    }
+
     // The tuned model keeps its experts' names and differs from the merge in its routers alone.
     let registry = std::fs::read_to_string(tuned.join("experts.toml")).unwrap();
     assert!(registry.contains("\"math\"") && registry.contains("\"news\""));

@@ -237,10 +237,8 @@ pub fn build(
                         }
                         Some(_) => {}
                         None => {
-                            doc_owners.insert(
-                                r.doc_id.clone(),
-                                (r.owner.clone(), path.clone(), r.line),
-                            );
+                            doc_owners
+                                .insert(r.doc_id.clone(), (r.owner.clone(), path.clone(), r.line));
                         }
                     }
                     chunk_bytes += r.text.len();

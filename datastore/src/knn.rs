@@ -165,7 +165,10 @@ pub(crate) fn remove_stale(store: &Path, keep: Option<&str>) -> Result<()> {
     for e in entries {
         let e = e.map_err(Error::io(store))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        let is_keys = name == DIR || name.strip_prefix("knn-").is_some_and(|n| n.parse::<u64>().is_ok());
+        let is_keys = name == DIR
+            || name
+                .strip_prefix("knn-")
+                .is_some_and(|n| n.parse::<u64>().is_ok());
         if is_keys && Some(name.as_str()) != keep && e.path().is_dir() {
             std::fs::remove_dir_all(e.path()).map_err(Error::io(e.path()))?;
         }
@@ -321,7 +324,11 @@ pub fn next_token_distribution(
 
 /// Writes the store's keys without the entries of `blocks` into a new folder, synced, and returns its
 /// name and the number of entries dropped. The caller switches the manifest to it.
-pub(crate) fn remove_blocks(dir: &Path, current: &str, blocks: &HashSet<u64>) -> Result<(String, u64)> {
+pub(crate) fn remove_blocks(
+    dir: &Path,
+    current: &str,
+    blocks: &HashSet<u64>,
+) -> Result<(String, u64)> {
     let knn = KnnIndex::open_in(dir, current)?;
     let name = fresh_name(dir);
     let d = dir.join(&name);

@@ -40,8 +40,8 @@ mod input;
 pub mod knn;
 mod manifest;
 mod store;
-mod txn;
 mod tokenizer;
+mod txn;
 
 pub use analyzer::{analyze, english_analyzer};
 pub use build::{build, BuildOptions, BuildReport, Malformed};

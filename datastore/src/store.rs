@@ -605,10 +605,7 @@ impl Datastore {
             .chain(req.documents.iter().map(|d| (d, false)))
         {
             let field = if is_owner { f.owner } else { f.doc_id };
-            let q = TermQuery::new(
-                Term::from_field_text(field, name),
-                IndexRecordOption::Basic,
-            );
+            let q = TermQuery::new(Term::from_field_text(field, name), IndexRecordOption::Basic);
             let n = searcher.search(&q, &Count)?;
             let already = if is_owner {
                 manifest.excluded_owners.contains(name)
@@ -635,11 +632,25 @@ impl Datastore {
         drop(index);
         let mut blocks: Vec<u64> = removed.into_iter().collect();
         blocks.sort_unstable();
+        if blocks.is_empty() {
+            // Everything named was opted out already (a retry after a crash, for one): nothing to do.
+            return Ok(OptOutReport {
+                blocks_removed: 0,
+                knn_entries_removed: 0,
+                identity_before: manifest.identity(),
+                identity_after: manifest.identity(),
+            });
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let intent = crate::txn::Intent {
-            id: format!("{}-{}-{}", now.as_secs(), now.subsec_nanos(), std::process::id()),
+            id: format!(
+                "{}-{}-{}",
+                now.as_secs(),
+                now.subsec_nanos(),
+                std::process::id()
+            ),
             owners: req.owners.clone(),
             documents: req.documents.clone(),
             reason: req.reason.clone(),

@@ -28,7 +28,12 @@ pub trait TensorSource {
 
     /// The rows of the 2-D tensor `name` that `keep` selects, the others zero. A checkpoint reads
     /// only the kept rows' bytes (an opted-out expert's router row is never read).
-    fn rows(&self, name: &str, shape: [usize; 2], keep: &dyn Fn(usize) -> bool) -> Result<Vec<f32>> {
+    fn rows(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        keep: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<f32>> {
         let mut v = self.values(name, &shape)?;
         for (r, row) in v.chunks_exact_mut(shape[1]).enumerate() {
             if !keep(r) {
@@ -46,7 +51,12 @@ impl TensorSource for crate::weights::Weights {
     fn contains(&self, name: &str) -> bool {
         crate::weights::Weights::contains(self, name)
     }
-    fn rows(&self, name: &str, shape: [usize; 2], keep: &dyn Fn(usize) -> bool) -> Result<Vec<f32>> {
+    fn rows(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        keep: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<f32>> {
         self.get_rows(name, shape, keep)
     }
 }

@@ -51,7 +51,10 @@ fn opted_out_router_row_is_never_read() {
     assert!(d <= 1e-5, "differs by {d}");
     for layer in fwd.router_logits.unwrap() {
         let v = layer.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(v.iter().all(|x| !x.is_nan()), "NaN reached the router logits");
+        assert!(
+            v.iter().all(|x| !x.is_nan()),
+            "NaN reached the router logits"
+        );
         let experts = layer.dims()[1];
         assert!(v
             .chunks_exact(experts)

@@ -133,7 +133,11 @@ impl Policy {
                 message: format!("invalid policy file: {e}"),
             })?
         } else {
-            PolicyFile::default()
+            // No file yet: nothing applied, so every logged decision is pending.
+            PolicyFile {
+                opted_out: Vec::new(),
+                applied: Some(0),
+            }
         };
         let log = read_log(&audit)?;
         let records = log.len() as u64;
@@ -446,7 +450,10 @@ mod tests {
         let r = p.record(decision("a", Action::OptIn, "back")).unwrap();
         assert_eq!(r.seq, Some(3));
         let text = std::fs::read_to_string(dir.path().join(POLICY_FILE)).unwrap();
-        assert!(text.contains("\"applied\": 3") && text.contains("\"b\""), "{text}");
+        assert!(
+            text.contains("\"applied\": 3") && text.contains("\"b\""),
+            "{text}"
+        );
     }
 
     #[test]
@@ -463,7 +470,10 @@ mod tests {
         p.record(decision("c", Action::OptOut, "two")).unwrap();
         let records = Policy::load(dir.path()).unwrap().audit_log().unwrap();
         assert_eq!(records.len(), 2);
-        assert_eq!((records[1].seq, records[1].owner.as_str()), (Some(2), "Owner"));
+        assert_eq!(
+            (records[1].seq, records[1].owner.as_str()),
+            (Some(2), "Owner")
+        );
     }
 
     #[test]

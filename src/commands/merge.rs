@@ -369,7 +369,10 @@ pub fn run(a: Args) -> Result<()> {
     let dir = staged.path();
     write_shards(&out, layers, dir)?;
     durable::fault::point("merge.shards");
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
     for f in [
         "tokenizer.json",
         "tokenizer_config.json",

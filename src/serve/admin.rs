@@ -138,6 +138,9 @@ mod tests {
         )
         .unwrap();
         let e = AdminTokens::load(&path).err().unwrap().to_string();
-        assert!(e.contains("same token") && e.contains("`A`") && e.contains("`B`"), "{e}");
+        assert!(
+            e.contains("same token") && e.contains("`A`") && e.contains("`B`"),
+            "{e}"
+        );
     }
 }
