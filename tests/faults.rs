@@ -328,6 +328,7 @@ fn datastore_opt_out_survives_a_crash_at_every_step() {
             (1, 1),
             "{point}: {audit}"
         );
+        assert!(audit.contains("\"actor\":\"cli:"), "{point}: {audit}");
     }
 }
 

@@ -153,6 +153,8 @@ pub struct OptOut {
     pub owners: Vec<String>,
     pub documents: Vec<String>,
     pub reason: String,
+    /// Who acted, for the audit log (`cli:USER` from the command line).
+    pub actor: String,
 }
 
 impl OptOut {
@@ -162,6 +164,7 @@ impl OptOut {
             owners: vec![name.to_string()],
             documents: Vec::new(),
             reason: reason.to_string(),
+            actor: String::new(),
         }
     }
 
@@ -171,6 +174,7 @@ impl OptOut {
             owners: Vec::new(),
             documents: ids.iter().map(|s| s.to_string()).collect(),
             reason: reason.to_string(),
+            actor: String::new(),
         }
     }
 }
@@ -654,6 +658,7 @@ impl Datastore {
             owners: req.owners.clone(),
             documents: req.documents.clone(),
             reason: req.reason.clone(),
+            actor: req.actor.clone(),
             blocks,
             identity_before: manifest.identity(),
             knn_entries_before: manifest.knn.as_ref().map_or(0, |k| k.entries),
@@ -751,6 +756,7 @@ fn complete(dir: &Path, intent: &crate::txn::Intent) -> Result<OptOutReport> {
                 "owners": intent.owners,
                 "documents": intent.documents,
                 "reason": intent.reason,
+                "actor": intent.actor,
                 "blocks": intent.blocks.len(),
                 "identity_before": intent.identity_before,
             }),
@@ -826,6 +832,7 @@ fn complete(dir: &Path, intent: &crate::txn::Intent) -> Result<OptOutReport> {
                 "owners": intent.owners,
                 "documents": intent.documents,
                 "reason": intent.reason,
+                "actor": intent.actor,
                 "blocks_removed": report.blocks_removed,
                 "knn_entries_removed": report.knn_entries_removed,
                 "identity_before": report.identity_before,

@@ -30,6 +30,9 @@ pub(crate) struct Intent {
     pub owners: Vec<String>,
     pub documents: Vec<String>,
     pub reason: String,
+    /// Who acted (see [`OptOut::actor`](crate::OptOut::actor)).
+    #[serde(default)]
+    pub actor: String,
     /// Blocks of those owners and documents, found before anything was deleted.
     pub blocks: Vec<u64>,
     pub identity_before: String,

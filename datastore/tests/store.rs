@@ -422,3 +422,31 @@ fn knn_entries_of_opted_out_blocks_are_removed() {
         .all(|n| knn.block(n.entry) == 0));
     assert_eq!(store.manifest().knn.as_ref().unwrap().entries, 2);
 }
+
+#[test]
+fn document_ids_shared_by_two_owners_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("dup.jsonl");
+    let jsonl = [
+        row("d1", "alice", "cc-by", "river mountain glacier"),
+        row("d1", "alice", "cc-by", "a second row of alice's d1 is hers"),
+        row("d2", "bob", "pd", "valley forest ocean"),
+        row("d1", "bob", "pd", "desert storm harbor"),
+    ]
+    .join("\n");
+    std::fs::write(&input, jsonl).unwrap();
+    let out = tmp.path().join("s");
+    let e = build(&[input], &Tokenizer::bytes(), &out, &opts(), &|_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("dup.jsonl:4")
+            && e.contains("`d1`")
+            && e.contains("`alice`")
+            && e.contains("dup.jsonl:1"),
+        "{e}"
+    );
+    // Nothing is left at --out, and no half-built store beside it is mistaken for one.
+    assert!(!out.exists() || std::fs::read_dir(&out).unwrap().next().is_none());
+}

@@ -308,6 +308,7 @@ fn opt_out(dir: &Path, owners: Vec<String>, documents: Vec<String>, reason: Stri
         owners,
         documents,
         reason,
+        actor: format!("cli:{}", super::experts::cli_user()),
     };
     let r = Datastore::opt_out(dir, &req)?;
     println!(

@@ -170,7 +170,7 @@ fn decide(dir: &Path, expert: &str, action: Action, reason: &str) -> Result<()> 
 }
 
 /// The login name of whoever ran the command, for the audit log.
-fn cli_user() -> String {
+pub(super) fn cli_user() -> String {
     ["USER", "LOGNAME"]
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
