@@ -1321,4 +1321,33 @@ mod tests {
         out.push_str(&d.finish(text));
         assert_eq!(out, text);
     }
+
+    #[test]
+    fn a_completed_stop_string_never_leaks_its_first_character() {
+        let text = "ab\nc";
+        let decode = |ids: &[u32]| {
+            ids.iter()
+                .map(|&i| &text[i as usize..i as usize + 1])
+                .collect()
+        };
+        let mut d = TextDelta::new(&["\nc".into()]);
+        // The token completing the stop string arrives before the engine's stop.
+        let out: String = (0..4).map(|i| d.push(decode, i)).collect();
+        assert_eq!(out, "ab");
+    }
+
+    #[test]
+    fn only_a_trailing_replacement_character_is_held_back() {
+        // Token 1 is the first byte of a two-byte character that token 2 completes; token 0 holds a
+        // U+FFFD for good.
+        let decode = |ids: &[u32]| match ids.len() {
+            1 => "x\u{FFFD}y".to_string(),
+            2 => "x\u{FFFD}yz\u{FFFD}".to_string(),
+            _ => "x\u{FFFD}yzé!".to_string(),
+        };
+        let mut d = TextDelta::new(&[]);
+        assert_eq!(d.push(decode, 0), "x\u{FFFD}y");
+        assert_eq!(d.push(decode, 1), "z");
+        assert_eq!(d.push(decode, 2), "é!");
+    }
 }
