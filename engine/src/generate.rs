@@ -42,7 +42,7 @@ impl Default for GenParams {
 pub enum FinishReason {
     /// Hit `max_new_tokens`.
     Length,
-    /// Emitted an EOS token (not included in `tokens`).
+    /// Emitted an EOS token (not included in `tokens`; reported in the step's [`Progress::token`]).
     Eos,
     /// Produced a stop string (the text is cut before it).
     Stop,
@@ -83,20 +83,24 @@ pub struct SeqRequest {
 }
 
 /// Handle of a sequence inside a [`Decoder`]; handles count up from 0 in the order sequences are added.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SeqId(pub u64);
 
-/// What one [`Decoder::step`] did for one sequence.
-#[derive(Clone, Debug, PartialEq)]
+/// What one [`Decoder::step`] did for one sequence. A sequence whose prompt is still being prefilled in
+/// chunks reports nothing.
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct Progress {
     pub id: SeqId,
-    /// On the sequence's first step when asked for: entry `i` scores `prompt[i + 1]`.
+    /// On the step that finishes the prompt's prefill, when asked for: entry `i` scores `prompt[i + 1]`.
     pub prompt_logprobs: Option<Vec<TokenLogprob>>,
-    /// The token this step produced (`None` when the sequence ended on EOS or needed no token). Its
-    /// `logprob` and `top` are filled only when the sequence asked for log-probabilities.
+    /// The token this step produced, an EOS that ended the sequence included (`None` when it needed no
+    /// token). Its `logprob` and `top` are filled only when the sequence asked for log-probabilities.
     pub token: Option<TokenLogprob>,
     /// Set on the sequence's last step; the sequence then leaves the decoder.
     pub finished: Option<Generation>,
+    /// Set when this sequence alone failed (its sampler could not draw a token); it leaves the decoder
+    /// and the others carry on.
+    pub error: Option<String>,
 }
 
 struct Active {
@@ -107,7 +111,12 @@ struct Active {
     tokens: Vec<u32>,
     done: Option<FinishReason>,
     text: String,
-    started: bool,
+    /// Prompt tokens already in the cache (the prefill is done when this is the prompt's length).
+    fed: usize,
+    /// Prompt log-probabilities gathered over the prefill's chunks.
+    scored: Vec<TokenLogprob>,
+    /// Why this sequence failed alone.
+    failed: Option<String>,
 }
 
 /// Step-wise generation for continuous batching: sequences join between steps, each with its own
@@ -115,18 +124,29 @@ struct Active {
 /// forward pass over all live sequences (new ones feed their prompt, the others their last token); as the
 /// forward pass never pads and is batch-independent, a sequence's result does not depend on what else
 /// was in the batch or when it joined.
+///
+/// With a prefill chunk, a step feeds at most that many prompt tokens in all (earliest sequence first),
+/// so a long prompt is prefilled over several steps while the other sequences keep decoding.
 pub struct Decoder<'m> {
     model: &'m Model,
     seqs: Vec<Active>,
     next_id: u64,
+    prefill_chunk: usize,
 }
 
 impl<'m> Decoder<'m> {
+    /// A decoder that prefills each prompt in one step.
     pub fn new(model: &'m Model) -> Self {
+        Self::with_prefill_chunk(model, usize::MAX)
+    }
+
+    /// A decoder that feeds at most `chunk` prompt tokens per step (at least 1).
+    pub fn with_prefill_chunk(model: &'m Model, chunk: usize) -> Self {
         Self {
             model,
             seqs: Vec::new(),
             next_id: 0,
+            prefill_chunk: chunk.max(1),
         }
     }
 
@@ -176,7 +196,9 @@ impl<'m> Decoder<'m> {
             tokens: Vec::new(),
             done: None,
             text: String::new(),
-            started: false,
+            fed: 0,
+            scored: Vec::new(),
+            failed: None,
             req,
         });
         Ok(id)
@@ -209,8 +231,7 @@ impl<'m> Decoder<'m> {
         let mut out = Vec::with_capacity(self.seqs.len());
         // A sequence that wants no token and no prompt scores ends without a forward pass.
         for s in &mut self.seqs {
-            if !s.started && s.req.params.max_new_tokens == 0 && !s.req.prompt_logprobs {
-                s.started = true;
+            if s.fed == 0 && s.req.params.max_new_tokens == 0 && !s.req.prompt_logprobs {
                 s.done = Some(FinishReason::Length);
             }
         }
@@ -227,14 +248,20 @@ impl<'m> Decoder<'m> {
                 continue;
             }
             let s = self.seqs.remove(i);
-            let generation = finish(model, s.done, s.tokens, s.text)?;
+            let (finished, error) = match s.failed {
+                Some(e) => (None, Some(e)),
+                None => (Some(finish(model, s.done, s.tokens, s.text)?), None),
+            };
             match out.iter_mut().find(|p| p.id == s.id) {
-                Some(p) => p.finished = Some(generation),
+                Some(p) => {
+                    p.finished = finished;
+                    p.error = error;
+                }
                 None => out.push(Progress {
                     id: s.id,
-                    prompt_logprobs: None,
-                    token: None,
-                    finished: Some(generation),
+                    finished,
+                    error,
+                    ..Progress::default()
                 }),
             }
         }
@@ -244,50 +271,60 @@ impl<'m> Decoder<'m> {
     fn forward_step(&mut self, live: &[usize], out: &mut Vec<Progress>) -> Result<()> {
         let model = self.model;
         let eos = &model.config().eos_token_ids;
-        let feeds: Vec<Vec<u32>> = live
-            .iter()
-            .map(|&i| {
-                let s = &self.seqs[i];
-                match (s.started, s.tokens.last()) {
-                    (true, Some(&last)) => vec![last],
-                    _ => s.req.prompt.clone(),
+        // What each sequence feeds this step: the next chunk of its prompt, or its last token. Sequences
+        // left without prefill budget wait for the next step.
+        let mut budget = self.prefill_chunk;
+        let mut steps: Vec<(usize, Vec<u32>)> = Vec::with_capacity(live.len());
+        for &i in live {
+            let s = &self.seqs[i];
+            let left = s.req.prompt.len() - s.fed;
+            if left == 0 {
+                if let Some(&last) = s.tokens.last() {
+                    steps.push((i, vec![last]));
                 }
-            })
-            .collect();
-        let firsts: Vec<bool> = live.iter().map(|&i| !self.seqs[i].started).collect();
+                continue;
+            }
+            let n = left.min(budget);
+            if n > 0 {
+                budget -= n;
+                steps.push((i, s.req.prompt[s.fed..s.fed + n].to_vec()));
+            }
+        }
+        if steps.is_empty() {
+            return Ok(());
+        }
+        let prefilling = |s: &Active| s.fed < s.req.prompt.len();
         // Every row is needed only when a prompt is scored; otherwise each sequence's last.
-        let all_rows = live
+        let all_rows = steps
             .iter()
-            .zip(&firsts)
-            .any(|(&i, &first)| first && self.seqs[i].req.prompt_logprobs);
-        // `live` lists exactly the unfinished sequences, in order.
-        let mut inputs: Vec<SeqInput> = self
-            .seqs
-            .iter_mut()
-            .filter(|s| s.done.is_none())
-            .zip(&feeds)
-            .map(|(s, f)| SeqInput {
-                tokens: f,
-                cache: &mut s.cache,
-                mask: s.req.mask.as_ref(),
-            })
-            .collect();
-
+            .any(|(i, _)| prefilling(&self.seqs[*i]) && self.seqs[*i].req.prompt_logprobs);
+        let mut feeding = steps.iter().map(|(i, _)| *i).peekable();
+        let mut inputs: Vec<SeqInput> = Vec::with_capacity(steps.len());
+        for (i, s) in self.seqs.iter_mut().enumerate() {
+            if feeding.next_if_eq(&i).is_some() {
+                inputs.push(SeqInput {
+                    tokens: &steps[inputs.len()].1,
+                    cache: &mut s.cache,
+                    mask: s.req.mask.as_ref(),
+                });
+            }
+        }
         let fwd = if all_rows {
             model.forward(&mut inputs, false)?
         } else {
             model.forward_last(&mut inputs)?
         };
         drop(inputs);
-        // Rows whose logits we need: the last of each sequence, plus a scored prompt's other rows.
+        // Rows whose logits we need: the last of each sequence, plus a scored prompt chunk's other rows.
         let mut rows: Vec<u32> = Vec::new();
-        let mut first_row = Vec::with_capacity(live.len());
-        for (j, (&i, f)) in live.iter().zip(&feeds).enumerate() {
+        let mut first_row = Vec::with_capacity(steps.len());
+        for (j, (i, f)) in steps.iter().enumerate() {
             let start = fwd.starts[j];
             first_row.push(rows.len());
+            let s = &self.seqs[*i];
             if !all_rows {
                 rows.push(start as u32);
-            } else if firsts[j] && self.seqs[i].req.prompt_logprobs {
+            } else if prefilling(s) && s.req.prompt_logprobs {
                 rows.extend((start..start + f.len()).map(|r| r as u32));
             } else {
                 rows.push((start + f.len() - 1) as u32);
@@ -296,31 +333,45 @@ impl<'m> Decoder<'m> {
         let n = rows.len();
         let idx = Tensor::from_vec(rows, n, fwd.hidden.device())?;
         let logits = model.logits(&fwd.hidden.index_select(&idx, 0)?)?;
-        for (j, &i) in live.iter().enumerate() {
-            let s = &mut self.seqs[i];
+        for (j, (i, f)) in steps.iter().enumerate() {
+            let s = &mut self.seqs[*i];
             let top = s.req.logprobs.unwrap_or(0);
+            let last = first_row.get(j + 1).copied().unwrap_or(n) - 1;
             let mut progress = Progress {
                 id: s.id,
-                prompt_logprobs: None,
-                token: None,
-                finished: None,
+                ..Progress::default()
             };
-            let last = first_row.get(j + 1).copied().unwrap_or(n) - 1;
-            if firsts[j] && s.req.prompt_logprobs {
-                let mut scored = Vec::with_capacity(s.req.prompt.len() - 1);
-                for (r, &t) in (first_row[j]..last).zip(&s.req.prompt[1..]) {
-                    scored.push(token_logprob(&logits.get(r)?, t, top)?);
+            if prefilling(s) {
+                if s.req.prompt_logprobs {
+                    // Row `r` of this chunk predicts the prompt token after it.
+                    for (r, &t) in (first_row[j]..=last).zip(&s.req.prompt[s.fed + 1..]) {
+                        s.scored.push(token_logprob(&logits.get(r)?, t, top)?);
+                    }
                 }
-                progress.prompt_logprobs = Some(scored);
+                s.fed += f.len();
+                if prefilling(s) {
+                    continue;
+                }
+                if s.req.prompt_logprobs {
+                    progress.prompt_logprobs = Some(std::mem::take(&mut s.scored));
+                }
             }
-            s.started = true;
             if s.req.params.max_new_tokens == 0 {
                 s.done = Some(FinishReason::Length);
                 out.push(progress);
                 continue;
             }
             let row = logits.get(last)?;
-            let next = s.sampler.sample(&row)?;
+            let next = match s.sampler.sample(&row) {
+                Ok(t) => t,
+                Err(e) => {
+                    // Only this sequence's sampling settings are at fault.
+                    s.failed = Some(format!("sampling failed: {}", first_line(&e.to_string())));
+                    s.done = Some(FinishReason::Length);
+                    out.push(progress);
+                    continue;
+                }
+            };
             progress.token = Some(match s.req.logprobs {
                 Some(top) => token_logprob(&row, next, top)?,
                 None => TokenLogprob {
@@ -332,7 +383,6 @@ impl<'m> Decoder<'m> {
             let params = &s.req.params;
             if params.stop_at_eos && eos.contains(&next) {
                 s.done = Some(FinishReason::Eos);
-                progress.token = None;
                 out.push(progress);
                 continue;
             }
@@ -356,6 +406,12 @@ impl<'m> Decoder<'m> {
         }
         Ok(())
     }
+}
+
+/// The first line of an error's text: candle appends a backtrace on the lines after it when
+/// `RUST_BACKTRACE` is set, which must not reach clients.
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or_default()
 }
 
 fn finish(

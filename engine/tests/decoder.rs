@@ -181,3 +181,133 @@ fn cancel_and_bad_input() {
     assert!(bad(vec![5, 9999], None).contains("outside the vocabulary"));
     assert!(bad(vec![5], Some(ExpertMask::all(3))).contains("not loaded"));
 }
+
+/// A prompt's (token, log-probability) pairs.
+type PromptScores = Vec<(u32, f32)>;
+
+/// Runs every request through one decoder that prefills at most `chunk` prompt tokens per step;
+/// returns each one's result and prompt log-probabilities.
+fn run_chunked(
+    model: &Model,
+    reqs: &[SeqRequest],
+    chunk: usize,
+) -> Vec<(Generation, PromptScores)> {
+    let mut dec = Decoder::with_prefill_chunk(model, chunk);
+    for r in reqs {
+        dec.add(r.clone()).unwrap();
+    }
+    let mut out: Vec<(Option<Generation>, PromptScores)> = vec![(None, vec![]); reqs.len()];
+    while !dec.is_empty() {
+        for p in dec.step().unwrap() {
+            let slot = &mut out[p.id.0 as usize];
+            if let Some(lps) = p.prompt_logprobs {
+                slot.1 = lps.iter().map(|t| (t.token, t.logprob)).collect();
+            }
+            if let Some(g) = p.finished {
+                slot.0 = Some(g);
+            }
+        }
+    }
+    out.into_iter().map(|(g, l)| (g.unwrap(), l)).collect()
+}
+
+#[test]
+fn chunked_prefill_gives_what_one_shot_prefill_gives() {
+    let model = model();
+    let mut reqs = requests(&model);
+    for r in &mut reqs {
+        r.prompt_logprobs = true;
+    }
+    let whole = run_chunked(&model, &reqs, usize::MAX);
+    for chunk in [1, 3, 7] {
+        let chunked = run_chunked(&model, &reqs, chunk);
+        for ((g, l), (wg, wl)) in chunked.iter().zip(&whole) {
+            assert_eq!(g, wg, "chunk {chunk}");
+            assert_eq!(l.len(), wl.len());
+            for ((t, lp), (wt, wlp)) in l.iter().zip(wl) {
+                assert_eq!(t, wt);
+                assert!((lp - wlp).abs() < 1e-5, "chunk {chunk}: {lp} vs {wlp}");
+            }
+        }
+    }
+    for (r, (g, _)) in reqs.iter().zip(&whole) {
+        assert_eq!(*g, alone(&model, r));
+    }
+}
+
+#[test]
+fn a_failing_sampler_fails_its_sequence_alone() {
+    let model = model();
+    let reqs = requests(&model);
+    let mut dec = Decoder::new(&model);
+    let good = dec.add(reqs[0].clone()).unwrap();
+    // Logits divided by this overflow to NaN probabilities: the sampler cannot draw.
+    let mut broken = reqs[1].clone();
+    broken.params.temperature = 1e-38;
+    let bad = dec.add(broken).unwrap();
+    let (mut finished, mut error) = (None, None);
+    while !dec.is_empty() {
+        for p in dec.step().unwrap() {
+            if p.id == bad {
+                error = p.error.or(error);
+                assert!(p.finished.is_none());
+            } else {
+                finished = p.finished.or(finished);
+            }
+        }
+    }
+    let error = error.expect("the broken sequence reports an error");
+    assert!(error.contains("sampling failed"), "{error}");
+    assert!(!error.contains('\n'), "{error}");
+    assert_eq!(finished.unwrap(), alone(&model, &reqs[0]));
+    let _ = good;
+}
+
+#[test]
+fn a_generated_eos_is_reported_as_the_last_token() {
+    let model = model();
+    let tok = model.require_tokenizer().unwrap();
+    let prompt = tok.encode("The quick brown fox").unwrap();
+    let greedy = generate(
+        &model,
+        &[(
+            prompt.clone(),
+            GenParams {
+                max_new_tokens: 1,
+                stop_at_eos: false,
+                ..GenParams::default()
+            },
+        )],
+        None,
+    )
+    .unwrap()
+    .remove(0);
+    // Make the greedy next token an EOS of a copy of the model.
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixture("tiny-flexolmo")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let cfg = dir.path().join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["eos_token_id"] = serde_json::json!(greedy.tokens[0]);
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let eos_model = Model::load(dir.path(), &LoadOptions::default()).unwrap();
+    let mut dec = Decoder::new(&eos_model);
+    dec.add(SeqRequest {
+        prompt,
+        params: GenParams {
+            max_new_tokens: 1,
+            ..GenParams::default()
+        },
+        logprobs: Some(0),
+        ..SeqRequest::default()
+    })
+    .unwrap();
+    let p = dec.step().unwrap().remove(0);
+    assert_eq!(p.token.unwrap().token, greedy.tokens[0]);
+    let g = p.finished.unwrap();
+    assert_eq!(g.finish, engine::generate::FinishReason::Eos);
+    assert!(g.tokens.is_empty());
+}

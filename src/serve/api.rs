@@ -40,8 +40,13 @@ impl ApiError {
         }
     }
 
+    /// 500 `server_error`. The full message goes to the server's log; the client gets its first line
+    /// only, so a backtrace attached to an error never reaches a response.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+        let message = message.into();
+        eprintln!("error: {message}");
+        let first = message.lines().next().unwrap_or_default().to_string();
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", first)
     }
 
     pub fn body(&self) -> Value {
@@ -117,6 +122,15 @@ pub struct Sampling {
     pub n: Option<usize>,
     #[serde(default)]
     pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+/// `stream_options`: with `include_usage`, a stream ends with a chunk holding the token counts.
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
 }
 
 /// `POST /v1/completions`.
@@ -204,10 +218,20 @@ pub struct Checked {
     pub seed: u64,
     pub stop: Vec<String>,
     pub stream: bool,
+    /// Streams end with a usage chunk.
+    pub include_usage: bool,
 }
 
 /// Most stop strings a request may give.
 const MAX_STOP: usize = 16;
+
+/// Temperatures below this are greedy: dividing logits by a smaller one overflows f32 (and the
+/// distribution is already the argmax), as vLLM treats them.
+pub const MIN_TEMPERATURE: f64 = 1e-5;
+
+/// `top_p` is raised to at least this: a smaller nucleus rounds to zero in f32 and keeps no token. For
+/// any vocabulary under 100,000 tokens the nucleus is then the most likely token alone.
+pub const MIN_TOP_P: f64 = 1e-5;
 
 impl Sampling {
     /// Validates ranges the way OpenAI documents them; an unset seed is drawn from the clock.
@@ -225,19 +249,29 @@ impl Sampling {
                 ));
             }
         }
-        let temperature = self.temperature.unwrap_or(1.0);
+        let mut temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
             return Err(ApiError::param(
                 "temperature",
                 "temperature must be between 0 and 2",
             ));
         }
+        if temperature < MIN_TEMPERATURE {
+            temperature = 0.0;
+        }
         let top_p = match self.top_p {
             None => None,
-            Some(p) if p > 0.0 && p < 1.0 => Some(p),
+            Some(p) if p > 0.0 && p < 1.0 => Some(p.max(MIN_TOP_P)),
             Some(1.0) => None,
             Some(_) => return Err(ApiError::param("top_p", "top_p must be in (0, 1]")),
         };
+        let stream = self.stream.unwrap_or(false);
+        if self.stream_options.is_some() && !stream {
+            return Err(ApiError::param(
+                "stream_options",
+                "stream_options is only allowed with stream: true",
+            ));
+        }
         let stop: Vec<String> = self
             .stop
             .map(Stop::into_vec)
@@ -263,7 +297,8 @@ impl Sampling {
             top_p,
             seed,
             stop,
-            stream: self.stream.unwrap_or(false),
+            stream,
+            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
         })
     }
 }
@@ -304,6 +339,22 @@ mod tests {
         assert_eq!(ok.top_p, None);
         assert_eq!(ok.stop, vec!["\n"]);
         assert_eq!(ok.seed, 3);
+        // Tiny values inside the accepted ranges become greedy / the smallest usable nucleus.
+        let tiny = s(r#"{"temperature": 1e-38, "top_p": 1e-50}"#).unwrap();
+        assert_eq!(tiny.temperature, 0.0);
+        assert_eq!(tiny.top_p, Some(MIN_TOP_P));
+        assert!(s(r#"{"stream_options": {"include_usage": true}}"#).is_err());
+        assert!(
+            s(r#"{"stream": true, "stream_options": {"include_usage": true}}"#)
+                .unwrap()
+                .include_usage
+        );
+    }
+
+    #[test]
+    fn internal_errors_keep_only_their_first_line() {
+        let e = ApiError::internal("boom\nstack backtrace:\n   0: src/main.rs:1");
+        assert_eq!(e.message, "boom");
     }
 
     /// Arbitrary bytes (and mutations of valid bodies) never panic the parsers or the checks.

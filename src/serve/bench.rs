@@ -146,16 +146,11 @@ pub fn run(a: Args) -> Result<()> {
     let vocab = model.config().vocab_size;
     let max_c = a.concurrency.iter().copied().max().unwrap_or(1);
     let settings = super::Settings {
-        name: "bench".into(),
         max_batch: a.max_batch,
         max_queue: max_c * 2,
         max_tokens: a.max_tokens.max(1),
-        max_prompt_tokens: model.config().max_position_embeddings,
         timeout: Duration::from_secs(600),
-        admin_tokens: None,
-        chat_template: None,
-        policy: None,
-        datastore: None,
+        ..super::Settings::new("bench", model.config().max_position_embeddings)
     };
     let rt = super::runtime()?;
     let server = rt.block_on(super::Server::start(

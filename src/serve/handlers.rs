@@ -33,6 +33,104 @@ fn respond(s: &AppState, endpoint: &'static str, r: Result<Response, ApiError>) 
     resp
 }
 
+/// Largest request body, as OpenAI's and vLLM's servers accept by default.
+pub const MAX_BODY: usize = 2 * 1024 * 1024;
+
+/// Reads every request's body before routing: within `--read-timeout-secs` (408 otherwise, so a slow
+/// client cannot hold a connection open forever) and at most [`MAX_BODY`] bytes (413), both errors in
+/// OpenAI's shape.
+pub async fn read_body(
+    State(s): Shared,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use futures_util::StreamExt;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the request body is larger than {MAX_BODY} bytes"),
+        )
+        .into_response()
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return too_large();
+    }
+    let (parts, body) = req.into_parts();
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(s.settings.read_timeout, async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| e.to_string())?;
+            if buf.len() + chunk.len() > MAX_BODY {
+                return Ok(false);
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok::<_, String>(true)
+    })
+    .await;
+    match read {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => return too_large(),
+        Ok(Err(e)) => {
+            return ApiError::invalid(format!("cannot read the request body: {e}")).into_response()
+        }
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "the request body did not arrive within the server's --read-timeout-secs",
+            )
+            .into_response()
+        }
+    }
+    next.run(axum::extract::Request::from_parts(parts, buf.into()))
+        .await
+}
+
+/// With `--api-key`, the /v1 endpoints need `Authorization: Bearer KEY` (401 otherwise).
+pub async fn require_api_key(
+    State(s): Shared,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use sha2::Digest;
+    let Some(want) = &s.api_key else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    // Digests of equal length compared in full, so timing does not tell how much of the key matched.
+    let ok = given.is_some_and(|g| {
+        let got: [u8; 32] = sha2::Sha256::digest(g.as_bytes()).into();
+        got.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    });
+    if ok {
+        return next.run(req).await;
+    }
+    let mut r = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        "this server needs an API key: send `Authorization: Bearer KEY`",
+    )
+    .into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    r
+}
+
 pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
@@ -53,11 +151,25 @@ pub async fn method_not_allowed() -> ApiError {
     )
 }
 
+impl AppState {
+    fn model_card(&self) -> Value {
+        json!({
+            "id": self.settings.name, "object": "model", "created": self.created, "owned_by": "moeval",
+            "max_model_len": self.model.config().max_position_embeddings,
+        })
+    }
+}
+
 pub async fn models(State(s): Shared) -> Json<Value> {
-    Json(json!({"object": "list", "data": [{
-        "id": s.settings.name, "object": "model", "created": s.created, "owned_by": "moeval",
-        "max_model_len": s.model.config().max_position_embeddings,
-    }]}))
+    Json(json!({"object": "list", "data": [s.model_card()]}))
+}
+
+/// `GET /v1/models/{id}`.
+pub async fn model(State(s): Shared, Path(id): Path<String>) -> Response {
+    let r = s
+        .check_model(&Some(id))
+        .map(|()| Json(s.model_card()).into_response());
+    respond(&s, "models", r)
 }
 
 /// Names, owners, domains and current policy status of every expert.
@@ -248,6 +360,16 @@ impl AppState {
         let requested = registry
             .resolve_list(&ext.experts)
             .map_err(|e| ApiError::param("moeval.experts", e.to_string()))?;
+        if let Some(&i) = requested.iter().find(|i| self.server_removed.contains(i)) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                format!(
+                    "expert `{}` is not served: the server was started without it (--opt-out / --experts)",
+                    registry.name(i)
+                ),
+            ));
+        }
         if let Some(&i) = requested.iter().find(|&&i| !loaded.is_allowed(i)) {
             return Err(ApiError::param(
                 "moeval.experts",
@@ -259,14 +381,21 @@ impl AppState {
             ));
         }
         // Experts opted in after start are allowed by the policy but have no weights in memory.
+        // The server's own --opt-out / --experts narrow every request (their weights are not loaded).
+        let by_server: Vec<usize> = eff
+            .mask
+            .allowed()
+            .filter(|i| self.server_removed.contains(i))
+            .collect();
         let not_loaded: Vec<usize> = eff
             .mask
             .allowed()
-            .filter(|&i| !loaded.is_allowed(i))
+            .filter(|&i| !loaded.is_allowed(i) && !by_server.contains(&i))
             .collect();
         let removed: Vec<usize> = eff
             .mask
             .removed()
+            .chain(by_server.iter().copied())
             .chain(not_loaded.iter().copied())
             .collect();
         let mask = ExpertMask::all(registry.len())
@@ -279,6 +408,7 @@ impl AppState {
             "experts": names(&mut mask.allowed()),
             "opted_out_by_policy": names(&mut eff.by_policy.iter().copied()),
             "opted_out_by_request": names(&mut eff.by_request.iter().copied()),
+            "opted_out_by_server": names(&mut by_server.iter().copied()),
             "not_loaded": names(&mut not_loaded.iter().copied()),
         });
         Ok(MaskChoice {
@@ -570,7 +700,14 @@ impl AppState {
         let id = self.id("cmpl");
         if sampling.stream {
             let rx = rxs.pop().ok_or_else(|| ApiError::internal("no job"))?;
-            return Ok(self.stream(rx, StreamKind::Completion, id, spec, report));
+            let out = StreamOut {
+                kind: StreamKind::Completion,
+                id,
+                report,
+                logprobs: req.logprobs.is_some(),
+                usage: sampling.include_usage.then_some(prompts[0].0.len()),
+            };
+            return Ok(self.stream(rx, out, spec));
         }
         let mut choices = Vec::with_capacity(prompts.len());
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
@@ -604,8 +741,9 @@ impl AppState {
                         lp.push(&self, t.token, Some(t.logprob), Some(&t.top));
                     }
                 }
-                // Only the tokens that made it into the result (not an EOS that ended it).
-                for t in got.tokens.iter().take(g.tokens.len()) {
+                // Every generated token, an EOS that ended the sequence included (as vLLM): clients
+                // such as lm-evaluation-harness drop the last entry as the generated one.
+                for t in &got.tokens {
                     lp.push(&self, t.token, Some(t.logprob), Some(&t.top));
                 }
                 lp.into_json()
@@ -697,7 +835,14 @@ impl AppState {
         self.submit(j)?;
         let id = self.id("chatcmpl");
         if sampling.stream {
-            return Ok(self.stream(rx, StreamKind::Chat, id, spec, report));
+            let out = StreamOut {
+                kind: StreamKind::Chat,
+                id,
+                report,
+                logprobs: logprobs.is_some(),
+                usage: sampling.include_usage.then_some(ids.len()),
+            };
+            return Ok(self.stream(rx, out, spec));
         }
         let got = worker::collect(&mut rx, spec.deadline).await?;
         let g = got
@@ -721,7 +866,13 @@ impl AppState {
     fn chat_logprob(&self, t: &TokenLogprob) -> Value {
         let entry = |tok: u32, lp: f32| {
             let s = self.token_text(tok);
-            json!({"token": s, "logprob": lp, "bytes": s.as_bytes()})
+            // A token holding part of a UTF-8 character decodes to U+FFFD; its own bytes are exact.
+            let bytes = self
+                .token_bytes
+                .get(&tok)
+                .cloned()
+                .unwrap_or_else(|| s.as_bytes().to_vec());
+            json!({"token": s, "logprob": lp, "bytes": bytes})
         };
         let mut v = entry(t.token, t.logprob);
         v["top_logprobs"] = Value::Array(t.top.iter().map(|&(k, lp)| entry(k, lp)).collect());
@@ -773,11 +924,13 @@ enum StreamKind {
 }
 
 /// Turns generated tokens into text deltas. Text that could still turn out to begin a stop string, or
-/// that ends in an unfinished UTF-8 character, is held back until it is certain.
+/// that ends in an unfinished UTF-8 character, is held back until it is certain; text from a stop string
+/// on is never sent.
 pub struct TextDelta {
     tokens: Vec<u32>,
     sent: usize,
     hold: usize,
+    stop: Vec<String>,
 }
 
 impl TextDelta {
@@ -786,18 +939,25 @@ impl TextDelta {
             tokens: Vec::new(),
             sent: 0,
             hold: stop.iter().map(|s| s.len()).max().unwrap_or(1) - 1,
+            stop: stop.to_vec(),
         }
     }
 
     pub fn push(&mut self, text_of: impl Fn(&[u32]) -> String, token: u32) -> String {
         self.tokens.push(token);
         let text = text_of(&self.tokens);
-        let mut end = text.len().saturating_sub(self.hold);
-        if let Some(p) = text[self.sent.min(text.len())..].find('\u{FFFD}') {
-            end = end.min(self.sent + p);
-        }
+        // The token that completes a stop string arrives before the engine reports the stop.
+        let mut end = match self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            Some(cut) => cut,
+            None => text.len().saturating_sub(self.hold),
+        };
         while end > 0 && !text.is_char_boundary(end) {
             end -= 1;
+        }
+        // A trailing U+FFFD may be a character whose remaining bytes come with the next token; a U+FFFD
+        // followed by other text is final.
+        if end == text.len() {
+            end = text.trim_end_matches('\u{FFFD}').len();
         }
         if end <= self.sent || !text.is_char_boundary(self.sent) {
             return String::new();
@@ -815,28 +975,60 @@ impl TextDelta {
     }
 }
 
+/// How a stream's chunks look.
+struct StreamOut {
+    kind: StreamKind,
+    id: String,
+    /// The `moeval` object of the last chunk.
+    report: Value,
+    /// Chunks carry the log-probabilities of their tokens.
+    logprobs: bool,
+    /// `stream_options.include_usage`: the prompt's token count, for the usage chunk.
+    usage: Option<usize>,
+}
+
 struct StreamState {
     app: Arc<AppState>,
     rx: mpsc::UnboundedReceiver<Event>,
-    kind: StreamKind,
-    id: String,
+    out: StreamOut,
     deadline: Instant,
     delta: TextDelta,
-    report: Value,
+    /// Tokens whose log-probabilities have not gone out yet (they ride with the next text).
+    tokens: Vec<TokenLogprob>,
+    /// Length of the text sent so far (the completions `text_offset` of the next token).
+    offset: usize,
     pending: VecDeque<String>,
     ended: bool,
 }
 
 impl StreamState {
-    fn chunk(&self, text: Option<&str>, finish: Option<&str>, first: bool) -> String {
+    fn chunk(&mut self, text: Option<&str>, finish: Option<&str>, first: bool) -> String {
+        let tokens = std::mem::take(&mut self.tokens);
+        let logprobs = match (self.out.logprobs, self.out.kind) {
+            (false, _) => Value::Null,
+            (true, StreamKind::Completion) => {
+                let mut lp = LogprobsBuilder {
+                    offset: self.offset,
+                    ..LogprobsBuilder::default()
+                };
+                for t in &tokens {
+                    lp.push(&self.app, t.token, Some(t.logprob), Some(&t.top));
+                }
+                lp.into_json()
+            }
+            (true, StreamKind::Chat) => json!({"content": tokens.iter()
+                .map(|t| self.app.chat_logprob(t)).collect::<Vec<_>>()}),
+        };
+        self.offset += text.map_or(0, str::len);
+        let out = &self.out;
         let base = |object: &str, choice: Value| {
-            json!({"id": self.id, "object": object, "created": unix_now(),
+            json!({"id": out.id, "object": object, "created": unix_now(),
                    "model": self.app.settings.name, "choices": [choice]})
         };
-        let mut v = match self.kind {
+        let mut v = match out.kind {
             StreamKind::Completion => base(
                 "text_completion",
-                json!({"index": 0, "text": text.unwrap_or_default(), "logprobs": null,
+                json!({"index": 0, "text": text.unwrap_or_default(), "logprobs": logprobs,
                        "finish_reason": finish}),
             ),
             StreamKind::Chat => {
@@ -849,15 +1041,34 @@ impl StreamState {
                 }
                 base(
                     "chat.completion.chunk",
-                    json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}),
+                    json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}),
                 )
             }
         };
+        if out.usage.is_some() {
+            // As OpenAI: every chunk has `usage: null` but the last, which has only the counts.
+            v["usage"] = Value::Null;
+        }
         if finish.is_some() {
             // The whole `moeval` object: the effective mask, and retrieval's sources when on.
-            v["moeval"] = self.report.clone();
+            v["moeval"] = out.report.clone();
         }
         v.to_string()
+    }
+
+    fn usage_chunk(&self, completion_tokens: usize) -> Option<String> {
+        let prompt_tokens = self.out.usage?;
+        let object = match self.out.kind {
+            StreamKind::Completion => "text_completion",
+            StreamKind::Chat => "chat.completion.chunk",
+        };
+        Some(
+            json!({"id": self.out.id, "object": object, "created": unix_now(),
+                   "model": self.app.settings.name, "choices": [],
+                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens}})
+            .to_string(),
+        )
     }
 
     async fn next_lines(&mut self) {
@@ -881,19 +1092,28 @@ impl StreamState {
                     |ids| tok.and_then(|k| k.decode(ids).ok()).unwrap_or_default(),
                     t.token,
                 );
+                self.tokens.push(t);
                 if !text.is_empty() {
                     let line = self.chunk(Some(&text), None, false);
                     self.pending.push_back(line);
                 }
             }
             Event::Done(g) => {
+                if self.out.kind == StreamKind::Chat {
+                    // Chat log-probabilities cover the content's tokens, not the EOS that ended it.
+                    let sent = self.delta.tokens.len() - self.tokens.len();
+                    self.tokens.truncate(g.tokens.len().saturating_sub(sent));
+                }
                 let rest = self.delta.finish(&g.text);
-                if !rest.is_empty() {
+                if !rest.is_empty() || !self.tokens.is_empty() {
                     let line = self.chunk(Some(&rest), None, false);
                     self.pending.push_back(line);
                 }
                 let line = self.chunk(None, Some(finish_reason(&g)), false);
                 self.pending.push_back(line);
+                if let Some(line) = self.usage_chunk(g.tokens.len()) {
+                    self.pending.push_back(line);
+                }
                 self.pending.push_back("[DONE]".into());
                 self.ended = true;
             }
@@ -912,25 +1132,24 @@ impl StreamState {
 }
 
 impl AppState {
-    /// Server-sent events: one chunk per text delta, a final chunk with the finish reason and the
-    /// effective mask, then `[DONE]`. Dropping the stream (client gone) drops the receiver, which
-    /// cancels the sequence.
+    /// Server-sent events: one chunk per text delta (with its tokens' log-probabilities when asked), a
+    /// final chunk with the finish reason and the effective mask, a usage chunk when asked, then
+    /// `[DONE]`. Dropping the stream (client gone) drops the receiver, which cancels the sequence.
     fn stream(
         self: Arc<Self>,
         rx: mpsc::UnboundedReceiver<Event>,
-        kind: StreamKind,
-        id: String,
+        out: StreamOut,
         spec: JobSpec,
-        report: Value,
     ) -> Response {
+        let kind = out.kind;
         let mut st = StreamState {
             app: self,
             rx,
-            kind,
-            id,
+            out,
             deadline: spec.deadline,
             delta: TextDelta::new(&spec.params.stop),
-            report,
+            tokens: Vec::new(),
+            offset: 0,
             pending: VecDeque::new(),
             ended: false,
         };
@@ -1108,5 +1327,34 @@ mod tests {
         let mut out: String = (0..4).map(|i| d.push(decode, i)).collect();
         out.push_str(&d.finish(text));
         assert_eq!(out, text);
+    }
+
+    #[test]
+    fn a_completed_stop_string_never_leaks_its_first_character() {
+        let text = "ab\nc";
+        let decode = |ids: &[u32]| {
+            ids.iter()
+                .map(|&i| &text[i as usize..i as usize + 1])
+                .collect()
+        };
+        let mut d = TextDelta::new(&["\nc".into()]);
+        // The token completing the stop string arrives before the engine's stop.
+        let out: String = (0..4).map(|i| d.push(decode, i)).collect();
+        assert_eq!(out, "ab");
+    }
+
+    #[test]
+    fn only_a_trailing_replacement_character_is_held_back() {
+        // Token 1 is the first byte of a two-byte character that token 2 completes; token 0 holds a
+        // U+FFFD for good.
+        let decode = |ids: &[u32]| match ids.len() {
+            1 => "x\u{FFFD}y".to_string(),
+            2 => "x\u{FFFD}yz\u{FFFD}".to_string(),
+            _ => "x\u{FFFD}yzé!".to_string(),
+        };
+        let mut d = TextDelta::new(&[]);
+        assert_eq!(d.push(decode, 0), "x\u{FFFD}y");
+        assert_eq!(d.push(decode, 1), "z");
+        assert_eq!(d.push(decode, 2), "é!");
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Layout: `api` parses and validates bodies, `worker` is the engine loop (one thread owning the
 //! decoder), `handlers` turns requests into jobs and jobs into OpenAI responses, `chat` renders chat
-//! templates, `admin` checks owners' tokens, `retrieval` runs RIC-LM over `--datastore`, `client` is a tiny loopback HTTP client for the load test.
+//! templates, `admin` checks owners' tokens, `retrieval` runs RIC-LM over `--datastore`, `token_bytes` gives
+//! tokens' raw bytes for log-probabilities, `client` is a tiny loopback HTTP client for the load test.
 
 pub mod admin;
 pub mod api;
@@ -12,6 +13,7 @@ pub mod chat;
 pub mod client;
 mod handlers;
 pub mod retrieval;
+mod token_bytes;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -24,6 +26,7 @@ use anyhow::{Context, Result};
 use axum::routing::{get, post};
 use axum::Router;
 use engine::Model;
+use sha2::Digest;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -50,6 +53,42 @@ pub struct Settings {
     pub policy: Option<PathBuf>,
     /// Retrieval datastore for requests' `moeval.retrieval`.
     pub datastore: Option<PathBuf>,
+    /// Open connections at most; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// A client must send a request's headers, and then its body, within this long.
+    pub read_timeout: Duration,
+    /// After a shutdown signal, connections still open after this long are closed.
+    pub shutdown_timeout: Duration,
+    /// Prompt tokens prefilled per engine step at most, so long prompts do not stall the others.
+    pub prefill_chunk: usize,
+    /// Bearer key the inference endpoints require (`--api-key`).
+    pub api_key: Option<String>,
+    /// Server-wide `--opt-out` / `--experts`, applied to every request.
+    pub experts: crate::commands::ExpertArgs,
+}
+
+impl Settings {
+    /// Defaults for everything but the name and the model-dependent limits.
+    pub fn new(name: impl Into<String>, max_prompt_tokens: usize) -> Self {
+        Self {
+            name: name.into(),
+            max_batch: 32,
+            max_queue: 256,
+            max_tokens: 1024,
+            max_prompt_tokens,
+            timeout: Duration::from_secs(300),
+            admin_tokens: None,
+            chat_template: None,
+            policy: None,
+            datastore: None,
+            max_connections: 1024,
+            read_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+            prefill_chunk: 512,
+            api_key: None,
+            experts: Default::default(),
+        }
+    }
 }
 
 /// Everything the handlers share.
@@ -66,6 +105,12 @@ pub struct AppState {
     store: Option<retrieval::Store>,
     /// Prefix of an empty prompt: BOS if the model has one, else EOS.
     prefix: u32,
+    /// Experts the server's `--opt-out` / `--experts` leave out of every request.
+    server_removed: Vec<usize>,
+    /// SHA-256 of `--api-key`.
+    api_key: Option<[u8; 32]>,
+    /// Tokens' own bytes where their text does not give them.
+    token_bytes: std::collections::HashMap<u32, Vec<u8>>,
     created: u64,
     next_id: AtomicU64,
 }
@@ -113,6 +158,34 @@ pub struct Args {
     /// Jinja chat template to use instead of tokenizer_config.json's `chat_template`.
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
+    /// Server-wide expert selection, applied to every request (a request can only narrow it further).
+    #[command(flatten)]
+    pub experts: crate::commands::ExpertArgs,
+    /// Require `Authorization: Bearer KEY` on the /v1 endpoints (/health and /metrics stay open).
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Most open connections; more are closed as soon as they are accepted.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers, and then its body.
+    #[arg(long, default_value_t = 30.0)]
+    pub read_timeout_secs: f64,
+    /// Seconds to wait for open connections after Ctrl-C / SIGTERM before closing them.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_timeout_secs: f64,
+    /// Most prompt tokens prefilled per engine step; longer prompts are prefilled in chunks between
+    /// decode steps.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+}
+
+/// A duration flag in seconds: positive and at most a day.
+fn secs(flag: &str, v: f64) -> Result<Duration> {
+    anyhow::ensure!(
+        v > 0.0 && v <= 86_400.0,
+        "{flag} must be positive and at most a day"
+    );
+    Ok(Duration::from_secs_f64(v))
 }
 
 impl Args {
@@ -121,8 +194,13 @@ impl Args {
         anyhow::ensure!(self.max_batch > 0, "--max-batch must be at least 1");
         anyhow::ensure!(self.max_queue > 0, "--max-queue must be at least 1");
         anyhow::ensure!(
-            self.timeout_secs > 0.0 && self.timeout_secs <= 86_400.0,
-            "--timeout-secs must be positive and at most a day"
+            self.max_connections > 0,
+            "--max-connections must be at least 1"
+        );
+        anyhow::ensure!(self.prefill_chunk > 0, "--prefill-chunk must be at least 1");
+        anyhow::ensure!(
+            self.api_key.as_ref().is_none_or(|k| !k.trim().is_empty()),
+            "--api-key must not be empty"
         );
         let name = match &self.served_model_name {
             Some(n) => n.clone(),
@@ -139,11 +217,17 @@ impl Args {
             max_queue: self.max_queue,
             max_tokens: self.max_tokens,
             max_prompt_tokens: self.max_prompt_tokens.unwrap_or(context).min(context),
-            timeout: Duration::from_secs_f64(self.timeout_secs),
+            timeout: secs("--timeout-secs", self.timeout_secs)?,
             admin_tokens: self.admin_tokens.clone(),
             chat_template: self.chat_template.clone(),
             policy: self.policy.clone(),
             datastore: self.datastore.clone(),
+            max_connections: self.max_connections,
+            read_timeout: secs("--read-timeout-secs", self.read_timeout_secs)?,
+            shutdown_timeout: secs("--shutdown-timeout-secs", self.shutdown_timeout_secs)?,
+            prefill_chunk: self.prefill_chunk,
+            api_key: self.api_key.clone(),
+            experts: self.experts.clone(),
         })
     }
 }
@@ -154,6 +238,13 @@ pub struct Server {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<()>>,
     engine: std::thread::JoinHandle<()>,
+}
+
+/// What the accept loop needs besides the app.
+struct Limits {
+    max_connections: usize,
+    read_timeout: Duration,
+    shutdown_timeout: Duration,
 }
 
 impl Server {
@@ -187,13 +278,49 @@ impl Server {
             .bos_token_id
             .or_else(|| cfg.eos_token_ids.first().copied())
             .context("the model has neither a BOS nor an EOS token to start empty prompts with")?;
+        let server_removed = match model.registry() {
+            Some(registry) => {
+                let e = &settings.experts;
+                let mut removed = registry.resolve_list(&e.opt_out)?;
+                let only = registry.resolve_list(&e.experts)?;
+                if !only.is_empty() {
+                    removed.extend((0..registry.len()).filter(|i| !only.contains(i)));
+                }
+                removed.sort_unstable();
+                removed.dedup();
+                anyhow::ensure!(
+                    removed.len() < registry.len(),
+                    "--opt-out / --experts leave no expert to serve"
+                );
+                removed
+            }
+            None => {
+                anyhow::ensure!(
+                    settings.experts.opt_out.is_empty() && settings.experts.experts.is_empty(),
+                    "this model is dense: it has no experts for --opt-out / --experts"
+                );
+                Vec::new()
+            }
+        };
+        let api_key = settings
+            .api_key
+            .as_ref()
+            .map(|k| sha2::Sha256::digest(k.as_bytes()).into());
         let metrics = Arc::new(Metrics::default());
         let (jobs, engine) = worker::spawn(
             model.clone(),
-            settings.max_batch,
-            settings.max_queue,
+            worker::EngineSettings {
+                max_batch: settings.max_batch,
+                max_queue: settings.max_queue,
+                prefill_chunk: settings.prefill_chunk,
+            },
             metrics.clone(),
         );
+        let limits = Limits {
+            max_connections: settings.max_connections,
+            read_timeout: settings.read_timeout,
+            shutdown_timeout: settings.shutdown_timeout,
+        };
         let state = Arc::new(AppState {
             model,
             settings,
@@ -204,6 +331,9 @@ impl Server {
             policy_write: Mutex::new(()),
             store,
             prefix,
+            server_removed,
+            api_key,
+            token_bytes: token_bytes::table(&dir.join("tokenizer.json")),
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -216,17 +346,12 @@ impl Server {
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = router(state);
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    tokio::select! {
-                        _ = stopped => {}
-                        _ = signal => {}
-                    }
-                })
-                .await
-                .context("the server failed")
-        });
+        let task = tokio::spawn(serve(listener, app, limits, async move {
+            tokio::select! {
+                _ = stopped => {}
+                _ = signal => {}
+            }
+        }));
         Ok(Self {
             addr,
             stop,
@@ -258,17 +383,90 @@ async fn drain(
         .map_err(|_| anyhow::anyhow!("the engine thread panicked"))
 }
 
+/// The accept loop: HTTP/1 connections with a header read timeout, at most `max_connections` open at
+/// once (more are closed at accept, so idle or half-open clients cannot exhaust file descriptors), and
+/// after `shutdown` resolves, a graceful drain bounded by `shutdown_timeout`.
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.read_timeout);
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        // Reap finished connections so the set does not grow.
+        while conns.try_join_next().is_some() {}
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before accept: wait a moment rather
+                    // than spin, then carry on.
+                    eprintln!("warning: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let conn =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        conns.spawn(async move {
+            // A connection's own I/O errors (resets, timeouts) concern only that client.
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(limits.shutdown_timeout) => {
+            eprintln!(
+                "closing {} connection(s) still open after the shutdown timeout",
+                conns.len()
+            );
+        }
+    }
+    // Dropping the connections drops their requests' event receivers, which cancels their sequences.
+    conns.shutdown().await;
+    Ok(())
+}
+
 fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/health", get(handlers::health))
-        .route("/metrics", get(handlers::metrics))
+    let inference = Router::new()
         .route("/v1/models", get(handlers::models))
+        .route("/v1/models/{id}", get(handlers::model))
         .route("/v1/experts", get(handlers::experts))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            handlers::require_api_key,
+        ));
+    Router::new()
+        .route("/health", get(handlers::health))
+        .route("/metrics", get(handlers::metrics))
         .route("/admin/experts/{name}/{action}", post(handlers::admin))
+        .merge(inference)
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            handlers::read_body,
+        ))
         .with_state(state)
 }
 
@@ -306,15 +504,14 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn run(a: Args) -> Result<()> {
     // Experts opted out in an explicit --policy file are not loaded either (the checkpoint's own
     // expert-policy.json always applies at load, as for every command).
-    let mut experts = crate::commands::ExpertArgs::default();
+    // The server-wide --opt-out / --experts are not loaded either.
+    let mut experts = a.experts.clone();
     if let Some(p) = &a.policy {
         let policy = routers::Policy::load_file(p)
             .with_context(|| format!("cannot read the policy {}", p.display()))?;
-        experts.opt_out = policy
-            .opted_out()
-            .iter()
-            .map(|e| e.expert.clone())
-            .collect();
+        experts
+            .opt_out
+            .extend(policy.opted_out().iter().map(|e| e.expert.clone()));
     }
     let model = Arc::new(crate::commands::load_model_with(&a.model, &experts)?);
     let settings = a.settings(model.config().max_position_embeddings)?;

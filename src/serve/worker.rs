@@ -64,18 +64,30 @@ impl Metrics {
     }
 }
 
+/// How the engine loop batches.
+pub struct EngineSettings {
+    /// Sequences decoded together at most.
+    pub max_batch: usize,
+    /// Jobs waiting for a batch slot at most.
+    pub max_queue: usize,
+    /// Prompt tokens prefilled per step at most.
+    pub prefill_chunk: usize,
+}
+
 /// Starts the engine thread. It runs until every sender of the returned queue is dropped and the last
 /// running sequence has finished (graceful shutdown drains in-flight work).
 pub fn spawn(
     model: Arc<Model>,
-    max_batch: usize,
-    max_queue: usize,
+    settings: EngineSettings,
     metrics: Arc<Metrics>,
 ) -> (mpsc::Sender<Job>, std::thread::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(max_queue.max(1));
+    let (tx, rx) = mpsc::channel(settings.max_queue.max(1));
     let handle = std::thread::Builder::new()
         .name("moeval-engine".into())
-        .spawn(move || run(&model, rx, max_batch.max(1), &metrics))
+        .spawn(move || {
+            let decoder = Decoder::with_prefill_chunk(&model, settings.prefill_chunk);
+            run(&model, decoder, rx, settings.max_batch.max(1), &metrics)
+        })
         .expect("the engine thread starts");
     (tx, handle)
 }
@@ -85,8 +97,13 @@ struct Running {
     deadline: Instant,
 }
 
-fn run(model: &Model, mut rx: mpsc::Receiver<Job>, max_batch: usize, metrics: &Metrics) {
-    let mut decoder = Decoder::new(model);
+fn run(
+    model: &Model,
+    mut decoder: Decoder<'_>,
+    mut rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    metrics: &Metrics,
+) {
     let mut running: HashMap<SeqId, Running> = HashMap::new();
     let mut open = true;
     // Routed-token counters accumulate in the model; start from zero.
@@ -160,6 +177,14 @@ fn run(model: &Model, mut rx: mpsc::Receiver<Job>, max_batch: usize, metrics: &M
                         metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
                         let _ = r.events.send(Event::Token(t));
                     }
+                    if let Some(message) = p.error {
+                        let _ = r.events.send(Event::Failed {
+                            timeout: false,
+                            message,
+                        });
+                        running.remove(&p.id);
+                        continue;
+                    }
                     if let Some(g) = p.finished {
                         let _ = r.events.send(Event::Done(g));
                         running.remove(&p.id);
@@ -167,13 +192,15 @@ fn run(model: &Model, mut rx: mpsc::Receiver<Job>, max_batch: usize, metrics: &M
                 }
             }
             Err(e) => {
-                // Input is checked when a job is admitted, so a failing step is an engine fault: fail
-                // the whole batch rather than retry it forever.
+                // Input is checked when a job is admitted and a sequence's own sampling failure fails
+                // it alone, so a failing step is an engine fault: fail the batch rather than retry it
+                // forever. The details (which may hold a backtrace) go to the server's log only.
+                eprintln!("error: an engine step failed: {e:?}");
                 for (id, r) in running.drain() {
                     decoder.cancel(id);
                     let _ = r.events.send(Event::Failed {
                         timeout: false,
-                        message: format!("the engine failed: {e}"),
+                        message: "the engine failed; the server's log has the details".into(),
                     });
                 }
             }
