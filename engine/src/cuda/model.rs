@@ -224,12 +224,23 @@ impl Uploader<'_> {
     /// A dense matrix stacked from `names`, with its one-entry pointer table.
     fn lin(&mut self, names: &[&str], rows: &[usize], k: usize) -> Result<Lin> {
         let ptr = self.slab(names, rows, k)?;
+        self.lin_at(ptr, rows.iter().sum())
+    }
+
+    /// A router: the rows of experts `loaded` allows are read, the others (never routed to) are zero.
+    fn router(&mut self, name: &str, n: usize, k: usize, loaded: &ExpertMask) -> Result<Lin> {
+        let values = self.src.rows(name, [n, k], &|e| loaded.is_allowed(e))?;
+        let ptr = self.put(&values)?;
+        self.lin_at(ptr, n)
+    }
+
+    fn lin_at(&mut self, ptr: u64, n: usize) -> Result<Lin> {
         let table = self.gpu.upload(&[ptr])?;
         let table_ptr = self.gpu.ptr(&table);
         self.tables.push(table);
         Ok(Lin {
             ptr,
-            n: rows.iter().sum(),
+            n,
             table: table_ptr,
         })
     }
@@ -303,7 +314,7 @@ impl CudaModel {
             let ffn = if moe {
                 let mask = loaded
                     .ok_or_else(|| Error::Input("MoE model without an expert mask".into()))?;
-                let gate = w.lin(&[&format!("{p}.mlp.gate.weight")], &[cfg.num_experts], h)?;
+                let gate = w.router(&format!("{p}.mlp.gate.weight"), cfg.num_experts, h, mask)?;
                 let (mut gu, mut dn) = (vec![0u64; cfg.num_experts], vec![0u64; cfg.num_experts]);
                 for e in mask.allowed() {
                     let x = format!("{p}.mlp.experts.{e}");
