@@ -143,16 +143,7 @@ impl Weights {
 
     /// Reads the values of tensor `name` as f32 and checks its shape.
     pub fn get_values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let (path, open, info) = self.entry(name)?;
-        if info.shape != shape {
-            return Err(Error::Weights {
-                path: path.to_path_buf(),
-                message: format!(
-                    "tensor `{name}` has shape {:?}, expected {shape:?}",
-                    info.shape
-                ),
-            });
-        }
+        let (path, open, info) = self.entry_of_shape(name, shape)?;
         let (begin, end) = (
             open.data_start + info.data_offsets.0,
             open.data_start + info.data_offsets.1,
@@ -176,16 +167,7 @@ impl Weights {
         shape: [usize; 2],
         keep: &dyn Fn(usize) -> bool,
     ) -> Result<Vec<f32>> {
-        let (path, open, info) = self.entry(name)?;
-        if info.shape != shape {
-            return Err(Error::Weights {
-                path: path.to_path_buf(),
-                message: format!(
-                    "tensor `{name}` has shape {:?}, expected {shape:?}",
-                    info.shape
-                ),
-            });
-        }
+        let (path, open, info) = self.entry_of_shape(name, &shape)?;
         let [rows, cols] = shape;
         let width = match info.dtype {
             Dtype::F32 => 4,
@@ -221,6 +203,25 @@ impl Weights {
             info.shape.clone(),
             &open.mmap[open.data_start + begin..open.data_start + end],
         ))
+    }
+
+    /// [`Self::entry`], checked to have `shape`.
+    fn entry_of_shape(
+        &self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<(&Path, &OpenShard, &TensorInfo)> {
+        let (path, open, info) = self.entry(name)?;
+        if info.shape != shape {
+            return Err(Error::Weights {
+                path: path.to_path_buf(),
+                message: format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    info.shape
+                ),
+            });
+        }
+        Ok((path, open, info))
     }
 
     /// The file, open shard and header entry of tensor `name`.
