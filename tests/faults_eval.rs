@@ -114,6 +114,13 @@ fn eval_killed_at_each_step_resumes_to_the_uninterrupted_run() {
     let whole = tmp.path().join("whole");
     let o = ok(eval(&whole, &args).output().unwrap());
     let total = computed(&o);
+    // Killed after taking the run's lock, before its manifest: nothing was started, so running the
+    // same command again completes it.
+    let out = tmp.path().join("locked");
+    killed_at(&mut eval(&out, &args), "eval.locked");
+    assert!(!out.join("r/manifest.json").exists());
+    ok(eval(&out, &args).output().unwrap());
+    same_results(&out.join("r"), &whole.join("r"));
     // After the manifest is first written; after the 1st, 5th journaled batch; half-way through
     // appending the 3rd batch (a torn journal line); before and between the Parquet files; before
     // the final manifest.
@@ -145,6 +152,8 @@ fn eval_killed_at_each_step_resumes_to_the_uninterrupted_run() {
             .unwrap();
         fails(rep, &["is running", "--resume"]);
         fails(eval(&out, &args).output().unwrap(), &["--resume"]);
+        // What a writer killed in the middle of a file leaves behind; resume clears it.
+        std::fs::write(run.join(".metrics.parquet.999.0.tmp"), b"half a file").unwrap();
 
         let o = ok(resume(&run).output().unwrap());
         let redone = computed(&o);

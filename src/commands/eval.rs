@@ -24,7 +24,7 @@ use crate::retrieval::{Retrieval, RetrievalArgs};
 
 /// The lock file that keeps two processes from writing one run directory at once. The kernel
 /// releases it when its holder dies, so a killed run never blocks its `--resume`.
-pub const RUN_LOCK: &str = "run.lock";
+const RUN_LOCK: &str = "run.lock";
 
 /// Opt-out sweeps `--opt-out-sweep` knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -997,6 +997,7 @@ pub fn run(a: Args) -> Result<()> {
             l
         }
     };
+    fault::point("eval.locked");
     manifest.write(&run_dir.join("manifest.json"))?;
     fault::point("eval.started");
 
