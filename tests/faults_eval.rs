@@ -306,6 +306,22 @@ fn resume_reproduces_retrieval_and_window_settings_or_refuses() {
         Manifest::read(&run.join("manifest.json")).unwrap().status,
         "running"
     );
+    // A run started on another device (GPU answers are bf16) is refused on this one, and a run whose
+    // manifest does not record these settings cannot be resumed at all.
+    let path = run.join("manifest.json");
+    let mut m = Manifest::read(&path).unwrap();
+    m.settings.scoring.as_mut().unwrap().device = "cuda:0".into();
+    m.write(&path).unwrap();
+    fails(
+        resume(&run).output().unwrap(),
+        &["computes on cuda:0, this process on cpu", "--device cuda:0"],
+    );
+    m.settings.scoring = None;
+    m.write(&path).unwrap();
+    fails(
+        resume(&run).output().unwrap(),
+        &["did not record its retrieval", "start a new run"],
+    );
 }
 
 #[test]
