@@ -31,7 +31,12 @@ for run in manifests:
     assert s.num_rows == docs, f"{d}: {s.num_rows} sample rows, manifest says {docs}"
     masks = set(s.column("mask").to_pylist())
     assert masks == {v["label"] for v in m["variants"]}, d
-    print(f"{d}: {s.num_rows} samples, masks {sorted(masks)}")
+    # Every row says what ran: the retrieval column is the run's retrieval setting.
+    retrieval = set(s.column("retrieval").to_pylist())
+    assert retrieval == {m["settings"]["retrieval"]}, f"{d}: retrieval {retrieval}"
+    mode = (m["settings"].get("scoring") or {}).get("retrieval_mode")
+    assert mode is None or m["settings"]["retrieval"].startswith(mode + ":"), d
+    print(f"{d}: {s.num_rows} samples, masks {sorted(masks)}, retrieval {sorted(retrieval)}")
 
 report = os.path.join(root, "report")
 samples = os.path.join(report, "dataset", "samples")
@@ -51,7 +56,15 @@ if os.path.isdir(samples):
     assert n_duck == total, f"Hive dataset has {n_duck} rows, runs have {total}"
     dset = ds.dataset(samples, format="parquet", partitioning="hive")
     assert {"run_id", "mask", "task"} <= set(dset.schema.names), dset.schema.names
-    lb = con.execute(f"SELECT count(*) FROM '{os.path.join(report, 'leaderboard.parquet')}' WHERE \"primary\"").fetchone()[0]
+    board = os.path.join(report, "leaderboard.parquet")
+    assert {"opted_out", "retrieval"} <= set(pq.read_schema(board).names)
+    lb = con.execute(f"SELECT count(*) FROM '{board}' WHERE \"primary\"").fetchone()[0]
     assert lb > 0
+    # A leaderboard row is identified by run, model, mask, retrieval, task and metric.
+    dup = con.execute(
+        f"SELECT count(*) FROM (SELECT run_id, model_id, mask, retrieval, task, metric FROM '{board}' "
+        "GROUP BY ALL HAVING count(*) > 1)"
+    ).fetchone()[0]
+    assert dup == 0, f"{dup} leaderboard rows share run, model, mask, retrieval, task and metric"
     print(f"Hive dataset: {n_duck} sample rows in {len(per)} (run, mask, task) partitions; leaderboard: {lb} primary rows")
 print("ok")

@@ -71,6 +71,60 @@ pub struct RetrievalArgs {
     pub ppl_stride: Option<usize>,
 }
 
+impl RetrievalArgs {
+    /// The options a run recorded in its manifest (`--resume` reruns with exactly these).
+    pub fn from_scoring(s: &reports::manifest::Scoring) -> Result<RetrievalArgs> {
+        let retrieval = match s.retrieval_mode.as_deref() {
+            None => None,
+            Some("ric") => Some(Mode::Ric),
+            Some("knn") => Some(Mode::Knn),
+            Some(other) => bail!("unknown retrieval mode `{other}` (known: ric, knn)"),
+        };
+        Ok(RetrievalArgs {
+            retrieval,
+            datastore: s.datastore.as_ref().map(PathBuf::from),
+            k: s.k,
+            lambda: s.lambda,
+            temperature: s.temperature,
+            query_tokens: s.query_tokens,
+            ppl_window: s.ppl_window,
+            ppl_stride: s.ppl_stride,
+        })
+    }
+
+    /// These options as the manifest records them (`max_length`, `device` and `dtype` are the
+    /// caller's); `retrieval` is the opened datastore, if any.
+    pub fn scoring(&self, retrieval: Option<&Retrieval>) -> reports::manifest::Scoring {
+        let r = retrieval.filter(|r| r.mode.is_some());
+        reports::manifest::Scoring {
+            retrieval_mode: r.and(self.retrieval).map(|m| m.name().to_string()),
+            datastore: r.and_then(|r| r.store.as_ref()).map(|s| {
+                std::path::absolute(s.dir())
+                    .unwrap_or_else(|_| s.dir().to_path_buf())
+                    .display()
+                    .to_string()
+            }),
+            datastore_identity: r.and_then(|r| r.store.as_ref()).map(|s| s.identity()),
+            k: r.map(|r| r.k),
+            lambda: self.lambda,
+            temperature: self.temperature,
+            query_tokens: self.query_tokens,
+            ppl_window: self.ppl_window,
+            ppl_stride: self.ppl_stride,
+            ..Default::default()
+        }
+    }
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Ric => "ric",
+            Mode::Knn => "knn",
+        }
+    }
+}
+
 /// One source of one scored unit (a window for RIC-LM, a token for kNN-LM).
 #[derive(Clone, Debug, PartialEq)]
 struct Contribution {
@@ -172,6 +226,49 @@ impl Retrieval {
             query_tokens: a.query_tokens,
             window,
         }))
+    }
+
+    /// The `retrieval` column of the run's rows: the mode with the settings that change its numbers
+    /// and the datastore (folder name @ the first 12 digits of its identity), then the SILO scoring
+    /// window; `none` when neither is used. E.g.
+    /// `knn:k=1024,lambda=0.3,temperature=10,datastore=news@0a1b2c3d4e5f`, `ppl_window=64,ppl_stride=32`.
+    pub fn label(&self) -> String {
+        let store = || {
+            self.store.as_ref().map_or_else(String::new, |s| {
+                let name = s
+                    .dir()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let id = s.identity();
+                format!(",datastore={name}@{}", &id[..12.min(id.len())])
+            })
+        };
+        let mut parts = Vec::new();
+        match self.mode {
+            Some(Mode::Knn) => parts.push(format!(
+                "knn:k={},lambda={},temperature={}{}",
+                self.k,
+                self.lambda,
+                self.temperature,
+                store()
+            )),
+            Some(Mode::Ric) => parts.push(format!(
+                "ric:k={},query_tokens={}{}",
+                self.k,
+                self.query_tokens,
+                store()
+            )),
+            None => {}
+        }
+        if let Some((w, s)) = self.window {
+            parts.push(format!("ppl_window={w},ppl_stride={s}"));
+        }
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(";")
+        }
     }
 
     /// A request-cache scope that separates these settings and this datastore state from any other.

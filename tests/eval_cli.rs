@@ -93,8 +93,9 @@ fn eval_writes_samples_and_metrics() {
             assert!((total - 2.0).abs() < 1e-9, "{task} layer {layer}: {total}");
         }
     }
-    // manifest.json, samples.parquet, metrics.parquet, routing.parquet and no temporary files.
-    assert_eq!(std::fs::read_dir(&run).unwrap().count(), 4);
+    // manifest.json, samples.parquet, metrics.parquet, routing.parquet, run.lock and no temporary
+    // files.
+    assert_eq!(std::fs::read_dir(&run).unwrap().count(), 5);
 }
 
 #[test]
@@ -194,4 +195,80 @@ fn unknown_task_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown task `no_such_task`"), "{err}");
+}
+
+#[test]
+fn mask_column_says_which_experts_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    for (id, extra) in [
+        ("all", &[][..]),
+        ("opted", &["--opt-out", "1,3"][..]),
+        ("named", &["--experts", "0,2"][..]),
+    ] {
+        let out = run_eval(
+            dir.path(),
+            &[&["--tasks", "mc_tiny", "--run-id", id][..], extra].concat(),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let column = |id: &str, name: &str| -> Vec<String> {
+        let rows = read(
+            &Source::parse(
+                dir.path()
+                    .join(id)
+                    .join("samples.parquet")
+                    .to_str()
+                    .unwrap(),
+                &[],
+            ),
+            Format::Parquet,
+        )
+        .unwrap();
+        let mut v: Vec<String> = rows
+            .iter()
+            .map(|r| r[name].as_str().unwrap().to_string())
+            .collect();
+        v.dedup();
+        v
+    };
+    assert_eq!(column("all", "mask"), ["full"]);
+    assert_eq!(column("opted", "mask"), ["-expert-1-expert-3"]);
+    assert_eq!(column("opted", "opted_out"), ["expert-1,expert-3"]);
+    assert_eq!(column("named", "mask"), ["experts=expert-0+expert-2"]);
+    assert_eq!(column("named", "experts"), ["expert-0,expert-2"]);
+    for id in ["all", "opted", "named"] {
+        assert_eq!(column(id, "retrieval"), ["none"]);
+    }
+    // The leaderboard carries the opted-out experts and the retrieval settings of each row.
+    let report = Command::new(env!("CARGO_BIN_EXE_moeval"))
+        .args(["report", "--runs"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(dir.path().join("report"))
+        .output()
+        .unwrap();
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let board = read(
+        &Source::parse(
+            dir.path()
+                .join("report/leaderboard.parquet")
+                .to_str()
+                .unwrap(),
+            &[],
+        ),
+        Format::Parquet,
+    )
+    .unwrap();
+    assert!(board
+        .iter()
+        .any(|r| r["mask"] == "-expert-1-expert-3" && r["opted_out"] == "expert-1,expert-3"));
+    assert!(board.iter().all(|r| r["retrieval"] == "none"));
 }

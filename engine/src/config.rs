@@ -172,6 +172,48 @@ impl Config {
                 (e, k)
             }
         };
+        for (field, v) in [
+            ("vocab_size", raw.vocab_size),
+            ("hidden_size", raw.hidden_size),
+            ("intermediate_size", raw.intermediate_size),
+            ("num_hidden_layers", raw.num_hidden_layers),
+        ] {
+            if v == 0 {
+                return Err(format!("{field} is 0; it must be positive"));
+            }
+        }
+        // Routing would silently use fewer experts than the checkpoint was trained with.
+        if num_experts_per_tok > num_experts {
+            return Err(format!(
+                "num_experts_per_tok {num_experts_per_tok} exceeds num_experts {num_experts}"
+            ));
+        }
+        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
+        if max_position_embeddings == 0 {
+            return Err(
+                "max_position_embeddings is 0; the context must hold at least one token".into(),
+            );
+        }
+        let eos_token_ids = match raw.eos_token_id {
+            Some(OneOrMany::One(id)) => vec![id],
+            Some(OneOrMany::Many(ids)) => ids,
+            None => Vec::new(),
+        };
+        // A special token outside the vocabulary would index past the embeddings, or never stop
+        // generation.
+        let specials = eos_token_ids
+            .iter()
+            .map(|&id| ("eos_token_id", id))
+            .chain(raw.bos_token_id.map(|id| ("bos_token_id", id)))
+            .chain(raw.pad_token_id.map(|id| ("pad_token_id", id)));
+        for (field, id) in specials {
+            if id as usize >= raw.vocab_size {
+                return Err(format!(
+                    "{field} {id} is outside the vocabulary (vocab_size {})",
+                    raw.vocab_size
+                ));
+            }
+        }
         let default_eps = match architecture {
             Architecture::Olmoe => 1e-5,
             _ => 1e-6,
@@ -192,12 +234,8 @@ impl Config {
             norm_topk_prob: raw.norm_topk_prob.unwrap_or(false),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             clip_qkv: raw.clip_qkv,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
-            eos_token_ids: match raw.eos_token_id {
-                Some(OneOrMany::One(id)) => vec![id],
-                Some(OneOrMany::Many(ids)) => ids,
-                None => Vec::new(),
-            },
+            max_position_embeddings,
+            eos_token_ids,
             pad_token_id: raw.pad_token_id,
             bos_token_id: raw.bos_token_id,
         })
@@ -276,5 +314,18 @@ mod tests {
         assert!(e.contains("missing field `hidden_size`"), "{e}");
         let e = Config::from_json(&BASE.replace("\"num_experts\":2,", "")).unwrap_err();
         assert!(e.contains("num_experts"), "{e}");
+        let e = Config::from_json(&BASE.replace("[0,3]", "[0,10]")).unwrap_err();
+        assert!(
+            e.contains("eos_token_id 10 is outside the vocabulary"),
+            "{e}"
+        );
+        let e = Config::from_json(
+            &BASE.replace("\"num_experts_per_tok\":1", "\"num_experts_per_tok\":3"),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("num_experts_per_tok 3 exceeds num_experts 2"),
+            "{e}"
+        );
     }
 }

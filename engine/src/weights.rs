@@ -156,6 +156,18 @@ impl Weights {
             ),
         })?;
         release_pages(&open.mmap, begin, end);
+        // A NaN or infinity in a weight poisons every output it reaches without any error; only
+        // the tensors actually read are checked, so opted-out experts stay unread.
+        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+            let bad = data.iter().filter(|x| !x.is_finite()).count();
+            return Err(Error::Weights {
+                path: path.to_path_buf(),
+                message: format!(
+                    "tensor `{name}` holds {bad} non-finite value(s) (first at element {i}: {}); the checkpoint is corrupt",
+                    data[i]
+                ),
+            });
+        }
         Ok(data)
     }
 

@@ -190,25 +190,69 @@ fn opted_out_expert_is_never_read() {
     let logits = model.logits(&fwd.hidden).unwrap();
     let d = max_abs_diff(&logits, &reference["optout2.logits.2"]);
     assert!(d <= 1e-5, "differs by {d}");
-    // And the corruption is real: with expert 2 loaded the logits are NaN.
-    let all = Model::load(dir.path(), &LoadOptions::default()).unwrap();
-    let mut cache = all.new_cache();
-    let fwd = all
-        .forward(
-            &mut [engine::SeqInput {
-                tokens: &tokens,
-                cache: &mut cache,
-                mask: None,
-            }],
-            false,
-        )
-        .unwrap();
-    let logits = all
-        .logits(&fwd.hidden)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    assert!(logits.iter().any(|x| x.is_nan()));
+    // And the corruption is real: loading expert 2 is refused, naming the file and the tensor.
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains(".mlp.experts.2.")
+            && e.contains("non-finite"),
+        "{e}"
+    );
+}
+
+#[test]
+fn nan_weight_is_refused() {
+    // One NaN in a tensor every forward pass reads (the final norm).
+    let dir = copy_fixture("tiny-olmo2");
+    let path = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let info = &header["model.norm.weight"];
+    assert_eq!(info["dtype"], "F32");
+    let a = info["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[8 + n + a + 4..8 + n + a + 8].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains(
+                "tensor `model.norm.weight` holds 1 non-finite value(s) (first at element 1: NaN)"
+            ),
+        "{e}"
+    );
+}
+
+#[test]
+fn top_k_beyond_the_experts_is_refused() {
+    let dir = copy_fixture("tiny-flexolmo");
+    edit_config(dir.path(), |v| v["num_experts_per_tok"] = 7.into());
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("config.json") && e.contains("num_experts_per_tok 7 exceeds num_experts 4"),
+        "{e}"
+    );
+}
+
+#[test]
+fn zero_context_length_is_refused() {
+    let dir = copy_fixture("tiny-flexolmo");
+    edit_config(dir.path(), |v| v["max_position_embeddings"] = 0.into());
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("config.json") && e.contains("max_position_embeddings is 0"),
+        "{e}"
+    );
+}
+
+#[test]
+fn eos_beyond_the_vocabulary_is_refused() {
+    let dir = copy_fixture("tiny-olmoe");
+    edit_config(dir.path(), |v| v["eos_token_id"] = 512.into());
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("config.json")
+            && e.contains("eos_token_id 512 is outside the vocabulary (vocab_size 512)"),
+        "{e}"
+    );
 }

@@ -1,6 +1,6 @@
 //! Atomic writes, file hashes and timestamps.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -8,18 +8,11 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{io, Result};
 
-/// Writes `bytes` through a synced temporary file in the same folder and a rename: readers (and a
-/// crash) see the old file or the new one, never half of one.
+/// Writes `bytes` through a synced, uniquely named temporary file in the same folder and a rename
+/// ([`durable::write_atomic`]): readers (and a crash) see the old file or the new one, never half of
+/// one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    durable::write_atomic(path, bytes).map_err(io(path))
 }
 
 /// Hex SHA-256 of bytes.

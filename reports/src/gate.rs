@@ -20,11 +20,22 @@ pub struct Baseline {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct BaselineEntry {
     pub mask: String,
+    /// Retrieval settings of the row (`none` in baselines written before it was recorded).
+    #[serde(default = "no_retrieval", skip_serializing_if = "is_no_retrieval")]
+    pub retrieval: String,
     pub task: String,
     pub metric: String,
     pub value: f64,
     pub stderr: Option<f64>,
     pub higher_is_better: bool,
+}
+
+fn no_retrieval() -> String {
+    "none".into()
+}
+
+fn is_no_retrieval(r: &String) -> bool {
+    r == "none"
 }
 
 /// A baseline metric that dropped beyond its allowance, or that the runs no longer report.
@@ -40,18 +51,21 @@ pub struct Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let e = &self.entry;
+        let row = match e.retrieval.as_str() {
+            "none" => e.mask.clone(),
+            r => format!("{}, {r}", e.mask),
+        };
         match self.current {
             None => write!(
                 f,
-                "{} {} [{}]: missing from the runs (baseline {:.4})",
-                e.task, e.metric, e.mask, e.value
+                "{} {} [{row}]: missing from the runs (baseline {:.4})",
+                e.task, e.metric, e.value
             ),
             Some(c) => write!(
                 f,
-                "{} {} [{}]: {:.4} -> {:.4} ({} by {:.4}, allowed {:.4})",
+                "{} {} [{row}]: {:.4} -> {:.4} ({} by {:.4}, allowed {:.4})",
                 e.task,
                 e.metric,
-                e.mask,
                 e.value,
                 c,
                 if e.higher_is_better { "fell" } else { "rose" },
@@ -62,21 +76,28 @@ impl std::fmt::Display for Failure {
     }
 }
 
-type Key = (String, String, String);
+/// (mask, retrieval, task, metric): what one baseline entry measures.
+type Key = (String, String, String, String);
 
-fn key(mask: &str, task: &str, metric: &str) -> Key {
-    (mask.to_string(), task.to_string(), metric.to_string())
+fn key(mask: &str, retrieval: &str, task: &str, metric: &str) -> Key {
+    (
+        mask.to_string(),
+        retrieval.to_string(),
+        task.to_string(),
+        metric.to_string(),
+    )
 }
 
-/// Current values by (mask, task, metric); the same metric in two runs is ambiguous.
+/// Current values by (mask, retrieval, task, metric); the same metric of the same model, mask and
+/// retrieval in two runs is ambiguous.
 fn current(entries: &[Entry]) -> Result<HashMap<Key, &Entry>> {
     let mut out: HashMap<Key, &Entry> = HashMap::new();
     for e in entries {
-        if let Some(prev) = out.insert(key(&e.mask, &e.task, &e.metric), e) {
+        if let Some(prev) = out.insert(key(&e.mask, &e.retrieval, &e.task, &e.metric), e) {
             if prev.run_id != e.run_id {
                 return Err(Error::Invalid(format!(
-                    "{} {} [{}] is in runs `{}` and `{}`; gate one run per task",
-                    e.task, e.metric, e.mask, prev.run_id, e.run_id
+                    "{} {} [mask {}, retrieval {}] is in runs `{}` and `{}`; gate one run per task",
+                    e.task, e.metric, e.mask, e.retrieval, prev.run_id, e.run_id
                 )));
             }
         }
@@ -107,6 +128,7 @@ impl Baseline {
                     let v = e.value.filter(|v| v.is_finite())?;
                     Some(BaselineEntry {
                         mask: e.mask.clone(),
+                        retrieval: e.retrieval.clone(),
                         task: e.task.clone(),
                         metric: e.metric.clone(),
                         value: v,
@@ -126,7 +148,7 @@ impl Baseline {
         let cur = current(entries)?;
         let mut out = Vec::new();
         for b in &self.entries {
-            let c = cur.get(&key(&b.mask, &b.task, &b.metric));
+            let c = cur.get(&key(&b.mask, &b.retrieval, &b.task, &b.metric));
             let value = c.and_then(|c| c.value).filter(|v| v.is_finite());
             let Some(v) = value else {
                 out.push(Failure {
@@ -174,6 +196,8 @@ mod tests {
             weights_hash: "h".into(),
             mask: "full".into(),
             experts: String::new(),
+            opted_out: String::new(),
+            retrieval: "none".into(),
             task: task.into(),
             metric: metric.into(),
             value: Some(v),
@@ -229,5 +253,36 @@ mod tests {
             )
             .unwrap();
         assert!(f.is_empty());
+    }
+
+    #[test]
+    fn retrieval_tells_rows_apart_and_old_baselines_mean_none() {
+        let plain = e("ppl", "word_perplexity", 10.0, 0.0, false);
+        let mut knn = e("ppl", "word_perplexity", 8.0, 0.0, false);
+        knn.run_id = "knn".into();
+        knn.retrieval = "knn:k=4".into();
+        let base = Baseline::from_entries(&[plain.clone(), knn.clone()], "t").unwrap();
+        assert_eq!(base.entries[1].retrieval, "knn:k=4");
+        // The kNN row got worse; the plain one did not.
+        knn.value = Some(12.0);
+        let f = base.check(&[plain.clone(), knn.clone()], 0.0, 0.0).unwrap();
+        assert_eq!(f.len(), 1);
+        assert!(
+            f[0].to_string()
+                .contains("[full, knn:k=4]: 8.0000 -> 12.0000"),
+            "{}",
+            f[0]
+        );
+        // The same mask and retrieval from two runs is ambiguous.
+        let mut twin = plain.clone();
+        twin.run_id = "other".into();
+        let err = base.check(&[plain, twin], 0.0, 0.0).unwrap_err();
+        assert!(err.to_string().contains("runs `r` and `other`"), "{err}");
+        // A baseline written before retrieval was recorded reads as `none`.
+        let old: Baseline = serde_json::from_str(
+            r#"{"note":"","entries":[{"mask":"full","task":"t","metric":"acc","value":1.0,"stderr":null,"higher_is_better":true}]}"#,
+        )
+        .unwrap();
+        assert_eq!(old.entries[0].retrieval, "none");
     }
 }

@@ -262,9 +262,9 @@ pub fn render(
     }
     h.push_str("</tbody></table>");
 
-    // Leaderboard: model x mask x task.
+    // Leaderboard: (model, mask, retrieval) x task.
     let (cols, rows) = summary_grid(entries);
-    h.push_str("<h2>Leaderboard</h2><p class='muted'>Primary metric of each task, value ± standard error (↓: lower is better). Click a header to sort.</p><table class='sortable' id='leaderboard'><thead><tr><th>run</th><th>model</th><th>mask</th>");
+    h.push_str("<h2>Leaderboard</h2><p class='muted'>Primary metric of each task, value ± standard error (↓: lower is better). Click a header to sort.</p><table class='sortable' id='leaderboard'><thead><tr><th>run</th><th>model</th><th>mask</th><th>retrieval</th>");
     for (t, m) in &cols {
         let arrow = if higher_is_better(m) { "" } else { " ↓" };
         let _ = write!(
@@ -275,22 +275,19 @@ pub fn render(
         );
     }
     h.push_str("</tr></thead><tbody>");
-    for (run, model, mask) in &rows {
+    for r in &rows {
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td>",
-            esc(run),
-            esc(model),
-            esc(mask)
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td>",
+            esc(&r.run_id),
+            esc(&r.model_id),
+            esc(&r.mask),
+            esc(&r.retrieval)
         );
         for (t, m) in &cols {
-            let e = entries.iter().find(|e| {
-                &e.run_id == run
-                    && &e.model_id == model
-                    && &e.mask == mask
-                    && &e.task == t
-                    && &e.metric == m
-            });
+            let e = entries
+                .iter()
+                .find(|e| r.holds(e) && &e.task == t && &e.metric == m);
             match e {
                 Some(e) => {
                     let _ = write!(
@@ -315,7 +312,10 @@ pub fn render(
             .filter(|e| &e.task == t && &e.metric == m)
             .map(|e| {
                 (
-                    format!("{} {}", e.model_id, e.mask),
+                    match e.retrieval.as_str() {
+                        "none" => format!("{} {}", e.model_id, e.mask),
+                        r => format!("{} {} {r}", e.model_id, e.mask),
+                    },
                     e.value.unwrap_or(f64::NAN),
                     e.stderr,
                 )
@@ -431,12 +431,12 @@ pub fn render(
     }
 
     // All headline metrics.
-    h.push_str("<h2>All metrics</h2><input class='filter' data-table='metrics' placeholder='filter (task, metric, mask...)'><table class='sortable' id='metrics'><thead><tr><th>run</th><th>model</th><th>mask</th><th>task</th><th>metric</th><th>value</th><th>stderr</th><th>n</th></tr></thead><tbody>");
+    h.push_str("<h2>All metrics</h2><input class='filter' data-table='metrics' placeholder='filter (task, metric, mask...)'><table class='sortable' id='metrics'><thead><tr><th>run</th><th>model</th><th>mask</th><th>retrieval</th><th>task</th><th>metric</th><th>value</th><th>stderr</th><th>n</th></tr></thead><tbody>");
     for e in entries {
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class='n' data-v='{}'>{}</td><td class='n'>{}</td><td class='n'>{}</td></tr>",
-            esc(&e.run_id), esc(&e.model_id), esc(&e.mask), esc(&e.task), esc(&e.metric),
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class='n' data-v='{}'>{}</td><td class='n'>{}</td><td class='n'>{}</td></tr>",
+            esc(&e.run_id), esc(&e.model_id), esc(&e.mask), esc(&e.retrieval), esc(&e.task), esc(&e.metric),
             e.value.unwrap_or(f64::NAN), num(e.value.unwrap_or(f64::NAN)), num(e.stderr.unwrap_or(f64::NAN)), e.n
         );
     }

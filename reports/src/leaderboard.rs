@@ -1,4 +1,5 @@
-//! The leaderboard: one row per (run, model, mask, task, metric), written as Parquet and Markdown.
+//! The leaderboard: one row per (run, model, mask, retrieval, task, metric), written as Parquet and
+//! Markdown.
 
 use std::sync::Arc;
 
@@ -58,6 +59,11 @@ pub struct Entry {
     pub weights_hash: String,
     pub mask: String,
     pub experts: String,
+    /// Names of the experts left out, comma-separated.
+    pub opted_out: String,
+    /// Retrieval settings (`none` without a datastore): with the mask, what tells two rows of one
+    /// task apart.
+    pub retrieval: String,
     pub task: String,
     pub metric: String,
     pub value: Option<f64>,
@@ -92,6 +98,8 @@ pub fn entries(runs: &[Run]) -> Vec<Entry> {
                 weights_hash: m.weights_hash.clone(),
                 mask: m.mask.clone(),
                 experts: m.experts.clone(),
+                opted_out: m.opted_out.clone(),
+                retrieval: m.retrieval.clone(),
                 task: m.task.clone(),
                 metric: m.metric.clone(),
                 value: m.value,
@@ -123,6 +131,9 @@ pub fn batch(entries: &[Entry]) -> Result<RecordBatch> {
         Field::new("n", DataType::Int64, false),
         Field::new("higher_is_better", DataType::Boolean, false),
         Field::new("primary", DataType::Boolean, false),
+        // Added after the columns above, which keep their places.
+        Field::new("opted_out", DataType::Utf8, false),
+        Field::new("retrieval", DataType::Utf8, false),
     ]);
     let cols: Vec<ArrayRef> = vec![
         s(|e| &e.run_id),
@@ -141,6 +152,8 @@ pub fn batch(entries: &[Entry]) -> Result<RecordBatch> {
         Arc::new(BooleanArray::from_iter(
             entries.iter().map(|e| Some(e.primary)),
         )),
+        s(|e| &e.opted_out),
+        s(|e| &e.retrieval),
     ];
     RecordBatch::try_new(Arc::new(schema), cols)
         .map_err(|e| file_err(std::path::Path::new("leaderboard.parquet"), e))
@@ -155,19 +168,41 @@ pub fn fmt_value(v: Option<f64>, se: Option<f64>) -> String {
     }
 }
 
-/// (run id, model id, mask): one row of the summary table.
-pub type RowKey = (String, String, String);
+/// One row of the summary table: run id, model id, mask and retrieval.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowKey {
+    pub run_id: String,
+    pub model_id: String,
+    pub mask: String,
+    pub retrieval: String,
+}
 
-/// Columns (tasks with their primary metric) and rows (run, model, mask) of the summary table.
+impl RowKey {
+    /// True when `e` belongs to this row.
+    pub fn holds(&self, e: &Entry) -> bool {
+        e.run_id == self.run_id
+            && e.model_id == self.model_id
+            && e.mask == self.mask
+            && e.retrieval == self.retrieval
+    }
+}
+
+/// Columns (tasks with their primary metric) and rows (run, model, mask, retrieval) of the summary
+/// table.
 pub fn summary_grid(entries: &[Entry]) -> (Vec<(String, String)>, Vec<RowKey>) {
     let mut cols: Vec<(String, String)> = Vec::new();
-    let mut rows: Vec<(String, String, String)> = Vec::new();
+    let mut rows: Vec<RowKey> = Vec::new();
     for e in entries.iter().filter(|e| e.primary) {
         let c = (e.task.clone(), e.metric.clone());
         if !cols.contains(&c) {
             cols.push(c);
         }
-        let r = (e.run_id.clone(), e.model_id.clone(), e.mask.clone());
+        let r = RowKey {
+            run_id: e.run_id.clone(),
+            model_id: e.model_id.clone(),
+            mask: e.mask.clone(),
+            retrieval: e.retrieval.clone(),
+        };
         if !rows.contains(&r) {
             rows.push(r);
         }
@@ -181,24 +216,23 @@ pub fn markdown(entries: &[Entry], comparisons: &[(String, String, Vec<Compariso
     let (cols, rows) = summary_grid(entries);
     let mut s = String::from("# moeval results\n\n");
     s.push_str("Primary metric of each task (value ± standard error; ↓ = lower is better).\n\n");
-    s.push_str("| run | model | mask |");
+    s.push_str("| run | model | mask | retrieval |");
     for (t, m) in &cols {
         let arrow = if higher_is_better(m) { "" } else { " ↓" };
         s.push_str(&format!(" {t} ({m}{arrow}) |"));
     }
-    s.push_str("\n|---|---|---|");
+    s.push_str("\n|---|---|---|---|");
     s.push_str(&"---:|".repeat(cols.len()));
     s.push('\n');
-    for (run, model, mask) in &rows {
-        s.push_str(&format!("| {run} | {model} | {mask} |"));
+    for r in &rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} |",
+            r.run_id, r.model_id, r.mask, r.retrieval
+        ));
         for (t, m) in &cols {
-            let e = entries.iter().find(|e| {
-                &e.run_id == run
-                    && &e.model_id == model
-                    && &e.mask == mask
-                    && &e.task == t
-                    && &e.metric == m
-            });
+            let e = entries
+                .iter()
+                .find(|e| r.holds(e) && &e.task == t && &e.metric == m);
             s.push_str(&format!(
                 " {} |",
                 e.map_or("".into(), |e| fmt_value(e.value, e.stderr))

@@ -101,7 +101,39 @@ pub struct Settings {
     pub opt_out_sweep: Option<String>,
     /// `I/N` when this is one shard of a run.
     pub shard: Option<String>,
+    /// The retrieval label of every row (the `retrieval` column): `none`, `knn:...`, `ric:...`.
     pub retrieval: String,
+    /// Everything else that changes a number, so `--resume` reproduces it or refuses. Absent from
+    /// manifests written before these were recorded; such runs cannot be resumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scoring: Option<Scoring>,
+}
+
+/// The settings of a run that change its numbers beyond the task list: retrieval, the scoring window,
+/// the device and its compute precision.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Scoring {
+    /// `ric` or `knn` (`None`: no datastore).
+    pub retrieval_mode: Option<String>,
+    /// The datastore directory (absolute) and its identity (SHA-256 of its manifest).
+    pub datastore: Option<String>,
+    pub datastore_identity: Option<String>,
+    /// Retrieved blocks (ric) or neighbours (knn).
+    pub k: Option<usize>,
+    /// kNN-LM interpolation weight and softmax temperature.
+    pub lambda: f64,
+    pub temperature: f32,
+    /// RIC-LM query length in tokens.
+    pub query_tokens: usize,
+    /// SILO perplexity protocol for rolling log-likelihood (`--ppl-window`, `--ppl-stride`).
+    pub ppl_window: Option<usize>,
+    pub ppl_stride: Option<usize>,
+    /// Longest token sequence the model is given (the config's `max_position_embeddings`); longer
+    /// contexts are cut from the left and rolling texts split into windows of this length.
+    pub max_length: usize,
+    /// `cpu` or `cuda:N`, and the compute dtype there (`f32` on the CPU, `bf16` on a GPU).
+    pub device: String,
+    pub dtype: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

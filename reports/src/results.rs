@@ -43,6 +43,8 @@ pub struct MetricRow {
     pub mask: String,
     pub experts: String,
     pub opted_out: String,
+    /// Retrieval settings (`none` without a datastore).
+    pub retrieval: String,
     pub task: String,
     pub metric: String,
     pub value: Option<f64>,
@@ -219,6 +221,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricRow>> {
             s("task")?,
             s("metric")?,
         );
+        let retrieval = s("retrieval")?;
         let (value, stderr, n) = (c.floats("value")?, c.floats("stderr")?, c.ints("n")?);
         for i in 0..batch.num_rows() {
             out.push(MetricRow {
@@ -228,6 +231,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricRow>> {
                 mask: mask[i].clone(),
                 experts: experts[i].clone(),
                 opted_out: opted[i].clone(),
+                retrieval: retrieval[i].clone(),
                 task: task[i].clone(),
                 metric: metric[i].clone(),
                 value: value[i],

@@ -3,22 +3,28 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use arrow_array::{ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
+use durable::fault;
 use engine::{ExpertMask, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 use reports::cache::{scope_name, CachedLm, RequestCache};
 use reports::fsutil::{sha256_file, sha256_hex, utc_now};
 use reports::manifest::{
-    FileHash, Manifest, ModelInfo, Seeds, Settings, ShardRecord, TaskInfo, Timing, Variant,
-    MANIFEST_VERSION,
+    FileHash, Manifest, ModelInfo, Scoring, Seeds, Settings, ShardRecord, TaskInfo, Timing,
+    Variant, MANIFEST_VERSION,
 };
 use tasks::output::{self, MetricRow, RunColumns};
 use tasks::{runner, LanguageModel, LoadOptions, Registry, RunOptions, Shard, Task, TaskResult};
 
 use crate::lm::EngineLm;
+use crate::retrieval::{Retrieval, RetrievalArgs};
+
+/// The lock file that keeps two processes from writing one run directory at once. The kernel
+/// releases it when its holder dies, so a killed run never blocks its `--resume`.
+const RUN_LOCK: &str = "run.lock";
 
 /// Opt-out sweeps `--opt-out-sweep` knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -65,9 +71,15 @@ pub struct Args {
     /// Name of the run folder (default: time and process id). Shards of one run share it.
     #[arg(long)]
     run_id: Option<String>,
-    /// Continue an interrupted run (or shard) from its folder: settings come from its manifest and
-    /// only requests missing from the cache are computed.
-    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["model", "tasks", "output", "run_id", "shard", "opt_out_sweep", "limit", "num_fewshot", "include_path"])]
+    /// Continue an interrupted run (or shard) from its folder: every setting comes from its manifest
+    /// (options that would change them are refused) and only requests missing from the cache are
+    /// computed.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
+        "model", "tasks", "output", "run_id", "shard", "opt_out_sweep", "limit", "num_fewshot",
+        "include_path", "pairs", "batch_size", "data_dir", "fewshot_seed", "opt_out", "experts",
+        "retrieval", "datastore", "k", "lambda", "temperature", "query_tokens", "ppl_window",
+        "ppl_stride",
+    ])]
     resume: Option<PathBuf>,
     /// Run shard I of N (documents whose id is I modulo N) into OUTPUT/<run id>/shard=I-of-N/;
     /// `moeval report` merges the shards. Give all shards the same --run-id.
@@ -76,9 +88,6 @@ pub struct Args {
     /// Also evaluate the model without each expert, in the same run (`leave-one-out`).
     #[arg(long, value_enum, value_name = "KIND")]
     opt_out_sweep: Option<Sweep>,
-    /// Sleep after each computed batch (to stop a run half-way in crash tests).
-    #[arg(long, hide = true, default_value_t = 0)]
-    pause_after_batch_ms: u64,
     #[command(flatten)]
     experts: super::ExpertArgs,
     #[command(flatten)]
@@ -254,11 +263,31 @@ fn model_info(model: &Model, dir: &Path) -> Result<ModelInfo> {
     })
 }
 
-/// The run's mask variants: the effective mask (`full`), then, for a sweep, each expert left out.
+/// The `mask` label of a variant that may use the experts `allowed` of `names`: `full` when that is
+/// every expert; in a run restricted with `--experts`, `experts=A+B` (the experts it may use);
+/// otherwise `-A-B`, each expert left out (by the owners' policy, `--opt-out` or the sweep).
+fn mask_label(allowed: &[usize], names: &[String], restricted: bool) -> String {
+    let name = |i: usize| names.get(i).cloned().unwrap_or_else(|| i.to_string());
+    if allowed.len() == names.len() {
+        "full".into()
+    } else if restricted {
+        let a: Vec<String> = allowed.iter().map(|&i| name(i)).collect();
+        format!("experts={}", a.join("+"))
+    } else {
+        (0..names.len())
+            .filter(|i| !allowed.contains(i))
+            .map(|i| format!("-{}", name(i)))
+            .collect()
+    }
+}
+
+/// The run's mask variants: the effective mask, then, for a sweep, each of its experts left out.
+/// `restricted`: the run named its experts with `--experts`.
 fn variants(
     model: &Model,
     info: &ModelInfo,
     sweep: Option<Sweep>,
+    restricted: bool,
 ) -> Result<Vec<(Variant, Option<ExpertMask>)>> {
     // GPU answers (bf16) are not the CPU's (f32): each device caches its own.
     let scope = |allowed: &[usize]| match model.device() {
@@ -285,20 +314,24 @@ fn variants(
             .cloned()
             .unwrap_or_else(|| i.to_string())
     };
-    let make = |mask: &ExpertMask, label: String| Variant {
-        label,
-        allowed: mask.allowed().collect(),
-        opted_out: mask.removed().map(name).collect(),
-        cache_scope: scope(&mask.allowed().collect::<Vec<_>>()),
+    let names: Vec<String> = (0..model.config().num_experts).map(name).collect();
+    let make = |mask: &ExpertMask| {
+        let allowed: Vec<usize> = mask.allowed().collect();
+        Variant {
+            label: mask_label(&allowed, &names, restricted),
+            opted_out: mask.removed().map(name).collect(),
+            cache_scope: scope(&allowed),
+            allowed,
+        }
     };
-    let mut out = vec![(make(&eff.mask, "full".into()), None)];
+    let mut out = vec![(make(&eff.mask), None)];
     if sweep == Some(Sweep::LeaveOneOut) {
         if eff.mask.count() < 2 {
             bail!("--opt-out-sweep leave-one-out needs at least two usable experts");
         }
         for e in eff.mask.allowed() {
             let m = eff.mask.without(&[e])?;
-            out.push((make(&m, format!("-{}", name(e))), Some(m)));
+            out.push((make(&m), Some(m)));
         }
     }
     Ok(out)
@@ -394,7 +427,6 @@ fn execute(
     cache_root: &Path,
     writer: Option<&str>,
     shard: Option<Shard>,
-    pause: Duration,
     quiet: bool,
     engine: Option<&Model>,
 ) -> Result<Vec<VariantResult>> {
@@ -407,7 +439,7 @@ fn execute(
     for (v, lm) in manifest.variants.clone().iter().zip(models) {
         let dir = cache_root.join(&v.cache_scope);
         let cache = RequestCache::open(&dir, &v.cache_scope, writer)?;
-        let cached_lm = CachedLm::new(*lm, cache).with_pause(pause);
+        let cached_lm = CachedLm::new(*lm, cache);
         let bar = if quiet {
             ProgressBar::hidden()
         } else {
@@ -510,7 +542,9 @@ fn execute(
     Ok(out)
 }
 
-fn write_run(dir: &Path, manifest: &mut Manifest, vs: &[VariantResult]) -> Result<()> {
+/// Writes samples, metrics and routing Parquet files (each atomically); the manifest still says
+/// `running` until [`finish_run`].
+fn write_tables(dir: &Path, manifest: &Manifest, vs: &[VariantResult]) -> Result<()> {
     let samples: Vec<(RunColumns, Vec<TaskResult>)> = vs
         .iter()
         .map(|v| (v.columns.clone(), v.results.clone()))
@@ -519,12 +553,20 @@ fn write_run(dir: &Path, manifest: &mut Manifest, vs: &[VariantResult]) -> Resul
         .iter()
         .map(|v| (v.columns.clone(), v.metrics.clone()))
         .collect();
+    fault::point("eval.before-samples");
     output::write_samples(&dir.join("samples.parquet"), &samples)?;
+    fault::point("eval.after-samples");
     output::write_metrics(&dir.join("metrics.parquet"), &metrics)?;
     write_routing(&dir.join("routing.parquet"), manifest, vs)?;
-    // The manifest goes last: `complete` means the Parquet files are in place.
+    Ok(())
+}
+
+/// Marks the run complete, ended at `end` (now by default). The manifest goes last: `complete`
+/// means every file of the run is in place.
+fn finish_run(dir: &Path, manifest: &mut Manifest, end: Option<String>) -> Result<()> {
+    fault::point("eval.before-manifest");
     manifest.status = "complete".into();
-    manifest.end_time = Some(utc_now());
+    manifest.end_time = end.or_else(|| Some(utc_now()));
     manifest.write(&dir.join("manifest.json"))?;
     Ok(())
 }
@@ -654,15 +696,128 @@ fn shard_label(s: Shard) -> String {
     format!("shard={}-of-{}", s.index, s.count)
 }
 
+/// A run id names one folder directly inside `--output`.
+fn check_run_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 200
+        && !id.starts_with('.')
+        && id != "cache"
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    ensure!(
+        ok,
+        "--run-id `{id}` cannot name a run folder inside --output: use ASCII letters, digits, `-`, `_` \
+         and `.`, not starting with `.` (so no `..` or path separators), and not `cache` (the request \
+         cache's folder)"
+    );
+    Ok(())
+}
+
+/// Takes the run directory's lock, or says which run is busy and where its holder's lock is.
+fn lock_run(dir: &Path, run_id: &str) -> Result<durable::Lock> {
+    let path = dir.join(RUN_LOCK);
+    durable::Lock::try_acquire(&path)
+        .with_context(|| format!("cannot lock {}", path.display()))?
+        .with_context(|| {
+            format!(
+                "run `{run_id}` in {} is being written by another moeval process (it holds the lock {}); \
+                 wait for it to finish, or use another --run-id",
+                dir.display(),
+                path.display()
+            )
+        })
+}
+
+/// Removes the temporary files a killed writer left in a run directory (`.NAME.PID.SEQ.tmp`, from
+/// [`durable::write_atomic`]). Only called under the run's lock, so no live writer owns them.
+fn remove_temporary_files(dir: &Path) -> Result<()> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("cannot remove {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The compute precision of a device: f32 on the CPU, bf16 on a GPU.
+fn dtype(device: engine::Device) -> &'static str {
+    match device {
+        engine::Device::Cpu => "f32",
+        engine::Device::Cuda(_) => "bf16",
+    }
+}
+
+/// Names the settings that differ between what a run recorded and what resuming it would use.
+fn changed(recorded: &impl serde::Serialize, now: &impl serde::Serialize) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(recorded), serde_json::to_value(now))
+    else {
+        return vec!["settings".into()];
+    };
+    a.iter()
+        .filter(|(k, v)| b.get(*k) != Some(v))
+        .map(|(k, v)| {
+            let now = b.get(k).unwrap_or(&serde_json::Value::Null);
+            format!("{k} (recorded {v}, now {now})")
+        })
+        .collect()
+}
+
+/// What a resumed run would compute differently from what it started with, if anything.
+fn resume_conflicts(m: &Manifest, vars: &[Variant], tasks: &[TaskInfo]) -> Vec<String> {
+    let mut out = Vec::new();
+    let expert_sets = |v: &[Variant]| -> Vec<(String, Vec<usize>)> {
+        v.iter()
+            .map(|v| (v.label.clone(), v.allowed.clone()))
+            .collect()
+    };
+    if expert_sets(&m.variants) != expert_sets(vars) {
+        let labels = |v: &[Variant]| v.iter().map(|v| v.label.clone()).collect::<Vec<_>>();
+        out.push(format!(
+            "the experts (masks {:?}, now {:?}; did an owner's opt-out change?)",
+            labels(&m.variants),
+            labels(vars)
+        ));
+    }
+    // Task files, data files (by content) and document counts.
+    let ident = |t: &[TaskInfo]| -> Vec<(String, String, Vec<String>, usize)> {
+        t.iter()
+            .map(|t| {
+                let data = t.data_files.iter().map(|f| f.sha256.clone()).collect();
+                (t.name.clone(), t.file_sha256.clone(), data, t.documents)
+            })
+            .collect()
+    };
+    for (a, b) in ident(&m.tasks).iter().zip(ident(tasks).iter()) {
+        if a != b {
+            out.push(format!("the task file or data of `{}`", a.0));
+        }
+    }
+    if m.tasks.len() != tasks.len() {
+        out.push("the task list".into());
+    }
+    out
+}
+
 pub fn run(a: Args) -> Result<()> {
     anyhow::ensure!(a.batch_size > 0, "--batch-size must be at least 1");
-    let pause = Duration::from_millis(a.pause_after_batch_ms);
-    // Settings, run directory and output root: from the command line, or from the manifest.
-    let (mut manifest, run_dir, root, model_dir, sweep) = match &a.resume {
+    // Settings, run directory and output root: from the command line, or from the manifest (under
+    // the run's lock, so no other process is writing it).
+    let mut lock = None;
+    let (mut manifest, run_dir, root, model_dir, sweep, retrieval_args) = match &a.resume {
         Some(dir) => {
             let path = dir.join("manifest.json");
-            let m = Manifest::read(&path)
-                .with_context(|| format!("cannot resume {}", dir.display()))?;
+            let read = || {
+                Manifest::read(&path).with_context(|| format!("cannot resume {}", dir.display()))
+            };
+            lock = Some(lock_run(dir, &read()?.run_id)?);
+            let m = read()?;
+            remove_temporary_files(dir)?;
             if m.status == "complete" {
                 bail!(
                     "{}: run `{}` is already complete; nothing to resume",
@@ -670,6 +825,26 @@ pub fn run(a: Args) -> Result<()> {
                     m.run_id
                 );
             }
+            let Some(scoring) = &m.settings.scoring else {
+                bail!(
+                    "{}: run `{}` was started by a moeval that did not record its retrieval, window \
+                     and device settings, so resuming could change its numbers; start a new run",
+                    path.display(),
+                    m.run_id
+                );
+            };
+            let device = super::device();
+            if scoring.device != device.to_string() {
+                bail!(
+                    "{}: run `{}` computes on {}, this process on {device}; resume it with --device {}",
+                    path.display(),
+                    m.run_id,
+                    scoring.device,
+                    scoring.device
+                );
+            }
+            let retrieval_args = RetrievalArgs::from_scoring(scoring)
+                .with_context(|| format!("cannot resume {}", path.display()))?;
             let root = if m.settings.shard.is_some() {
                 dir.parent().and_then(Path::parent)
             } else {
@@ -683,7 +858,7 @@ pub fn run(a: Args) -> Result<()> {
                 None => None,
             };
             let model_dir = PathBuf::from(&m.model.dir);
-            (m, dir.clone(), root, model_dir, sweep)
+            (m, dir.clone(), root, model_dir, sweep, retrieval_args)
         }
         None => {
             let output = a.output.clone().context("--output is required")?;
@@ -695,14 +870,12 @@ pub fn run(a: Args) -> Result<()> {
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
             let run_id = a.run_id.clone().unwrap_or_else(default_run_id);
-            anyhow::ensure!(
-                !run_id.is_empty() && !run_id.contains(['/', '\\']) && run_id != "cache",
-                "--run-id `{run_id}` cannot name a folder"
-            );
+            check_run_id(&run_id)?;
             let mut dir = output.join(&run_id);
             if let Some(s) = shard {
                 dir = dir.join(shard_label(s));
             }
+            // Checked again under the lock, before anything is written.
             if dir.join("manifest.json").exists() {
                 bail!(
                     "{} already holds a run; use --resume {} to finish it, or another --run-id",
@@ -723,6 +896,7 @@ pub fn run(a: Args) -> Result<()> {
                 opt_out_sweep: a.opt_out_sweep.map(|_| "leave-one-out".to_string()),
                 shard: shard.map(|s| format!("{}/{}", s.index, s.count)),
                 retrieval: "none".into(),
+                scoring: None,
             };
             let m = Manifest {
                 manifest_version: MANIFEST_VERSION,
@@ -737,7 +911,10 @@ pub fn run(a: Args) -> Result<()> {
                 start_time: utc_now(),
                 ..Manifest::default()
             };
-            (m, dir, output, model_dir, a.opt_out_sweep)
+            // The datastore by absolute path, so a resume from another folder finds the same one.
+            let mut retrieval_args = a.retrieval.clone();
+            retrieval_args.datastore = retrieval_args.datastore.as_deref().map(|d| abs(d).into());
+            (m, dir, output, model_dir, a.opt_out_sweep, retrieval_args)
         }
     };
     let shard = manifest
@@ -763,35 +940,66 @@ pub fn run(a: Args) -> Result<()> {
             manifest.model.weights_hash
         );
     }
-    let mut vars = variants(&model, &info, sweep)?;
+    let restricted = !manifest.settings.experts.is_empty();
+    let mut vars = variants(&model, &info, sweep, restricted)?;
     // Retrieval changes every answer: cache it apart, per datastore state and settings.
-    let retrieval = crate::retrieval::Retrieval::open(&model, &a.retrieval)?;
+    let retrieval = Retrieval::open(&model, &retrieval_args)?;
     if let Some(r) = &retrieval {
         vars.iter_mut()
             .for_each(|(v, _)| v.cache_scope = r.cache_scope(&v.cache_scope));
     }
+    let scoring = Scoring {
+        max_length: model.config().max_position_embeddings,
+        device: model.device().to_string(),
+        dtype: dtype(model.device()).into(),
+        ..retrieval_args.scoring(retrieval.as_ref())
+    };
     let task_info = task_infos(&tasks)?;
-    if a.resume.is_some()
-        && task_info
-            .iter()
-            .map(|t| &t.file_sha256)
-            .ne(manifest.tasks.iter().map(|t| &t.file_sha256))
-    {
-        bail!(
-            "task files changed since run `{}` started; start a new run",
-            manifest.run_id
-        );
+    let variant_list: Vec<Variant> = vars.iter().map(|v| v.0.clone()).collect();
+    if a.resume.is_some() {
+        let mut problems = resume_conflicts(&manifest, &variant_list, &task_info);
+        if let Some(recorded) = &manifest.settings.scoring {
+            problems.extend(changed(recorded, &scoring));
+        }
+        if !problems.is_empty() {
+            bail!(
+                "cannot resume run `{}`: changed since it started: {}; start a new run",
+                manifest.run_id,
+                problems.join("; ")
+            );
+        }
     }
+    manifest.settings.retrieval = retrieval
+        .as_ref()
+        .map_or_else(|| "none".to_string(), Retrieval::label);
+    manifest.settings.scoring = Some(scoring);
     manifest.moeval_version = env!("CARGO_PKG_VERSION").to_string();
     manifest.git_revision = git_revision();
     manifest.model = info;
-    manifest.variants = vars.iter().map(|v| v.0.clone()).collect();
+    manifest.variants = variant_list;
     manifest.tasks = task_info;
     manifest.device = device(&model);
     manifest.threads = rayon::current_num_threads();
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let _lock = match lock {
+        Some(l) => l,
+        None => {
+            let l = lock_run(&run_dir, &manifest.run_id)?;
+            if run_dir.join("manifest.json").exists() {
+                bail!(
+                    "{} already holds a run (another process started it meanwhile); use --resume {} \
+                     to finish it, or another --run-id",
+                    run_dir.display(),
+                    run_dir.display()
+                );
+            }
+            l
+        }
+    };
+    fault::point("eval.locked");
     manifest.write(&run_dir.join("manifest.json"))?;
+    fault::point("eval.started");
 
     let lms: Vec<EngineLm> = vars
         .iter()
@@ -822,12 +1030,12 @@ pub fn run(a: Args) -> Result<()> {
         &root.join("cache"),
         Some(&writer),
         shard,
-        pause,
         false,
         Some(&model),
     )?;
     let elapsed = start.elapsed().as_secs_f64();
-    write_run(&run_dir, &mut manifest, &vs)?;
+    write_tables(&run_dir, &manifest, &vs)?;
+    // Retrieval's records are part of the run: written before the manifest says `complete`.
     if let (Some(r), Some(l)) = (&retrieval, &rlms) {
         let labelled: Vec<_> = manifest
             .variants
@@ -837,6 +1045,7 @@ pub fn run(a: Args) -> Result<()> {
             .collect();
         r.write_run_records(&run_dir, &tasks, manifest.seeds.fewshot, &labelled)?;
     }
+    finish_run(&run_dir, &mut manifest, None)?;
     print_table(&vs);
     let docs: usize = manifest.timings.iter().map(|t| t.documents).sum();
     let computed: usize = manifest.timings.iter().map(|t| t.computed).sum();
@@ -891,9 +1100,14 @@ pub fn merge_shards(run_dir: &Path) -> Result<bool> {
         if s.count != count
             || m.run_id != first.run_id
             || m.model.weights_hash != first.model.weights_hash
+            || m.settings.retrieval != first.settings.retrieval
+            || m.variants
+                .iter()
+                .map(|v| &v.label)
+                .ne(first.variants.iter().map(|v| &v.label))
         {
             bail!(
-                "{}: shard of another run (run id, shard count or model differ from {})",
+                "{}: shard of another run (run id, shard count, model, masks or retrieval differ from {})",
                 d.display(),
                 shards[0].display()
             );
@@ -942,7 +1156,6 @@ pub fn merge_shards(run_dir: &Path) -> Result<bool> {
         &root.join("cache"),
         None,
         None,
-        Duration::ZERO,
         true,
         None,
     )
@@ -970,8 +1183,9 @@ pub fn merge_shards(run_dir: &Path) -> Result<bool> {
         t.documents_per_second = t.documents as f64 / t.seconds.max(1e-9);
     }
     manifest.timings = timings;
-    write_run(run_dir, &mut manifest, &vs)?;
-    manifest.end_time = manifests.iter().filter_map(|m| m.end_time.clone()).max();
-    manifest.write(&merged)?;
+    let _lock = lock_run(run_dir, &manifest.run_id)?;
+    write_tables(run_dir, &manifest, &vs)?;
+    let end = manifests.iter().filter_map(|m| m.end_time.clone()).max();
+    finish_run(run_dir, &mut manifest, end)?;
     Ok(true)
 }

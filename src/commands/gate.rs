@@ -30,7 +30,8 @@ pub fn run(a: Args) -> Result<()> {
         a.max_drop >= 0.0 && a.z >= 0.0,
         "--max-drop and --z must be >= 0"
     );
-    let runs = super::report::collect_runs(&a.runs)?;
+    // Every run found must be readable: a skipped run would only show up as missing metrics.
+    let runs = super::report::collect_runs(&a.runs, false)?;
     let entries = reports::leaderboard::entries(&runs);
     if a.update {
         let ids: Vec<String> = runs

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use reports::html::HtmlOptions;
 
 #[derive(clap::Args)]
@@ -20,34 +20,51 @@ pub struct Args {
     /// Sample rows per task in the HTML sample browsers.
     #[arg(long, default_value_t = 300)]
     max_samples: usize,
+    /// Report the other runs when some found inside a folder are incomplete or unreadable (each is
+    /// named in a warning); without it such a run is an error.
+    #[arg(long)]
+    skip_bad_runs: bool,
 }
 
 /// Run directories under the given paths, with shards merged. A run named directly must be
-/// complete; incomplete runs found inside a folder are skipped with a warning.
-pub fn collect_runs(paths: &[PathBuf]) -> Result<Vec<reports::Run>> {
+/// complete and readable. Runs found inside a folder that are not (killed, still running, corrupt)
+/// are an error naming each, unless `skip_bad` (then each is named in a warning).
+pub fn collect_runs(paths: &[PathBuf], skip_bad: bool) -> Result<Vec<reports::Run>> {
     let mut runs = Vec::new();
+    let mut bad = Vec::new();
     for p in paths {
         let found = reports::results::discover_runs(p)?;
         let named = found.len() == 1 && &found[0] == p;
         for dir in found {
-            if super::eval::merge_shards(&dir)? {
-                eprintln!("merged the shards of {}", dir.display());
-            }
-            match reports::load_run(&dir) {
+            let read = || -> Result<reports::Run> {
+                if super::eval::merge_shards(&dir)? {
+                    eprintln!("merged the shards of {}", dir.display());
+                }
+                Ok(reports::load_run(&dir)?)
+            };
+            match read() {
                 Ok(r) => runs.push(r),
-                Err(e) if !named => eprintln!("warning: skipping {}: {e}", dir.display()),
-                Err(e) => {
+                Err(e) if named => {
                     return Err(e).with_context(|| format!("cannot read run {}", dir.display()))
                 }
+                Err(e) if skip_bad => eprintln!("warning: skipping {}: {e:#}", dir.display()),
+                Err(e) => bad.push(format!("{}: {e:#}", dir.display())),
             }
         }
+    }
+    if !bad.is_empty() {
+        bail!(
+            "{} run(s) cannot be read (pass --skip-bad-runs to report the others):\n  {}",
+            bad.len(),
+            bad.join("\n  ")
+        );
     }
     anyhow::ensure!(!runs.is_empty(), "no complete runs found");
     Ok(runs)
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let runs = collect_runs(&a.runs)?;
+    let runs = collect_runs(&a.runs, a.skip_bad_runs)?;
     let files = reports::write_report(
         &runs,
         &a.out,

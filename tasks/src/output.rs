@@ -24,13 +24,15 @@ pub struct RunColumns {
     pub model_id: String,
     /// SHA-256 over config, tokenizer, expert files and every weight file (see the manifest).
     pub weights_hash: String,
-    /// The expert-mask variant: `full` (the run's effective mask) or `-NAME` (NAME also left out).
+    /// The expert-mask variant: `full` (every expert of the model), `-A-B` (experts A and B left
+    /// out) or `experts=A+B` (a run restricted to experts A and B).
     pub mask: String,
     /// Names of the experts the variant may use, comma-separated (empty for dense models).
     pub experts: String,
     /// Names of the experts left out (owners' policy, request or sweep), comma-separated.
     pub opted_out: String,
-    /// Retrieval settings (`none` until the datastore is wired in).
+    /// Retrieval and scoring-window settings: `none`, or e.g.
+    /// `knn:k=1024,lambda=0.3,temperature=10,datastore=news@<identity>` (see docs/results.md).
     pub retrieval: String,
 }
 
@@ -82,26 +84,22 @@ fn out_err(path: &Path) -> impl Fn(String) -> Error + '_ {
     move |e| Error::Output(format!("{}: {e}", path.display()))
 }
 
-/// Writes a record batch to `path` through a temporary file in the same folder, synced to disk and
-/// renamed into place, so a reader (or a crash) never sees half a file.
+/// Writes a record batch to `path` through a uniquely named temporary file in the same folder,
+/// synced to disk and renamed into place ([`durable::write_atomic_with`]), so a reader (or a crash)
+/// never sees half a file and concurrent writers never share a temporary file.
 pub fn write_parquet_atomic(path: &Path, batch: &RecordBatch) -> Result<()> {
     let err = out_err(path);
-    let name = path
-        .file_name()
-        .ok_or_else(|| err("not a file path".into()))?;
-    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
-    let file = std::fs::File::create(&tmp).map_err(|e| err(e.to_string()))?;
-    let props = parquet::file::properties::WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::SNAPPY)
-        .build();
-    let mut w =
-        ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(|e| err(e.to_string()))?;
-    w.write(batch).map_err(|e| err(e.to_string()))?;
-    let mut file = w.into_inner().map_err(|e| err(e.to_string()))?;
-    file.flush().map_err(|e| err(e.to_string()))?;
-    file.sync_all().map_err(|e| err(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))?;
-    Ok(())
+    durable::write_atomic_with(path, |tmp| {
+        let file = std::fs::File::create(tmp)?;
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .build();
+        let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props))
+            .map_err(std::io::Error::other)?;
+        w.write(batch).map_err(std::io::Error::other)?;
+        w.into_inner().map_err(std::io::Error::other)?.flush()
+    })
+    .map_err(|e| err(e.to_string()))
 }
 
 fn run_fields() -> Vec<Field> {
