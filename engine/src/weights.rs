@@ -156,18 +156,7 @@ impl Weights {
             ),
         })?;
         release_pages(&open.mmap, begin, end);
-        // A NaN or infinity in a weight poisons every output it reaches without any error; only
-        // the tensors actually read are checked, so opted-out experts stay unread.
-        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
-            let bad = data.iter().filter(|x| !x.is_finite()).count();
-            return Err(Error::Weights {
-                path: path.to_path_buf(),
-                message: format!(
-                    "tensor `{name}` holds {bad} non-finite value(s) (first at element {i}: {}); the checkpoint is corrupt",
-                    data[i]
-                ),
-            });
-        }
+        finite(path, name, &data)?;
         Ok(data)
     }
 
@@ -202,6 +191,7 @@ impl Weights {
                 dst.copy_from_slice(&row);
             }
         }
+        finite(path, name, &out)?;
         Ok(out)
     }
 
@@ -253,6 +243,22 @@ impl Weights {
             message: format!("tensor `{name}` (listed in the index) is not in this file"),
         })?;
         Ok((path, open, info))
+    }
+}
+
+/// A NaN or infinity in a weight poisons every output it reaches without any error; only the values
+/// actually read are checked, so opted-out experts stay unread.
+fn finite(path: &Path, name: &str, data: &[f32]) -> Result<()> {
+    match data.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::Weights {
+            path: path.to_path_buf(),
+            message: format!(
+                "tensor `{name}` holds {} non-finite value(s) (first at element {i}: {}); the checkpoint is corrupt",
+                data.iter().filter(|x| !x.is_finite()).count(),
+                data[i]
+            ),
+        }),
     }
 }
 

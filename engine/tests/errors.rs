@@ -153,25 +153,39 @@ fn opting_out_everything_or_unknown_expert() {
 
 #[test]
 fn opted_out_expert_is_never_read() {
-    // Corrupt every byte of expert 2's tensors: loading without expert 2 must not notice.
+    // Corrupt every byte of expert 2's tensors and its router row in every layer: loading without
+    // expert 2 must not notice, in the logits or in the router logits a forward pass reports.
     let dir = copy_fixture("tiny-flexolmo");
     let path = dir.path().join("model.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let mut hit = 0;
+    let (mut experts, mut routers) = (0, 0);
     for (name, info) in header.as_object().unwrap() {
+        let off = &info["data_offsets"];
+        if off.is_null() {
+            continue; // __metadata__
+        }
+        let (a, b) = (
+            off[0].as_u64().unwrap() as usize,
+            off[1].as_u64().unwrap() as usize,
+        );
         if name.contains(".experts.2.") {
-            let off = &info["data_offsets"];
-            let (a, b) = (
-                off[0].as_u64().unwrap() as usize,
-                off[1].as_u64().unwrap() as usize,
-            );
             bytes[8 + n + a..8 + n + b].fill(0xff); // NaNs
-            hit += 1;
+            experts += 1;
+        } else if name.ends_with(".mlp.gate.weight") {
+            // Row 2 of [experts, hidden].
+            let rows = info["shape"][0].as_u64().unwrap() as usize;
+            let row = (b - a) / rows;
+            bytes[8 + n + a + 2 * row..8 + n + a + 3 * row].fill(0xff);
+            routers += 1;
         }
     }
-    assert_eq!(hit, 6, "2 layers x 3 tensors of expert 2");
+    assert_eq!(
+        (experts, routers),
+        (6, 2),
+        "2 layers x (3 tensors + a router row)"
+    );
     std::fs::write(&path, &bytes).unwrap();
     let model = Model::load(dir.path(), &LoadOptions::opting_out(&[2])).unwrap();
     let reference = reference("tiny-flexolmo");
@@ -184,18 +198,24 @@ fn opted_out_expert_is_never_read() {
                 cache: &mut cache,
                 mask: None,
             }],
-            false,
+            true,
         )
         .unwrap();
     let logits = model.logits(&fwd.hidden).unwrap();
     let d = max_abs_diff(&logits, &reference["optout2.logits.2"]);
     assert!(d <= 1e-5, "differs by {d}");
+    for layer in fwd.router_logits.unwrap() {
+        let experts = layer.dims()[1];
+        let v = layer.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // The removed expert's logit is reported as -inf: it has no router row.
+        assert!(v
+            .chunks_exact(experts)
+            .all(|row| row[2] == f32::NEG_INFINITY && row.iter().all(|x| !x.is_nan())));
+    }
     // And the corruption is real: loading expert 2 is refused, naming the file and the tensor.
     let e = load_err(dir.path());
     assert!(
-        e.contains("model.safetensors")
-            && e.contains(".mlp.experts.2.")
-            && e.contains("non-finite"),
+        e.contains("model.safetensors") && e.contains(".mlp.") && e.contains("non-finite"),
         "{e}"
     );
 }
