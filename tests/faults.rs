@@ -655,3 +655,66 @@ fn cli_and_admin_api_interleaved_lose_no_change() {
     assert_eq!(policy["opted_out"], serde_json::json!([]));
     assert_eq!(policy["applied"], 2 * ROUNDS as u64);
 }
+
+#[test]
+fn a_running_server_never_serves_an_interrupted_opt_outs_documents() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let input = corpus(tmp.path());
+    let store = tmp.path().join("store");
+    ok(&build_store(&input, &store, None));
+    let news_text = std::fs::read_to_string(&input)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["owner"] == "news")
+        .unwrap()["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moeval"))
+        .args(["--threads", "1", "serve", "--port", "0"])
+        .args(["--model", s(&default_model()), "--datastore", s(&store)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap()
+        .to_string();
+    let body = serde_json::json!({"prompt": news_text, "max_tokens": 1, "temperature": 0,
+        "moeval": {"retrieval": {"mode": "ric", "k": 16}}})
+    .to_string();
+    let owners = || -> (Vec<String>, serde_json::Value) {
+        let (status, text) = post(&addr, "/v1/completions", "", &body);
+        assert_eq!(status, 200, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let info = &v["moeval"]["retrieval"];
+        let owners = info["documents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["owner"].as_str().unwrap().to_string())
+            .collect();
+        (owners, info["datastore"]["excluded_owners"].clone())
+    };
+    let (before, _) = owners();
+    assert!(before.iter().any(|o| o == "news"), "{before:?}");
+    // Killed after the index delete was committed, before the manifest changed.
+    killed(
+        &opt_out_news(&store, Some("datastore.opt-out.deleted")),
+        "datastore.opt-out.deleted",
+    );
+    let (after, excluded) = owners();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(after.iter().all(|o| o != "news"), "{after:?}");
+    assert_eq!(excluded, serde_json::json!(["news"]));
+    assert!(!store.join("opt-out.pending.json").exists());
+}
