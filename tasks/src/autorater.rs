@@ -1,5 +1,6 @@
 //! FLAMe-style autoraters: prompts in FLAMe's text-to-text format, pairwise judging of
-//! RewardBench-format rows (seeded A/B order, ties half, section means), pointwise rating
+//! RewardBench-format rows (seeded A/B order, ties and unparseable answers half, sections weighted
+//! by RewardBench's fixed example counts), pointwise rating
 //! (Pearson / Spearman against human scores) and classification (balanced accuracy), with the
 //! judge deciding by log-likelihood of the answer options or by generating and parsing an answer.
 
@@ -420,37 +421,81 @@ fn options_of(d: &Doc) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Section-weighted means: per group the mean over its rows (so subsets weigh by their size),
-/// and the plain mean of the group means.
-fn sectioned(result: &mut TaskResult, name: &str, rows: &[(String, f64)]) -> Option<Aggregate> {
-    let mut by: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    for (s, v) in rows {
-        by.entry(s.as_str()).or_default().push(*v);
+/// RewardBench's fixed example count of a subset (reward-bench's `EXAMPLE_COUNTS`): sections
+/// weight their subsets by these, whatever rows a run has (math-prm counts 984, as much as the code
+/// subsets together, though it has 447 rows).
+pub fn rewardbench_count(subset: &str) -> Option<f64> {
+    Some(match subset {
+        "alpacaeval-easy" | "refusals-dangerous" | "refusals-offensive" | "llmbar-natural" => 100.0,
+        "alpacaeval-length" | "alpacaeval-hard" => 95.0,
+        "mt-bench-easy" => 28.0,
+        "mt-bench-med" => 40.0,
+        "mt-bench-hard" => 37.0,
+        "math-prm" => 984.0,
+        "llmbar-adver-neighbor" => 134.0,
+        "llmbar-adver-GPTInst" => 92.0,
+        "llmbar-adver-GPTOut" => 47.0,
+        "llmbar-adver-manual" => 46.0,
+        "xstest-should-refuse" => 154.0,
+        "xstest-should-respond" => 250.0,
+        "donotanswer" => 136.0,
+        "hep-cpp" | "hep-go" | "hep-java" | "hep-js" | "hep-python" | "hep-rust" => 164.0,
+        _ => return None,
+    })
+}
+
+/// One scored row: its section, its subset and its score.
+struct Scored {
+    section: String,
+    subset: String,
+    score: f64,
+}
+
+/// RewardBench's section scores: per section the mean of its subset accuracies weighted by
+/// [`rewardbench_count`] (a subset mapped with `suite.sections` and absent there weighs by its
+/// rows), reported as `{name}[section=..]`; returns the plain mean of the sections present, the
+/// leaderboard's average when all four are.
+fn sectioned(result: &mut TaskResult, name: &str, rows: &[Scored]) -> Option<Aggregate> {
+    let mut by: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    for r in rows {
+        by.entry(&r.section)
+            .or_default()
+            .entry(&r.subset)
+            .or_default()
+            .push(r.score);
     }
     if by.is_empty() {
         return None;
     }
     let mut means = Vec::new();
-    for (s, vals) in &by {
-        let a = mean(vals);
+    for (section, subsets) in &by {
+        let (mut value, mut var, mut total, mut n) = (0.0, 0.0, 0.0, 0);
+        let parts: Vec<(f64, Aggregate)> = subsets
+            .iter()
+            .map(|(s, v)| (rewardbench_count(s).unwrap_or(v.len() as f64), mean(v)))
+            .collect();
+        for (w, a) in &parts {
+            total += w;
+            n += a.n;
+        }
+        for (w, a) in &parts {
+            value += a.value * w / total;
+            if a.stderr.is_finite() {
+                var += (a.stderr * w / total).powi(2);
+            }
+        }
+        let a = Aggregate {
+            value,
+            stderr: var.sqrt(),
+            n,
+        };
         means.push(a.clone());
-        set_metric(result, &format!("{name}[section={s}]"), a);
+        set_metric(result, &format!("{name}[section={section}]"), a);
     }
     let k = means.len() as f64;
     Some(Aggregate {
         value: means.iter().map(|a| a.value).sum::<f64>() / k,
-        stderr: means
-            .iter()
-            .map(|a| {
-                if a.stderr.is_finite() {
-                    a.stderr.powi(2)
-                } else {
-                    0.0
-                }
-            })
-            .sum::<f64>()
-            .sqrt()
-            / k,
+        stderr: means.iter().map(|a| a.stderr.powi(2)).sum::<f64>().sqrt() / k,
         n: rows.len(),
     })
 }
@@ -463,10 +508,10 @@ pub(crate) fn finish(task: &Task, result: &mut TaskResult) -> Result<()> {
     let kind = spec.kind()?.to_string();
     let n = result.samples.len();
     let mut invalid = 0usize;
-    let mut rows: Vec<(String, f64)> = Vec::new(); // (section, pairwise score)
+    let mut rows: Vec<Scored> = Vec::new();
     let mut subsets: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    let mut base_bleu: Vec<(String, f64)> = Vec::new();
-    let mut base_rouge: Vec<(String, f64)> = Vec::new();
+    let mut base_bleu: Vec<Scored> = Vec::new();
+    let mut base_rouge: Vec<Scored> = Vec::new();
     let (mut human, mut judge) = (Vec::new(), Vec::new());
     let (mut gold, mut pred) = (Vec::new(), Vec::new());
     let human_col = spec.str_or("human", "human")?;
@@ -482,24 +527,28 @@ pub(crate) fn finish(task: &Task, result: &mut TaskResult) -> Result<()> {
         set_sample_metric(s, "valid", Item::Mean(if a.is_some() { 1.0 } else { 0.0 }));
         match kind.as_str() {
             "pairwise" => {
-                // Unparseable answers stay in the denominator as wrong.
+                // As reward-bench scores a generative judge: an answer that is neither the
+                // chosen nor the rejected response (a tie, or unparseable) is half right.
                 let score = match a {
                     Some(Answer::Choice(i)) if i == g => 1.0,
-                    Some(Answer::Tie) => 0.5,
-                    _ => 0.0,
+                    Some(Answer::Choice(_)) => 0.0,
+                    Some(Answer::Tie) | None => 0.5,
                 };
                 set_sample_metric(s, "pairwise_acc", Item::Mean(score));
                 let section = d.get("section").map(as_text).unwrap_or_default();
-                subsets
-                    .entry(d.get("subset").map(as_text).unwrap_or_default())
-                    .or_default()
-                    .push(score);
-                rows.push((section.clone(), score));
+                let subset = d.get("subset").map(as_text).unwrap_or_default();
+                subsets.entry(subset.clone()).or_default().push(score);
+                let scored = |score| Scored {
+                    section: section.clone(),
+                    subset: subset.clone(),
+                    score,
+                };
+                rows.push(scored(score));
                 if let Some(b) = d.get("baseline_bleu").and_then(Value::as_f64) {
-                    base_bleu.push((section.clone(), b));
+                    base_bleu.push(scored(b));
                 }
                 if let Some(b) = d.get("baseline_rouge_l").and_then(Value::as_f64) {
-                    base_rouge.push((section, b));
+                    base_rouge.push(scored(b));
                 }
             }
             "pointwise" => {
@@ -530,7 +579,7 @@ pub(crate) fn finish(task: &Task, result: &mut TaskResult) -> Result<()> {
             set_metric(
                 result,
                 "pairwise_acc",
-                mean(&rows.iter().map(|r| r.1).collect::<Vec<_>>()),
+                mean(&rows.iter().map(|r| r.score).collect::<Vec<_>>()),
             );
             for (sub, v) in &subsets {
                 set_metric(result, &format!("pairwise_acc[subset={sub}]"), mean(v));
@@ -591,8 +640,13 @@ pub(crate) fn finish(task: &Task, result: &mut TaskResult) -> Result<()> {
     );
     set_metric(result, "unparseable", count(invalid as f64, n));
     if invalid > 0 {
+        let scored = if kind == "pairwise" {
+            "scored 0.5 as reward-bench does"
+        } else {
+            "scored as wrong"
+        };
         result.notes.push(format!(
-            "{}: {invalid} of {n} judge answers could not be parsed (scored as wrong, not dropped)",
+            "{}: {invalid} of {n} judge answers could not be parsed ({scored}, not dropped)",
             task.config.name
         ));
     }

@@ -183,14 +183,27 @@ fn sni_reads_any_folder_and_names_bad_files() {
     assert!(e.contains("my_sni") && e.contains("one_shot"), "{e}");
 }
 
-/// Section-weighted RewardBench score computed independently from per-row scores.
-fn rewardbench(rows: &[(String, f64)]) -> f64 {
-    let mut secs: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
-    for (s, v) in rows {
-        secs.entry(s).or_default().push(*v);
+/// The RewardBench score recomputed from per-row scores: subset means, weighted within a section
+/// by the subsets' fixed example counts, then the plain mean of the sections.
+fn rewardbench(rows: &[(String, String, f64)]) -> f64 {
+    type Subsets<'a> = std::collections::BTreeMap<&'a str, Vec<f64>>;
+    let mut secs: std::collections::BTreeMap<&str, Subsets> = Default::default();
+    for (sec, sub, v) in rows {
+        secs.entry(sec)
+            .or_default()
+            .entry(sub)
+            .or_default()
+            .push(*v);
     }
     secs.values()
-        .map(|v| v.iter().sum::<f64>() / v.len() as f64)
+        .map(|subs| {
+            let w = |s: &str| tasks::autorater::rewardbench_count(s).unwrap();
+            let total: f64 = subs.keys().map(|s| w(s)).sum();
+            subs.iter()
+                .map(|(s, v)| w(s) * v.iter().sum::<f64>() / v.len() as f64)
+                .sum::<f64>()
+                / total
+        })
         .sum::<f64>()
         / secs.len() as f64
 }
@@ -214,9 +227,12 @@ fn rewardbench_scoring_ties_and_seeded_order() {
         .map(|d| d["gold"].as_u64().unwrap())
         .collect();
     assert_eq!(golds, golds2);
-    let sections: Vec<String> = docs
+    let sections: Vec<(String, String)> = docs
         .iter()
-        .map(|d| d["section"].as_str().unwrap().to_string())
+        .map(|d| {
+            let f = |k: &str| d[k].as_str().unwrap().to_string();
+            (f("section"), f("subset"))
+        })
         .collect();
 
     // Always A: right exactly when the chosen response was shown first.
@@ -235,18 +251,14 @@ fn rewardbench_scoring_ties_and_seeded_order() {
     };
     let res = run(&tasks, &lm);
     let ll = &res[0];
-    let rows: Vec<(String, f64)> = sections
+    let rows: Vec<(String, String, f64)> = sections
         .iter()
         .zip(&golds)
-        .map(|(s, g)| (s.clone(), if *g == 0 { 1.0 } else { 0.0 }))
+        .map(|((s, b), g)| (s.clone(), b.clone(), if *g == 0 { 1.0 } else { 0.0 }))
         .collect();
     assert!((metric(ll, "rewardbench_score") - rewardbench(&rows)).abs() < 1e-12);
-    let chat: Vec<f64> = rows.iter().filter(|r| r.0 == "Chat").map(|r| r.1).collect();
-    assert!(
-        (metric(ll, "pairwise_acc[section=Chat]") - chat.iter().sum::<f64>() / chat.len() as f64)
-            .abs()
-            < 1e-12
-    );
+    let chat: Vec<_> = rows.iter().filter(|r| r.0 == "Chat").cloned().collect();
+    assert!((metric(ll, "pairwise_acc[section=Chat]") - rewardbench(&chat)).abs() < 1e-12);
     assert!(ll.metric("pairwise_acc[subset=math-prm]").is_some());
     assert_eq!(metric(ll, "valid_rate"), 1.0);
     assert_eq!(metric(ll, "unparseable"), 0.0);
@@ -255,22 +267,15 @@ fn rewardbench_scoring_ties_and_seeded_order() {
     assert!(metric(ll, "bleu_baseline_score") > 0.7);
     assert!(ll.metric("bleu_baseline[section=Safety]").is_some());
 
-    // Generation: 1 math answer B, 2 ties, 17 unparseable (counted, scored 0).
+    // Generation: 1 math answer B, 2 ties, 17 unparseable (counted, scored 0.5 like ties).
     let gen = &res[1];
     assert_eq!(metric(gen, "unparseable"), 17.0);
     assert!((metric(gen, "valid_rate") - 3.0 / 20.0).abs() < 1e-12);
     let math_b = if golds[15] == 1 { 1.0 } else { 0.0 };
-    let gen_rows: Vec<(String, f64)> = sections
+    let gen_rows: Vec<(String, String, f64)> = sections
         .iter()
         .enumerate()
-        .map(|(i, s)| {
-            let v = match i {
-                15 => math_b,
-                17 | 18 => 0.5,
-                _ => 0.0,
-            };
-            (s.clone(), v)
-        })
+        .map(|(i, (s, b))| (s.clone(), b.clone(), if i == 15 { math_b } else { 0.5 }))
         .collect();
     assert!((metric(gen, "rewardbench_score") - rewardbench(&gen_rows)).abs() < 1e-12);
     assert!(gen.notes.iter().any(|n| n.contains("17 of 20")));
