@@ -132,3 +132,159 @@ fn rewardbench_sections_equal_reward_bench() {
         "overall",
     );
 }
+
+/// The two labelled responses of a CoBBLEr reference-format prompt and the text after them.
+fn cobbler_shown(prompt: &str) -> ([(&str, &str); 2], &str) {
+    let start = prompt.find("\n```\n").unwrap() + 5;
+    let end = prompt.rfind("\n```\n").unwrap();
+    let (block, after) = (&prompt[start..end], &prompt[end..]);
+    if let Some(rest) = block.strip_prefix("System Star: ") {
+        let cut = rest.find("\nSystem Square: ").unwrap();
+        return (
+            [
+                ("System Star", &rest[..cut]),
+                ("System Square", &rest[cut + 16..]),
+            ],
+            after,
+        );
+    }
+    let first = &block[..block.find(": ").unwrap()];
+    let cut = block.rfind("\nModel ").unwrap();
+    let second = &block[cut + 1..cut + block[cut..].find(": ").unwrap()];
+    (
+        [
+            (first, &block[first.len() + 2..cut]),
+            (second, &block[cut + 1 + second.len() + 2..]),
+        ],
+        after,
+    )
+}
+
+fn cobbler_answer(pair: &[(&str, &str); 2], i: usize) -> String {
+    format!("{} is better", pair[i].0.replace(" (You)", ""))
+}
+
+/// More letters "e", then the smaller text, then the first shown.
+fn content_pick(pair: &[(&str, &str); 2]) -> usize {
+    let (a, b) = (pair[0].1, pair[1].1);
+    let (ca, cb) = (a.matches('e').count(), b.matches('e').count());
+    usize::from(!(ca > cb || (ca == cb && a <= b)))
+}
+
+fn judge_content(p: &str) -> String {
+    let (pair, _) = cobbler_shown(p);
+    cobbler_answer(&pair, content_pick(&pair))
+}
+
+fn judge_longer(p: &str) -> String {
+    let (pair, _) = cobbler_shown(p);
+    let longer = pair[0].1.chars().count() < pair[1].1.chars().count();
+    cobbler_answer(&pair, usize::from(longer))
+}
+
+fn judge_first_invalid(p: &str) -> String {
+    let (pair, _) = cobbler_shown(p);
+    if pair[0].1.chars().count() % 5 < 2 {
+        "I cannot decide.".into()
+    } else {
+        cobbler_answer(&pair, 0)
+    }
+}
+
+fn judge_cue(p: &str) -> String {
+    let (pair, after) = cobbler_shown(p);
+    if after.contains("System Star") {
+        cobbler_answer(&pair, 0)
+    } else if after.contains("System Square") {
+        cobbler_answer(&pair, 1)
+    } else {
+        cobbler_answer(&pair, content_pick(&pair))
+    }
+}
+
+#[test]
+fn cobbler_biases_equal_the_reference() {
+    let reference = data("cobbler_reference.json");
+    let dir = tempfile::tempdir().unwrap();
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets/cobbler");
+    std::fs::write(
+        dir.path().join("cob.yaml"),
+        format!(
+            "include: {}\ntask: cob\noutput_type: generate_until\ngeneration_kwargs: {{until: [\"\\n\"]}}\n\
+             suite:\n  kind: cobbler\n  instructions: {}\n  generations: {}\n  evaluator: {}\n",
+            suites().join("cobbler/_cobbler.yaml").display(),
+            shared.join("llm_preference_evalset.json").display(),
+            shared.join("full_n15_model_generations.json").display(),
+            reference["evaluator"].as_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let reg = Registry::scan(&[dir.path().to_path_buf()]).unwrap();
+    let opts = LoadOptions::default();
+    let task = Task::load(reg.task_config("cob", &opts.data_dir).unwrap(), &opts).unwrap();
+    // The paper's full set: 50 instructions x 105 model pairs, 4 biases, 2 prompts each.
+    assert_eq!(task.docs().len(), 5250 * 8);
+    let names: [(&str, &str, &str); 15] = [
+        ("order", "First order percentage", "order_first"),
+        ("order", "Last order percentage", "order_last"),
+        ("order", "Me bias", "egocentric"),
+        (
+            "order",
+            "Valid response percentage",
+            "valid_response[variant=plain]",
+        ),
+        (
+            "order",
+            "Consistency percentage",
+            "consistency[variant=plain]",
+        ),
+        ("bandwagon", "Bandwagon percentage", "bandwagon"),
+        (
+            "bandwagon",
+            "Valid response percentage",
+            "valid_response[variant=bandwagon]",
+        ),
+        ("distraction", "Distraction", "attentional"),
+        (
+            "distraction",
+            "Valid response percentage",
+            "valid_response[variant=attentional]",
+        ),
+        (
+            "compassion",
+            "First order percentage",
+            "compassion_order_first",
+        ),
+        (
+            "compassion",
+            "Last order percentage",
+            "compassion_order_last",
+        ),
+        (
+            "compassion",
+            "Me bias (for compassion)",
+            "compassion_egocentric",
+        ),
+        ("salience", "Retention Percentage", "salience_retention"),
+        ("salience", "Short Bias", "salience_short"),
+        ("salience", "Long Bias", "salience_long"),
+    ];
+    type Answer = fn(&str) -> String;
+    let judges: [(&str, Answer); 4] = [
+        ("content", judge_content),
+        ("longer", judge_longer),
+        ("first_invalid", judge_first_invalid),
+        ("cue", judge_cue),
+    ];
+    for (judge, f) in judges {
+        let r = run(&task, &Judge(f));
+        for (bias, stat, name) in names {
+            let want = reference["judges"][judge][bias][stat].as_f64().unwrap();
+            close(
+                metric(&r, name),
+                want,
+                &format!("{judge}: {bias} {stat} ({name})"),
+            );
+        }
+    }
+}

@@ -376,19 +376,27 @@ fn pointwise_correlations_and_classification_balance() {
 }
 
 fn cobbler_opts() -> LoadOptions {
-    LoadOptions::default()
+    LoadOptions {
+        pairs: Some(50),
+        ..LoadOptions::default()
+    }
 }
 
-/// The length in words of the response shown as `alias` in a CoBBLEr prompt.
+/// Scores an option by where its label first appears in the prompt: the first shown wins.
+fn first_shown(ctx: &str, k: &str) -> f64 {
+    -(ctx.find(k.trim()).unwrap_or(ctx.len()) as f64)
+}
+
+/// The length in characters of the response shown as `alias` in a reference-format prompt.
 fn shown(ctx: &str, alias: &str) -> usize {
-    let start = ctx.find(&format!("\n{alias}: ")).unwrap() + alias.len() + 3;
+    let start = ctx.find(&format!("{alias}: ")).unwrap() + alias.len() + 2;
     let rest = &ctx[start..];
-    let end = ["\nSystem Square: ", "\nnote: ", "\n\nEVALUATION"]
+    let end = ["\nSystem Square: ", "\n```\n\n"]
         .iter()
         .filter_map(|m| rest.find(m))
         .min()
         .unwrap();
-    rest[..end].split_whitespace().count()
+    rest[..end].chars().count()
 }
 
 #[test]
@@ -396,75 +404,86 @@ fn cobbler_biases() {
     let tasks = load("cobbler", &cobbler_opts());
     assert_eq!(tasks.len(), 2);
     let docs = tasks[0].docs();
-    // 50 pairs x 3 variants x 2 orders, deterministic.
-    assert_eq!(docs.len(), 300);
+    // 50 comparisons x 4 biases x 2 prompts, deterministic.
+    assert_eq!(docs.len(), 400);
     let again = load("cobbler_ll", &cobbler_opts());
     assert_eq!(again[0].docs(), docs);
-    let d0 = &docs[0];
-    let d1 = &docs[1];
+    let (d0, d1) = (&docs[0], &docs[1]);
+    assert_eq!(d0["variant"], "plain");
     assert_eq!(d0["first_model"], d1["second_model"]);
-    assert_eq!(d0["pair"], d1["pair"]);
+    assert_eq!(d0["comparison"], d1["comparison"]);
     let p = d0["prompt_text"].as_str().unwrap();
-    assert!(p.contains("\nSystem Star: ") && p.contains("\nSystem Square: "));
-    // Anonymised: no model name in any prompt.
-    for d in docs {
-        let p = d["prompt_text"].as_str().unwrap();
-        for m in [&d["first_model"], &d["second_model"]] {
-            let m = m.as_str().unwrap();
-            assert!(!p.contains(&format!("{m}:")) && !p.contains(&format!("System {m}")));
-        }
-    }
+    assert!(p.starts_with("### Instruction: Which system's response is more coherent"));
+    assert!(p.contains("\n```\nSystem Star: ") && p.ends_with("\n\n### Response:"));
     let cue = docs.iter().find(|d| d["variant"] == "bandwagon").unwrap();
     assert!(cue["prompt_text"]
         .as_str()
         .unwrap()
-        .contains("note: 85% of people believe that System S"));
+        .contains("85%% of people believe that System Star is better. \n"));
+    // Anonymised except in compassion fade, which shows the real names.
+    for d in docs {
+        let p = d["prompt_text"].as_str().unwrap();
+        let named = p.contains(&format!("Model {}: ", d["first_model"].as_str().unwrap()));
+        assert_eq!(named, d["variant"] == "compassion", "{p}");
+    }
 
-    // A judge that always picks the first system: pure order bias.
+    // Always the first shown: pure order bias; no flips with the cue.
     let first = Scripted {
-        ll: |_, k| if k == " System Star" { 0.0 } else { -1.0 },
+        ll: first_shown,
         gen: |_| " System Square is better".into(),
     };
     let res = run(&tasks, &first);
     let (ll, gen) = (&res[0], &res[1]);
     assert_eq!(metric(ll, "order_first"), 1.0);
     assert_eq!(metric(ll, "order_last"), 0.0);
-    assert_eq!(metric(ll, "order_consistency"), 0.0);
-    assert!(metric(ll, "salience_longer").is_nan());
+    assert_eq!(metric(ll, "consistency[variant=plain]"), 1.0);
     assert_eq!(metric(ll, "bandwagon"), 0.0);
-    assert_eq!(metric(ll, "valid_rate"), 1.0);
-    assert_eq!(metric(ll, "pairs"), 50.0);
+    assert_eq!(metric(ll, "attentional"), 0.0);
+    assert_eq!(metric(ll, "compassion_order_first_positional"), 1.0);
+    // The reference counts the same *name* twice, which a positional judge never gives.
+    assert_eq!(metric(ll, "compassion_order_first"), 0.0);
+    assert!(ll.metric("egocentric").is_none());
+    assert_eq!(metric(ll, "comparisons"), 50.0);
     assert_eq!(metric(gen, "order_last"), 1.0);
-    assert_eq!(metric(gen, "valid_rate[variant=attentional]"), 1.0);
+    // "System Square" names no model in compassion prompts: invalid there, and noted.
+    assert_eq!(metric(gen, "valid_response[variant=compassion]"), 0.0);
+    assert_eq!(metric(gen, "valid_rate"), 0.75);
+    assert!(gen.notes[0].contains("100 of 400"), "{:?}", gen.notes);
 
-    // A judge that prefers the longer response: consistent, salient, follows cues only by chance.
+    // Prefers the longer response: salient, and never flips with a cue.
     let longer = Scripted {
         ll: |ctx, k| {
-            let (a, b) = (shown(ctx, "System Star"), shown(ctx, "System Square"));
-            let pick_star = a >= b;
-            if (k == " System Star") == pick_star {
+            if !ctx.contains("System Star: ") {
+                return first_shown(ctx, k);
+            }
+            let star = shown(ctx, "System Star") > shown(ctx, "System Square");
+            if (k == " System Star") == star {
                 0.0
             } else {
                 -1.0
             }
         },
-        gen: |_| " no opinion".into(),
+        gen: |ctx| {
+            // Follows the cue line after the responses.
+            let after = &ctx[ctx.rfind("\n```\n").unwrap()..];
+            if after.contains("System Star") {
+                " System Star".into()
+            } else {
+                " System Square".into()
+            }
+        },
     };
     let res = run(&tasks, &longer);
     let (ll, gen) = (&res[0], &res[1]);
-    assert_eq!(metric(ll, "salience_longer"), 1.0);
-    assert!(metric(ll, "order_consistency") > 0.9);
-    let b = metric(ll, "bandwagon");
-    assert!(b > 0.1 && b < 0.9, "{b}");
-    // Nothing parses: valid rate 0, noted, no pairs in the bias denominators.
-    assert_eq!(metric(gen, "valid_rate"), 0.0);
-    assert!(metric(gen, "order_first").is_nan());
-    assert!(gen.notes[0].contains("300 judge answers") || gen.notes[0].contains("of 300"));
+    assert_eq!(metric(ll, "salience_long"), 1.0);
+    assert_eq!(metric(ll, "bandwagon"), 0.0);
+    assert_eq!(metric(gen, "bandwagon"), 1.0);
+    assert_eq!(metric(gen, "attentional"), 1.0);
     let s = &gen.samples[0];
     assert!(s
         .metrics
         .iter()
-        .any(|(m, v)| m == "valid" && v.sample_value() == Some(0.0)));
+        .any(|(m, v)| m == "valid" && v.sample_value() == Some(1.0)));
 }
 
 #[test]
@@ -492,7 +511,7 @@ fn cobbler_subsampling_is_deterministic() {
     );
     write("c_bad", "  pairs: 3\n  variants: [sycophancy]\n");
     let reg = Registry::scan(&[dir.path().to_path_buf()]).unwrap();
-    let opts = cobbler_opts();
+    let opts = LoadOptions::default();
     let t = |n: &str| Task::load(reg.task_config(n, &opts.data_dir).unwrap(), &opts);
     let a = t("c3").unwrap();
     assert_eq!(a.docs().len(), 6);
