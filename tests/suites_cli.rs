@@ -96,8 +96,8 @@ fn autorater_suite_reports_judge_and_baselines() {
 #[test]
 fn cobbler_biases_per_expert_mask() {
     let dir = tempfile::tempdir().unwrap();
-    // The first 60 documents are 10 pairs x 3 variants x 2 orders.
-    let args = ["--tasks", "cobbler_ll", "--limit", "60"];
+    // The first 80 documents are 10 comparisons x 4 biases x 2 prompts.
+    let args = ["--tasks", "cobbler_ll", "--limit", "80"];
     let (full, _) = eval(dir.path(), "full", &args);
     let (masked, _) = eval(
         dir.path(),
@@ -106,19 +106,20 @@ fn cobbler_biases_per_expert_mask() {
     );
     for m in [&full, &masked] {
         assert_eq!(m["cobbler_ll/valid_rate"], 1.0);
-        assert_eq!(m["cobbler_ll/pairs"], 10.0);
-        let o = m["cobbler_ll/order_first"] + m["cobbler_ll/order_last"];
-        assert!((o + m["cobbler_ll/order_consistency"] - 1.0).abs() < 1e-9);
-        for b in ["bandwagon", "attentional", "salience_longer"] {
+        assert_eq!(m["cobbler_ll/comparisons"], 10.0);
+        // Log-likelihood judging always answers: every answer valid, every pair consistent.
+        assert_eq!(m["cobbler_ll/consistency[variant=plain]"], 1.0);
+        assert!(m["cobbler_ll/order_first"] + m["cobbler_ll/order_last"] <= 1.0);
+        for b in ["bandwagon", "attentional", "salience_long", "compassion_order_first"] {
             assert!(m.contains_key(&format!("cobbler_ll/{b}")), "{b}");
         }
     }
     // The same comparisons, judged by a different set of experts.
-    assert_ne!(
-        full["cobbler_ll/order_consistency"],
-        masked["cobbler_ll/order_consistency"]
-    );
-    assert_ne!(full["cobbler_ll/bandwagon"], masked["cobbler_ll/bandwagon"]);
+    let biases = |m: &BTreeMap<String, f64>| {
+        ["order_first", "order_last", "salience_long", "bandwagon", "attentional"]
+            .map(|b| m[&format!("cobbler_ll/{b}")])
+    };
+    assert_ne!(biases(&full), biases(&masked));
 }
 
 #[test]
@@ -127,7 +128,7 @@ fn pairs_flag_subsamples_cobbler_deterministically() {
     let args = ["--tasks", "cobbler_ll", "--pairs", "4"];
     let (a, run) = eval(dir.path(), "a", &args);
     let (b, _) = eval(dir.path(), "b", &args);
-    assert_eq!(a["cobbler_ll/pairs"], 4.0);
+    assert_eq!(a["cobbler_ll/comparisons"], 4.0);
     // Debug text so that an undefined (NaN) metric compares equal to itself.
     assert_eq!(
         format!("{a:?}"),
