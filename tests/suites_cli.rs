@@ -110,14 +110,25 @@ fn cobbler_biases_per_expert_mask() {
         // Log-likelihood judging always answers: every answer valid, every pair consistent.
         assert_eq!(m["cobbler_ll/consistency[variant=plain]"], 1.0);
         assert!(m["cobbler_ll/order_first"] + m["cobbler_ll/order_last"] <= 1.0);
-        for b in ["bandwagon", "attentional", "salience_long", "compassion_order_first"] {
+        for b in [
+            "bandwagon",
+            "attentional",
+            "salience_long",
+            "compassion_order_first",
+        ] {
             assert!(m.contains_key(&format!("cobbler_ll/{b}")), "{b}");
         }
     }
     // The same comparisons, judged by a different set of experts.
     let biases = |m: &BTreeMap<String, f64>| {
-        ["order_first", "order_last", "salience_long", "bandwagon", "attentional"]
-            .map(|b| m[&format!("cobbler_ll/{b}")])
+        [
+            "order_first",
+            "order_last",
+            "salience_long",
+            "bandwagon",
+            "attentional",
+        ]
+        .map(|b| m[&format!("cobbler_ll/{b}")])
     };
     assert_ne!(biases(&full), biases(&masked));
 }
