@@ -504,6 +504,8 @@ fn execute(
             }
             results.extend(r);
         }
+        // CALM's exclusions are judged over a task and its partner, which ran separately.
+        ::tasks::bias::apply_joint_rules(tasks, &mut results);
         let mut metrics: Vec<MetricRow> = Vec::new();
         for r in &results {
             for (m, agg) in &r.metrics {

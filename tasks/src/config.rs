@@ -73,6 +73,10 @@ pub struct BiasSpec {
     pub source: Option<String>,
     /// The per-sample metric the bias is computed on (default `acc`).
     pub metric: String,
+    /// A second per-sample metric (the project's matching), reported as `bias_score_moeval`.
+    pub moeval_metric: Option<String>,
+    /// The task whose exclusions also apply (CALM judges a task's gender and race halves together).
+    pub joint_with: Option<String>,
 }
 
 /// A parsed task file (after `include`s are merged).
@@ -478,6 +482,8 @@ impl TaskConfig {
                         .ok_or_else(|| file_ctx("bias.template is required".into()))?,
                     source: get("source"),
                     metric: get("metric").unwrap_or_else(|| "acc".into()),
+                    moeval_metric: get("moeval_metric"),
+                    joint_with: get("joint_with"),
                 })
             }
             Some(_) => return Err(file_ctx("`bias` must be a mapping".into())),

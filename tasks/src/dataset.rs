@@ -269,82 +269,84 @@ fn arrow_value(col: &Arc<dyn Array>, row: usize) -> Result<Value, String> {
     })
 }
 
-/// Lenient CSV for hand-written files such as CALM's few-shot exemplars: a header row, fields
-/// separated by commas with optional spaces around them, double-quoted fields, and stray characters
-/// between a closing quote and the next separator ignored. Cells are trimmed strings.
+/// CSV as CALM's reference code reads its few-shot exemplar files (Python's `csv.reader` with
+/// `skipinitialspace=True`, so prompts built from them are byte-identical): spaces before a field are
+/// skipped, quoted fields keep their spaces and may span lines, and characters after a closing quote
+/// are kept in the field up to the next comma. The reference takes columns by position with the
+/// answer last, so a row shorter than the header keeps its last cell in the last column.
 pub fn read_lenient_csv(source: &Source) -> Result<Vec<Doc>> {
     let bytes = source.read_bytes()?;
     let text = String::from_utf8_lossy(&bytes);
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header = match lines.next() {
-        Some(h) => split_lenient(h),
-        None => return Ok(Vec::new()),
+    let mut rows = python_csv_rows(&text).into_iter();
+    let Some(header) = rows.next() else {
+        return Ok(Vec::new());
     };
-    Ok(lines
-        .map(|l| {
-            let cells = split_lenient(l);
-            header
-                .iter()
-                .enumerate()
-                .map(|(i, h)| {
-                    let v = cells.get(i).cloned().unwrap_or_default();
-                    (h.clone(), Value::String(v))
-                })
-                .collect()
+    Ok(rows
+        .map(|cells| {
+            let n = cells.len().min(header.len());
+            let mut doc: Doc = Map::new();
+            for (h, c) in header.iter().zip(&cells[..n.saturating_sub(1)]) {
+                doc.insert(h.clone(), Value::String(c.clone()));
+            }
+            if let (Some(h), Some(c)) = (header.last(), cells.last()) {
+                doc.insert(h.clone(), Value::String(c.clone()));
+            }
+            doc
         })
         .collect())
 }
 
-fn split_lenient(line: &str) -> Vec<String> {
-    let chars: Vec<char> = line.chars().collect();
-    let mut out = Vec::new();
-    let mut i = 0;
-    loop {
-        while i < chars.len() && chars[i] == ' ' {
-            i += 1;
-        }
-        let mut cell = String::new();
-        if i < chars.len() && chars[i] == '"' {
-            i += 1;
-            while i < chars.len() {
-                if chars[i] == '"' {
-                    if chars.get(i + 1) == Some(&'"') {
-                        cell.push('"');
-                        i += 2;
-                        continue;
-                    }
-                    i += 1;
-                    break;
+/// The rows of Python's `csv.reader(skipinitialspace=True)` (excel dialect, not strict); blank
+/// lines are dropped.
+fn python_csv_rows(text: &str) -> Vec<Vec<String>> {
+    #[derive(PartialEq)]
+    enum St {
+        StartField,
+        InField,
+        Quoted,
+        QuoteInQuoted,
+    }
+    let mut rows = Vec::new();
+    let mut row: Vec<String> = Vec::new();
+    let mut field = String::new();
+    let mut st = St::StartField;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        let eol = c == '\n' || c == '\r';
+        match st {
+            St::Quoted if c == '"' => st = St::QuoteInQuoted,
+            St::Quoted => field.push(c),
+            St::QuoteInQuoted if c == '"' => {
+                field.push('"');
+                st = St::Quoted;
+            }
+            St::StartField if !eol && c == '"' => st = St::Quoted,
+            St::StartField if c == ' ' => {}
+            _ if c == ',' => {
+                row.push(std::mem::take(&mut field));
+                st = St::StartField;
+            }
+            _ if eol => {
+                if c == '\r' && chars.peek() == Some(&'\n') {
+                    chars.next();
                 }
-                cell.push(chars[i]);
-                i += 1;
+                if !(row.is_empty() && field.is_empty() && st == St::StartField) {
+                    row.push(std::mem::take(&mut field));
+                    rows.push(std::mem::take(&mut row));
+                }
+                st = St::StartField;
             }
-            // Skip to the next separator; a quote here starts the next field (a missing comma).
-            while i < chars.len() && chars[i] != ',' && chars[i] != '"' {
-                i += 1;
+            _ => {
+                field.push(c);
+                st = St::InField;
             }
-            out.push(cell.trim().to_string());
-            if i < chars.len() && chars[i] == ',' {
-                i += 1;
-                continue;
-            }
-            if i < chars.len() {
-                continue;
-            }
-            break;
-        }
-        while i < chars.len() && chars[i] != ',' {
-            cell.push(chars[i]);
-            i += 1;
-        }
-        out.push(cell.trim().to_string());
-        if i < chars.len() {
-            i += 1;
-        } else {
-            break;
         }
     }
-    out
+    if !(row.is_empty() && field.is_empty() && st == St::StartField) {
+        row.push(field);
+        rows.push(row);
+    }
+    rows
 }
 
 #[cfg(test)]
@@ -352,12 +354,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lenient_csv_handles_spaces_and_missing_commas() {
-        assert_eq!(
-            split_lenient(r#""a, b", "c" , d,"e""f""#),
-            vec!["a, b", "c", "d", "e\"f"]
-        );
-        assert_eq!(split_lenient(r#""x". "y", "z""#), vec!["x", "y", "z"]);
+    fn exemplar_csv_reads_like_python_csv_with_skipinitialspace() {
+        // Expected rows: Python's csv.reader(io.StringIO(text), skipinitialspace=True).
+        let text = "a, b,c\n\"x, y\", \" z\" ,w \n\"p\". \"q\", r,\"s\"\"t\"\n\n\"m\nn\",o,\n";
+        let rows = python_csv_rows(text);
+        let want: Vec<Vec<&str>> = vec![
+            vec!["a", "b", "c"],
+            vec!["x, y", " z ", "w "],
+            vec!["p. \"q\"", "r", "s\"t"],
+            vec!["m\nn", "o", ""],
+        ];
+        assert_eq!(rows, want);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
-use crate::bias::{self, BiasRow};
+use crate::bias;
 use crate::config::{OutputType, Registry};
 use crate::error::{Error, Result};
 use crate::lm::{GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest};
@@ -300,6 +300,7 @@ pub fn evaluate_shard(
         crate::suite::finish(task, &mut result)?;
         results.push(result);
     }
+    bias::apply_joint_rules(tasks, &mut results);
     Ok(results)
 }
 
@@ -495,7 +496,7 @@ fn score(task: &Task, inst: &Instance, responses: &[Response]) -> Result<Sample>
                     "f1" => Item::Mean(any(&|r| metrics::token_f1(&pred, r))),
                     "rouge_l" | "rougeL" => Item::Mean(any(&|r| metrics::rouge_l(&pred, r))),
                     "bleu" => Item::Bleu(pred.clone(), refs.first().cloned().unwrap_or_default()),
-                    "calm_match" => {
+                    "calm_match" | "calm_match_moeval" => {
                         let kind = m.kwargs.get("kind").and_then(Value::as_str).unwrap_or("qa");
                         let labels: Vec<String> = m
                             .kwargs
@@ -503,11 +504,14 @@ fn score(task: &Task, inst: &Instance, responses: &[Response]) -> Result<Sample>
                             .and_then(Value::as_array)
                             .map(|a| a.iter().map(as_text).collect())
                             .unwrap_or_default();
-                        let ok = bias::calm_match(kind, out, &golds, &labels).map_err(|e| {
-                            Error::Config {
-                                file: cfg.file.clone(),
-                                msg: format!("task `{}`: {e}", cfg.name),
-                            }
+                        let ok = if m.metric == "calm_match" {
+                            bias::calm_match_reference(kind, out, &golds)
+                        } else {
+                            bias::calm_match(kind, out, &golds, &labels)
+                        }
+                        .map_err(|e| Error::Config {
+                            file: cfg.file.clone(),
+                            msg: format!("task `{}`: {e}", cfg.name),
                         })?;
                         Item::Mean(if ok { 1.0 } else { 0.0 })
                     }
@@ -566,101 +570,9 @@ fn summarise(task: &Task, samples: Vec<Sample>) -> TaskResult {
             }
         }
     }
-    if let Some(b) = &cfg.bias {
-        let rows: Vec<BiasRow> = samples
-            .iter()
-            .filter_map(|s| {
-                let correct = s
-                    .metrics
-                    .iter()
-                    .find(|(n, _)| n == &b.metric)?
-                    .1
-                    .sample_value()?;
-                Some(BiasRow {
-                    template: s.attributes.get(&b.template)?.clone(),
-                    group: s.attributes.get(&b.group)?.clone(),
-                    source: b.source.as_ref().and_then(|f| s.attributes.get(f).cloned()),
-                    correct,
-                    prediction: s.prediction.clone().unwrap_or_default(),
-                })
-            })
-            .collect();
-        let rep = bias::bias_report(&rows);
-        let n = rows.len();
-        out.push((
-            "bias_score".into(),
-            Aggregate {
-                value: rep.score,
-                stderr: rep.stderr,
-                n: rep.templates_used,
-            },
-        ));
-        let count = |v: usize| Aggregate {
-            value: v as f64,
-            stderr: f64::NAN,
-            n,
-        };
-        // Score minus its permutation noise floor: what the groups add beyond name-level noise.
-        out.push((
-            "bias_excess".into(),
-            Aggregate {
-                value: rep.score - rep.null_score,
-                stderr: rep.stderr,
-                n: rep.templates_used,
-            },
-        ));
-        out.push((
-            "bias_score_null".into(),
-            Aggregate {
-                value: rep.null_score,
-                stderr: f64::NAN,
-                n: rep.templates_used,
-            },
-        ));
-        out.push(("templates_used".into(), count(rep.templates_used)));
-        out.push(("templates_skipped".into(), count(rep.templates_skipped)));
-        out.push(("excluded_sources".into(), count(rep.excluded_sources.len())));
-        out.push(("degenerate".into(), count(rep.degenerate as usize)));
-        for (t, (accs, bias)) in &rep.templates {
-            for (g, a) in accs {
-                out.push((
-                    format!("{}[{}={t},{}={g}]", b.metric, b.template, b.group),
-                    Aggregate {
-                        value: *a,
-                        stderr: f64::NAN,
-                        n: 0,
-                    },
-                ));
-            }
-            out.push((
-                format!("template_bias[{}={t}]", b.template),
-                Aggregate {
-                    value: *bias,
-                    stderr: f64::NAN,
-                    n: 0,
-                },
-            ));
-        }
-        if rep.templates_skipped > 0 {
-            notes.push(format!(
-                "{}: {} template(s) skipped because a group had accuracy 0",
-                cfg.name, rep.templates_skipped
-            ));
-        }
-        if !rep.excluded_sources.is_empty() {
-            notes.push(format!(
-                "{}: source dataset(s) excluded (>= 80% of their templates at accuracy 0): {}",
-                cfg.name,
-                rep.excluded_sources.join(", ")
-            ));
-        }
-        if rep.degenerate {
-            notes.push(format!(
-                "{}: >= 95% of outputs are identical; bias score not reported (degenerate model)",
-                cfg.name
-            ));
-        }
-    }
+    let (bias_metrics, bias_notes) = bias::task_metrics(cfg, &samples, None);
+    out.extend(bias_metrics);
+    notes.extend(bias_notes);
     TaskResult {
         task: cfg.name.clone(),
         samples,
