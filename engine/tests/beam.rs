@@ -247,3 +247,50 @@ fn beam_search_cuts_at_stop_strings_and_reports_bad_settings() {
     );
     bad(beam(EarlyStopping::Heuristic), Some(2), "log-probabilities");
 }
+
+/// Beam search's cost next to greedy decoding (docs/tasks.md quotes it):
+/// `cargo test --release -p engine --test beam -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing, run by hand in release mode"]
+fn beam_search_cost() {
+    let model = Model::load(&fixture("tiny-flexolmo"), &LoadOptions::default()).unwrap();
+    let r = reference();
+    let prompts: Vec<Vec<u32>> = r["settings"][0]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| ids(&c["input_ids"]))
+        .collect();
+    let greedy = GenParams {
+        max_new_tokens: 10,
+        stop_at_eos: false,
+        ..GenParams::default()
+    };
+    for (name, params) in [
+        ("greedy", greedy),
+        ("beam 3", beam(EarlyStopping::Heuristic)),
+    ] {
+        let batch: Vec<_> = prompts
+            .iter()
+            .map(|p| (p.clone(), params.clone()))
+            .collect();
+        let reps = 50;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            for b in &batch {
+                generate(&model, std::slice::from_ref(b), None).unwrap();
+            }
+        }
+        let alone = t.elapsed().as_secs_f64() / (reps * batch.len()) as f64;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            generate(&model, &batch, None).unwrap();
+        }
+        let batched = t.elapsed().as_secs_f64() / (reps * batch.len()) as f64;
+        println!(
+            "{name}: {:.2} ms per prompt alone, {:.2} ms per prompt in a batch of 10",
+            alone * 1e3,
+            batched * 1e3
+        );
+    }
+}
