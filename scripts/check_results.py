@@ -36,6 +36,14 @@ for run in manifests:
     assert retrieval == {m["settings"]["retrieval"]}, f"{d}: retrieval {retrieval}"
     mode = (m["settings"].get("scoring") or {}).get("retrieval_mode")
     assert mode is None or m["settings"]["retrieval"].startswith(mode + ":"), d
+    # Every row carries its requests' arguments as lm-eval's --log_samples writes them.
+    assert "arguments" in s.column_names, f"{d}: no arguments column"
+    for prompt, args in zip(s.column("prompt").to_pylist(), s.column("arguments").to_pylist()):
+        a = json.loads(args)
+        assert list(a) == [f"gen_args_{i}" for i in range(len(a))], args[:200]
+        for r in a.values():
+            # A request continues the prompt, an empty context (acc_mutual_info), or is a rolling text.
+            assert r["arg_0"] in (prompt, "") or list(r) == ["arg_0"], args[:200]
     print(f"{d}: {s.num_rows} samples, masks {sorted(masks)}, retrieval {sorted(retrieval)}")
 
 report = os.path.join(root, "report")

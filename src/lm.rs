@@ -1,12 +1,34 @@
 //! The engine model as a [`tasks::LanguageModel`]: text requests are tokenised with the evaluation
 //! harness's rules (see `tasks::lm`) and scored or continued by the engine.
 
-use engine::generate::{generate, GenParams};
+use engine::generate::{generate, BeamParams, EarlyStopping, GenParams};
 use engine::score::{loglikelihood, ScoreOptions, ScoreRequest};
 use engine::{ExpertMask, Model, Tokenizer};
 use rayon::prelude::*;
 use tasks::lm::{encode_pair, rolling_windows, truncate_left};
 use tasks::{GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError};
+
+/// The engine's settings for a harness generation request (beam search as the harness's HF backend
+/// passes `num_beams`, `length_penalty` and `early_stopping` to transformers).
+pub fn gen_params(r: &GenerateRequest) -> GenParams {
+    GenParams {
+        max_new_tokens: r.max_gen_toks,
+        temperature: r.temperature,
+        top_p: r.top_p,
+        seed: r.seed,
+        stop: r.until.iter().filter(|s| !s.is_empty()).cloned().collect(),
+        stop_at_eos: true,
+        beam: BeamParams {
+            num_beams: r.num_beams,
+            length_penalty: r.length_penalty as f32,
+            early_stopping: match r.early_stopping {
+                tasks::EarlyStopping::Heuristic => EarlyStopping::Heuristic,
+                tasks::EarlyStopping::Always => EarlyStopping::Always,
+                tasks::EarlyStopping::Never => EarlyStopping::Never,
+            },
+        },
+    }
+}
 
 /// A loaded engine model with the settings the harness semantics need.
 pub struct EngineLm<'a> {
@@ -131,15 +153,7 @@ impl LanguageModel for EngineLm<'_> {
                 if ids.is_empty() {
                     ids.push(self.prefix);
                 }
-                let params = GenParams {
-                    max_new_tokens: r.max_gen_toks,
-                    temperature: r.temperature,
-                    top_p: r.top_p,
-                    seed: r.seed,
-                    stop: r.until.iter().filter(|s| !s.is_empty()).cloned().collect(),
-                    stop_at_eos: true,
-                };
-                Ok((ids, params))
+                Ok((ids, gen_params(r)))
             })
             .collect::<Result<_, engine::Error>>()?;
         let out = generate(self.model, &prompts, self.mask.as_ref())?;

@@ -782,9 +782,10 @@ impl RetrievalLm<'_> {
         ids: Vec<u32>,
         r: &GenerateRequest,
     ) -> Result<(String, Attribution), ModelError> {
-        if r.temperature > 0.0 {
+        if r.temperature > 0.0 || r.num_beams > 1 {
             return Err(
-                "kNN-LM generation supports greedy decoding only (do_sample: false)".into(),
+                "kNN-LM generation supports greedy decoding only (do_sample: false, num_beams: 1)"
+                    .into(),
             );
         }
         let eos = &self.model.config().eos_token_ids;
@@ -933,19 +934,7 @@ impl LanguageModel for RetrievalLm<'_> {
         let batch: Vec<(Vec<u32>, GenParams)> = requests
             .iter()
             .zip(&prompts)
-            .map(|(r, (ids, _))| {
-                (
-                    ids.clone(),
-                    GenParams {
-                        max_new_tokens: r.max_gen_toks,
-                        temperature: r.temperature,
-                        top_p: r.top_p,
-                        seed: r.seed,
-                        stop: r.until.iter().filter(|s| !s.is_empty()).cloned().collect(),
-                        stop_at_eos: true,
-                    },
-                )
-            })
+            .map(|(r, (ids, _))| (ids.clone(), crate::lm::gen_params(r)))
             .collect();
         let out = generate(self.model, &batch, self.mask.as_ref())?;
         Ok(requests

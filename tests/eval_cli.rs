@@ -272,3 +272,73 @@ fn mask_column_says_which_experts_ran() {
         .any(|r| r["mask"] == "-expert-1-expert-3" && r["opted_out"] == "expert-1,expert-3"));
     assert!(board.iter().all(|r| r["retrieval"] == "none"));
 }
+
+/// A task with `generation_kwargs: {num_beams: 3}` decodes with the engine's beam search, and every
+/// row carries its requests' arguments as lm-evaluation-harness logs them.
+#[test]
+fn beam_search_task_runs_and_rows_carry_their_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_eval(
+        dir.path(),
+        &["--tasks", "gen_beam,mc_tiny", "--run-id", "b1"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let samples = read(
+        &Source::parse(dir.path().join("b1/samples.parquet").to_str().unwrap(), &[]),
+        Format::Parquet,
+    )
+    .unwrap();
+    let model = engine::Model::load(fixture(), &engine::LoadOptions::default()).unwrap();
+    let tok = model.tokenizer().unwrap();
+    let beam = engine::generate::GenParams {
+        max_new_tokens: 10,
+        stop: vec!["\n".into()],
+        beam: engine::generate::BeamParams {
+            num_beams: 3,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut beams = 0;
+    for s in &samples {
+        let prompt = s["prompt"].as_str().unwrap();
+        let args: serde_json::Value =
+            serde_json::from_str(s["arguments"].as_str().unwrap()).unwrap();
+        let args = args.as_object().unwrap();
+        let keys: Vec<String> = (0..args.len()).map(|i| format!("gen_args_{i}")).collect();
+        assert!(keys.iter().all(|k| args.contains_key(k)), "{args:?}");
+        if s["task"] == "gen_beam" {
+            assert_eq!(args.len(), 1);
+            assert_eq!(
+                args["gen_args_0"]["arg_1"],
+                serde_json::json!({"until": ["\n"], "max_gen_toks": 10, "num_beams": 3,
+                    "do_sample": false, "temperature": 0.0})
+            );
+            let want = engine::generate::generate(
+                &model,
+                &[(tok.encode(prompt).unwrap(), beam.clone())],
+                None,
+            )
+            .unwrap()
+            .remove(0);
+            assert_eq!(s["prediction"], want.text.as_str(), "{prompt:?}");
+            beams += 1;
+            assert_eq!(args["gen_args_0"]["arg_0"], prompt);
+        } else {
+            // One request per choice, then (for acc_mutual_info) each choice after an empty context.
+            let n = args.len() / 2;
+            for (i, k) in keys.iter().enumerate() {
+                assert_eq!(args[k]["arg_0"], if i < n { prompt } else { "" });
+            }
+            if s["doc_id"] == 0 {
+                assert_eq!(args["gen_args_0"]["arg_1"], " blue");
+                assert_eq!(args["gen_args_3"]["arg_1"], " blue");
+            }
+        }
+    }
+    assert_eq!(beams, 6);
+}

@@ -1,4 +1,7 @@
-//! Text generation: greedy or seeded sampling, stop strings, EOS and a token budget, batched across prompts.
+//! Text generation: greedy, seeded sampling or beam search, stop strings, EOS and a token budget,
+//! batched across prompts.
+
+use std::sync::Arc;
 
 use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
@@ -22,6 +25,8 @@ pub struct GenParams {
     pub stop: Vec<String>,
     /// Stop when the model emits one of its EOS tokens.
     pub stop_at_eos: bool,
+    /// Beam search instead of greedy decoding when `num_beams > 1`.
+    pub beam: BeamParams,
 }
 
 impl Default for GenParams {
@@ -33,8 +38,44 @@ impl Default for GenParams {
             seed: 0,
             stop: Vec::new(),
             stop_at_eos: true,
+            beam: BeamParams::default(),
         }
     }
+}
+
+/// Beam search as transformers' `generate(num_beams=N, do_sample=False)` runs it: each step keeps the
+/// `N` best unfinished continuations by summed log-probability; a continuation that ends (EOS, or the
+/// token budget) becomes a hypothesis scored `sum / generated_len ^ length_penalty`, and the best of
+/// at most `N` hypotheses is the output. Stop strings cut the final text only (they do not end beams).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BeamParams {
+    /// 1 means no beam search.
+    pub num_beams: usize,
+    pub length_penalty: f32,
+    pub early_stopping: EarlyStopping,
+}
+
+impl Default for BeamParams {
+    fn default() -> Self {
+        Self {
+            num_beams: 1,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::Heuristic,
+        }
+    }
+}
+
+/// transformers' `early_stopping`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EarlyStopping {
+    /// `False` (transformers' default): stop once the best running beam, scored at its current length,
+    /// cannot beat the worst of `N` finished hypotheses.
+    #[default]
+    Heuristic,
+    /// `True`: stop as soon as `N` hypotheses are finished.
+    Always,
+    /// `"never"`: as `Heuristic`, but a positive length penalty scores running beams at the maximum length.
+    Never,
 }
 
 /// Why a generation ended.
@@ -117,7 +158,37 @@ struct Active {
     scored: Vec<TokenLogprob>,
     /// Why this sequence failed alone.
     failed: Option<String>,
+    /// Beam search state (`num_beams > 1`).
+    beams: Option<BeamSearch>,
 }
+
+/// One running beam: its own KV cache (forked from its parent's when several beams continue it) and
+/// its tokens, the last of which is fed at the next step.
+struct Beam {
+    cache: KvCache,
+    tokens: Vec<u32>,
+    score: f32,
+}
+
+/// A finished hypothesis: tokens (an EOS that ended it included) and its length-penalised score.
+struct Hypothesis {
+    tokens: Vec<u32>,
+    score: f32,
+    eos: bool,
+}
+
+#[derive(Default)]
+struct BeamSearch {
+    /// Best first; empty before the first expansion (the prompt's cache is then the only parent).
+    running: Vec<Beam>,
+    /// Best first, at most `num_beams`.
+    finished: Vec<Hypothesis>,
+    /// transformers' `is_early_stop_heuristic_unsatisfied`: a running beam may still improve.
+    improvable: bool,
+}
+
+/// transformers masks beams it must not pick with this score (in f32).
+const MASKED: f32 = -1.0e9;
 
 /// Step-wise generation for continuous batching: sequences join between steps, each with its own
 /// parameters, expert mask and stop conditions, and leave when done or cancelled. Every step runs one
@@ -174,6 +245,32 @@ impl<'m> Decoder<'m> {
             }
         }
         let p = &req.params;
+        if p.beam.num_beams == 0 {
+            return Err(Error::Input("num_beams must be at least 1".into()));
+        }
+        let beams = if p.beam.num_beams > 1 {
+            if p.temperature > 0.0 {
+                return Err(Error::Input(
+                    "beam search decodes deterministically: sampling (temperature > 0) with num_beams > 1 is not supported".into(),
+                ));
+            }
+            if req.logprobs.is_some() {
+                return Err(Error::Input(
+                    "per-token log-probabilities are not available with beam search".into(),
+                ));
+            }
+            if !p.beam.length_penalty.is_finite() {
+                return Err(Error::Input(
+                    "length_penalty must be a finite number".into(),
+                ));
+            }
+            Some(BeamSearch {
+                improvable: true,
+                ..BeamSearch::default()
+            })
+        } else {
+            None
+        };
         let sampling = if p.temperature <= 0.0 {
             Sampling::ArgMax
         } else {
@@ -199,6 +296,7 @@ impl<'m> Decoder<'m> {
             fed: 0,
             scored: Vec::new(),
             failed: None,
+            beams,
             req,
         });
         Ok(id)
@@ -271,16 +369,25 @@ impl<'m> Decoder<'m> {
     fn forward_step(&mut self, live: &[usize], out: &mut Vec<Progress>) -> Result<()> {
         let model = self.model;
         let eos = &model.config().eos_token_ids;
-        // What each sequence feeds this step: the next chunk of its prompt, or its last token. Sequences
-        // left without prefill budget wait for the next step.
+        // What each sequence feeds this step: the next chunk of its prompt, or its last token (one
+        // entry per running beam under beam search). Sequences left without prefill budget wait.
         let mut budget = self.prefill_chunk;
         let mut steps: Vec<(usize, Vec<u32>)> = Vec::with_capacity(live.len());
         for &i in live {
             let s = &self.seqs[i];
             let left = s.req.prompt.len() - s.fed;
             if left == 0 {
-                if let Some(&last) = s.tokens.last() {
-                    steps.push((i, vec![last]));
+                match &s.beams {
+                    Some(b) => steps.extend(
+                        b.running
+                            .iter()
+                            .filter_map(|beam| Some((i, vec![*beam.tokens.last()?]))),
+                    ),
+                    None => {
+                        if let Some(&last) = s.tokens.last() {
+                            steps.push((i, vec![last]));
+                        }
+                    }
                 }
                 continue;
             }
@@ -301,12 +408,27 @@ impl<'m> Decoder<'m> {
         let mut feeding = steps.iter().map(|(i, _)| *i).peekable();
         let mut inputs: Vec<SeqInput> = Vec::with_capacity(steps.len());
         for (i, s) in self.seqs.iter_mut().enumerate() {
-            if feeding.next_if_eq(&i).is_some() {
-                inputs.push(SeqInput {
+            if feeding.next_if_eq(&i).is_none() {
+                continue;
+            }
+            let mask = s.req.mask.as_ref();
+            match &mut s.beams {
+                Some(b) if !b.running.is_empty() => {
+                    // One entry per beam, in beam order (the steps above list them so).
+                    while feeding.next_if_eq(&i).is_some() {}
+                    for beam in &mut b.running {
+                        inputs.push(SeqInput {
+                            tokens: &steps[inputs.len()].1,
+                            cache: &mut beam.cache,
+                            mask,
+                        });
+                    }
+                }
+                _ => inputs.push(SeqInput {
                     tokens: &steps[inputs.len()].1,
                     cache: &mut s.cache,
-                    mask: s.req.mask.as_ref(),
-                });
+                    mask,
+                }),
             }
         }
         let fwd = if all_rows {
@@ -333,10 +455,19 @@ impl<'m> Decoder<'m> {
         let n = rows.len();
         let idx = Tensor::from_vec(rows, n, fwd.hidden.device())?;
         let logits = model.logits(&fwd.hidden.index_select(&idx, 0)?)?;
+        // Beam searches advance once all their beams' rows are in: (sequence, rows in beam order).
+        let mut beam_rows: Vec<(usize, Vec<usize>)> = Vec::new();
         for (j, (i, f)) in steps.iter().enumerate() {
             let s = &mut self.seqs[*i];
             let top = s.req.logprobs.unwrap_or(0);
             let last = first_row.get(j + 1).copied().unwrap_or(n) - 1;
+            if s.beams.as_ref().is_some_and(|b| !b.running.is_empty()) {
+                match beam_rows.last_mut() {
+                    Some((k, r)) if k == i => r.push(last),
+                    _ => beam_rows.push((*i, vec![last])),
+                }
+                continue;
+            }
             let mut progress = Progress {
                 id: s.id,
                 ..Progress::default()
@@ -358,6 +489,12 @@ impl<'m> Decoder<'m> {
             }
             if s.req.params.max_new_tokens == 0 {
                 s.done = Some(FinishReason::Length);
+                out.push(progress);
+                continue;
+            }
+            if s.beams.is_some() {
+                // The prompt is in: the first expansion starts from its cache.
+                beam_rows.push((*i, vec![last]));
                 out.push(progress);
                 continue;
             }
@@ -389,12 +526,7 @@ impl<'m> Decoder<'m> {
             s.tokens.push(next);
             if !params.stop.is_empty() {
                 let text = model.require_tokenizer()?.decode(&s.tokens)?;
-                if let Some(cut) = params
-                    .stop
-                    .iter()
-                    .filter_map(|st| text.find(st.as_str()))
-                    .min()
-                {
+                if let Some(cut) = stop_cut(&text, &params.stop) {
                     s.text = text[..cut].to_string();
                     s.done = Some(FinishReason::Stop);
                 }
@@ -404,8 +536,214 @@ impl<'m> Decoder<'m> {
             }
             out.push(progress);
         }
+        for (i, rows) in beam_rows {
+            let s = &mut self.seqs[i];
+            let rows: Vec<Vec<f32>> = rows
+                .iter()
+                .map(|&r| Ok(log_softmax(&logits.get(r)?.to_vec1::<f32>()?)))
+                .collect::<Result<_>>()?;
+            let first = s.beams.as_ref().is_some_and(|b| b.running.is_empty());
+            if first {
+                // The prompt's cache becomes the frozen parent of the first beams.
+                let prompt = std::mem::replace(&mut s.cache, KvCache::new(0, 0));
+                if let Some(b) = &mut s.beams {
+                    b.running.push(Beam {
+                        cache: prompt,
+                        tokens: Vec::new(),
+                        score: 0.0,
+                    });
+                }
+            } else {
+                out.push(Progress {
+                    id: s.id,
+                    ..Progress::default()
+                });
+            }
+            if let Some(end) = beam_step(s, &rows, eos)? {
+                s.done = Some(end);
+            }
+            if let (Some(FinishReason::Eos | FinishReason::Length), false) =
+                (s.done, s.req.params.stop.is_empty())
+            {
+                let text = model.require_tokenizer()?.decode(&s.tokens)?;
+                if let Some(cut) = stop_cut(&text, &s.req.params.stop) {
+                    s.text = text[..cut].to_string();
+                    s.done = Some(FinishReason::Stop);
+                }
+            }
+        }
         Ok(())
     }
+}
+
+/// Where the first of the stop strings starts in `text`.
+fn stop_cut(text: &str, stop: &[String]) -> Option<usize> {
+    stop.iter().filter_map(|st| text.find(st.as_str())).min()
+}
+
+/// Log-softmax of one row of logits (the sum accumulated in f64), as transformers' beam search
+/// scores each continuation.
+fn log_softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let log_z = sum.ln() as f32;
+    row.iter().map(|&x| (x - max) - log_z).collect()
+}
+
+/// Indices of the `k` largest values, largest first; ties go to the lower index.
+fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    let cmp = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
+    let k = k.min(order.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    order.select_nth_unstable_by(k - 1, cmp);
+    order.truncate(k);
+    order.sort_by(cmp);
+    order
+}
+
+/// One step of transformers' beam search (`GenerationMixin._beam_search`, one prompt): `rows` are the
+/// running beams' next-token log-probabilities. Updates the beams, their caches and the finished
+/// hypotheses; returns how the search ended, if it did, with the best hypothesis in `s.tokens`.
+fn beam_step(s: &mut Active, rows: &[Vec<f32>], eos: &[u32]) -> Result<Option<FinishReason>> {
+    let params = &s.req.params;
+    let bp = params.beam;
+    let n_beams = bp.num_beams;
+    let stop_ids: &[u32] = if params.stop_at_eos { eos } else { &[] };
+    let Some(b) = s.beams.as_mut() else {
+        return Ok(None);
+    };
+    let vocab = rows.first().map_or(0, Vec::len);
+    // Tokens each running beam has generated (all equal) before this step.
+    let done_len = b.running.first().map_or(0, |r| r.tokens.len());
+    let at_limit = done_len + 1 >= params.max_new_tokens;
+    // Candidates: every (beam, token) by summed log-probability; keep enough that `num_beams`
+    // survive even if the best ones all end in EOS.
+    let keep = 2.max(1 + stop_ids.len()) * n_beams;
+    let sums: Vec<f32> = b
+        .running
+        .iter()
+        .zip(rows)
+        .flat_map(|(beam, row)| row.iter().map(move |&lp| beam.score + lp))
+        .collect();
+    let cands: Vec<(usize, u32, f32, bool)> = top_k(&sums, keep)
+        .into_iter()
+        .map(|c| {
+            let token = (c % vocab) as u32;
+            let ends = at_limit || stop_ids.contains(&token);
+            (c / vocab, token, sums[c], ends)
+        })
+        .collect();
+    // Running beams for the next step: the best candidates that did not end.
+    let running_scores: Vec<f32> = cands
+        .iter()
+        .map(|&(_, _, sc, ends)| if ends { sc + MASKED } else { sc })
+        .collect();
+    let next = top_k(&running_scores, n_beams);
+    // Finished hypotheses: only candidates among the first `num_beams` that ended, and only while a
+    // better hypothesis is still possible.
+    let full = b.finished.len() >= n_beams;
+    let accept = b.improvable && !(full && bp.early_stopping == EarlyStopping::Always);
+    if accept {
+        let len_pen = ((done_len + 1) as f32).powf(bp.length_penalty);
+        for &(beam, token, sc, ends) in cands.iter().take(n_beams) {
+            if !ends {
+                continue;
+            }
+            let mut tokens = b.running[beam].tokens.clone();
+            tokens.push(token);
+            let score = sc / len_pen;
+            let pos = b.finished.partition_point(|h| h.score >= score);
+            if pos < n_beams {
+                b.finished.insert(
+                    pos,
+                    Hypothesis {
+                        tokens,
+                        score,
+                        eos: stop_ids.contains(&token),
+                    },
+                );
+                b.finished.truncate(n_beams);
+            }
+        }
+    }
+    // New running beams; a parent continued by one beam hands it its cache, a parent continued by
+    // several is frozen and forked for each.
+    let mut children = vec![0usize; b.running.len()];
+    for &c in &next {
+        children[cands[c].0] += 1;
+    }
+    enum Parent {
+        Gone,
+        Own(Beam),
+        Shared(Arc<KvCache>, Vec<u32>),
+    }
+    let mut parents: Vec<Parent> = std::mem::take(&mut b.running)
+        .into_iter()
+        .zip(&children)
+        .map(|(beam, &n)| match n {
+            0 => Parent::Gone,
+            1 => Parent::Own(beam),
+            _ => Parent::Shared(Arc::new(beam.cache), beam.tokens),
+        })
+        .collect();
+    let mut running = Vec::with_capacity(next.len());
+    for &c in &next {
+        let (p, token, _, _) = cands[c];
+        let (cache, mut tokens) = match std::mem::replace(&mut parents[p], Parent::Gone) {
+            Parent::Own(beam) => (beam.cache, beam.tokens),
+            Parent::Shared(cache, tokens) => {
+                let fork = (KvCache::fork(&cache), tokens.clone());
+                parents[p] = Parent::Shared(cache, tokens);
+                fork
+            }
+            Parent::Gone => {
+                return Err(Error::Input("internal: a beam's parent is gone".into()));
+            }
+        };
+        tokens.push(token);
+        running.push(Beam {
+            cache,
+            tokens,
+            score: running_scores[c],
+        });
+    }
+    b.running = running;
+    // transformers' stopping test after the step, at the new length.
+    let best_len = if bp.early_stopping == EarlyStopping::Never && bp.length_penalty > 0.0 {
+        params.max_new_tokens
+    } else {
+        done_len + 1
+    };
+    let best_running = b.running.first().map_or(f32::NEG_INFINITY, |r| r.score)
+        / (best_len as f32).powf(bp.length_penalty);
+    let worst_finished = if b.finished.len() < n_beams {
+        MASKED
+    } else {
+        b.finished.last().map_or(MASKED, |h| h.score)
+    };
+    b.improvable &= best_running > worst_finished;
+    let all_full = b.finished.len() >= n_beams && bp.early_stopping == EarlyStopping::Always;
+    let all_ended = cands.iter().all(|c| c.3);
+    if b.improvable && !all_full && !all_ended {
+        return Ok(None);
+    }
+    let best = b
+        .finished
+        .first()
+        .ok_or_else(|| Error::Input("internal: beam search ended without a hypothesis".into()))?;
+    let mut tokens = best.tokens.clone();
+    let end = if best.eos {
+        tokens.pop();
+        FinishReason::Eos
+    } else {
+        FinishReason::Length
+    };
+    s.tokens = tokens;
+    b.running.clear();
+    Ok(Some(end))
 }
 
 /// The first line of an error's text: candle appends a backtrace on the lines after it when

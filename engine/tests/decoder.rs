@@ -38,6 +38,7 @@ fn requests(model: &Model) -> Vec<SeqRequest> {
                 seed: 7 + i as u64,
                 stop: if i == 2 { vec!["\n".into()] } else { vec![] },
                 stop_at_eos: i != 4,
+                ..GenParams::default()
             },
             mask: masks[i % masks.len()].clone(),
             logprobs: Some(2),

@@ -66,14 +66,25 @@ fn roll_key(scope: &str, text: &str) -> String {
 }
 
 fn gen_key(scope: &str, g: &GenerateRequest) -> String {
-    let settings = json!([
+    let mut settings = json!([
         g.until,
         g.max_gen_toks,
         g.temperature.to_bits(),
         g.top_p.map(f64::to_bits),
         g.seed
-    ])
-    .to_string();
+    ]);
+    // Beam settings join the key only for beam search, so journals written before beams existed
+    // still answer the same requests.
+    if g.num_beams > 1 {
+        if let Some(a) = settings.as_array_mut() {
+            a.push(json!([
+                g.num_beams,
+                g.length_penalty.to_bits(),
+                format!("{:?}", g.early_stopping)
+            ]));
+        }
+    }
+    let settings = settings.to_string();
     key(
         scope,
         "generate",
@@ -402,6 +413,9 @@ mod tests {
                 temperature: 0.0,
                 top_p: None,
                 seed: 1,
+                num_beams: 1,
+                length_penalty: 1.0,
+                early_stopping: tasks::EarlyStopping::Heuristic,
             }])
             .unwrap();
             lm.loglikelihood_rolling(&["abc".into()]).unwrap();

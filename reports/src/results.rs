@@ -28,6 +28,9 @@ pub struct SampleRow {
     pub loglikelihood: Option<f64>,
     pub prediction: Option<String>,
     pub target: String,
+    /// The requests' arguments as lm-evaluation-harness logs them (JSON); empty in runs written before
+    /// the column existed.
+    pub arguments: String,
     /// Group attributes (string columns after the fixed ones).
     pub attributes: BTreeMap<String, String>,
     /// Per-sample metric values (double columns after the fixed ones), in column order.
@@ -148,6 +151,10 @@ pub fn read_samples(path: &Path) -> Result<Vec<SampleRow>> {
             s("prompt")?,
             s("target")?,
         );
+        let arguments = match batch.schema().field_with_name("arguments") {
+            Ok(_) => c.strings("arguments")?,
+            Err(_) => vec![None; n],
+        };
         let doc = c.ints("doc_id")?;
         let ll = c.floats("loglikelihood")?;
         let pred = c.strings("prediction")?;
@@ -188,6 +195,7 @@ pub fn read_samples(path: &Path) -> Result<Vec<SampleRow>> {
                 loglikelihood: ll[i],
                 prediction: pred[i].clone(),
                 target: target[i].clone(),
+                arguments: arguments[i].clone().unwrap_or_default(),
                 attributes: attrs
                     .iter()
                     .filter_map(|(k, v)| Some((k.clone(), v[i].clone()?)))

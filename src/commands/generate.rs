@@ -50,6 +50,7 @@ pub fn run(a: Args) -> Result<()> {
         seed: a.seed,
         stop: a.stop,
         stop_at_eos: !a.ignore_eos,
+        ..GenParams::default()
     };
     let out = generate(&model, &[(tokens, params)], None)?.remove(0);
     let mut stdout = std::io::stdout();

@@ -683,6 +683,7 @@ impl AppState {
                 seed: sampling.seed,
                 stop: sampling.stop.clone(),
                 stop_at_eos: !ext.ignore_eos,
+                ..GenParams::default()
             },
             mask: choice.mask,
             logprobs: req.logprobs,
@@ -825,6 +826,7 @@ impl AppState {
                 seed: sampling.seed,
                 stop: sampling.stop.clone(),
                 stop_at_eos: !ext.ignore_eos,
+                ..GenParams::default()
             },
             mask: choice.mask,
             logprobs,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::error::{io_err, Error, Result};
+use crate::lm::EarlyStopping;
 
 /// Marker key for a value that carried a YAML tag such as `!function utils.process`.
 const TAG_KEY: &str = "__yaml_tag__";
@@ -47,6 +48,36 @@ pub struct GenerationKwargs {
     pub do_sample: bool,
     pub temperature: f64,
     pub top_p: Option<f64>,
+    /// Beam search (transformers' `num_beams`, `length_penalty`, `early_stopping`); 1 = no beams.
+    pub num_beams: usize,
+    pub length_penalty: f64,
+    pub early_stopping: EarlyStopping,
+    /// The mapping as lm-evaluation-harness passes it to the model (`temperature` as a float, `until`
+    /// added when missing): what the `arguments` column of samples.parquet shows.
+    pub harness_args: Map<String, Value>,
+}
+
+impl GenerationKwargs {
+    /// What the harness uses when a generation task gives no `generation_kwargs`.
+    pub fn harness_default(fewshot_delimiter: &str) -> Self {
+        let until = vec![fewshot_delimiter.to_string()];
+        let mut harness_args = Map::new();
+        harness_args.insert("temperature".into(), Value::from(0.0));
+        harness_args.insert("do_sample".into(), Value::Bool(false));
+        harness_args.insert("max_gen_toks".into(), Value::from(256));
+        harness_args.insert("until".into(), Value::from(until.clone()));
+        Self {
+            until,
+            max_gen_toks: 256,
+            do_sample: false,
+            temperature: 0.0,
+            top_p: None,
+            num_beams: 1,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::Heuristic,
+            harness_args,
+        }
+    }
 }
 
 /// Extension: few-shot exemplars chosen per value of a document field, from one file per value
@@ -127,6 +158,70 @@ pub struct GroupConfig {
 pub struct AggregateSpec {
     pub metric: String,
     pub weight_by_size: bool,
+}
+
+/// Reads `generation_kwargs` as the harness's HF backend passes them on (beam settings to
+/// transformers' `generate`).
+fn parse_generation_kwargs(
+    g: &Map<String, Value>,
+    fewshot_delimiter: &str,
+) -> std::result::Result<GenerationKwargs, String> {
+    let until = match g.get("until") {
+        None => vec![fewshot_delimiter.to_string()],
+        Some(v) => string_list(v).ok_or("generation_kwargs.until must be a string or a list")?,
+    };
+    let do_sample = g.get("do_sample").and_then(Value::as_bool).unwrap_or(false);
+    let num_beams = match g.get("num_beams") {
+        None => 1,
+        Some(v) => match v.as_u64() {
+            Some(n) if n >= 1 => n as usize,
+            _ => {
+                return Err(format!(
+                    "generation_kwargs.num_beams must be an integer >= 1, not {v}"
+                ))
+            }
+        },
+    };
+    if num_beams > 1 && do_sample {
+        return Err("generation_kwargs: beam sampling (num_beams > 1 with do_sample: true) is not supported".into());
+    }
+    let length_penalty = match g.get("length_penalty") {
+        None => 1.0,
+        Some(v) => v
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| format!("generation_kwargs.length_penalty must be a number, not {v}"))?,
+    };
+    let early_stopping = match g.get("early_stopping") {
+        None | Some(Value::Bool(false)) => EarlyStopping::Heuristic,
+        Some(Value::Bool(true)) => EarlyStopping::Always,
+        Some(Value::String(s)) if s == "never" => EarlyStopping::Never,
+        Some(v) => {
+            return Err(format!(
+                "generation_kwargs.early_stopping must be true, false or \"never\", not {v}"
+            ))
+        }
+    };
+    let mut harness_args = g.clone();
+    if let Some(t) = harness_args.get_mut("temperature") {
+        if let Some(x) = t.as_f64() {
+            *t = Value::from(x);
+        }
+    }
+    harness_args
+        .entry("until")
+        .or_insert_with(|| Value::from(until.clone()));
+    Ok(GenerationKwargs {
+        until,
+        max_gen_toks: g.get("max_gen_toks").and_then(Value::as_u64).unwrap_or(256) as usize,
+        do_sample,
+        temperature: g.get("temperature").and_then(Value::as_f64).unwrap_or(0.0),
+        top_p: g.get("top_p").and_then(Value::as_f64),
+        num_beams,
+        length_penalty,
+        early_stopping,
+        harness_args,
+    })
 }
 
 fn cfg_err(file: &Path, msg: impl Into<String>) -> Error {
@@ -416,27 +511,11 @@ impl TaskConfig {
             Some(_) => return Err(file_ctx("`metric_list` must be a list".into())),
         };
         let generation_kwargs = match m.get("generation_kwargs") {
-            None | Some(Value::Null) => {
-                (output_type == OutputType::GenerateUntil).then(|| GenerationKwargs {
-                    until: vec![fewshot_delimiter.clone()],
-                    max_gen_toks: 256,
-                    do_sample: false,
-                    temperature: 0.0,
-                    top_p: None,
-                })
+            None | Some(Value::Null) => (output_type == OutputType::GenerateUntil)
+                .then(|| GenerationKwargs::harness_default(&fewshot_delimiter)),
+            Some(Value::Object(g)) => {
+                Some(parse_generation_kwargs(g, &fewshot_delimiter).map_err(file_ctx)?)
             }
-            Some(Value::Object(g)) => Some(GenerationKwargs {
-                until: match g.get("until") {
-                    None => vec![fewshot_delimiter.clone()],
-                    Some(v) => string_list(v).ok_or_else(|| {
-                        file_ctx("generation_kwargs.until must be a string or a list".into())
-                    })?,
-                },
-                max_gen_toks: g.get("max_gen_toks").and_then(Value::as_u64).unwrap_or(256) as usize,
-                do_sample: g.get("do_sample").and_then(Value::as_bool).unwrap_or(false),
-                temperature: g.get("temperature").and_then(Value::as_f64).unwrap_or(0.0),
-                top_p: g.get("top_p").and_then(Value::as_f64),
-            }),
             Some(_) => return Err(file_ctx("`generation_kwargs` must be a mapping".into())),
         };
         let fewshot_by = match m.get("fewshot_by") {

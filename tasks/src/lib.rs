@@ -12,7 +12,9 @@ mod template;
 
 pub use config::{OutputType, Registry, TaskConfig};
 pub use error::{Error, Result};
-pub use lm::{GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError};
+pub use lm::{
+    EarlyStopping, GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError,
+};
 pub mod autorater;
 pub mod bias;
 pub mod cobbler;

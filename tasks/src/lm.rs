@@ -26,6 +26,23 @@ pub struct GenerateRequest {
     pub temperature: f64,
     pub top_p: Option<f64>,
     pub seed: u64,
+    /// Beam search as transformers' `generate` runs it; 1 = no beams.
+    pub num_beams: usize,
+    pub length_penalty: f64,
+    pub early_stopping: EarlyStopping,
+}
+
+/// transformers' `early_stopping` for beam search.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EarlyStopping {
+    /// `false` (the default): stop once no running beam can beat the worst finished one at its current
+    /// length.
+    #[default]
+    Heuristic,
+    /// `true`: stop as soon as `num_beams` hypotheses are finished.
+    Always,
+    /// `"never"`: stop only when no running beam could improve even at the maximum length.
+    Never,
 }
 
 /// Boxed error of a model implementation.

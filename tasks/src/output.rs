@@ -56,6 +56,7 @@ pub const SAMPLE_COLUMNS: &[&str] = &[
     "loglikelihood",
     "prediction",
     "target",
+    "arguments",
 ];
 
 /// Columns of `metrics.parquet`, in order.
@@ -161,9 +162,10 @@ pub fn samples_batch(parts: &[(RunColumns, Vec<TaskResult>)]) -> Result<RecordBa
         Field::new("loglikelihood", DataType::Float64, true),
         Field::new("prediction", DataType::Utf8, true),
         Field::new("target", DataType::Utf8, false),
+        Field::new("arguments", DataType::Utf8, false),
     ]);
     let mut cols = run_cols(rows.iter().map(|r| r.0));
-    cols.extend::<[ArrayRef; 8]>([
+    cols.extend::<[ArrayRef; 9]>([
         Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
         Arc::new(Int64Array::from_iter_values(
             rows.iter().map(|r| r.2.doc_id as i64),
@@ -195,6 +197,9 @@ pub fn samples_batch(parts: &[(RunColumns, Vec<TaskResult>)]) -> Result<RecordBa
         )),
         Arc::new(StringArray::from_iter_values(
             rows.iter().map(|r| r.2.target.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.2.arguments.as_str()),
         )),
     ]);
     // A task field or metric named like a fixed column gets an `attr_` prefix.

@@ -53,6 +53,8 @@ pub struct Sample {
     pub doc_id: usize,
     /// The prompt (description + few-shot exemplars + document text) the requests continue.
     pub prompt: String,
+    /// The requests' arguments as lm-evaluation-harness's `--log_samples` writes them (JSON).
+    pub arguments: String,
     pub target: String,
     pub prediction: Option<String>,
     /// Multiple choice: each choice's log-likelihood, in choice order.
@@ -87,8 +89,16 @@ fn model_err(e: crate::lm::ModelError) -> Error {
 
 fn gen_key(g: &GenerateRequest) -> String {
     format!(
-        "{}\u{0}{:?}\u{0}{}\u{0}{}\u{0}{:?}\u{0}{}",
-        g.context, g.until, g.max_gen_toks, g.temperature, g.top_p, g.seed
+        "{}\u{0}{:?}\u{0}{}\u{0}{}\u{0}{:?}\u{0}{}\u{0}{}\u{0}{}\u{0}{:?}",
+        g.context,
+        g.until,
+        g.max_gen_toks,
+        g.temperature,
+        g.top_p,
+        g.seed,
+        g.num_beams,
+        g.length_penalty,
+        g.early_stopping
     )
 }
 
@@ -360,6 +370,7 @@ fn score(task: &Task, inst: &Instance, responses: &[Response]) -> Result<Sample>
     let mut s = Sample {
         doc_id: inst.doc_id,
         prompt: inst.context.clone(),
+        arguments: task.harness_arguments(&inst.requests),
         target: String::new(),
         prediction: None,
         choice_loglikelihoods: None,

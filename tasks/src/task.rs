@@ -535,13 +535,7 @@ impl Task {
             OutputType::LoglikelihoodRolling => vec![Request::Rolling(as_text(&target))],
             OutputType::GenerateUntil => {
                 let g = cfg.generation_kwargs.clone().unwrap_or_else(|| {
-                    crate::config::GenerationKwargs {
-                        until: vec![cfg.fewshot_delimiter.clone()],
-                        max_gen_toks: 256,
-                        do_sample: false,
-                        temperature: 0.0,
-                        top_p: None,
-                    }
+                    crate::config::GenerationKwargs::harness_default(&cfg.fewshot_delimiter)
                 });
                 vec![Request::Generate(GenerateRequest {
                     context: ctx.clone(),
@@ -553,6 +547,9 @@ impl Task {
                         0.0
                     },
                     top_p: g.top_p,
+                    num_beams: g.num_beams,
+                    length_penalty: g.length_penalty,
+                    early_stopping: g.early_stopping,
                     seed: 1234,
                 })]
             }
@@ -564,6 +561,49 @@ impl Task {
             choices,
             requests,
         })
+    }
+
+    /// A document's requests as lm-evaluation-harness's `--log_samples` writes their arguments:
+    /// `{"gen_args_0": {"arg_0": context, "arg_1": continuation}, ...}`, one entry per request in
+    /// request order; a generation's `arg_1` is its `generation_kwargs` mapping, a rolling
+    /// log-likelihood has `arg_0` only. JSON with Python's `json.dumps` separators, non-ASCII unescaped.
+    pub fn harness_arguments(&self, requests: &[Request]) -> String {
+        let mut out = String::from("{");
+        for (i, r) in requests.iter().enumerate() {
+            let mut args = serde_json::Map::new();
+            match r {
+                Request::Loglikelihood(l) => {
+                    args.insert("arg_0".into(), Value::from(l.context.as_str()));
+                    args.insert("arg_1".into(), Value::from(l.continuation.as_str()));
+                }
+                Request::Rolling(text) => {
+                    args.insert("arg_0".into(), Value::from(text.as_str()));
+                }
+                Request::Generate(g) => {
+                    let kwargs = match &self.config.generation_kwargs {
+                        Some(k) => k.harness_args.clone(),
+                        None => {
+                            crate::config::GenerationKwargs::harness_default(
+                                &self.config.fewshot_delimiter,
+                            )
+                            .harness_args
+                        }
+                    };
+                    args.insert("arg_0".into(), Value::from(g.context.as_str()));
+                    args.insert("arg_1".into(), Value::Object(kwargs));
+                }
+            }
+            // Written in request order (a map would sort `gen_args_10` before `gen_args_2`).
+            if i > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(&format!(
+                "\"gen_args_{i}\": {}",
+                python_json(&Value::Object(args))
+            ));
+        }
+        out.push('}');
+        out
     }
 
     /// Values of the fields named by `group_by` and `bias` for a document (for per-group metrics).
@@ -582,4 +622,44 @@ impl Task {
             .filter_map(|f| Some((f.to_string(), as_text(doc.get(f)?))))
             .collect()
     }
+}
+
+/// `json.dumps(v, ensure_ascii=False)`: `", "` and `": "` separators (object keys come out sorted).
+fn python_json(v: &Value) -> String {
+    struct Py;
+    impl serde_json::ser::Formatter for Py {
+        fn begin_array_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                w.write_all(b", ")
+            }
+        }
+        fn begin_object_key<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                w.write_all(b", ")
+            }
+        }
+        fn begin_object_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+        ) -> std::io::Result<()> {
+            w.write_all(b": ")
+        }
+    }
+    let mut buf = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut buf, Py);
+    // Serialising a `Value` into memory cannot fail, and serde_json writes UTF-8.
+    let _ = serde::Serialize::serialize(v, &mut ser);
+    String::from_utf8_lossy(&buf).into_owned()
 }
