@@ -10,7 +10,7 @@ use std::process::Command;
 
 use engine::score::{loglikelihood, ScoreOptions, ScoreRequest};
 use engine::{LoadOptions, Model};
-use tasks::bias::{bias_report, BiasReport, BiasRow};
+use tasks::bias::{bias_report, exclusions, BiasReport, BiasRow};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const OWNERS: [&str; 4] = ["math", "code", "news", "reviews"];
@@ -225,7 +225,7 @@ fn sentiment_bias(model: &Model) -> BiasReport {
             }
         })
         .collect();
-    bias_report(&rows)
+    bias_report(&rows, &exclusions(&rows))
 }
 
 #[test]
