@@ -20,10 +20,15 @@ pub mod bias;
 pub mod cobbler;
 pub mod metrics;
 pub mod output;
+pub mod porter;
+mod pytext;
+pub mod rouge;
 pub mod runner;
+pub mod sacrebleu;
 pub mod sni;
 pub mod suite;
 pub mod task;
+mod ter;
 
 pub use runner::{
     evaluate, evaluate_shard, NoProgress, Progress, RunOptions, Sample, Shard, TaskResult,

@@ -5,6 +5,54 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 
 use crate::pyrandom::PyRandom;
+use crate::rouge::{self, Rouge};
+use crate::sacrebleu;
+
+/// The corpus-level translation metrics, computed by sacreBLEU's rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Translation {
+    Bleu,
+    Chrf,
+    Ter,
+}
+
+impl Translation {
+    pub fn parse(name: &str) -> Option<Translation> {
+        match name {
+            "bleu" => Some(Translation::Bleu),
+            "chrf" => Some(Translation::Chrf),
+            "ter" => Some(Translation::Ter),
+            _ => None,
+        }
+    }
+
+    /// The corpus score, lm-evaluation-harness's way: `refs[i]` are the references of segment
+    /// `i`, regrouped into sacreBLEU's reference streams. Like the harness's `_sacreformat`
+    /// (`zip(*refs)`), only as many streams as the segment with the fewest references has are
+    /// used. NaN when there is nothing to score.
+    pub fn corpus(self, preds: &[&str], refs: &[Vec<&str>]) -> f64 {
+        let k = refs.iter().map(Vec::len).min().unwrap_or(0);
+        let streams: Vec<Vec<&str>> = (0..k)
+            .map(|j| refs.iter().map(|r| r[j]).collect())
+            .collect();
+        let r = match self {
+            Translation::Bleu => sacrebleu::corpus_bleu(preds, &streams),
+            Translation::Chrf => sacrebleu::corpus_chrf(preds, &streams),
+            Translation::Ter => sacrebleu::corpus_ter(preds, &streams),
+        };
+        r.unwrap_or(f64::NAN)
+    }
+
+    /// One segment's score: sacreBLEU's `sentence_bleu` (effective n-gram order) for BLEU, the
+    /// corpus score of the one segment for chrF and TER (what `sentence_chrf` / `sentence_ter`
+    /// give).
+    pub fn sentence(self, pred: &str, refs: &[&str]) -> f64 {
+        match self {
+            Translation::Bleu if !refs.is_empty() => sacrebleu::sentence_bleu(pred, refs),
+            _ => self.corpus(&[pred], &[refs.to_vec()]),
+        }
+    }
+}
 
 /// A per-sample metric value, in the form its aggregation needs.
 #[derive(Clone, Debug, PartialEq)]
@@ -17,8 +65,8 @@ pub enum Item {
     WeightedPerplexity(f64, f64),
     /// (log-likelihood, bytes); aggregated as `-sum ll / sum bytes / ln 2`.
     BitsPerByte(f64, f64),
-    /// (prediction, reference); aggregated as corpus BLEU.
-    Bleu(String, String),
+    /// (metric, prediction, references); aggregated at corpus level by sacreBLEU's rules.
+    Translation(Translation, String, Vec<String>),
 }
 
 impl Item {
@@ -29,7 +77,10 @@ impl Item {
             Item::Perplexity(ll) => Some((-ll).exp()),
             Item::WeightedPerplexity(ll, n) => Some((-ll / n).exp()),
             Item::BitsPerByte(ll, n) => Some(-ll / n / std::f64::consts::LN_2),
-            Item::Bleu(p, r) => Some(corpus_bleu(&[(p.as_str(), r.as_str())])),
+            Item::Translation(t, p, r) => {
+                let r: Vec<&str> = r.iter().map(String::as_str).collect();
+                Some(t.sentence(p, &r))
+            }
         }
     }
 }
@@ -124,18 +175,15 @@ fn corpus(items: &[Item]) -> f64 {
                 (-a / b).exp()
             }
         }
-        Some(Item::Bleu(..)) => {
-            let pairs: Vec<(&str, &str)> = items
-                .iter()
-                .filter_map(|i| {
-                    if let Item::Bleu(p, r) = i {
-                        Some((p.as_str(), r.as_str()))
-                    } else {
-                        None
-                    }
-                })
-                .collect();
-            corpus_bleu(&pairs)
+        Some(Item::Translation(t, ..)) => {
+            let (mut preds, mut refs) = (Vec::new(), Vec::new());
+            for i in items {
+                if let Item::Translation(_, p, r) = i {
+                    preds.push(p.as_str());
+                    refs.push(r.iter().map(String::as_str).collect::<Vec<_>>());
+                }
+            }
+            t.corpus(&preds, &refs)
         }
         Some(Item::Mean(_)) => {
             items
@@ -286,116 +334,15 @@ pub fn token_f1(pred: &str, reference: &str) -> f64 {
     2.0 * precision * recall / (precision + recall)
 }
 
-/// `rouge_score`'s default tokenisation: lowercase, non-alphanumerics become spaces.
-fn rouge_tokens(s: &str) -> Vec<String> {
-    let t: String = s
-        .to_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { ' ' })
-        .collect();
-    t.split_whitespace().map(str::to_string).collect()
-}
-
-/// ROUGE-L F-measure (longest common subsequence of tokens).
+/// ROUGE-L F-measure as rouge_score computes it, without stemming.
 pub fn rouge_l(pred: &str, reference: &str) -> f64 {
-    let p = rouge_tokens(pred);
-    let r = rouge_tokens(reference);
-    if p.is_empty() || r.is_empty() {
-        return 0.0;
-    }
-    let mut dp = vec![0usize; r.len() + 1];
-    for a in &p {
-        let mut prev = 0;
-        for (j, b) in r.iter().enumerate() {
-            let tmp = dp[j + 1];
-            dp[j + 1] = if a == b {
-                prev + 1
-            } else {
-                dp[j + 1].max(dp[j])
-            };
-            prev = tmp;
-        }
-    }
-    let lcs = dp[r.len()] as f64;
-    if lcs == 0.0 {
-        return 0.0;
-    }
-    let precision = lcs / p.len() as f64;
-    let recall = lcs / r.len() as f64;
-    2.0 * precision * recall / (precision + recall)
+    rouge::score(Rouge::L, reference, pred, false)
 }
 
-/// Splits punctuation off words (close to sacreBLEU's `13a` tokeniser for plain text).
-fn bleu_tokens(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for w in s.split_whitespace() {
-        let mut cur = String::new();
-        for c in w.chars() {
-            if c.is_ascii_punctuation() {
-                if !cur.is_empty() {
-                    out.push(std::mem::take(&mut cur));
-                }
-                out.push(c.to_string());
-            } else {
-                cur.push(c);
-            }
-        }
-        if !cur.is_empty() {
-            out.push(cur);
-        }
-    }
-    out
-}
-
-/// Corpus BLEU-4 (x100) with the brevity penalty and sacreBLEU's default `exp` smoothing.
+/// `sacrebleu.corpus_bleu` over (prediction, reference) pairs, one reference each (x100).
 pub fn corpus_bleu(pairs: &[(&str, &str)]) -> f64 {
-    let mut matches = [0usize; 4];
-    let mut totals = [0usize; 4];
-    let (mut sys_len, mut ref_len) = (0usize, 0usize);
-    for (p, r) in pairs {
-        let p = bleu_tokens(p);
-        let r = bleu_tokens(r);
-        sys_len += p.len();
-        ref_len += r.len();
-        for n in 1..=4 {
-            let mut rc: HashMap<&[String], usize> = HashMap::new();
-            for g in r.windows(n) {
-                *rc.entry(g).or_default() += 1;
-            }
-            for g in p.windows(n) {
-                if let Some(c) = rc.get_mut(g) {
-                    if *c > 0 {
-                        *c -= 1;
-                        matches[n - 1] += 1;
-                    }
-                }
-            }
-            totals[n - 1] += p.len().saturating_sub(n - 1);
-        }
-    }
-    if sys_len == 0 {
-        return 0.0;
-    }
-    let mut log_sum = 0.0;
-    let mut k = 1.0;
-    for n in 0..4 {
-        if totals[n] == 0 {
-            return 0.0;
-        }
-        let prec = if matches[n] == 0 {
-            k *= 2.0;
-            100.0 / (k * totals[n] as f64)
-        } else {
-            100.0 * matches[n] as f64 / totals[n] as f64
-        };
-        log_sum += prec.ln();
-    }
-    let bp = if sys_len < ref_len {
-        (1.0 - ref_len as f64 / sys_len as f64).exp()
-    } else {
-        1.0
-    };
-    bp * (log_sum / 4.0).exp()
+    let (preds, refs): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
+    sacrebleu::corpus_bleu(&preds, &[refs]).unwrap_or(f64::NAN)
 }
 
 #[cfg(test)]

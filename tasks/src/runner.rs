@@ -9,7 +9,8 @@ use crate::bias;
 use crate::config::{OutputType, Registry};
 use crate::error::{Error, Result};
 use crate::lm::{GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest};
-use crate::metrics::{self, Aggregate, Item};
+use crate::metrics::{self, Aggregate, Item, Translation};
+use crate::rouge::{self, Rouge};
 use crate::task::{as_text, Instance, Request, Response, Task};
 
 /// Receives progress while requests run (the CLI draws a progress bar).
@@ -505,8 +506,19 @@ fn score(task: &Task, inst: &Instance, responses: &[Response]) -> Result<Sample>
                 let item = match m.metric.as_str() {
                     "exact_match" => Item::Mean(any(&|r| if r == pred { 1.0 } else { 0.0 })),
                     "f1" => Item::Mean(any(&|r| metrics::token_f1(&pred, r))),
-                    "rouge_l" | "rougeL" => Item::Mean(any(&|r| metrics::rouge_l(&pred, r))),
-                    "bleu" => Item::Bleu(pred.clone(), refs.first().cloned().unwrap_or_default()),
+                    "rouge_l" => Item::Mean(any(&|r| metrics::rouge_l(&pred, r))),
+                    // rouge_score's F-measure, max over the references; `use_stemmer` as there.
+                    name if Rouge::parse(name).is_some() => {
+                        let kind = Rouge::parse(name).unwrap_or(Rouge::L);
+                        let stem = m.kwargs.get("use_stemmer").and_then(Value::as_bool);
+                        Item::Mean(any(&|r| {
+                            rouge::score(kind, r, &pred, stem.unwrap_or(false))
+                        }))
+                    }
+                    name if Translation::parse(name).is_some() => {
+                        let t = Translation::parse(name).unwrap_or(Translation::Bleu);
+                        Item::Translation(t, pred.clone(), refs.clone())
+                    }
                     "calm_match" | "calm_match_moeval" => {
                         let kind = m.kwargs.get("kind").and_then(Value::as_str).unwrap_or("qa");
                         let labels: Vec<String> = m

@@ -1,7 +1,9 @@
 //! Super-NaturalInstructions task files (`taskNNN_name.json`: `Definition`, `Positive Examples` with
 //! explanations, `Instances` with several reference outputs, `Reasoning`) read from a folder and
-//! turned into prompts in one of three modes (zero-shot, few-shot, few-shot with explanations;
-//! OPT-R). Scoring is plain task data: exact match and ROUGE-L, max over the references.
+//! turned into prompts exactly as Tk-Instruct encodes them, in its three evaluation modes
+//! (definition only; definition + 2 positive examples; the same with explanations). Scoring is
+//! plain task data: SNI's exact match and ROUGE-L (rouge_score with the Porter stemmer), max
+//! over the references.
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::dataset::Doc;
 use crate::error::{Error, Result};
+use crate::pytext;
 use crate::suite::Spec;
 use crate::task::LoadOptions;
 
@@ -70,7 +73,7 @@ fn data_err(path: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
-/// A string, or a list of strings joined by newlines (SNI writes `Definition` as a list).
+/// A string, or a list of strings joined by newlines.
 fn text(v: Option<&Value>) -> Option<String> {
     match v? {
         Value::String(s) => Some(s.clone()),
@@ -105,8 +108,18 @@ pub fn read_task(path: &Path) -> Result<SniTask> {
     let o = v
         .as_object()
         .ok_or_else(|| data_err(path, "a task file must be a JSON object"))?;
-    let definition = text(Some(field(o, "Definition", path, "task")?))
-        .ok_or_else(|| data_err(path, "`Definition` must be a string or a list of strings"))?;
+    // Tk-Instruct uses the first string of a list.
+    let definition = match field(o, "Definition", path, "task")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(a) => a.first().and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        data_err(
+            path,
+            "`Definition` must be a string or a non-empty list of strings",
+        )
+    })?;
     let mut positive = Vec::new();
     if let Some(p) = o.get("Positive Examples") {
         let a = p
@@ -176,28 +189,50 @@ pub fn read_task(path: &Path) -> Result<SniTask> {
     })
 }
 
-/// The prompt of one input: definition, up to `k` positive examples (with explanations in
-/// [`Mode::FewShotExplained`]), then the input, ending with `Output:` for the model to continue.
+/// Appends a period unless the text already ends with ASCII punctuation (Tk-Instruct's rule for
+/// every field it writes).
+fn end_sentence(s: &mut String) {
+    if !s.chars().last().is_some_and(pytext::is_punct) {
+        s.push('.');
+    }
+}
+
+/// The prompt of one input, byte for byte as Tk-Instruct's `DataCollatorForNI` encodes it
+/// (no task name, no negative examples): the definition, up to `k` positive examples (with
+/// their explanations in [`Mode::FewShotExplained`]), then the input, ending with `Output: `.
+/// Each field is stripped and ends with a period unless it ends with punctuation; the example
+/// blocks keep the reference's leading spaces (` Positive Example 1 -`, ` Output:`). The
+/// reference's token budget (examples dropped, then the prompt cut, past
+/// `max_source_length` T5 tokens) is not applied.
 pub fn prompt(task: &SniTask, mode: Mode, k: usize, input: &str) -> String {
-    let mut s = format!("Definition: {}\n\n", task.definition.trim());
+    let mut s = format!("Definition: {}", pytext::strip(&task.definition));
+    end_sentence(&mut s);
+    s.push_str("\n\n");
     if mode != Mode::ZeroShot {
         for (i, e) in task.positive.iter().take(k).enumerate() {
             s.push_str(&format!(
-                "Positive Example {} -\nInput: {}\nOutput: {}\n",
+                " Positive Example {} -\nInput: {}",
                 i + 1,
-                e.input.trim(),
-                e.output.trim()
+                pytext::strip(&e.input)
             ));
-            if mode == Mode::FewShotExplained {
-                if let Some(x) = &e.explanation {
-                    s.push_str(&format!("Explanation: {}\n", x.trim()));
-                }
+            end_sentence(&mut s);
+            s.push_str(&format!("\n Output: {}", pytext::strip(&e.output)));
+            end_sentence(&mut s);
+            s.push('\n');
+            if let (Mode::FewShotExplained, Some(x)) = (mode, &e.explanation) {
+                s.push_str(&format!(" Explanation: {}", pytext::strip(x)));
+                end_sentence(&mut s);
+                s.push('\n');
             }
             s.push('\n');
         }
-        s.push_str("Now complete the following example -\n");
     }
-    s.push_str(&format!("Input: {}\nOutput:", input.trim()));
+    s.push_str(&format!(
+        "Now complete the following example -\nInput: {}",
+        pytext::strip(input)
+    ));
+    end_sentence(&mut s);
+    s.push_str("\nOutput: ");
     s
 }
 
@@ -327,16 +362,17 @@ mod tests {
     fn three_modes() {
         let t = task();
         assert_eq!(
-            prompt(&t, Mode::ZeroShot, 1, "2 + 3"),
-            "Definition: Add the numbers.\n\nInput: 2 + 3\nOutput:"
+            prompt(&t, Mode::ZeroShot, 1, " 2 + 3 "),
+            "Definition: Add the numbers.\n\nNow complete the following example -\n\
+             Input: 2 + 3.\nOutput: "
         );
-        let fs = prompt(&t, Mode::FewShot, 1, "2 + 3");
+        let fs = prompt(&t, Mode::FewShot, 1, "2 + 3?");
         assert_eq!(
             fs,
-            "Definition: Add the numbers.\n\nPositive Example 1 -\nInput: 1 + 1\nOutput: 2\n\n\
-             Now complete the following example -\nInput: 2 + 3\nOutput:"
+            "Definition: Add the numbers.\n\n Positive Example 1 -\nInput: 1 + 1.\n Output: 2.\n\n\
+             Now complete the following example -\nInput: 2 + 3?\nOutput: "
         );
         let fe = prompt(&t, Mode::FewShotExplained, 1, "2 + 3");
-        assert!(fe.contains("Output: 2\nExplanation: One and one make two.\n\nNow complete"));
+        assert!(fe.contains(" Output: 2.\n Explanation: One and one make two.\n\nNow complete"));
     }
 }

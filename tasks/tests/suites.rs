@@ -87,8 +87,9 @@ fn sni_modes_metrics_and_groups() {
     assert!(!p(0, 0).contains("Positive Example"));
     assert!(p(1, 0).contains("Positive Example 2 -") && !p(1, 0).contains("Explanation:"));
     assert_eq!(p(2, 0).matches("Explanation:").count(), 2);
-    assert!(p(2, 0)
-        .ends_with("Input: Ann has 5 pens and gets 2 more. How many pens does she have?\nOutput:"));
+    assert!(p(2, 0).ends_with(
+        "Input: Ann has 5 pens and gets 2 more. How many pens does she have?\nOutput: "
+    ));
     // A model that answers arithmetic right (with noise the normalisation removes) and nothing else.
     let lm = Scripted {
         ll: no_ll,
@@ -115,7 +116,7 @@ fn sni_modes_metrics_and_groups() {
             0.0
         );
         assert!((metric(r, "exact_match") - 0.02).abs() < 1e-12);
-        assert!(metric(r, "rouge_l[sni_task=task9001_arithmetic_word_problems]") >= 0.1);
+        assert!(metric(r, "rougeL[sni_task=task9001_arithmetic_word_problems]") >= 0.1);
         assert!(r
             .metric("exact_match[reasoning=Logical Reasoning]")
             .is_some());
@@ -149,16 +150,17 @@ fn sni_reads_any_folder_and_names_bad_files() {
     let reg = Registry::scan(&[dir.path().to_path_buf()]).unwrap();
     let opts = LoadOptions::default();
     let t = Task::load(reg.task_config("my_sni", &opts.data_dir).unwrap(), &opts).unwrap();
-    // First 100 instances by default; the definition's lines are joined.
+    // First 100 instances by default; of a list, the first definition string (Tk-Instruct's).
     assert_eq!(t.docs().len(), 100);
     assert!(t.docs()[0]["prompt_text"]
         .as_str()
         .unwrap()
-        .starts_with("Definition: Copy the input.\nExactly.\n\nPositive Example 1 -"));
+        .starts_with("Definition: Copy the input.\n\n Positive Example 1 -"));
     assert_eq!(t.docs()[0]["reasoning"], "none");
     let lm = Scripted {
         ll: no_ll,
-        gen: |ctx| last_input(ctx).to_string(),
+        // The encoding ends the input with a period (Tk-Instruct's rule); the copy drops it.
+        gen: |ctx| last_input(ctx).trim_end_matches('.').to_string(),
     };
     let res = run(&[t], &lm);
     assert_eq!(metric(&res[0], "exact_match"), 1.0);

@@ -1,0 +1,90 @@
+//! Super-NaturalInstructions as Tk-Instruct encodes and scores it: moeval's prompts for a task
+//! file in the real natural-instructions layout, in all three modes, against the encodings
+//! Tk-Instruct's `DataCollatorForNI` produced for the same file, and moeval's SNI metrics
+//! against Tk-Instruct's `compute_metrics` (tasks/tests/data/sni/, written by
+//! scripts/make_sni_references.py).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+use tasks::metrics::normalise;
+use tasks::rouge::{self, Rouge};
+use tasks::sni::{self, Mode};
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sni")
+}
+
+fn reference() -> Value {
+    let p = dir().join("tk_instruct_references.json");
+    serde_json::from_str(&std::fs::read_to_string(p).expect("reference file")).expect("json")
+}
+
+#[test]
+fn prompts_equal_tk_instruct_encodings() {
+    let task = sni::read_task(&dir().join("task9100_unit_conversion.json")).expect("task file");
+    let r = reference();
+    for (name, mode) in [
+        ("zero_shot", Mode::ZeroShot),
+        ("few_shot", Mode::FewShot),
+        ("few_shot_explained", Mode::FewShotExplained),
+    ] {
+        let want = r["encodings"][name].as_array().expect("encodings");
+        assert_eq!(want.len(), task.instances.len());
+        for (inst, w) in task.instances.iter().zip(want) {
+            assert_eq!(
+                sni::prompt(&task, mode, 2, &inst.input),
+                w.as_str().expect("string"),
+                "{name}, {}",
+                inst.id
+            );
+        }
+    }
+}
+
+/// SNI's scorer with the options the reasoning suite's `_sni.yaml` gives: exact match after
+/// SNI's normalisation, ROUGE-1 and ROUGE-L with the stemmer, max over the references.
+#[test]
+fn scores_equal_tk_instruct_compute_metrics() {
+    let r = reference();
+    let opts: Map<String, Value> = serde_json::from_value(serde_json::json!(
+        {"ignore_case": true, "ignore_punctuation": true, "collapse_whitespace": true}
+    ))
+    .expect("options");
+    let scores = r["scores"].as_array().expect("scores");
+    let (mut em_sum, mut r1_sum, mut rl_sum) = (0.0, 0.0, 0.0);
+    for s in scores {
+        let pred = s["prediction"].as_str().expect("prediction");
+        let refs: Vec<&str> = s["references"]
+            .as_array()
+            .expect("references")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let max = |f: &dyn Fn(&str) -> f64| refs.iter().map(|r| f(r)).fold(0.0, f64::max);
+        let em = max(&|g| f64::from(u8::from(normalise(pred, &opts) == normalise(g, &opts))));
+        let r1 = max(&|g| rouge::score(Rouge::N(1), g, pred, true));
+        let rl = max(&|g| rouge::score(Rouge::L, g, pred, true));
+        for (name, got) in [("exact_match", em), ("rouge1", r1), ("rougeL", rl)] {
+            let want = s[name].as_f64().expect("number");
+            assert!(
+                (got - want).abs() < 1e-9,
+                "{pred:?} {name}: {got} vs {want}"
+            );
+        }
+        em_sum += em;
+        r1_sum += r1;
+        rl_sum += rl;
+    }
+    // compute_metrics reports x100, rounded to 4 decimals.
+    let n = scores.len() as f64;
+    let totals = &r["compute_metrics"];
+    for (name, sum) in [
+        ("exact_match", em_sum),
+        ("rouge1", r1_sum),
+        ("rougeL", rl_sum),
+    ] {
+        let want = totals[name].as_f64().expect("number");
+        assert!((100.0 * sum / n - want).abs() < 5e-5, "{name}");
+    }
+}
