@@ -535,6 +535,29 @@ fn concurrent_cli_opt_outs_lose_nothing() {
     }
 }
 
+/// Starts `moeval serve` on a free loopback port with `args`; returns the process and its address.
+fn serve(args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moeval"))
+        .args(["--threads", "1", "serve", "--port", "0"])
+        .args(args)
+        .env_remove("MOEVAL_TEST_FAULT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, addr)
+}
+
 /// One HTTP/1.1 POST over loopback; returns (status, body).
 fn post(addr: &str, path: &str, token: &str, body: &str) -> (u16, String) {
     use std::io::{Read, Write};
@@ -561,7 +584,6 @@ fn post(addr: &str, path: &str, token: &str, body: &str) -> (u16, String) {
 
 #[test]
 fn cli_and_admin_api_interleaved_lose_no_change() {
-    use std::io::BufRead;
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
     copy_tree(&default_model(), &model);
@@ -578,30 +600,7 @@ fn cli_and_admin_api_interleaved_lose_no_change() {
         format!("[[owner]]\nname = \"news\"\ntoken_sha256 = \"{digest}\"\n"),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moeval"))
-        .args([
-            "--threads",
-            "1",
-            "serve",
-            "--port",
-            "0",
-            "--model",
-            s(&model),
-        ])
-        .args(["--admin-tokens", s(&tokens)])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap()
-        .to_string();
+    let (mut child, addr) = serve(&["--model", s(&model), "--admin-tokens", s(&tokens)]);
     const ROUNDS: usize = 12;
     let cli = {
         let model = model.clone();
@@ -658,7 +657,6 @@ fn cli_and_admin_api_interleaved_lose_no_change() {
 
 #[test]
 fn a_running_server_never_serves_an_interrupted_opt_outs_documents() {
-    use std::io::BufRead;
     let tmp = tempfile::tempdir().unwrap();
     let input = corpus(tmp.path());
     let store = tmp.path().join("store");
@@ -672,22 +670,7 @@ fn a_running_server_never_serves_an_interrupted_opt_outs_documents() {
         .as_str()
         .unwrap()
         .to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moeval"))
-        .args(["--threads", "1", "serve", "--port", "0"])
-        .args(["--model", s(&default_model()), "--datastore", s(&store)])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap()
-        .to_string();
+    let (mut child, addr) = serve(&["--model", s(&default_model()), "--datastore", s(&store)]);
     let body = serde_json::json!({"prompt": news_text, "max_tokens": 1, "temperature": 0,
         "moeval": {"retrieval": {"mode": "ric", "k": 16}}})
     .to_string();

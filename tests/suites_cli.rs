@@ -54,7 +54,7 @@ fn reasoning_suite_groups_by_skill() {
     let (m, _) = eval(dir.path(), "r", &["--tasks", "reasoning"]);
     for mode in ["sni_zero_shot", "sni_few_shot", "sni_few_shot_explained"] {
         for skill in ["Numerical", "Analogical", "Temporal", "Causal", "Logical"] {
-            for metric in ["exact_match", "rouge_l"] {
+            for metric in ["exact_match", "rougeL", "rouge1"] {
                 let k = format!("{mode}/{metric}[reasoning={skill} Reasoning]");
                 assert!(m[&k] >= 0.0 && m[&k] <= 1.0, "{k}");
             }
