@@ -166,6 +166,24 @@ fn parse_generation_kwargs(
     g: &Map<String, Value>,
     fewshot_delimiter: &str,
 ) -> std::result::Result<GenerationKwargs, String> {
+    // The harness hands every key to the model's `generate`, so an ignored one would change what the
+    // reference computes without a word: refuse what the engine does not implement.
+    const KNOWN: [&str; 8] = [
+        "until",
+        "max_gen_toks",
+        "do_sample",
+        "temperature",
+        "top_p",
+        "num_beams",
+        "length_penalty",
+        "early_stopping",
+    ];
+    if let Some(k) = g.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(format!(
+            "generation_kwargs.{k} is not supported by moeval's decoder (supported: {})",
+            KNOWN.join(", ")
+        ));
+    }
     let until = match g.get("until") {
         None => vec![fewshot_delimiter.to_string()],
         Some(v) => string_list(v).ok_or("generation_kwargs.until must be a string or a list")?,

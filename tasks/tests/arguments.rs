@@ -73,6 +73,10 @@ fn beam_settings_are_checked() {
         ("  num_beams: 0\n", "num_beams must be an integer >= 1"),
         ("  num_beams: 3\n  do_sample: true\n", "beam sampling"),
         ("  early_stopping: sometimes\n", "early_stopping must be"),
+        (
+            "  repetition_penalty: 1.2\n",
+            "repetition_penalty is not supported",
+        ),
     ] {
         let e = write(body).unwrap_err().to_string();
         assert!(e.contains(want) && e.contains("task `t`"), "{e}");
