@@ -112,19 +112,8 @@ pub fn build(
     if inputs.is_empty() {
         return Err(Error::Usage("no input files".into()));
     }
-    if out.exists()
-        && std::fs::read_dir(out)
-            .map_err(Error::io(out))?
-            .next()
-            .is_some()
-    {
-        return Err(Error::store(
-            out,
-            "already exists and is not empty; remove it or choose another output directory",
-        ));
-    }
-    // Built in a hidden folder beside `out` and renamed into place when complete, so a killed build
-    // leaves no half store at `out` and a retry starts afresh.
+    // Built in a hidden folder beside `out` (which must not exist or be empty) and renamed into place
+    // when complete, so a killed build leaves no half store at `out` and a retry starts afresh.
     let staged = durable::StagedDir::new(out).map_err(|e| Error::store(out, e.to_string()))?;
     let final_out = out;
     let out = staged.path();

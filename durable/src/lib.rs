@@ -25,19 +25,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Like [`write_atomic`], for writers that produce the file themselves (Parquet, safetensors): `write`
 /// creates the temporary path it is given; it is synced, renamed into place and the folder synced.
-pub fn write_atomic_with(
+/// `write` may fail with its own error type; the file-system steps' errors convert into it.
+pub fn write_atomic_with<E: From<std::io::Error>>(
     path: &Path,
-    write: impl FnOnce(&Path) -> std::io::Result<()>,
-) -> std::io::Result<()> {
+    write: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<(), E> {
     let tmp = temp_path(path);
-    let result = write(&tmp)
-        .and_then(|()| File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path));
+    let result = write(&tmp).and_then(|()| {
+        File::open(&tmp)?.sync_all()?;
+        Ok(std::fs::rename(&tmp, path)?)
+    });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    Ok(sync_dir(path.parent().unwrap_or(Path::new(".")))?)
 }
 
 /// A temporary name beside `path`, unique to this process and call, so concurrent writers (two
@@ -136,7 +138,10 @@ impl StagedDir {
         if dest.exists() && std::fs::read_dir(dest)?.next().is_some() {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
-                format!("{} exists and is not empty", dest.display()),
+                format!(
+                    "{} already exists and is not empty; remove it or choose another output folder",
+                    dest.display()
+                ),
             ));
         }
         let name = dest

@@ -79,12 +79,9 @@ pub fn jsonl_texts(file: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so readers never see a partial file.
+/// Writes `path` through a uniquely named temporary file that `write` creates, synced and renamed into
+/// place ([`durable::write_atomic_with`]), so readers and crashes never see a partial file.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
-    write(&tmp)?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))
+    durable::write_atomic_with(path, write)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
