@@ -4,12 +4,13 @@
 //! interrupted datastore opt-out, the owner's text, token ids and kNN entries are absent from every
 //! file of the store, deleted documents of every segment included.
 
-mod common;
+mod serve_common;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use serve_common::Server;
 use tantivy::schema::Value;
 use tantivy::TantivyDocument;
 
@@ -535,53 +536,6 @@ fn concurrent_cli_opt_outs_lose_nothing() {
     }
 }
 
-/// Starts `moeval serve` on a free loopback port with `args`; returns the process and its address.
-fn serve(args: &[&str]) -> (std::process::Child, String) {
-    use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moeval"))
-        .args(["--threads", "1", "serve", "--port", "0"])
-        .args(args)
-        .env_remove("MOEVAL_TEST_FAULT")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    (child, addr)
-}
-
-/// One HTTP/1.1 POST over loopback; returns (status, body).
-fn post(addr: &str, path: &str, token: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(std::time::Duration::from_secs(60)))
-        .unwrap();
-    write!(
-        c,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
-}
-
 #[test]
 fn cli_and_admin_api_interleaved_lose_no_change() {
     let tmp = tempfile::tempdir().unwrap();
@@ -600,7 +554,7 @@ fn cli_and_admin_api_interleaved_lose_no_change() {
         format!("[[owner]]\nname = \"news\"\ntoken_sha256 = \"{digest}\"\n"),
     )
     .unwrap();
-    let (mut child, addr) = serve(&["--model", s(&model), "--admin-tokens", s(&tokens)]);
+    let server = Server::start(&model, &["--admin-tokens", s(&tokens)]);
     const ROUNDS: usize = 12;
     let cli = {
         let model = model.clone();
@@ -624,17 +578,15 @@ fn cli_and_admin_api_interleaved_lose_no_change() {
     };
     for i in 0..ROUNDS {
         let action = if i % 2 == 0 { "opt-out" } else { "opt-in" };
-        let (status, body) = post(
-            &addr,
+        let r = server.post_raw(
             &format!("/admin/experts/news/{action}"),
-            "news-secret",
-            r#"{"reason": "admin"}"#,
+            br#"{"reason": "admin"}"#,
+            &[("Authorization", "Bearer news-secret")],
         );
-        assert_eq!(status, 200, "round {i}: {body}");
+        assert_eq!(r.status, 200, "round {i}: {}", r.text());
     }
     cli.join().unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     let log = std::fs::read_to_string(model.join("expert-policy.log.jsonl")).unwrap();
     let records: Vec<serde_json::Value> = log
         .lines()
@@ -670,14 +622,13 @@ fn a_running_server_never_serves_an_interrupted_opt_outs_documents() {
         .as_str()
         .unwrap()
         .to_string();
-    let (mut child, addr) = serve(&["--model", s(&default_model()), "--datastore", s(&store)]);
+    let server = Server::start(&default_model(), &["--datastore", s(&store)]);
     let body = serde_json::json!({"prompt": news_text, "max_tokens": 1, "temperature": 0,
-        "moeval": {"retrieval": {"mode": "ric", "k": 16}}})
-    .to_string();
+        "moeval": {"retrieval": {"mode": "ric", "k": 16}}});
     let owners = || -> (Vec<String>, serde_json::Value) {
-        let (status, text) = post(&addr, "/v1/completions", "", &body);
-        assert_eq!(status, 200, "{text}");
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let r = server.post("/v1/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
         let info = &v["moeval"]["retrieval"];
         let owners = info["documents"]
             .as_array()
@@ -695,8 +646,7 @@ fn a_running_server_never_serves_an_interrupted_opt_outs_documents() {
         "datastore.opt-out.deleted",
     );
     let (after, excluded) = owners();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     assert!(after.iter().all(|o| o != "news"), "{after:?}");
     assert_eq!(excluded, serde_json::json!(["news"]));
     assert!(!store.join("opt-out.pending.json").exists());

@@ -1,22 +1,19 @@
 //! End-to-end: `moeval serve` on a copy of the tiny-flexolmo fixture, over loopback only. Every server
 //! is a child process on a free port, killed when its test ends; every request has a timeout.
 
-#[path = "../src/serve/client.rs"]
-mod client;
+mod serve_common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::SocketAddr;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use client::HttpResponse;
 use serde_json::{json, Value};
+use serve_common::client::{self, HttpResponse};
+use serve_common::{assert_error, Server, TIMEOUT};
 use sha2::{Digest, Sha256};
 use tasks::dataset::{read, Format, Source};
-
-const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-flexolmo")
@@ -63,82 +60,6 @@ domain = "code"
     cfg["chat_template"] = json!(TEMPLATE);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     dir
-}
-
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    _stdout: BufReader<ChildStdout>,
-}
-
-impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_moeval"))
-            .args([
-                "--threads",
-                "2",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--model",
-            ])
-            .arg(model)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("moeval starts");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .unwrap();
-        Server {
-            child,
-            addr,
-            _stdout: stdout,
-        }
-    }
-
-    fn post(&self, path: &str, body: &Value) -> HttpResponse {
-        client::post_json(self.addr, path, body, TIMEOUT).unwrap()
-    }
-
-    fn post_raw(&self, path: &str, body: &[u8], headers: &[(&str, &str)]) -> HttpResponse {
-        client::request(self.addr, "POST", path, headers, body, TIMEOUT).unwrap()
-    }
-
-    fn get(&self, path: &str) -> HttpResponse {
-        client::request(self.addr, "GET", path, &[], b"", TIMEOUT).unwrap()
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        let text = self.get("/metrics").text();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn assert_error(r: &HttpResponse, status: u16, needle: &str) {
-    let v = r.json();
-    assert_eq!(r.status, status, "{}", r.text());
-    let msg = v["error"]["message"].as_str().unwrap_or_default();
-    assert!(v["error"]["type"].is_string(), "{}", r.text());
-    assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
 }
 
 fn mask_of(r: &HttpResponse) -> Vec<String> {

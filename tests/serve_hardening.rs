@@ -3,19 +3,17 @@
 //! client that never reads, streaming details, body limits, API keys and a server-wide expert selection.
 //! Servers run on the tiny-flexolmo fixture, over loopback, killed when their test ends.
 
-#[path = "../src/serve/client.rs"]
-mod client;
+mod serve_common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use client::HttpResponse;
 use serde_json::{json, Value};
-
-const TIMEOUT: Duration = Duration::from_secs(60);
+use serve_common::client::{self, HttpResponse};
+use serve_common::{assert_error, Server, TIMEOUT};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-flexolmo")
@@ -50,69 +48,6 @@ fn model_dir(config: impl FnOnce(&mut Value)) -> tempfile::TempDir {
         }
     });
     dir
-}
-
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    _stdout: BufReader<ChildStdout>,
-}
-
-impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_moeval"))
-            .args(["--threads", "2", "serve", "--port", "0", "--model"])
-            .arg(model)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("moeval starts");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .unwrap();
-        Server {
-            child,
-            addr,
-            _stdout: stdout,
-        }
-    }
-
-    fn post(&self, path: &str, body: &Value) -> HttpResponse {
-        client::post_json(self.addr, path, body, TIMEOUT).unwrap()
-    }
-
-    fn request(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> HttpResponse {
-        client::request(self.addr, method, path, headers, body, TIMEOUT).unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// An OpenAI-shaped error with this status, naming `needle`, and no trace of Rust internals.
-fn assert_error(r: &HttpResponse, status: u16, needle: &str) {
-    assert_eq!(r.status, status, "{}", r.text());
-    let v = r.json();
-    let msg = v["error"]["message"].as_str().unwrap_or_default();
-    assert!(v["error"]["type"].is_string(), "{}", r.text());
-    assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
 }
 
 fn no_internals(body: &str) {
