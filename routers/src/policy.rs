@@ -4,8 +4,8 @@
 //! - The append-only audit log (`expert-policy.log.jsonl`) is the write-ahead log: a decision's line
 //!   (time, expert, owner, who acted, action, reason, sequence number) is synced to disk before the
 //!   decision takes effect, so no opt-out is ever in force without its audit line.
-//! - `expert-policy.json` is the log applied up to `applied` records. Every reader replays records past
-//!   `applied`, so a decision whose writer died after logging it is in force for every run from then
+//! - `expert-policy.json` is the log applied up to `applied` records (and the log's size then). Every
+//!   reader replays records past `applied` (parsing the log only when it has grown since), so a decision whose writer died after logging it is in force for every run from then
 //!   on, and the next writer makes the file catch up: an opt-out is never half-applied and never lost.
 //! - Writers (CLI and server alike) hold `expert-policy.lock` while they re-read, log and write, so
 //!   concurrent decisions are serialised and none is lost.
@@ -79,6 +79,10 @@ struct PolicyFile {
     /// are taken as having applied the whole log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     applied: Option<u64>,
+    /// The audit log's size in bytes when `applied` was written. While the log still has this size,
+    /// nothing is pending and readers (the server, at every admission) need not parse it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    log_bytes: Option<u64>,
 }
 
 /// The opt-out policy of one checkpoint directory (or of an explicit policy file).
@@ -137,8 +141,30 @@ impl Policy {
             PolicyFile {
                 opted_out: Vec::new(),
                 applied: Some(0),
+                log_bytes: None,
             }
         };
+        if let (Some(applied), Some(bytes)) = (stored.applied, stored.log_bytes) {
+            let now = match std::fs::metadata(&audit) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                Err(e) => {
+                    return Err(RouterError::File {
+                        path: audit,
+                        message: format!("cannot read: {e}"),
+                    })
+                }
+            };
+            if now == bytes {
+                return Ok(Self {
+                    file: path,
+                    audit,
+                    lock,
+                    opted_out: stored.opted_out,
+                    records: applied,
+                });
+            }
+        }
         let log = read_log(&audit)?;
         let records = log.len() as u64;
         let applied = stored.applied.unwrap_or(records);
@@ -237,9 +263,13 @@ impl Policy {
         durable::fault::point("policy.logged");
         self.apply(&record);
         self.records += 1;
+        let log_bytes = std::fs::metadata(&self.audit)
+            .map_err(|e| file_err(&self.audit, e))?
+            .len();
         let text = serde_json::to_string_pretty(&PolicyFile {
             opted_out: self.opted_out.clone(),
             applied: Some(self.records),
+            log_bytes: Some(log_bytes),
         })
         .map_err(|e| RouterError::Invalid(e.to_string()))?;
         durable::write_atomic(&self.file, text.as_bytes()).map_err(|e| file_err(&self.file, e))?;
