@@ -1,8 +1,6 @@
 //! `moeval`: evaluate and serve Mixture-of-Experts language models with exact expert opt-out.
 
 mod commands;
-mod lm;
-mod retrieval;
 mod serve;
 
 use anyhow::Result;
@@ -83,22 +81,22 @@ fn run(cli: Cli) -> Result<()> {
             .num_threads(n)
             .build_global()?;
     }
-    commands::set_device(cli.device.parse()?);
+    let device: engine::Device = cli.device.parse()?;
     match cli.command {
-        Command::Forward(a) => commands::forward::run(a),
-        Command::Experts(a) => commands::experts::run(a),
+        Command::Forward(a) => commands::forward::run(a, device),
+        Command::Experts(a) => commands::experts::run(a, device),
         Command::Merge(a) => commands::merge::run(a),
-        Command::Generate(a) => commands::generate::run(a),
+        Command::Generate(a) => commands::generate::run(a, device),
         Command::InitModel(a) => commands::init_model::run(a),
         Command::Train(a) => commands::train::run(a),
-        Command::Bench(a) => commands::bench::run(a, cli.threads),
-        Command::Eval(a) => commands::eval::run(a),
-        Command::Datastore(a) => commands::datastore::run(a),
+        Command::Bench(a) => commands::bench::run(a, cli.threads, device),
+        Command::Eval(a) => commands::eval::run(a, device),
+        Command::Datastore(a) => commands::datastore::run(a, device),
         Command::Report(a) => commands::report::run(a),
         Command::Compare(a) => commands::compare::run(a),
         Command::Gate(a) => commands::gate::run(a),
         Command::Download(a) => commands::download::run(a),
-        Command::Serve(a) => commands::serve::run(a),
-        Command::ServeBench(a) => commands::serve::run_bench(a),
+        Command::Serve(a) => commands::serve::run(a, device),
+        Command::ServeBench(a) => commands::serve::run_bench(a, device),
     }
 }

@@ -86,7 +86,7 @@ fn prefill(model: &Model, seqs: &[Vec<u32>]) -> Result<(Vec<engine::KvCache>, Ve
     Ok((caches, next))
 }
 
-pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
+pub fn run(a: Args, threads: Option<usize>, device: engine::Device) -> Result<()> {
     anyhow::ensure!(
         a.batch > 0
             && a.repeats > 0
@@ -96,7 +96,7 @@ pub fn run(a: Args, threads: Option<usize>) -> Result<()> {
         "sizes must be positive"
     );
     let opts = LoadOptions {
-        device: super::device(),
+        device,
         ..LoadOptions::default()
     };
     let load_start = Instant::now();

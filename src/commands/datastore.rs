@@ -124,10 +124,10 @@ struct BenchArgs {
     top1: Option<PathBuf>,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(a: Args, device: engine::Device) -> Result<()> {
     match a.command {
-        Sub::Build(b) => build(b),
-        Sub::Knn { dir, model } => knn(&dir, &model),
+        Sub::Build(b) => build(b, device),
+        Sub::Knn { dir, model } => knn(&dir, &model, device),
         Sub::Stats { dir, json } => stats(&dir, json),
         Sub::Query { dir, text, k, json } => query(&dir, &text, k, json),
         Sub::OptOut {
@@ -148,7 +148,7 @@ fn bar(len: u64, template: &str) -> Result<ProgressBar> {
     ))
 }
 
-fn build(a: BuildArgs) -> Result<()> {
+fn build(a: BuildArgs, device: engine::Device) -> Result<()> {
     let tok = Tokenizer::from_model_dir(&a.tokenizer)?;
     let total: u64 = a
         .input
@@ -195,17 +195,17 @@ fn build(a: BuildArgs) -> Result<()> {
     );
     if a.knn {
         if let Some(model) = &a.model {
-            knn(&a.out, model)?;
+            knn(&a.out, model, device)?;
         }
     }
     Ok(())
 }
 
-fn knn(dir: &Path, model_dir: &Path) -> Result<()> {
-    let model = super::load_model_with(model_dir, &super::ExpertArgs::default())?;
+fn knn(dir: &Path, model_dir: &Path, device: engine::Device) -> Result<()> {
+    let model = super::load_model_with(model_dir, &super::ExpertArgs::default(), device)?;
     let pb = bar(0, "kNN keys [{bar:30}] {pos}/{len} blocks, eta {eta}")?;
     let start = Instant::now();
-    let n = crate::retrieval::build_knn_keys(dir, &model, model_dir, &|done, total| {
+    let n = harness::retrieval::build_knn_keys(dir, &model, model_dir, &|done, total| {
         pb.set_length(total);
         pb.set_position(done);
     })?;

@@ -46,7 +46,7 @@ enum Sub {
     Route(super::route::Args),
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(a: Args, device: engine::Device) -> Result<()> {
     match a.command {
         Sub::List { model, json } => list(&model, json),
         Sub::OptOut {
@@ -59,7 +59,7 @@ pub fn run(a: Args) -> Result<()> {
             model,
             reason,
         } => decide(&model, &expert, Action::OptIn, &reason),
-        Sub::Route(a) => super::route::run(a),
+        Sub::Route(a) => super::route::run(a, device),
     }
 }
 

@@ -24,8 +24,8 @@ pub struct Args {
     experts: super::ExpertArgs,
 }
 
-pub fn run(a: Args) -> Result<()> {
-    let model = super::load_model_with(&a.model, &a.experts)?;
+pub fn run(a: Args, device: engine::Device) -> Result<()> {
+    let model = super::load_model_with(&a.model, &a.experts, device)?;
     let tokens = model.require_tokenizer()?.encode(&a.prompt)?;
     anyhow::ensure!(!tokens.is_empty(), "the prompt encodes to no tokens");
     let mut cache = model.new_cache();

@@ -17,23 +17,10 @@ pub mod serve;
 pub mod train;
 pub mod train_report;
 
-use std::path::Path;
-use std::sync::OnceLock;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use engine::{Device, LoadOptions, Model};
-
-static DEVICE: OnceLock<Device> = OnceLock::new();
-
-/// Sets where every model of this process runs (the global `--device`).
-pub fn set_device(device: Device) {
-    let _ = DEVICE.set(device);
-}
-
-/// Where models run: the global `--device`, the CPU by default.
-pub fn device() -> Device {
-    DEVICE.get().copied().unwrap_or_default()
-}
+use engine::{Device, Model};
 
 /// Expert selection shared by every command that runs a model.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -47,14 +34,75 @@ pub struct ExpertArgs {
     pub experts: Vec<String>,
 }
 
-/// Loads a model directory with the given expert selection, honouring the owners' policy.
-pub fn load_model_with(dir: &Path, experts: &ExpertArgs) -> Result<Model> {
-    let opts = LoadOptions {
-        opt_out: experts.opt_out.clone(),
-        experts: experts.experts.clone(),
-        device: device(),
-    };
-    Model::load(dir, &opts).with_context(|| format!("cannot load the model in {}", dir.display()))
+impl From<ExpertArgs> for harness::Experts {
+    fn from(a: ExpertArgs) -> Self {
+        harness::Experts {
+            opt_out: a.opt_out,
+            experts: a.experts,
+        }
+    }
+}
+
+/// Loads a model directory on `device` with the given expert selection ([`harness::load_model`]).
+pub fn load_model_with(dir: &Path, experts: &ExpertArgs, device: Device) -> Result<Model> {
+    harness::load_model(dir, &experts.clone().into(), device)
+}
+
+/// How `--retrieval` uses the datastore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    /// Retrieval in context: BM25 top-k blocks prepended to the context.
+    Ric,
+    /// kNN-LM: interpolate with a distribution over the nearest datastore positions.
+    Knn,
+}
+
+/// Retrieval options of `moeval eval` ([`harness::retrieval::RetrievalSettings`]).
+#[derive(clap::Args, Clone, Debug)]
+pub struct RetrievalArgs {
+    /// Augment the model with a datastore: `ric` (BM25 blocks in context) or `knn` (kNN-LM).
+    #[arg(long, value_enum, requires = "datastore")]
+    pub retrieval: Option<ModeArg>,
+    /// Datastore directory (`moeval datastore build`).
+    #[arg(long, requires = "retrieval")]
+    pub datastore: Option<PathBuf>,
+    /// Blocks to prepend (ric, default 1) or neighbours (knn, default 1024).
+    #[arg(long = "k", value_name = "K")]
+    pub k: Option<usize>,
+    /// kNN-LM interpolation weight of p_kNN.
+    #[arg(long, default_value_t = 0.3)]
+    pub lambda: f64,
+    /// kNN-LM softmax temperature over negative squared L2 distances.
+    #[arg(long, default_value_t = 10.0)]
+    pub temperature: f32,
+    /// RIC-LM query: this many context tokens before the scored span.
+    #[arg(long, default_value_t = 512)]
+    pub query_tokens: usize,
+    /// SILO perplexity protocol for rolling log-likelihood: windows of this many tokens ...
+    #[arg(long, requires = "ppl_stride")]
+    pub ppl_window: Option<usize>,
+    /// ... every this many tokens; only each window's newest tokens are scored.
+    #[arg(long, requires = "ppl_window")]
+    pub ppl_stride: Option<usize>,
+}
+
+impl From<RetrievalArgs> for harness::retrieval::RetrievalSettings {
+    fn from(a: RetrievalArgs) -> Self {
+        use harness::retrieval::Mode;
+        harness::retrieval::RetrievalSettings {
+            retrieval: a.retrieval.map(|m| match m {
+                ModeArg::Ric => Mode::Ric,
+                ModeArg::Knn => Mode::Knn,
+            }),
+            datastore: a.datastore,
+            k: a.k,
+            lambda: a.lambda,
+            temperature: a.temperature,
+            query_tokens: a.query_tokens,
+            ppl_window: a.ppl_window,
+            ppl_stride: a.ppl_stride,
+        }
+    }
 }
 
 /// The `text` field of every non-blank line of a JSON Lines file; errors name the file and line.

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use reports::html::HtmlOptions;
 
 #[derive(clap::Args)]
@@ -26,41 +26,14 @@ pub struct Args {
     skip_bad_runs: bool,
 }
 
-/// Run directories under the given paths, with shards merged. A run named directly must be
-/// complete and readable. Runs found inside a folder that are not (killed, still running, corrupt)
-/// are an error naming each, unless `skip_bad` (then each is named in a warning).
+/// The complete runs under `paths`, shards merged ([`harness::runs::collect_runs`]); its notes go to
+/// stderr.
 pub fn collect_runs(paths: &[PathBuf], skip_bad: bool) -> Result<Vec<reports::Run>> {
-    let mut runs = Vec::new();
-    let mut bad = Vec::new();
-    for p in paths {
-        let found = reports::results::discover_runs(p)?;
-        let named = found.len() == 1 && &found[0] == p;
-        for dir in found {
-            let read = || -> Result<reports::Run> {
-                if super::eval::merge_shards(&dir)? {
-                    eprintln!("merged the shards of {}", dir.display());
-                }
-                Ok(reports::load_run(&dir)?)
-            };
-            match read() {
-                Ok(r) => runs.push(r),
-                Err(e) if named => {
-                    return Err(e).with_context(|| format!("cannot read run {}", dir.display()))
-                }
-                Err(e) if skip_bad => eprintln!("warning: skipping {}: {e:#}", dir.display()),
-                Err(e) => bad.push(format!("{}: {e:#}", dir.display())),
-            }
-        }
+    let c = harness::runs::collect_runs(paths, skip_bad)?;
+    for n in &c.notes {
+        eprintln!("{n}");
     }
-    if !bad.is_empty() {
-        bail!(
-            "{} run(s) cannot be read (pass --skip-bad-runs to report the others):\n  {}",
-            bad.len(),
-            bad.join("\n  ")
-        );
-    }
-    anyhow::ensure!(!runs.is_empty(), "no complete runs found");
-    Ok(runs)
+    Ok(c.runs)
 }
 
 pub fn run(a: Args) -> Result<()> {

@@ -76,8 +76,8 @@ fn read_docs(a: &Args, model: &engine::Model) -> Result<Vec<Doc>> {
     Ok(docs)
 }
 
-pub fn run(a: Args) -> Result<()> {
-    let model = super::load_model_with(&a.model, &a.experts)?;
+pub fn run(a: Args, device: engine::Device) -> Result<()> {
+    let model = super::load_model_with(&a.model, &a.experts, device)?;
     let registry = model
         .registry()
         .context("a dense model has no experts to route to")?

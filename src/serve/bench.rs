@@ -129,7 +129,7 @@ fn level(addr: SocketAddr, a: &Args, concurrency: usize, vocab: usize) -> Level 
     }
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(a: Args, device: engine::Device) -> Result<()> {
     anyhow::ensure!(
         a.concurrency.iter().all(|&c| (1..=256).contains(&c)),
         "--concurrency levels must be between 1 and 256"
@@ -142,6 +142,7 @@ pub fn run(a: Args) -> Result<()> {
     let model = Arc::new(crate::commands::load_model_with(
         &a.model,
         &crate::commands::ExpertArgs::default(),
+        device,
     )?);
     let vocab = model.config().vocab_size;
     let max_c = a.concurrency.iter().copied().max().unwrap_or(1);

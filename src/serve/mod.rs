@@ -501,7 +501,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(a: Args, device: engine::Device) -> Result<()> {
     // Experts opted out in an explicit --policy file are not loaded either (the checkpoint's own
     // expert-policy.json always applies at load, as for every command).
     // The server-wide --opt-out / --experts are not loaded either.
@@ -513,7 +513,9 @@ pub fn run(a: Args) -> Result<()> {
             .opt_out
             .extend(policy.opted_out().iter().map(|e| e.expert.clone()));
     }
-    let model = Arc::new(crate::commands::load_model_with(&a.model, &experts)?);
+    let model = Arc::new(crate::commands::load_model_with(
+        &a.model, &experts, device,
+    )?);
     let settings = a.settings(model.config().max_position_embeddings)?;
     let ip: std::net::IpAddr = a
         .host

@@ -1,4 +1,4 @@
-//! Retrieval in the server (`--datastore DIR`): RIC-LM through [`crate::retrieval::ric_retrieve`], the
+//! Retrieval in the server (`--datastore DIR`): RIC-LM through [`harness::retrieval::ric_retrieve`], the
 //! same retrieval `moeval eval --retrieval ric` uses. The retrieved blocks' tokens go before the prompt;
 //! they are never echoed nor scored, and every response names the documents it used.
 
@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::api::ApiError;
-use crate::retrieval::{ric_retrieve, RetrievedBlock};
+use harness::retrieval::{ric_retrieve, RetrievedBlock};
 
 /// Most blocks one request may retrieve (each is a whole block of tokens in the context).
 pub const MAX_K: usize = 16;

@@ -33,7 +33,7 @@ use tasks::{
 };
 
 /// How the datastore is used.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Retrieval in context: BM25 top-k blocks prepended to the context.
@@ -42,45 +42,53 @@ pub enum Mode {
     Knn,
 }
 
-/// Retrieval options of `moeval eval`.
-#[derive(clap::Args, Clone, Debug, Default)]
-pub struct RetrievalArgs {
-    /// Augment the model with a datastore: `ric` (BM25 blocks in context) or `knn` (kNN-LM).
-    #[arg(long, value_enum, requires = "datastore")]
+/// Retrieval settings of a run (`moeval eval --retrieval ...`). [`Default`] is no retrieval with the
+/// command line's defaults for the rest.
+#[derive(Clone, Debug)]
+pub struct RetrievalSettings {
+    /// How the datastore is used; `None`: no datastore.
     pub retrieval: Option<Mode>,
     /// Datastore directory (`moeval datastore build`).
-    #[arg(long, requires = "retrieval")]
     pub datastore: Option<PathBuf>,
     /// Blocks to prepend (ric, default 1) or neighbours (knn, default 1024).
-    #[arg(long = "k", value_name = "K")]
     pub k: Option<usize>,
     /// kNN-LM interpolation weight of p_kNN.
-    #[arg(long, default_value_t = 0.3)]
     pub lambda: f64,
     /// kNN-LM softmax temperature over negative squared L2 distances.
-    #[arg(long, default_value_t = 10.0)]
     pub temperature: f32,
     /// RIC-LM query: this many context tokens before the scored span.
-    #[arg(long, default_value_t = 512)]
     pub query_tokens: usize,
     /// SILO perplexity protocol for rolling log-likelihood: windows of this many tokens ...
-    #[arg(long, requires = "ppl_stride")]
     pub ppl_window: Option<usize>,
     /// ... every this many tokens; only each window's newest tokens are scored.
-    #[arg(long, requires = "ppl_window")]
     pub ppl_stride: Option<usize>,
 }
 
-impl RetrievalArgs {
+impl Default for RetrievalSettings {
+    fn default() -> Self {
+        RetrievalSettings {
+            retrieval: None,
+            datastore: None,
+            k: None,
+            lambda: 0.3,
+            temperature: 10.0,
+            query_tokens: 512,
+            ppl_window: None,
+            ppl_stride: None,
+        }
+    }
+}
+
+impl RetrievalSettings {
     /// The options a run recorded in its manifest (`--resume` reruns with exactly these).
-    pub fn from_scoring(s: &reports::manifest::Scoring) -> Result<RetrievalArgs> {
+    pub fn from_scoring(s: &reports::manifest::Scoring) -> Result<RetrievalSettings> {
         let retrieval = match s.retrieval_mode.as_deref() {
             None => None,
             Some("ric") => Some(Mode::Ric),
             Some("knn") => Some(Mode::Knn),
             Some(other) => bail!("unknown retrieval mode `{other}` (known: ric, knn)"),
         };
-        Ok(RetrievalArgs {
+        Ok(RetrievalSettings {
             retrieval,
             datastore: s.datastore.as_ref().map(PathBuf::from),
             k: s.k,
@@ -117,7 +125,8 @@ impl RetrievalArgs {
 }
 
 impl Mode {
-    fn name(self) -> &'static str {
+    /// The mode's name on the command line and in manifests.
+    pub fn name(self) -> &'static str {
         match self {
             Mode::Ric => "ric",
             Mode::Knn => "knn",
@@ -169,7 +178,7 @@ pub struct Retrieval {
 impl Retrieval {
     /// Opens the datastore named by the options; `None` when neither retrieval nor the SILO
     /// perplexity protocol is asked for (the plain engine model then serves the run).
-    pub fn open(model: &Model, a: &RetrievalArgs) -> Result<Option<Retrieval>> {
+    pub fn open(model: &Model, a: &RetrievalSettings) -> Result<Option<Retrieval>> {
         let window = a.ppl_window.zip(a.ppl_stride);
         if a.retrieval.is_none() && window.is_none() {
             return Ok(None);
