@@ -156,7 +156,10 @@ fn run_directory_report_compare_and_gate() {
         ("full", "default_bias_sentiment_gender")
     );
     assert_eq!(first.weights_hash, m.model.weights_hash);
-    assert_eq!(first.prompt_hash, tasks::output::prompt_hash(&first.prompt));
+    assert_eq!(
+        first.prompt_hash,
+        reports::tables::prompt_hash(&first.prompt)
+    );
     assert_eq!(first.choice_loglikelihoods.as_ref().unwrap().len(), 2);
     assert!(
         first.attributes.contains_key("gender") && first.attributes.contains_key("template_idx")

@@ -16,16 +16,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
 use datastore::knn::neighbor_weights;
 use datastore::Datastore;
 use engine::generate::{generate, GenParams};
 use engine::score::{loglikelihood, ScoreOptions, ScoreRequest};
 use engine::{ExpertMask, Model, SeqInput, Tokenizer};
 use rayon::prelude::*;
+use reports::tables::AttributionRow;
 use tasks::lm::{encode_pair, rolling_windows, truncate_left};
 use tasks::task::Request;
 use tasks::{
@@ -343,15 +343,12 @@ impl Retrieval {
         fewshot_seed: u64,
         lms: &[(&str, &RetrievalLm)],
     ) -> Result<()> {
-        let json = serde_json::to_vec_pretty(&self.settings_json())?;
-        std::fs::write(run_dir.join("retrieval.json"), json).with_context(|| {
-            format!("cannot write {}", run_dir.join("retrieval.json").display())
-        })?;
+        reports::tables::write_json(&run_dir.join("retrieval.json"), &self.settings_json())?;
         if self.store.is_none() {
             return Ok(());
         }
-        let mut per_sample = Rows::default();
-        let mut per_unit = Rows::default();
+        let mut per_sample = Vec::new();
+        let mut per_unit = Vec::new();
         for (label, lm) in lms {
             let log = lm
                 .log
@@ -371,7 +368,15 @@ impl Retrieval {
                             *sums
                                 .entry((c.doc_id.clone(), c.owner.clone(), c.license.clone()))
                                 .or_default() += c.weight;
-                            per_unit.push(label, t.name(), inst.doc_id, ri, Some(c.unit), c);
+                            push_row(
+                                &mut per_unit,
+                                label,
+                                t.name(),
+                                inst.doc_id,
+                                ri,
+                                Some(c.unit),
+                                c,
+                            );
                         }
                     }
                     for ((doc, owner, license), w) in sums {
@@ -383,79 +388,47 @@ impl Retrieval {
                             license,
                             weight: w / f64::from(units.max(1)),
                         };
-                        per_sample.push(label, t.name(), inst.doc_id, 0, None, &c);
+                        push_row(&mut per_sample, label, t.name(), inst.doc_id, 0, None, &c);
                     }
                 }
             }
         }
-        per_sample.write(&run_dir.join("attribution.parquet"), false)?;
-        per_unit.write(&run_dir.join("attribution_units.parquet"), true)?;
+        reports::tables::write_attribution(
+            &run_dir.join("attribution.parquet"),
+            &per_sample,
+            false,
+        )?;
+        reports::tables::write_attribution(
+            &run_dir.join("attribution_units.parquet"),
+            &per_unit,
+            true,
+        )?;
         Ok(())
     }
 }
 
-/// Columns of the attribution tables.
-#[derive(Default)]
-struct Rows {
-    variant: Vec<String>,
-    task: Vec<String>,
-    doc: Vec<i64>,
-    request: Vec<i64>,
-    unit: Vec<i64>,
-    block: Vec<i64>,
-    source: Vec<String>,
-    owner: Vec<String>,
-    license: Vec<String>,
-    weight: Vec<f64>,
-}
-
-impl Rows {
-    fn push(
-        &mut self,
-        variant: &str,
-        task: &str,
-        doc: usize,
-        request: usize,
-        unit: Option<u32>,
-        c: &Contribution,
-    ) {
-        self.variant.push(variant.to_string());
-        self.task.push(task.to_string());
-        self.doc.push(doc as i64);
-        self.request.push(request as i64);
-        self.unit.push(unit.map_or(0, i64::from));
-        self.block.push(c.block_id as i64);
-        self.source.push(c.doc_id.clone());
-        self.owner.push(c.owner.clone());
-        self.license.push(c.license.clone());
-        self.weight.push(c.weight);
-    }
-
-    fn write(self, path: &Path, units: bool) -> Result<()> {
-        let s = |v: Vec<String>| Arc::new(StringArray::from(v)) as ArrayRef;
-        let i = |v: Vec<i64>| Arc::new(Int64Array::from(v)) as ArrayRef;
-        let mut cols: Vec<(&str, ArrayRef)> = vec![
-            ("variant", s(self.variant)),
-            ("task", s(self.task)),
-            ("doc_id", i(self.doc)),
-        ];
-        if units {
-            cols.push(("request", i(self.request)));
-            cols.push(("unit", i(self.unit)));
-            cols.push(("block_id", i(self.block)));
-        }
-        cols.extend([
-            ("source_doc_id", s(self.source)),
-            ("owner", s(self.owner)),
-            ("license", s(self.license)),
-            (
-                "weight",
-                Arc::new(Float64Array::from(self.weight)) as ArrayRef,
-            ),
-        ]);
-        let batch = RecordBatch::try_from_iter(cols)?;
-        Ok(tasks::output::write_parquet_atomic(path, &batch)?)
-    }
+/// Adds one attribution row.
+fn push_row(
+    rows: &mut Vec<AttributionRow>,
+    variant: &str,
+    task: &str,
+    doc: usize,
+    request: usize,
+    unit: Option<u32>,
+    c: &Contribution,
+) {
+    rows.push(AttributionRow {
+        variant: variant.to_string(),
+        task: task.to_string(),
+        doc_id: doc,
+        request,
+        unit: unit.unwrap_or(0),
+        block_id: c.block_id,
+        source_doc_id: c.doc_id.clone(),
+        owner: c.owner.clone(),
+        license: c.license.clone(),
+        weight: c.weight,
+    });
 }
 
 /// An engine model with a datastore (or only the SILO perplexity protocol).

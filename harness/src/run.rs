@@ -2,11 +2,9 @@
 //! persisting every answered request so a killed run resumes and shards merge without a model.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
-use arrow_array::{ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
 use durable::fault;
 use engine::{ExpertMask, Model};
 use reports::cache::{scope_name, CachedLm, RequestCache};
@@ -15,7 +13,7 @@ use reports::manifest::{
     FileHash, Manifest, ModelInfo, Scoring, Seeds, Settings, TaskInfo, Timing, Variant,
     MANIFEST_VERSION,
 };
-use tasks::output::{self, MetricRow, RunColumns};
+use reports::tables::{self, MetricRow, RoutingRow, RunColumns};
 use tasks::{
     runner, LanguageModel, LoadOptions, Progress, Registry, RunOptions, Shard, Task, TaskResult,
 };
@@ -325,15 +323,6 @@ pub struct VariantResult {
     routing: Vec<RoutingRow>,
 }
 
-/// One row of `routing.parquet`.
-struct RoutingRow {
-    task: String,
-    layer: usize,
-    expert: usize,
-    tokens: u64,
-    share: f64,
-}
-
 /// Runs every task for every variant through the request cache. A variant without a model can
 /// only answer from the cache (shard merging).
 #[allow(clippy::too_many_arguments)]
@@ -390,9 +379,17 @@ pub(crate) fn execute(
                     let processed = counts.iter().sum::<u64>() as f64 / k;
                     for (expert, &tokens) in counts.iter().enumerate() {
                         routing.push(RoutingRow {
+                            run_id: manifest.run_id.clone(),
+                            mask: v.label.clone(),
                             task: t.name().to_string(),
                             layer,
                             expert,
+                            expert_name: manifest
+                                .model
+                                .expert_names
+                                .get(expert)
+                                .cloned()
+                                .unwrap_or_else(|| expert.to_string()),
                             tokens,
                             share: if processed > 0.0 {
                                 tokens as f64 / processed
@@ -447,7 +444,7 @@ pub(crate) fn execute(
 
 /// Writes samples, metrics and routing Parquet files (each atomically); the manifest still says
 /// `running` until [`finish_run`].
-pub(crate) fn write_tables(dir: &Path, manifest: &Manifest, vs: &[VariantResult]) -> Result<()> {
+pub(crate) fn write_tables(dir: &Path, vs: &[VariantResult]) -> Result<()> {
     let samples: Vec<(RunColumns, Vec<TaskResult>)> = vs
         .iter()
         .map(|v| (v.columns.clone(), v.results.clone()))
@@ -457,10 +454,11 @@ pub(crate) fn write_tables(dir: &Path, manifest: &Manifest, vs: &[VariantResult]
         .map(|v| (v.columns.clone(), v.metrics.clone()))
         .collect();
     fault::point("eval.before-samples");
-    output::write_samples(&dir.join("samples.parquet"), &samples)?;
+    tables::write_samples(&dir.join("samples.parquet"), &samples)?;
     fault::point("eval.after-samples");
-    output::write_metrics(&dir.join("metrics.parquet"), &metrics)?;
-    write_routing(&dir.join("routing.parquet"), manifest, vs)?;
+    tables::write_metrics(&dir.join("metrics.parquet"), &metrics)?;
+    let routing: Vec<RoutingRow> = vs.iter().flat_map(|v| v.routing.clone()).collect();
+    tables::write_routing(&dir.join("routing.parquet"), &routing)?;
     Ok(())
 }
 
@@ -472,78 +470,6 @@ pub(crate) fn finish_run(dir: &Path, manifest: &mut Manifest, end: Option<String
     manifest.end_time = end.or_else(|| Some(utc_now()));
     manifest.write(&dir.join("manifest.json"))?;
     Ok(())
-}
-
-/// `routing.parquet`: per variant, task, layer and expert, the tokens routed there while the run
-/// computed its requests (answers taken from the request cache route nothing) and their share of the
-/// tokens the layer processed (a layer's shares sum to top-k). Written only for MoE models.
-fn write_routing(path: &Path, manifest: &Manifest, vs: &[VariantResult]) -> Result<()> {
-    let rows: Vec<(&VariantResult, &RoutingRow)> = vs
-        .iter()
-        .flat_map(|v| v.routing.iter().map(move |r| (v, r)))
-        .collect();
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let name = |e: usize| {
-        manifest
-            .model
-            .expert_names
-            .get(e)
-            .cloned()
-            .unwrap_or_else(|| e.to_string())
-    };
-    let batch = RecordBatch::try_from_iter([
-        (
-            "run_id",
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|(v, _)| v.columns.run_id.clone()),
-            )) as ArrayRef,
-        ),
-        (
-            "mask",
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|(v, _)| v.columns.mask.clone()),
-            )) as ArrayRef,
-        ),
-        (
-            "task",
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|(_, r)| r.task.clone()),
-            )) as ArrayRef,
-        ),
-        (
-            "layer",
-            Arc::new(Int32Array::from_iter_values(
-                rows.iter().map(|(_, r)| r.layer as i32),
-            )) as ArrayRef,
-        ),
-        (
-            "expert",
-            Arc::new(Int32Array::from_iter_values(
-                rows.iter().map(|(_, r)| r.expert as i32),
-            )) as ArrayRef,
-        ),
-        (
-            "expert_name",
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|(_, r)| name(r.expert)),
-            )) as ArrayRef,
-        ),
-        (
-            "tokens",
-            Arc::new(Int64Array::from_iter_values(
-                rows.iter().map(|(_, r)| r.tokens as i64),
-            )) as ArrayRef,
-        ),
-        (
-            "share",
-            Arc::new(Float64Array::from_iter_values(
-                rows.iter().map(|(_, r)| r.share),
-            )) as ArrayRef,
-        ),
-    ])?;
-    Ok(tasks::output::write_parquet_atomic(path, &batch)?)
 }
 
 fn shard_label(s: Shard) -> String {
@@ -695,7 +621,7 @@ pub struct EvalSettings {
 /// A new run, or the continuation of an interrupted one from its folder (every setting then comes
 /// from its manifest).
 pub enum Start {
-    New(EvalSettings),
+    New(Box<EvalSettings>),
     Resume {
         dir: PathBuf,
         device: engine::Device,
@@ -945,7 +871,7 @@ pub fn evaluate(start: Start, progress: &dyn Progress) -> Result<Outcome> {
         Some(&model),
     )?;
     let elapsed = start.elapsed().as_secs_f64();
-    write_tables(&run_dir, &manifest, &vs)?;
+    write_tables(&run_dir, &vs)?;
     // Retrieval's records are part of the run: written before the manifest says `complete`.
     if let (Some(r), Some(l)) = (&retrieval, &rlms) {
         let labelled: Vec<_> = manifest

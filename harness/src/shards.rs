@@ -134,7 +134,7 @@ pub fn merge_shards(run_dir: &Path) -> Result<bool> {
     }
     manifest.timings = timings;
     let _lock = lock_run(run_dir, &manifest.run_id)?;
-    write_tables(run_dir, &manifest, &vs)?;
+    write_tables(run_dir, &vs)?;
     let end = manifests.iter().filter_map(|m| m.end_time.clone()).max();
     finish_run(run_dir, &mut manifest, end)?;
     Ok(true)

@@ -54,7 +54,7 @@ fn write(path: &Path, batch: &RecordBatch) -> Result<()> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).map_err(io(d))?;
     }
-    tasks::output::write_parquet_atomic(path, batch).map_err(|e| file_err(path, e))
+    crate::tables::write_parquet_atomic(path, batch).map_err(|e| file_err(path, e))
 }
 
 /// Writes the dataset under `out` (its `samples/` and `metrics/` folders are replaced) and returns

@@ -13,6 +13,7 @@ pub mod leaderboard;
 pub mod manifest;
 pub mod results;
 pub mod stats;
+pub mod tables;
 
 pub use error::{Error, Result};
 pub use manifest::Manifest;
@@ -77,7 +78,7 @@ pub fn write_report(runs: &[Run], out: &Path, opts: &html::HtmlOptions) -> Resul
         dataset: out.join("dataset"),
     };
     let batch = leaderboard::batch(&entries)?;
-    tasks::output::write_parquet_atomic(&files.leaderboard, &batch)
+    crate::tables::write_parquet_atomic(&files.leaderboard, &batch)
         .map_err(|e| error::file_err(&files.leaderboard, e))?;
     fsutil::write_atomic(
         &files.markdown,

@@ -165,7 +165,7 @@ fn print_table(vs: &[VariantResult]) {
 pub fn run(a: Args, device: engine::Device) -> Result<()> {
     let start = match a.resume {
         Some(dir) => Start::Resume { dir, device },
-        None => Start::New(EvalSettings {
+        None => Start::New(Box::new(EvalSettings {
             model: a.model.context("--model is required")?,
             tasks: a.tasks,
             include_paths: a.include_path,
@@ -187,7 +187,7 @@ pub fn run(a: Args, device: engine::Device) -> Result<()> {
             experts: a.experts.into(),
             retrieval: a.retrieval.into(),
             device,
-        }),
+        })),
     };
     let out = harness::evaluate(start, &Bar(Mutex::new(ProgressBar::hidden())))?;
     print_table(&out.variants);

@@ -177,7 +177,7 @@ pub fn run(a: Args, device: engine::Device) -> Result<()> {
             ("tokens", Arc::new(Int64Array::from(t_col)) as ArrayRef),
             ("share", Arc::new(Float64Array::from(s_col)) as ArrayRef),
         ])?;
-        tasks::output::write_parquet_atomic(out, &batch)?;
+        reports::tables::write_parquet_atomic(out, &batch)?;
         eprintln!("wrote {}", out.display());
     }
     Ok(())

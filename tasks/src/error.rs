@@ -29,8 +29,6 @@ pub enum Error {
         context: String,
         source: std::io::Error,
     },
-    #[error("writing results: {0}")]
-    Output(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

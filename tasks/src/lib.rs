@@ -19,7 +19,6 @@ pub mod autorater;
 pub mod bias;
 pub mod cobbler;
 pub mod metrics;
-pub mod output;
 pub mod porter;
 mod pytext;
 pub mod rouge;

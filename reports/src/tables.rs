@@ -1,5 +1,8 @@
-//! Parquet tables of a run: one row per sample, one row per (task, metric). The column layout is
-//! documented in `docs/results.md`; columns are only ever added, never renamed or removed.
+//! Every table a run directory holds, and their writers: `samples.parquet` (one row per sample),
+//! `metrics.parquet` (one row per task and metric), `routing.parquet` (tokens per expert),
+//! `attribution.parquet` / `attribution_units.parquet` (datastore documents behind each prediction).
+//! The column layout is documented in `docs/results.md`; columns are only ever added, never renamed
+//! or removed. Every file goes through [`write_parquet_atomic`].
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -12,9 +15,10 @@ use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
-use crate::metrics::Aggregate;
-use crate::runner::{Sample, TaskResult};
+use tasks::metrics::Aggregate;
+use tasks::runner::{Sample, TaskResult};
+
+use crate::error::{file_err, Error, Result};
 
 /// What every row of a run says about where it came from: the run, the model, the experts used.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -81,15 +85,10 @@ pub fn prompt_hash(prompt: &str) -> String {
     d.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-fn out_err(path: &Path) -> impl Fn(String) -> Error + '_ {
-    move |e| Error::Output(format!("{}: {e}", path.display()))
-}
-
 /// Writes a record batch to `path` through a uniquely named temporary file in the same folder,
 /// synced to disk and renamed into place ([`durable::write_atomic_with`]), so a reader (or a crash)
 /// never sees half a file and concurrent writers never share a temporary file.
 pub fn write_parquet_atomic(path: &Path, batch: &RecordBatch) -> Result<()> {
-    let err = out_err(path);
     durable::write_atomic_with(path, |tmp| {
         let file = std::fs::File::create(tmp)?;
         let props = parquet::file::properties::WriterProperties::builder()
@@ -100,7 +99,7 @@ pub fn write_parquet_atomic(path: &Path, batch: &RecordBatch) -> Result<()> {
         w.write(batch).map_err(std::io::Error::other)?;
         w.into_inner().map_err(std::io::Error::other)?.flush()
     })
-    .map_err(|e| err(e.to_string()))
+    .map_err(|e| file_err(path, format!("cannot write: {e}")))
 }
 
 fn run_fields() -> Vec<Field> {
@@ -231,7 +230,7 @@ pub fn samples_batch(parts: &[(RunColumns, Vec<TaskResult>)]) -> Result<RecordBa
         ))));
     }
     RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
-        .map_err(|e| Error::Output(e.to_string()))
+        .map_err(|e| Error::Invalid(e.to_string()))
 }
 
 /// Builds the `metrics.parquet` table ([`METRIC_COLUMNS`]); NaN values and stderrs become nulls.
@@ -268,7 +267,7 @@ pub fn metrics_batch(parts: &[(RunColumns, Vec<MetricRow>)]) -> Result<RecordBat
         )),
     ]);
     RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
-        .map_err(|e| Error::Output(e.to_string()))
+        .map_err(|e| Error::Invalid(e.to_string()))
 }
 
 /// Writes `samples.parquet` atomically (see [`samples_batch`]).
@@ -279,4 +278,110 @@ pub fn write_samples(path: &Path, parts: &[(RunColumns, Vec<TaskResult>)]) -> Re
 /// Writes `metrics.parquet` atomically (see [`metrics_batch`]).
 pub fn write_metrics(path: &Path, parts: &[(RunColumns, Vec<MetricRow>)]) -> Result<()> {
     write_parquet_atomic(path, &metrics_batch(parts)?)
+}
+
+/// One row of `routing.parquet`: tokens a variant routed to an expert in one layer while it computed
+/// one task's requests (answers from the request cache route nothing).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingRow {
+    pub run_id: String,
+    pub mask: String,
+    pub task: String,
+    pub layer: usize,
+    pub expert: usize,
+    pub expert_name: String,
+    pub tokens: u64,
+    /// Share of the tokens the layer processed (a layer's shares sum to top-k).
+    pub share: f64,
+}
+
+/// Writes `routing.parquet` atomically; nothing when there are no rows (dense models).
+pub fn write_routing(path: &Path, rows: &[RoutingRow]) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let s = |f: fn(&RoutingRow) -> String| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
+    };
+    let i = |f: fn(&RoutingRow) -> i32| -> ArrayRef {
+        Arc::new(arrow_array::Int32Array::from_iter_values(
+            rows.iter().map(f),
+        ))
+    };
+    let batch = RecordBatch::try_from_iter([
+        ("run_id", s(|r| r.run_id.clone())),
+        ("mask", s(|r| r.mask.clone())),
+        ("task", s(|r| r.task.clone())),
+        ("layer", i(|r| r.layer as i32)),
+        ("expert", i(|r| r.expert as i32)),
+        ("expert_name", s(|r| r.expert_name.clone())),
+        (
+            "tokens",
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| r.tokens as i64),
+            )) as ArrayRef,
+        ),
+        (
+            "share",
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.share))) as ArrayRef,
+        ),
+    ])
+    .map_err(|e| Error::Invalid(e.to_string()))?;
+    write_parquet_atomic(path, &batch)
+}
+
+/// One row of `attribution.parquet` (per sample and source document: `request`, `unit` and
+/// `block_id` unused) or `attribution_units.parquet` (per scored window or token).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttributionRow {
+    pub variant: String,
+    pub task: String,
+    pub doc_id: usize,
+    pub request: usize,
+    pub unit: u32,
+    pub block_id: u64,
+    pub source_doc_id: String,
+    pub owner: String,
+    pub license: String,
+    pub weight: f64,
+}
+
+/// Writes an attribution table atomically: with `units`, the per-unit columns (`request`, `unit`,
+/// `block_id`) too.
+pub fn write_attribution(path: &Path, rows: &[AttributionRow], units: bool) -> Result<()> {
+    let s = |f: fn(&AttributionRow) -> String| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
+    };
+    let i = |f: fn(&AttributionRow) -> i64| -> ArrayRef {
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(f)))
+    };
+    let mut cols: Vec<(&str, ArrayRef)> = vec![
+        ("variant", s(|r| r.variant.clone())),
+        ("task", s(|r| r.task.clone())),
+        ("doc_id", i(|r| r.doc_id as i64)),
+    ];
+    if units {
+        cols.push(("request", i(|r| r.request as i64)));
+        cols.push(("unit", i(|r| i64::from(r.unit))));
+        cols.push(("block_id", i(|r| r.block_id as i64)));
+    }
+    cols.extend([
+        ("source_doc_id", s(|r| r.source_doc_id.clone())),
+        ("owner", s(|r| r.owner.clone())),
+        ("license", s(|r| r.license.clone())),
+        (
+            "weight",
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|r| r.weight),
+            )) as ArrayRef,
+        ),
+    ]);
+    let batch = RecordBatch::try_from_iter(cols).map_err(|e| Error::Invalid(e.to_string()))?;
+    write_parquet_atomic(path, &batch)
+}
+
+/// Writes a JSON file of the run (e.g. `retrieval.json`) atomically, pretty-printed.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| file_err(path, e))?;
+    crate::fsutil::write_atomic(path, &bytes)
 }
