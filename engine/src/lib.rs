@@ -1,5 +1,6 @@
 //! The moeval engine: loads FlexOlmo, OLMoE and OLMo2 checkpoints in Hugging Face layout and runs them on
-//! the CPU in f32, with a per-sequence KV cache, batched log-likelihood scoring and generation.
+//! the CPU in f32 or on an NVIDIA GPU in bf16 ([`cuda`], chosen with [`LoadOptions::device`]), with a
+//! per-sequence KV cache, batched log-likelihood scoring and step-wise generation.
 //!
 //! ```no_run
 //! use engine::{Model, LoadOptions, score::{loglikelihood, ScoreRequest, ScoreOptions}};

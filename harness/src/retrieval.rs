@@ -14,7 +14,6 @@
 //! [`Retrieval::write_run_records`] writes them with the store's identity into the run directory.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -154,14 +153,9 @@ struct Attribution {
     contributions: Vec<Contribution>,
 }
 
-fn request_key(r: &Request) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    match r {
-        Request::Loglikelihood(l) => (0u8, &l.context, &l.continuation).hash(&mut h),
-        Request::Rolling(t) => (1u8, t).hash(&mut h),
-        Request::Generate(g) => (2u8, &g.context, &g.until, g.max_gen_toks).hash(&mut h),
-    }
-    h.finish()
+/// Attribution records are keyed like the request cache's answers, so one request identity serves both.
+fn request_key(r: &Request) -> String {
+    reports::cache::request_key("", r)
 }
 
 /// A datastore opened for a run, with its settings.
@@ -439,7 +433,7 @@ pub struct RetrievalLm<'a> {
     max_length: usize,
     mask: Option<ExpertMask>,
     r: &'a Retrieval,
-    log: Mutex<HashMap<u64, Attribution>>,
+    log: Mutex<HashMap<String, Attribution>>,
 }
 
 /// A token-level scoring job: context, continuation, and the sources of the retrieved prefix.

@@ -92,6 +92,18 @@ fn gen_key(scope: &str, g: &GenerateRequest) -> String {
     )
 }
 
+/// The identity of a request within a scope: the key its answer is journaled under. Everything that
+/// changes the answer is in it (for generation: stop strings, token budget, temperature, top-p, seed
+/// and beam settings), so it is also what anything else keyed by request (retrieval's attribution
+/// records) uses.
+pub fn request_key(scope: &str, r: &tasks::task::Request) -> String {
+    match r {
+        tasks::task::Request::Loglikelihood(l) => ll_key(scope, l),
+        tasks::task::Request::Rolling(t) => roll_key(scope, t),
+        tasks::task::Request::Generate(g) => gen_key(scope, g),
+    }
+}
+
 fn parse_line(line: &str) -> Option<(String, Answer)> {
     let v: Value = serde_json::from_str(line).ok()?;
     let k = v.get("k")?.as_str()?.to_string();
@@ -363,6 +375,45 @@ mod tests {
             context: c.into(),
             continuation: k.into(),
         }
+    }
+
+    #[test]
+    fn request_identity_covers_every_generation_setting() {
+        use tasks::task::Request;
+        let g = GenerateRequest {
+            context: "hi".into(),
+            until: vec!["\n".into()],
+            max_gen_toks: 3,
+            temperature: 0.0,
+            top_p: None,
+            seed: 1,
+            num_beams: 1,
+            length_penalty: 1.0,
+            early_stopping: tasks::EarlyStopping::Heuristic,
+        };
+        let key = |g: &GenerateRequest| request_key("", &Request::Generate(g.clone()));
+        let variants = [
+            GenerateRequest {
+                temperature: 0.7,
+                ..g.clone()
+            },
+            GenerateRequest {
+                top_p: Some(0.9),
+                ..g.clone()
+            },
+            GenerateRequest {
+                seed: 2,
+                ..g.clone()
+            },
+            GenerateRequest {
+                num_beams: 3,
+                ..g.clone()
+            },
+        ];
+        for v in &variants {
+            assert_ne!(key(&g), key(v), "{v:?}");
+        }
+        assert_eq!(key(&g), gen_key("", &g));
     }
 
     #[test]
