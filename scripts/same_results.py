@@ -36,16 +36,26 @@ def main() -> int:
     a, b = Path(sys.argv[1]), Path(sys.argv[2])
     ta, tb = tables(a), tables(b)
     problems = []
+    notes = set()
     for name in sorted(set(ta) | set(tb)):
         if name not in ta or name not in tb:
             problems.append(f"{name}: only in {'after' if name in tb else 'before'}")
             continue
         (ca, ra), (cb, rb) = rows(ta[name]), rows(tb[name])
-        if ca != cb:
-            problems.append(f"{name}: columns {ca} != {cb}")
+        # Columns are only ever added: compare the ones both sides have, and name the new ones.
+        added = [c for c in cb if c not in ca]
+        if added:
+            notes.add(f"{name.split('/')[-1]}: new columns {added}")
+        common = [c for c in ca if c in cb]
+        ra = [{c: r[c] for c in common} for r in ra]
+        rb = [{c: r[c] for c in common} for r in rb]
+        if [c for c in ca if c not in cb]:
+            problems.append(f"{name}: columns removed: {[c for c in ca if c not in cb]}")
         elif ra != rb:
             n = sum(x != y for x, y in zip(ra, rb)) + abs(len(ra) - len(rb))
             problems.append(f"{name}: {n} of {max(len(ra), len(rb))} rows differ")
+    for n in sorted(notes):
+        print(n)
     for p in problems:
         print(p)
     print(f"{len(ta)} tables compared, {len(problems)} differ")

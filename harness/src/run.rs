@@ -323,6 +323,28 @@ pub struct VariantResult {
     routing: Vec<RoutingRow>,
 }
 
+/// A metric's row with its direction and aggregation: from the task file's `metric_list` for the
+/// metrics it configures (group cells such as `acc[gender=male]` follow their metric), the metric's
+/// defaults otherwise; derived metrics and group means have no per-sample aggregation.
+fn metric_row(
+    task: Option<&Task>,
+    name: &str,
+    metric: &str,
+    agg: &tasks::metrics::Aggregate,
+) -> MetricRow {
+    let base = metric.split(['[', ',']).next().unwrap_or(metric);
+    let spec = task.and_then(|t| t.config.metric_list.iter().find(|s| s.metric == base));
+    MetricRow {
+        task: name.to_string(),
+        metric: metric.to_string(),
+        aggregate: agg.clone(),
+        higher_is_better: spec
+            .and_then(|s| s.higher_is_better)
+            .unwrap_or_else(|| tasks::metrics::higher_is_better(metric)),
+        aggregation: spec.map(|s| tasks::metrics::aggregation_of(&s.metric).to_string()),
+    }
+}
+
 /// Runs every task for every variant through the request cache. A variant without a model can
 /// only answer from the cache (shard merging).
 #[allow(clippy::too_many_arguments)]
@@ -406,11 +428,14 @@ pub(crate) fn execute(
         ::tasks::bias::apply_joint_rules(tasks, &mut results);
         let mut metrics: Vec<MetricRow> = Vec::new();
         for r in &results {
+            let task = tasks.iter().find(|t| t.name() == r.task);
             for (m, agg) in &r.metrics {
-                metrics.push((r.task.clone(), m.clone(), agg.clone()));
+                metrics.push(metric_row(task, &r.task, m, agg));
             }
         }
-        metrics.extend(runner::group_aggregates(registry, &results));
+        for (group, m, agg) in runner::group_aggregates(registry, &results) {
+            metrics.push(metric_row(None, &group, &m, &agg));
+        }
         let names = |ix: &[usize]| -> String {
             ix.iter()
                 .map(|&i| {

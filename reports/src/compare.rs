@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 
-use crate::leaderboard::higher_is_better;
 use crate::results::SampleRow;
 use crate::stats::{mcnemar_exact, paired_bootstrap, PairedDiff, BOOTSTRAP_ITERS, BOOTSTRAP_SEED};
 
@@ -24,7 +23,11 @@ pub struct Comparison {
 /// Compares per-sample metrics of `a` and `b` on the samples both have: the same task, document
 /// and prompt (by prompt hash, so a changed few-shot context is not paired). Tasks and metrics
 /// come out in `a`'s order.
-pub fn compare(a: &[&SampleRow], b: &[&SampleRow]) -> Vec<Comparison> {
+pub fn compare(
+    a: &[&SampleRow],
+    b: &[&SampleRow],
+    higher_is_better: impl Fn(&str, &str) -> bool,
+) -> Vec<Comparison> {
     let index: HashMap<(&str, i64, &str), &SampleRow> = b
         .iter()
         .map(|s| ((s.task.as_str(), s.doc_id, s.prompt_hash.as_str()), *s))
@@ -64,7 +67,7 @@ pub fn compare(a: &[&SampleRow], b: &[&SampleRow]) -> Vec<Comparison> {
                 ("bootstrap", diff.p_bootstrap)
             };
             Comparison {
-                higher_is_better: higher_is_better(&k.1),
+                higher_is_better: higher_is_better(&k.0, &k.1),
                 task: k.0,
                 metric: k.1,
                 diff,
@@ -99,7 +102,7 @@ mod tests {
         b[0].prompt_hash = "other".into();
         let ra: Vec<&SampleRow> = a.iter().collect();
         let rb: Vec<&SampleRow> = b.iter().collect();
-        let c = compare(&ra, &rb);
+        let c = compare(&ra, &rb, |_, m| tasks::metrics::higher_is_better(m));
         assert_eq!(c.len(), 2);
         let acc = &c[0];
         assert_eq!(
@@ -111,7 +114,7 @@ mod tests {
         assert!(acc.diff.diff > 0.0 && acc.diff.ci_low > 0.0);
         assert_eq!(c[1].test, "bootstrap");
         // A run against itself: no difference.
-        let same = compare(&ra, &ra);
+        let same = compare(&ra, &ra, |_, m| tasks::metrics::higher_is_better(m));
         assert!(same.iter().all(|c| c.diff.diff == 0.0 && c.p_value == 1.0));
     }
 }

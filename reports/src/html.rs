@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use crate::compare::Comparison;
-use crate::leaderboard::{fmt_value, higher_is_better, summary_grid, Entry};
+use crate::leaderboard::{direction, fmt_value, summary_grid, Entry};
 use crate::results::Run;
 
 /// Report settings.
@@ -147,10 +147,12 @@ pub fn bar_chart(title: &str, bars: &[Bar]) -> String {
 
 /// A heatmap of score changes: rows (task, metric), columns opt-out masks; blue = better,
 /// red = worse (in the metric's direction), scaled per row because tasks have different units.
+/// `higher_is_better(task, metric)` colours each row: better is blue, worse red.
 pub fn heatmap(
     title: &str,
     cols: &[String],
     rows: &[(String, String, Vec<Option<f64>>)],
+    higher_is_better: impl Fn(&str, &str) -> bool,
 ) -> String {
     let (lw, cw, rh, top) = (230.0, 86.0, 22.0, 44.0);
     let w = lw + cw * cols.len() as f64 + 10.0;
@@ -186,7 +188,11 @@ pub fn heatmap(
             .flatten()
             .map(|v| v.abs())
             .fold(0.0f64, f64::max);
-        let sign = if higher_is_better(metric) { 1.0 } else { -1.0 };
+        let sign = if higher_is_better(task, metric) {
+            1.0
+        } else {
+            -1.0
+        };
         for (j, v) in vals.iter().enumerate() {
             let x = lw + cw * j as f64;
             let (fill, text) = match v {
@@ -266,7 +272,7 @@ pub fn render(
     let (cols, rows) = summary_grid(entries);
     h.push_str("<h2>Leaderboard</h2><p class='muted'>Primary metric of each task, value ± standard error (↓: lower is better). Click a header to sort.</p><table class='sortable' id='leaderboard'><thead><tr><th>run</th><th>model</th><th>mask</th><th>retrieval</th>");
     for (t, m) in &cols {
-        let arrow = if higher_is_better(m) { "" } else { " ↓" };
+        let arrow = if direction(entries, t, m) { "" } else { " ↓" };
         let _ = write!(
             h,
             "<th>{}<br><span class='muted'>{}{arrow}</span></th>",
@@ -321,7 +327,7 @@ pub fn render(
                 )
             })
             .collect();
-        let arrow = if higher_is_better(m) {
+        let arrow = if direction(entries, t, m) {
             ""
         } else {
             " (lower is better)"
@@ -370,7 +376,8 @@ pub fn render(
                         r.manifest.run_id, r.manifest.model.id
                     ),
                     &others,
-                    &rows
+                    &rows,
+                    |t, m| r.higher_is_better(t, m),
                 )
             );
         }
@@ -532,6 +539,7 @@ mod tests {
             "h",
             &["-e1".into(), "-e2".into()],
             &[("t".into(), "acc".into(), vec![Some(-0.1), None])],
+            |_, _| true,
         );
         assert!(m.contains("rgba(178,24,43") && m.contains("-0.1000") && m.contains("#eee"));
         // Lower-is-better metrics flip the colour: a rise in perplexity is red.
@@ -539,6 +547,7 @@ mod tests {
             "h",
             &["-e1".into()],
             &[("t".into(), "word_perplexity".into(), vec![Some(3.0)])],
+            |_, m| tasks::metrics::higher_is_better(m),
         );
         assert!(p.contains("rgba(178,24,43"));
     }

@@ -10,24 +10,16 @@ use crate::compare::Comparison;
 use crate::error::{file_err, Result};
 use crate::results::{MetricRow, Run};
 
-/// Whether larger values of a metric are better. Perplexities, bits per byte and bias scores
-/// (and the counts that describe exclusions) are better small.
-pub fn higher_is_better(metric: &str) -> bool {
-    let base = metric.split('[').next().unwrap_or(metric);
-    !matches!(
-        base,
-        "perplexity"
-            | "word_perplexity"
-            | "byte_perplexity"
-            | "bits_per_byte"
-            | "bias_score"
-            | "bias_excess"
-            | "bias_score_null"
-            | "template_bias"
-            | "templates_skipped"
-            | "excluded_sources"
-            | "degenerate"
-    )
+/// Whether larger values of a task's metric are better, as the runs recorded it (from the task file,
+/// else the metric's default).
+pub fn direction(entries: &[Entry], task: &str, metric: &str) -> bool {
+    entries
+        .iter()
+        .find(|e| e.task == task && e.metric == metric)
+        .map_or_else(
+            || tasks::metrics::higher_is_better(metric),
+            |e| e.higher_is_better,
+        )
 }
 
 /// Metrics shown in summaries and gated: not per-template cells or bookkeeping counts.
@@ -105,7 +97,7 @@ pub fn entries(runs: &[Run]) -> Vec<Entry> {
                 value: m.value,
                 stderr: m.stderr,
                 n: m.n,
-                higher_is_better: higher_is_better(&m.metric),
+                higher_is_better: m.higher_is_better,
                 primary,
             });
         }
@@ -218,7 +210,7 @@ pub fn markdown(entries: &[Entry], comparisons: &[(String, String, Vec<Compariso
     s.push_str("Primary metric of each task (value ± standard error; ↓ = lower is better).\n\n");
     s.push_str("| run | model | mask | retrieval |");
     for (t, m) in &cols {
-        let arrow = if higher_is_better(m) { "" } else { " ↓" };
+        let arrow = if direction(entries, t, m) { "" } else { " ↓" };
         s.push_str(&format!(" {t} ({m}{arrow}) |"));
     }
     s.push_str("\n|---|---|---|---|");
@@ -271,10 +263,12 @@ mod tests {
 
     #[test]
     fn directions_and_headlines() {
+        use tasks::metrics::higher_is_better;
         assert!(higher_is_better("acc"));
         assert!(higher_is_better("acc[gender=male]"));
         assert!(!higher_is_better("word_perplexity"));
         assert!(!higher_is_better("bias_score"));
+        assert!(!higher_is_better("ter"));
         assert!(is_headline("acc[gender=male]"));
         assert!(!is_headline("acc[template_idx=3,gender=male]"));
         assert!(!is_headline("template_bias[template_idx=3]"));

@@ -40,7 +40,9 @@ pub fn default_comparisons(runs: &[Run]) -> Vec<(String, String, Vec<compare::Co
     for r in runs {
         let masks = r.masks();
         for m in masks.iter().skip(1) {
-            let c = compare::compare(&pick(r, &masks[0]), &pick(r, m));
+            let c = compare::compare(&pick(r, &masks[0]), &pick(r, m), |t, m| {
+                r.higher_is_better(t, m)
+            });
             out.push((
                 format!("{} {}", r.manifest.run_id, masks[0]),
                 format!("{} {m}", r.manifest.run_id),
@@ -52,7 +54,9 @@ pub fn default_comparisons(runs: &[Run]) -> Vec<(String, String, Vec<compare::Co
         let fm = first.masks().first().cloned().unwrap_or_default();
         for r in &runs[1..] {
             let m = r.masks().first().cloned().unwrap_or_default();
-            let c = compare::compare(&pick(first, &fm), &pick(r, &m));
+            let c = compare::compare(&pick(first, &fm), &pick(r, &m), |t, m| {
+                first.higher_is_better(t, m)
+            });
             if !c.is_empty() {
                 out.push((
                     format!("{} {fm}", first.manifest.run_id),

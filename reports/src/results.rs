@@ -53,6 +53,11 @@ pub struct MetricRow {
     pub value: Option<f64>,
     pub stderr: Option<f64>,
     pub n: i64,
+    /// As the run recorded it from the task file; runs older than the column get the metric's default
+    /// ([`tasks::metrics::higher_is_better`]).
+    pub higher_is_better: bool,
+    /// lm-evaluation-harness's name of the metric's aggregation, for metrics the task configures.
+    pub aggregation: Option<String>,
 }
 
 /// A run directory read back.
@@ -65,6 +70,18 @@ pub struct Run {
 }
 
 impl Run {
+    /// Whether larger values of a task's metric are better, as the run recorded it (the metric's
+    /// default when the run has no row for it).
+    pub fn higher_is_better(&self, task: &str, metric: &str) -> bool {
+        self.metrics
+            .iter()
+            .find(|m| m.task == task && m.metric == metric)
+            .map_or_else(
+                || tasks::metrics::higher_is_better(metric),
+                |m| m.higher_is_better,
+            )
+    }
+
     /// The run's mask variants in the order they were run (`full` first).
     pub fn masks(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
@@ -121,6 +138,16 @@ impl Cols<'_> {
             .as_primitive_opt::<Float64Type>()
             .ok_or_else(|| file_err(self.path, format!("column `{name}` is not a double")))?;
         Ok(f.iter().collect())
+    }
+    fn has(&self, name: &str) -> bool {
+        self.batch.column_by_name(name).is_some()
+    }
+    fn bools(&self, name: &str) -> Result<Vec<Option<bool>>> {
+        let c = self.col(name)?;
+        let b = c
+            .as_boolean_opt()
+            .ok_or_else(|| file_err(self.path, format!("column `{name}` is not a boolean")))?;
+        Ok(b.iter().collect())
     }
     fn ints(&self, name: &str) -> Result<Vec<i64>> {
         let c = self.col(name)?;
@@ -231,6 +258,17 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricRow>> {
         );
         let retrieval = s("retrieval")?;
         let (value, stderr, n) = (c.floats("value")?, c.floats("stderr")?, c.ints("n")?);
+        // Columns added later: absent in older runs.
+        let hib = if c.has("higher_is_better") {
+            c.bools("higher_is_better")?
+        } else {
+            vec![None; batch.num_rows()]
+        };
+        let aggregation = if c.has("aggregation") {
+            c.strings("aggregation")?
+        } else {
+            vec![None; batch.num_rows()]
+        };
         for i in 0..batch.num_rows() {
             out.push(MetricRow {
                 run_id: run[i].clone(),
@@ -245,6 +283,9 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricRow>> {
                 value: value[i],
                 stderr: stderr[i],
                 n: n[i],
+                higher_is_better: hib[i]
+                    .unwrap_or_else(|| tasks::metrics::higher_is_better(&metric[i])),
+                aggregation: aggregation[i].clone(),
             });
         }
     }

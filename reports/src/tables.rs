@@ -40,8 +40,20 @@ pub struct RunColumns {
     pub retrieval: String,
 }
 
-/// (task or group, metric, aggregate): one row of `metrics.parquet` before the run columns.
-pub type MetricRow = (String, String, Aggregate);
+/// One row of `metrics.parquet` before the run columns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricRow {
+    /// Task or group.
+    pub task: String,
+    pub metric: String,
+    pub aggregate: Aggregate,
+    /// From the task file's `metric_list` when it says, else the metric's default
+    /// ([`tasks::metrics::higher_is_better`]).
+    pub higher_is_better: bool,
+    /// lm-evaluation-harness's name of the aggregation (`mean`, `perplexity`, ...) of a metric the
+    /// task file configures; `None` for derived metrics (bias scores, group means).
+    pub aggregation: Option<String>,
+}
 
 /// Columns before the per-task ones in `samples.parquet`, in order.
 pub const SAMPLE_COLUMNS: &[&str] = &[
@@ -77,6 +89,8 @@ pub const METRIC_COLUMNS: &[&str] = &[
     "value",
     "stderr",
     "n",
+    "higher_is_better",
+    "aggregation",
 ];
 
 /// First 16 hex digits of the SHA-256 of a prompt: equal prompts across runs and tasks join on it.
@@ -235,7 +249,7 @@ pub fn samples_batch(parts: &[(RunColumns, Vec<TaskResult>)]) -> Result<RecordBa
 
 /// Builds the `metrics.parquet` table ([`METRIC_COLUMNS`]); NaN values and stderrs become nulls.
 pub fn metrics_batch(parts: &[(RunColumns, Vec<MetricRow>)]) -> Result<RecordBatch> {
-    let rows: Vec<(&RunColumns, &(String, String, Aggregate))> = parts
+    let rows: Vec<(&RunColumns, &MetricRow)> = parts
         .iter()
         .flat_map(|(c, rs)| rs.iter().map(move |r| (c, r)))
         .collect();
@@ -246,24 +260,32 @@ pub fn metrics_batch(parts: &[(RunColumns, Vec<MetricRow>)]) -> Result<RecordBat
         Field::new("value", DataType::Float64, true),
         Field::new("stderr", DataType::Float64, true),
         Field::new("n", DataType::Int64, false),
+        Field::new("higher_is_better", DataType::Boolean, false),
+        Field::new("aggregation", DataType::Utf8, true),
     ]);
     let nan_null = |x: f64| x.is_finite().then_some(x);
     let mut cols = run_cols(rows.iter().map(|r| r.0));
-    cols.extend::<[ArrayRef; 5]>([
+    cols.extend::<[ArrayRef; 7]>([
         Arc::new(StringArray::from_iter_values(
-            rows.iter().map(|r| r.1 .0.as_str()),
+            rows.iter().map(|r| r.1.task.as_str()),
         )),
         Arc::new(StringArray::from_iter_values(
-            rows.iter().map(|r| r.1 .1.as_str()),
+            rows.iter().map(|r| r.1.metric.as_str()),
         )),
         Arc::new(Float64Array::from_iter(
-            rows.iter().map(|r| nan_null(r.1 .2.value)),
+            rows.iter().map(|r| nan_null(r.1.aggregate.value)),
         )),
         Arc::new(Float64Array::from_iter(
-            rows.iter().map(|r| nan_null(r.1 .2.stderr)),
+            rows.iter().map(|r| nan_null(r.1.aggregate.stderr)),
         )),
         Arc::new(Int64Array::from_iter_values(
-            rows.iter().map(|r| r.1 .2.n as i64),
+            rows.iter().map(|r| r.1.aggregate.n as i64),
+        )),
+        Arc::new(arrow_array::BooleanArray::from_iter(
+            rows.iter().map(|r| Some(r.1.higher_is_better)),
+        )),
+        Arc::new(StringArray::from_iter(
+            rows.iter().map(|r| r.1.aggregation.as_deref()),
         )),
     ]);
     RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
@@ -384,4 +406,48 @@ pub fn write_attribution(path: &Path, rows: &[AttributionRow], units: bool) -> R
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| file_err(path, e))?;
     crate::fsutil::write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_direction_and_aggregation_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("metrics.parquet");
+        let agg = Aggregate {
+            value: 0.5,
+            stderr: 0.1,
+            n: 4,
+        };
+        let row = |metric: &str, hib: bool, aggregation: Option<&str>| MetricRow {
+            task: "t".into(),
+            metric: metric.into(),
+            aggregate: agg.clone(),
+            higher_is_better: hib,
+            aggregation: aggregation.map(str::to_string),
+        };
+        let rows = vec![
+            row("acc", false, Some("mean")),
+            row("bias_score", false, None),
+        ];
+        write_metrics(&path, &[(RunColumns::default(), rows)]).unwrap();
+        let back = crate::results::read_metrics(&path).unwrap();
+        let got: Vec<(&str, bool, Option<&str>)> = back
+            .iter()
+            .map(|m| {
+                (
+                    m.metric.as_str(),
+                    m.higher_is_better,
+                    m.aggregation.as_deref(),
+                )
+            })
+            .collect();
+        // The task file's `higher_is_better: false` for acc wins over the metric's default.
+        assert_eq!(
+            got,
+            [("acc", false, Some("mean")), ("bias_score", false, None)]
+        );
+    }
 }

@@ -55,7 +55,7 @@ pub fn run(a: Args) -> Result<()> {
     let (ra, rb) = (load(&a.run_a)?, load(&a.run_b)?);
     let (ma, sa) = pick(&ra, &a.mask_a, &a.tasks)?;
     let (mb, sb) = pick(&rb, &a.mask_b, &a.tasks)?;
-    let cs = reports::compare::compare(&sa, &sb);
+    let cs = reports::compare::compare(&sa, &sb, |t, m| ra.higher_is_better(t, m));
     anyhow::ensure!(
         !cs.is_empty(),
         "the runs share no samples (same task, document and prompt)"

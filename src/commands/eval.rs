@@ -130,11 +130,12 @@ fn print_table(vs: &[VariantResult]) {
     );
     for v in vs {
         // Per-template rows stay in metrics.parquet.
-        for (t, m, agg) in v
+        for r in v
             .metrics
             .iter()
-            .filter(|r| !r.1.contains(',') && !r.1.starts_with("template_bias["))
+            .filter(|r| !r.metric.contains(',') && !r.metric.starts_with("template_bias["))
         {
+            let agg = &r.aggregate;
             println!(
                 "{}{:<32} {:<28} {:>10} {:>10} {:>7}",
                 if several {
@@ -142,8 +143,8 @@ fn print_table(vs: &[VariantResult]) {
                 } else {
                     String::new()
                 },
-                t,
-                m,
+                r.task,
+                r.metric,
                 fmt(agg.value),
                 fmt(agg.stderr),
                 agg.n

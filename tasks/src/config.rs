@@ -36,6 +36,9 @@ pub enum Field {
 #[derive(Clone, Debug, PartialEq)]
 pub struct MetricSpec {
     pub metric: String,
+    /// The task file's `higher_is_better`, carried into the results (`None`: the metric's default,
+    /// [`crate::metrics::higher_is_better`]).
+    pub higher_is_better: Option<bool>,
     /// `ignore_case`, `ignore_punctuation`, `kind` and other options passed to the metric.
     pub kwargs: Map<String, Value>,
 }
@@ -519,10 +522,33 @@ impl TaskConfig {
                                 ))
                             }
                         };
-                        for k in ["aggregation", "higher_is_better"] {
-                            o.remove(k);
+                        let higher_is_better = match o.remove("higher_is_better") {
+                            None | Some(Value::Null) => None,
+                            Some(Value::Bool(b)) => Some(b),
+                            Some(_) => {
+                                return Err(file_ctx(format!(
+                                    "metric `{metric}`: `higher_is_better` must be true or false"
+                                )))
+                            }
+                        };
+                        // The aggregation is the metric's own; a task file may name it, not change it.
+                        match o.remove("aggregation") {
+                            None | Some(Value::Null) => {}
+                            Some(Value::String(a))
+                                if a == crate::metrics::aggregation_of(&metric) => {}
+                            Some(a) => {
+                                return Err(file_ctx(format!(
+                                    "metric `{metric}`: aggregation {a} is not supported; moeval \
+                                     aggregates `{metric}` with `{}` (remove the key or name that)",
+                                    crate::metrics::aggregation_of(&metric)
+                                )))
+                            }
                         }
-                        Ok(MetricSpec { metric, kwargs: o })
+                        Ok(MetricSpec {
+                            metric,
+                            higher_is_better,
+                            kwargs: o,
+                        })
                     })
                     .collect::<Result<_>>()?
             }
@@ -640,6 +666,7 @@ fn default_metrics(t: OutputType) -> Vec<MetricSpec> {
         .iter()
         .map(|n| MetricSpec {
             metric: n.to_string(),
+            higher_is_better: None,
             kwargs: Map::new(),
         })
         .collect()

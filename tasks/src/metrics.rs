@@ -54,6 +54,44 @@ impl Translation {
     }
 }
 
+/// Whether larger values of a metric are better, when its task file does not say (`higher_is_better`
+/// in `metric_list`): lm-evaluation-harness's registry for its metrics (perplexities, bits per byte
+/// and TER are better small), and moeval's own derived metrics (bias scores and the counts that
+/// describe exclusions are better small). `acc[gender=male]`-style group cells follow their metric.
+pub fn higher_is_better(metric: &str) -> bool {
+    let base = metric.split('[').next().unwrap_or(metric);
+    !matches!(
+        base,
+        "perplexity"
+            | "word_perplexity"
+            | "byte_perplexity"
+            | "bits_per_byte"
+            | "ter"
+            | "bias_score"
+            | "bias_excess"
+            | "bias_score_null"
+            | "template_bias"
+            | "templates_skipped"
+            | "excluded_sources"
+            | "degenerate"
+    )
+}
+
+/// The aggregation moeval applies to a per-sample metric a task file configures, by
+/// lm-evaluation-harness's name for it: `perplexity`, `weighted_perplexity`, `bits_per_byte`, the
+/// corpus-level `bleu` / `chrf` / `ter`, and `mean` for everything else.
+pub fn aggregation_of(metric: &str) -> &'static str {
+    match metric {
+        "perplexity" => "perplexity",
+        "word_perplexity" | "byte_perplexity" => "weighted_perplexity",
+        "bits_per_byte" => "bits_per_byte",
+        "bleu" => "bleu",
+        "chrf" => "chrf",
+        "ter" => "ter",
+        _ => "mean",
+    }
+}
+
 /// A per-sample metric value, in the form its aggregation needs.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Item {

@@ -194,3 +194,39 @@ fn groups_and_tags_expand() {
     assert_eq!(names.len(), 4);
     assert!(names.contains(&"mc_tiny".to_string()));
 }
+
+#[test]
+fn metric_direction_is_read_and_aggregations_other_than_the_metrics_own_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = "dataset_path: json\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: x\ndoc_to_target: 0\ndoc_to_choice: [a, b]\n";
+    std::fs::write(
+        dir.path().join("ok.yaml"),
+        format!("task: ok\n{head}metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: false\n  - metric: acc_norm\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("median.yaml"),
+        format!("task: median\n{head}metric_list:\n  - metric: acc\n    aggregation: median\n"),
+    )
+    .unwrap();
+    let reg = Registry::scan(&[dir.path().to_path_buf()]).unwrap();
+    let cfg = reg.task_config("ok", Path::new(".")).unwrap();
+    let dirs: Vec<(&str, Option<bool>)> = cfg
+        .metric_list
+        .iter()
+        .map(|m| (m.metric.as_str(), m.higher_is_better))
+        .collect();
+    assert_eq!(dirs, [("acc", Some(false)), ("acc_norm", None)]);
+    let e = reg
+        .task_config("median", Path::new("."))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("median.yaml") && e.contains("aggregation \"median\"") && e.contains("`mean`"),
+        "{e}"
+    );
+    assert_eq!(
+        tasks::metrics::aggregation_of("word_perplexity"),
+        "weighted_perplexity"
+    );
+}
