@@ -1,7 +1,6 @@
 //! `moeval`: evaluate and serve Mixture-of-Experts language models with exact expert opt-out.
 
 mod commands;
-mod serve;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -2,8 +2,7 @@
 //! when the test ends, every request with a timeout.
 #![allow(dead_code)]
 
-#[path = "../../src/serve/client.rs"]
-pub mod client;
+pub use server::client;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

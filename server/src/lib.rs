@@ -1,10 +1,16 @@
-//! `moeval serve`: an OpenAI-compatible HTTP server over one engine model, with per-request expert
+//! An OpenAI-compatible HTTP server over one engine model (`moeval serve`), with per-request expert
 //! opt-out, the owners' policy enforced on every request, an owners' admin API, and continuous batching.
+//! Start it with [`Server::start`] (a [`Settings`] and a loaded model); tests do the same in-process.
+//!
+//! Invariants: one client can never fail another's request (a failing request fails alone, queues and
+//! connections are bounded); an expert opted out by its owner or the server is never used, whatever a
+//! request asks; the policy is re-read at every admission, so an admin opt-out holds from the next
+//! request on.
 //!
 //! Layout: `api` parses and validates bodies, `worker` is the engine loop (one thread owning the
 //! decoder), `handlers` turns requests into jobs and jobs into OpenAI responses, `chat` renders chat
 //! templates, `admin` checks owners' tokens, `retrieval` runs RIC-LM over `--datastore`, `token_bytes` gives
-//! tokens' raw bytes for log-probabilities, `client` is a tiny loopback HTTP client for the load test.
+//! tokens' raw bytes for log-probabilities, `client` is a tiny loopback HTTP client, `bench` the loopback load test (`moeval serve-bench`).
 
 pub mod admin;
 pub mod api;
@@ -64,7 +70,7 @@ pub struct Settings {
     /// Bearer key the inference endpoints require (`--api-key`).
     pub api_key: Option<String>,
     /// Server-wide `--opt-out` / `--experts`, applied to every request.
-    pub experts: crate::commands::ExpertArgs,
+    pub experts: harness::Experts,
 }
 
 impl Settings {
@@ -113,123 +119,6 @@ pub struct AppState {
     token_bytes: std::collections::HashMap<u32, Vec<u8>>,
     created: u64,
     next_id: AtomicU64,
-}
-
-/// `moeval serve`.
-#[derive(clap::Args)]
-pub struct Args {
-    /// Model directory (config.json, tokenizer.json, safetensors weights, experts.toml, policy).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Retrieval datastore (`moeval datastore build`) for requests' `"moeval": {"retrieval": ...}`.
-    #[arg(long)]
-    pub datastore: Option<PathBuf>,
-    /// Owners' policy file to enforce and to record admin changes in (default: the model directory's
-    /// expert-policy.json). Its audit log is written beside it.
-    #[arg(long, value_name = "FILE")]
-    pub policy: Option<PathBuf>,
-    /// Address to bind. The default is loopback; binding elsewhere exposes the server to the network.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-    /// Port to bind (0 picks a free one; the address is printed on start).
-    #[arg(long, default_value_t = 8000)]
-    pub port: u16,
-    /// Model name in the API (default: the model directory's name).
-    #[arg(long)]
-    pub served_model_name: Option<String>,
-    /// Most sequences decoded together.
-    #[arg(long, default_value_t = 32)]
-    pub max_batch: usize,
-    /// Most requests waiting for a batch slot; more are refused with 429.
-    #[arg(long, default_value_t = 256)]
-    pub max_queue: usize,
-    /// Largest max_tokens a request may ask for.
-    #[arg(long, default_value_t = 1024)]
-    pub max_tokens: usize,
-    /// Longest prompt in tokens (default: the model's context window).
-    #[arg(long)]
-    pub max_prompt_tokens: Option<usize>,
-    /// Requests unfinished after this many seconds fail with 504.
-    #[arg(long, default_value_t = 300.0)]
-    pub timeout_secs: f64,
-    /// Owners' bearer-token digests (TOML); enables POST /admin/experts/{name}/opt-out and /opt-in.
-    #[arg(long, value_name = "FILE")]
-    pub admin_tokens: Option<PathBuf>,
-    /// Jinja chat template to use instead of tokenizer_config.json's `chat_template`.
-    #[arg(long, value_name = "FILE")]
-    pub chat_template: Option<PathBuf>,
-    /// Server-wide expert selection, applied to every request (a request can only narrow it further).
-    #[command(flatten)]
-    pub experts: crate::commands::ExpertArgs,
-    /// Require `Authorization: Bearer KEY` on the /v1 endpoints (/health and /metrics stay open).
-    #[arg(long, value_name = "KEY")]
-    pub api_key: Option<String>,
-    /// Most open connections; more are closed as soon as they are accepted.
-    #[arg(long, default_value_t = 1024)]
-    pub max_connections: usize,
-    /// Seconds a client has to send a request's headers, and then its body.
-    #[arg(long, default_value_t = 30.0)]
-    pub read_timeout_secs: f64,
-    /// Seconds to wait for open connections after Ctrl-C / SIGTERM before closing them.
-    #[arg(long, default_value_t = 30.0)]
-    pub shutdown_timeout_secs: f64,
-    /// Most prompt tokens prefilled per engine step; longer prompts are prefilled in chunks between
-    /// decode steps.
-    #[arg(long, default_value_t = 512)]
-    pub prefill_chunk: usize,
-}
-
-/// A duration flag in seconds: positive and at most a day.
-fn secs(flag: &str, v: f64) -> Result<Duration> {
-    anyhow::ensure!(
-        v > 0.0 && v <= 86_400.0,
-        "{flag} must be positive and at most a day"
-    );
-    Ok(Duration::from_secs_f64(v))
-}
-
-impl Args {
-    /// The settings these flags describe, for a model with `context` positions.
-    fn settings(&self, context: usize) -> Result<Settings> {
-        anyhow::ensure!(self.max_batch > 0, "--max-batch must be at least 1");
-        anyhow::ensure!(self.max_queue > 0, "--max-queue must be at least 1");
-        anyhow::ensure!(
-            self.max_connections > 0,
-            "--max-connections must be at least 1"
-        );
-        anyhow::ensure!(self.prefill_chunk > 0, "--prefill-chunk must be at least 1");
-        anyhow::ensure!(
-            self.api_key.as_ref().is_none_or(|k| !k.trim().is_empty()),
-            "--api-key must not be empty"
-        );
-        let name = match &self.served_model_name {
-            Some(n) => n.clone(),
-            None => self
-                .model
-                .canonicalize()
-                .ok()
-                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .unwrap_or_else(|| "model".into()),
-        };
-        Ok(Settings {
-            name,
-            max_batch: self.max_batch,
-            max_queue: self.max_queue,
-            max_tokens: self.max_tokens,
-            max_prompt_tokens: self.max_prompt_tokens.unwrap_or(context).min(context),
-            timeout: secs("--timeout-secs", self.timeout_secs)?,
-            admin_tokens: self.admin_tokens.clone(),
-            chat_template: self.chat_template.clone(),
-            policy: self.policy.clone(),
-            datastore: self.datastore.clone(),
-            max_connections: self.max_connections,
-            read_timeout: secs("--read-timeout-secs", self.read_timeout_secs)?,
-            shutdown_timeout: secs("--shutdown-timeout-secs", self.shutdown_timeout_secs)?,
-            prefill_chunk: self.prefill_chunk,
-            api_key: self.api_key.clone(),
-            experts: self.experts.clone(),
-        })
-    }
 }
 
 /// A running server: its address, and how to stop it and wait for it to drain.
@@ -470,8 +359,8 @@ fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+/// Resolves on Ctrl-C or SIGTERM: the signal `moeval serve` stops on.
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -499,46 +388,4 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
-}
-
-pub fn run(a: Args, device: engine::Device) -> Result<()> {
-    // Experts opted out in an explicit --policy file are not loaded either (the checkpoint's own
-    // expert-policy.json always applies at load, as for every command).
-    // The server-wide --opt-out / --experts are not loaded either.
-    let mut experts = a.experts.clone();
-    if let Some(p) = &a.policy {
-        let policy = routers::Policy::load_file(p)
-            .with_context(|| format!("cannot read the policy {}", p.display()))?;
-        experts
-            .opt_out
-            .extend(policy.opted_out().iter().map(|e| e.expert.clone()));
-    }
-    let model = Arc::new(crate::commands::load_model_with(
-        &a.model, &experts, device,
-    )?);
-    let settings = a.settings(model.config().max_position_embeddings)?;
-    let ip: std::net::IpAddr = a
-        .host
-        .parse()
-        .with_context(|| format!("--host {} is not an IP address", a.host))?;
-    if !ip.is_loopback() {
-        eprintln!("warning: listening on {ip}, which is reachable from other machines");
-    }
-    let rt = runtime()?;
-    rt.block_on(async move {
-        let server = Server::start(
-            model,
-            settings,
-            SocketAddr::new(ip, a.port),
-            shutdown_signal(),
-        )
-        .await?;
-        // Tests and scripts read this line to find the port.
-        println!("listening on http://{}", server.addr);
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        server.wait().await?;
-        eprintln!("server stopped");
-        Ok(())
-    })
 }

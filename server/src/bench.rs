@@ -4,41 +4,37 @@
 //! and latency percentiles, plus the ratio of batched to one-at-a-time throughput.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use super::client;
+use crate::client;
 
-#[derive(clap::Args)]
-pub struct Args {
-    /// Model directory to serve.
-    #[arg(long)]
-    model: PathBuf,
-    /// Concurrent clients per level, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
-    concurrency: Vec<usize>,
+/// What a load test runs: closed-loop clients at each concurrency level.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Concurrent clients per level.
+    pub concurrency: Vec<usize>,
     /// Requests each client sends per level.
-    #[arg(long, default_value_t = 4)]
-    requests_per_client: usize,
+    pub requests_per_client: usize,
     /// Prompt length in tokens (token ids are sent, so any tokenizer works).
-    #[arg(long, default_value_t = 32)]
-    prompt_tokens: usize,
-    /// Tokens generated per request (EOS is ignored, so every request generates exactly this many).
-    #[arg(long, default_value_t = 32)]
-    max_tokens: usize,
+    pub prompt_tokens: usize,
+    /// Tokens generated per request (EOS is ignored).
+    pub max_tokens: usize,
     /// Server's batch limit.
-    #[arg(long, default_value_t = 32)]
-    max_batch: usize,
+    pub max_batch: usize,
     /// A level stops sending new requests after this many seconds.
-    #[arg(long, default_value_t = 120)]
-    max_seconds: u64,
-    /// Print the results as JSON.
-    #[arg(long)]
-    json: bool,
+    pub max_seconds: u64,
+}
+
+/// A load test's results.
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    pub levels: Vec<Level>,
+    /// Generated tokens/s at the highest concurrency over one-at-a-time (needs a level of 1).
+    pub batched_over_single: Option<f64>,
 }
 
 /// One concurrency level's results.
@@ -79,7 +75,7 @@ fn prompt(n: usize, seed: usize, vocab: usize) -> Vec<u32> {
 }
 
 /// Runs one level against `addr`.
-fn level(addr: SocketAddr, a: &Args, concurrency: usize, vocab: usize) -> Level {
+fn level(addr: SocketAddr, a: &BenchOptions, concurrency: usize, vocab: usize) -> Level {
     let start = Instant::now();
     let stop_at = start + Duration::from_secs(a.max_seconds);
     let handles: Vec<_> = (0..concurrency)
@@ -129,7 +125,9 @@ fn level(addr: SocketAddr, a: &Args, concurrency: usize, vocab: usize) -> Level 
     }
 }
 
-pub fn run(a: Args, device: engine::Device) -> Result<()> {
+/// Serves `model` on a free loopback port in this process and runs the levels against it. Levels must
+/// be 1..=256 clients and 1..=1000 requests per client, prompts at least 1 token.
+pub fn run(model: Arc<engine::Model>, a: &BenchOptions) -> Result<BenchReport> {
     anyhow::ensure!(
         a.concurrency.iter().all(|&c| (1..=256).contains(&c)),
         "--concurrency levels must be between 1 and 256"
@@ -139,22 +137,17 @@ pub fn run(a: Args, device: engine::Device) -> Result<()> {
         "--requests-per-client must be between 1 and 1000"
     );
     anyhow::ensure!(a.prompt_tokens > 0, "--prompt-tokens must be at least 1");
-    let model = Arc::new(crate::commands::load_model_with(
-        &a.model,
-        &crate::commands::ExpertArgs::default(),
-        device,
-    )?);
     let vocab = model.config().vocab_size;
     let max_c = a.concurrency.iter().copied().max().unwrap_or(1);
-    let settings = super::Settings {
+    let settings = crate::Settings {
         max_batch: a.max_batch,
         max_queue: max_c * 2,
         max_tokens: a.max_tokens.max(1),
         timeout: Duration::from_secs(600),
-        ..super::Settings::new("bench", model.config().max_position_embeddings)
+        ..crate::Settings::new("bench", model.config().max_position_embeddings)
     };
-    let rt = super::runtime()?;
-    let server = rt.block_on(super::Server::start(
+    let rt = crate::runtime()?;
+    let server = rt.block_on(crate::Server::start(
         model,
         settings,
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -173,50 +166,17 @@ pub fn run(a: Args, device: engine::Device) -> Result<()> {
     let levels: Vec<Level> = a
         .concurrency
         .iter()
-        .map(|&c| level(addr, &a, c, vocab))
+        .map(|&c| level(addr, a, c, vocab))
         .collect();
     rt.block_on(server.shutdown())?;
     let base = levels.iter().find(|l| l.concurrency == 1);
     let best = levels.iter().max_by_key(|l| l.concurrency);
-    let ratio = match (base, best) {
+    let batched_over_single = match (base, best) {
         (Some(b), Some(m)) if b.tokens > 0 => Some(m.tokens_per_s() / b.tokens_per_s()),
         _ => None,
     };
-    if a.json {
-        let rows: Vec<_> = levels
-            .iter()
-            .map(|l| {
-                json!({"concurrency": l.concurrency, "requests": l.requests, "errors": l.errors,
-                       "seconds": l.seconds, "requests_per_s": l.requests_per_s(),
-                       "tokens_per_s": l.tokens_per_s(), "p50_ms": l.p50_ms, "p99_ms": l.p99_ms})
-            })
-            .collect();
-        println!(
-            "{}",
-            json!({"prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens,
-                   "max_batch": a.max_batch, "levels": rows, "batched_over_single_throughput": ratio})
-        );
-    } else {
-        println!(
-            "prompt {} tokens, {} generated per request, max batch {}",
-            a.prompt_tokens, a.max_tokens, a.max_batch
-        );
-        println!("clients  requests  errors   req/s    tok/s   p50 ms   p99 ms");
-        for l in &levels {
-            println!(
-                "{:>7}  {:>8}  {:>6}  {:>6.2}  {:>7.1}  {:>7.0}  {:>7.0}",
-                l.concurrency,
-                l.requests,
-                l.errors,
-                l.requests_per_s(),
-                l.tokens_per_s(),
-                l.p50_ms,
-                l.p99_ms
-            );
-        }
-        if let Some(r) = ratio {
-            println!("batched ({max_c} clients) / one-at-a-time throughput: {r:.2}x");
-        }
-    }
-    Ok(())
+    Ok(BenchReport {
+        levels,
+        batched_over_single,
+    })
 }

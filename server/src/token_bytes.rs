@@ -93,7 +93,7 @@ mod tests {
     #[test]
     fn byte_level_tokenizer_gives_raw_bytes() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/fixtures/tiny-flexolmo/tokenizer.json");
+            .join("../../shared/fixtures/tiny-flexolmo/tokenizer.json");
         let t = table(&path);
         let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         // `â` alone is the first byte of a three-byte character.
