@@ -13,6 +13,7 @@
 //! ```
 
 mod attention;
+pub mod bench;
 pub mod config;
 pub mod cuda;
 mod error;

@@ -3,7 +3,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use engine::init::{Preset, RandomInit};
-use engine::{LoadOptions, Model, SeqInput};
+use engine::{LoadOptions, Model};
 
 /// `moeval bench`: prefill and decode throughput of the engine (CPU or `--device cuda`), and peak memory.
 ///
@@ -41,51 +41,6 @@ pub struct Args {
     json: bool,
 }
 
-/// Deterministic pseudo-random token ids (splitmix64).
-fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            ((z ^ (z >> 31)) % vocab as u64) as u32
-        })
-        .collect()
-}
-
-/// Peak resident set size of this process, in MiB (VmHWM).
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
-/// Runs `seqs` through fresh caches and returns the caches and each sequence's greedy next token.
-fn prefill(model: &Model, seqs: &[Vec<u32>]) -> Result<(Vec<engine::KvCache>, Vec<u32>)> {
-    let mut caches: Vec<_> = seqs.iter().map(|_| model.new_cache()).collect();
-    let mut inputs: Vec<SeqInput> = seqs
-        .iter()
-        .zip(caches.iter_mut())
-        .map(|(s, c)| SeqInput {
-            tokens: s,
-            cache: c,
-            mask: None,
-        })
-        .collect();
-    let fwd = model.forward_last(&mut inputs)?;
-    drop(inputs);
-    let next = model.argmax(&fwd.hidden)?;
-    Ok((caches, next))
-}
-
 pub fn run(a: Args, threads: Option<usize>, device: engine::Device) -> Result<()> {
     anyhow::ensure!(
         a.batch > 0
@@ -119,75 +74,21 @@ pub fn run(a: Args, threads: Option<usize>, device: engine::Device) -> Result<()
     };
     let load_s = load_start.elapsed().as_secs_f64();
     let cfg = model.config().clone();
-    let v = cfg.vocab_size;
-    let prefill_seqs: Vec<Vec<u32>> = (0..a.batch)
-        .map(|i| tokens(a.prefill_len, v, i as u64))
-        .collect();
-    let mut prefill_times = Vec::new();
-    for r in 0..=a.repeats {
-        let t = Instant::now();
-        let (_, logits) = prefill(&model, &prefill_seqs)?;
-        std::hint::black_box(logits);
-        if r > 0 {
-            prefill_times.push(t.elapsed().as_secs_f64());
-        } else {
-            // The warm-up pays one-time costs (kernel loading, allocation); keep it out of profiles.
-            let _ = engine::cuda::take_profile();
-        }
+    let t = engine::bench::measure(
+        &model,
+        &engine::bench::BenchOptions {
+            batch: a.batch,
+            prefill_len: a.prefill_len,
+            prompt_len: a.prompt_len,
+            decode_steps: a.decode_steps,
+            decode_batches: a.decode_batches.clone(),
+            repeats: a.repeats,
+        },
+    )?;
+    for p in &t.profiles {
+        eprintln!("{p}");
     }
-    if let Some(p) = engine::cuda::take_profile() {
-        eprintln!(
-            "prefill (batch {} x {}, {} runs): {p}",
-            a.batch,
-            a.prefill_len,
-            a.repeats + 1
-        );
-    }
-    let batches = if a.decode_batches.is_empty() {
-        vec![a.batch]
-    } else {
-        a.decode_batches.clone()
-    };
-    let mut decode = Vec::new();
-    for &batch in &batches {
-        let prompts: Vec<Vec<u32>> = (0..batch)
-            .map(|i| tokens(a.prompt_len, v, 1000 + i as u64))
-            .collect();
-        let mut times = Vec::new();
-        for r in 0..=a.repeats {
-            let (mut caches, mut next) = prefill(&model, &prompts)?;
-            // Profiles of decoding leave out the prompts' prefill (and the warm-up's steps below).
-            let _ = engine::cuda::take_profile();
-            let t = Instant::now();
-            for _ in 0..a.decode_steps {
-                let feeds: Vec<[u32; 1]> = next.iter().map(|&x| [x]).collect();
-                let mut inputs: Vec<SeqInput> = feeds
-                    .iter()
-                    .zip(caches.iter_mut())
-                    .map(|(f, c)| SeqInput {
-                        tokens: f,
-                        cache: c,
-                        mask: None,
-                    })
-                    .collect();
-                let fwd = model.forward(&mut inputs, false)?;
-                next = model.argmax(&fwd.hidden)?;
-            }
-            if r > 0 {
-                times.push(t.elapsed().as_secs_f64());
-            } else {
-                let _ = engine::cuda::take_profile();
-            }
-        }
-        decode.push((batch, (batch * a.decode_steps) as f64 / median(times)));
-        if let Some(p) = engine::cuda::take_profile() {
-            eprintln!(
-                "decode batch {batch} ({} timed runs of {} steps): {p}",
-                a.repeats, a.decode_steps
-            );
-        }
-    }
-    let prefill_tok_s = (a.batch * a.prefill_len) as f64 / median(prefill_times);
+    let (prefill_tok_s, decode) = (t.prefill_tok_s, t.decode);
     let decode_tok_s = decode[0].1;
     let device = match model.device() {
         engine::Device::Cpu => "cpu".to_string(),
@@ -198,7 +99,7 @@ pub fn run(a: Args, threads: Option<usize>, device: engine::Device) -> Result<()
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
     let weights_mb = params as f64 * 4.0 / (1024.0 * 1024.0);
-    let rss = peak_rss_mb().unwrap_or(f64::NAN);
+    let rss = engine::bench::peak_rss_mb().unwrap_or(f64::NAN);
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if a.json {

@@ -15,7 +15,6 @@ pub mod report;
 pub mod route;
 pub mod serve;
 pub mod train;
-pub mod train_report;
 
 use std::path::{Path, PathBuf};
 
@@ -103,28 +102,6 @@ impl From<RetrievalArgs> for harness::retrieval::RetrievalSettings {
             ppl_stride: a.ppl_stride,
         }
     }
-}
-
-/// The `text` field of every non-blank line of a JSON Lines file; errors name the file and line.
-pub fn jsonl_texts(file: &Path) -> Result<Vec<String>> {
-    use std::io::BufRead;
-    let reader = std::io::BufReader::new(
-        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
-    );
-    let mut out = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.with_context(|| format!("cannot read {}", file.display()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("{} line {}: invalid JSON", file.display(), i + 1))?;
-        let text = v["text"].as_str().with_context(|| {
-            format!("{} line {}: no string field `text`", file.display(), i + 1)
-        })?;
-        out.push(text.to_string());
-    }
-    Ok(out)
 }
 
 /// Writes `path` through a uniquely named temporary file that `write` creates, synced and renamed into

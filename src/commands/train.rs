@@ -1,4 +1,3 @@
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -6,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use engine::config::{Architecture, Config};
 use engine::{LoadOptions, Model, Tokenizer};
-use train::data::{self, OWNERS, PUBLIC};
+use train::data::OWNERS;
 use train::trainer::{mean_loss, noise_stream, token_stream};
 use train::{TrainModel, TrainOptions};
 
@@ -215,84 +214,32 @@ pub fn run(a: Args) -> Result<()> {
         Step::Public(p) => run_public(p),
         Step::Expert(e) => run_expert(e),
         Step::Router(r) => run_router(r),
-        Step::Report(r) => super::train_report::run(&r.runs, r.out.as_deref()),
+        Step::Report(r) => report(&r.runs, r.out.as_deref()),
     }
-}
-
-fn write_jsonl(path: &Path, rows: impl IntoIterator<Item = serde_json::Value>) -> Result<()> {
-    let mut w = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-    );
-    for r in rows {
-        writeln!(w, "{r}")?;
-    }
-    w.flush()
-        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn read_texts(files: &[PathBuf]) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for file in files {
-        out.extend(super::jsonl_texts(file)?);
+        out.extend(train::merge::jsonl_texts(file)?);
     }
     anyhow::ensure!(!out.is_empty(), "no documents in {files:?}");
     Ok(out)
 }
 
 fn run_data(a: DataArgs) -> Result<()> {
-    let mut texts = vec![data::lexicon()];
-    // The retrieval datastore: held-out news documents (the news owner's) beside public ones.
-    let mut store = Vec::new();
-    for domain in std::iter::once(PUBLIC).chain(OWNERS) {
-        let s = data::splits(domain, a.seed, a.train_docs, a.held_out).expect("a known domain");
-        let dir = a.out.join(domain);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        for (split, docs) in [("train", &s.train), ("valid", &s.valid), ("test", &s.test)] {
-            write_jsonl(
-                &dir.join(format!("{split}.jsonl")),
-                docs.iter().enumerate().map(|(i, t)| {
-                    serde_json::json!({"id": format!("{domain}-{split}-{i}"), "owner": domain, "text": t})
-                }),
-            )?;
-            texts.extend(docs.iter().cloned());
-        }
-        if let Some(tasks) = &a.tasks_out {
-            std::fs::create_dir_all(tasks)
-                .with_context(|| format!("cannot create {}", tasks.display()))?;
-            write_jsonl(
-                &tasks.join(format!("ppl_{domain}.jsonl")),
-                s.test
-                    .iter()
-                    .take(a.ppl_docs)
-                    .enumerate()
-                    .map(|(i, t)| serde_json::json!({"id": i, "text": t})),
-            )?;
-            if domain == "news" || domain == PUBLIC {
-                store.extend(s.valid.iter().enumerate().map(|(i, t)| {
-                    serde_json::json!({"id": format!("{domain}-valid-{i}"), "owner": domain, "text": t})
-                }));
-            }
-        }
-    }
-    if let Some(tasks) = &a.tasks_out {
-        write_jsonl(&tasks.join("datastore.jsonl"), store)?;
-        write_jsonl(&tasks.join("math_mc.jsonl"), data::arithmetic_task(a.seed))?;
-        write_jsonl(&tasks.join("code_mc.jsonl"), data::code_task(a.seed, 100))?;
-        write_jsonl(
-            &tasks.join("bias_sentiment_gender.jsonl"),
-            data::bias_task(),
-        )?;
-    }
-    let tok = train::vocab::tokenizer_json(texts.iter().map(String::as_str));
-    let path = a.out.join("tokenizer.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&tok)?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    let vocab = train::dataset::write(&train::dataset::DataSettings {
+        seed: a.seed,
+        out: a.out.clone(),
+        train_docs: a.train_docs,
+        held_out: a.held_out,
+        tasks_out: a.tasks_out,
+        ppl_docs: a.ppl_docs,
+    })?;
     eprintln!(
-        "wrote {} domains ({} training documents each) and a {}-token tokenizer to {}",
+        "wrote {} domains ({} training documents each) and a {vocab}-token tokenizer to {}",
         OWNERS.len() + 1,
         a.train_docs,
-        tok["model"]["vocab"].as_object().map_or(0, |m| m.len()),
         a.out.display()
     );
     Ok(())
@@ -416,8 +363,8 @@ fn run_expert(a: ExpertArgs) -> Result<()> {
     );
     // FlexOlmo's domain-informed router: each row is a domain's mean embedding under the public model,
     // computed exactly as `moeval merge --router domain-embeddings` does.
-    let public_row = super::merge::domain_embedding(&public, &a.public_samples)?;
-    let owner_row = super::merge::domain_embedding(&public, &a.router_samples)?;
+    let public_row = train::merge::domain_embedding(&public, &a.public_samples)?;
+    let owner_row = train::merge::domain_embedding(&public, &a.router_samples)?;
     let tok = public.require_tokenizer()?;
     let eos = eos_id(tok)?;
     let stream = token_stream(tok, &read_texts(&a.data)?, eos)?;
@@ -535,5 +482,15 @@ fn run_router(a: RouterArgs) -> Result<()> {
         .commit()
         .with_context(|| format!("cannot move the tuned model into {}", a.out.display()))?;
     eprintln!("wrote the router-tuned model to {}", a.out.display());
+    Ok(())
+}
+
+/// `moeval train report`: prints the ground-truth table and writes it to `out`.
+fn report(runs: &Path, out: Option<&Path>) -> Result<()> {
+    let md = train::report::markdown(runs)?;
+    if let Some(path) = out {
+        std::fs::write(path, &md).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    print!("{md}");
     Ok(())
 }

@@ -3,10 +3,15 @@
 //! ([`model`]) and an AdamW training loop ([`trainer`]) for FlexOlmo's recipe: a dense public model,
 //! then, per data owner and independently, a 2-expert model whose only trained parts are the owner's
 //! expert and router row; after `moeval merge` joins the experts, optional router tuning on small proxy
-//! samples of every domain. `moeval train` exposes the steps.
+//! samples of every domain. [`merge`] assembles one FlexOlmo model from the separately trained
+//! experts (`moeval merge`); [`report`] turns the runs of `just eval` into the ground-truth table.
+//! `moeval train` exposes the steps.
 
 pub mod data;
+pub mod dataset;
+pub mod merge;
 pub mod model;
+pub mod report;
 pub mod trainer;
 pub mod vocab;
 

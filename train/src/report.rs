@@ -1,13 +1,14 @@
-//! `moeval train report`: the trained suite's results against the ground truth the generators planted.
+//! The ground-truth table of `moeval train report`: the trained suite's results (from `just eval`'s run
+//! folders) against what the generators planted.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::Path;
 
+use crate::data::{OWNERS, PUBLIC};
 use anyhow::{Context, Result};
 use arrow_array::{Array, Float64Array, StringArray};
 use reports::results::{read_metrics, read_parquet, MetricRow};
-use train::data::{OWNERS, PUBLIC};
 
 fn metrics(dir: &Path) -> Result<Vec<MetricRow>> {
     let path = dir.join("metrics.parquet");
@@ -198,13 +199,4 @@ pub fn markdown(runs: &Path) -> Result<String> {
         let _ = writeln!(md, "| {label} | {} |", cell(v, 2));
     }
     Ok(md)
-}
-
-pub fn run(runs: &Path, out: Option<&Path>) -> Result<()> {
-    let md = markdown(runs)?;
-    if let Some(path) = out {
-        std::fs::write(path, &md).with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    print!("{md}");
-    Ok(())
 }
