@@ -1,5 +1,5 @@
 //! End-to-end: the reasoning, autorater and CoBBLEr suites through `moeval eval` on the
-//! tiny-flexolmo fixture (suite metrics come from `tasks::suite::finish`).
+//! tiny-flexolmo fixture (suite metrics come from `Task::finish`).
 
 use std::collections::BTreeMap;
 use std::path::Path;

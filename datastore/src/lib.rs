@@ -34,6 +34,7 @@
 //! ```
 
 mod analyzer;
+pub mod bench;
 mod build;
 mod error;
 mod input;

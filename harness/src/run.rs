@@ -14,9 +14,7 @@ use reports::manifest::{
     MANIFEST_VERSION,
 };
 use reports::tables::{self, MetricRow, RoutingRow, RunColumns};
-use tasks::{
-    runner, LanguageModel, LoadOptions, Progress, Registry, RunOptions, Shard, Task, TaskResult,
-};
+use tasks::{LanguageModel, LoadOptions, Progress, Registry, RunOptions, Shard, Task, TaskResult};
 
 use crate::lm::EngineLm;
 use crate::retrieval::{Retrieval, RetrievalSettings};
@@ -374,7 +372,7 @@ pub(crate) fn execute(
         for t in tasks {
             let start = Instant::now();
             let r =
-                runner::evaluate_shard(&cached_lm, std::slice::from_ref(t), &opts, shard, progress)
+                tasks::evaluate_shard(&cached_lm, std::slice::from_ref(t), &opts, shard, progress)
                     .with_context(|| format!("task `{}` ({})", t.name(), v.label))?;
             let seconds = start.elapsed().as_secs_f64();
             let (computed, cached) = cached_lm.take_counts();
@@ -425,7 +423,7 @@ pub(crate) fn execute(
             results.extend(r);
         }
         // CALM's exclusions are judged over a task and its partner, which ran separately.
-        ::tasks::bias::apply_joint_rules(tasks, &mut results);
+        tasks::score::apply_joint_rules(tasks, &mut results);
         let mut metrics: Vec<MetricRow> = Vec::new();
         for r in &results {
             let task = tasks.iter().find(|t| t.name() == r.task);
@@ -433,7 +431,7 @@ pub(crate) fn execute(
                 metrics.push(metric_row(task, &r.task, m, agg));
             }
         }
-        for (group, m, agg) in runner::group_aggregates(registry, &results) {
+        for (group, m, agg) in tasks::score::group_aggregates(registry, &results) {
             metrics.push(metric_row(None, &group, &m, &agg));
         }
         let names = |ix: &[usize]| -> String {

@@ -16,7 +16,7 @@ use parquet::arrow::ArrowWriter;
 use sha2::{Digest, Sha256};
 
 use tasks::metrics::Aggregate;
-use tasks::runner::{Sample, TaskResult};
+use tasks::{Sample, TaskResult};
 
 use crate::error::{file_err, Error, Result};
 

@@ -8,7 +8,7 @@
 //! request on.
 //!
 //! Layout: `api` parses and validates bodies, `worker` is the engine loop (one thread owning the
-//! decoder), `handlers` turns requests into jobs and jobs into OpenAI responses, `chat` renders chat
+//! decoder), `handlers` turns requests into jobs and jobs into OpenAI responses (one file per endpoint family), `chat` renders chat
 //! templates, `admin` checks owners' tokens, `retrieval` runs RIC-LM over `--datastore`, `token_bytes` gives
 //! tokens' raw bytes for log-probabilities, `client` is a tiny loopback HTTP client, `bench` the loopback load test (`moeval serve-bench`).
 

@@ -1,13 +1,11 @@
 //! `moeval datastore`: build, inspect, query and opt documents out of a SILO-style datastore.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use datastore::{BuildOptions, Datastore, OptOut, Tokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
-use rayon::prelude::*;
 
 /// `moeval datastore`: SILO-style nonparametric datastores.
 #[derive(clap::Args)]
@@ -321,90 +319,20 @@ fn opt_out(dir: &Path, owners: Vec<String>, documents: Vec<String>, reason: Stri
     Ok(())
 }
 
-fn write_lines(path: &Path, lines: impl Iterator<Item = String>) -> Result<()> {
-    use std::io::Write;
-    let f =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut w = std::io::BufWriter::new(f);
-    for l in lines {
-        writeln!(w, "{l}")?;
-    }
-    w.flush()?;
-    Ok(())
-}
-
 fn bench(a: BenchArgs) -> Result<()> {
     let store = Datastore::open(&a.dir)?;
     let tok = Tokenizer::from_model_dir(&a.tokenizer)?;
-    let raw = std::fs::read_to_string(&a.queries)
-        .with_context(|| format!("cannot read {}", a.queries.display()))?;
-    let mut queries = Vec::new();
-    for (i, line) in raw
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not valid JSON", a.queries.display(), i + 1))?;
-        let Some(text) = v.get("text").and_then(|t| t.as_str()) else {
-            bail!("{}:{}: no string field `text`", a.queries.display(), i + 1);
-        };
-        // RIC-LM's query: the last N tokens, decoded.
-        let ids = tok.encode(text)?;
-        queries.push(tok.decode(&ids[ids.len().saturating_sub(a.query_tokens)..])?);
-    }
-    if let Some(p) = &a.export_blocks {
-        let blocks = store.blocks()?;
-        let texts: Vec<String> = blocks
-            .par_iter()
-            .map(|b| {
-                let text = tok.decode(&b.tokens)?;
-                Ok(
-                    serde_json::json!({"block_id": b.block_id, "doc_id": b.doc_id, "terms": datastore::analyze(&text)})
-                        .to_string(),
-                )
-            })
-            .collect::<Result<_>>()?;
-        write_lines(p, texts.into_iter())?;
-    }
-    if let Some(p) = &a.export_queries {
-        write_lines(
-            p,
-            queries
-                .iter()
-                .map(|q| serde_json::json!({"terms": datastore::analyze(q)}).to_string()),
-        )?;
-    }
-    // Warm the page cache and the term dictionary once, then time.
-    for q in queries.iter().take(8) {
-        store.search_ids(q, 1)?;
-    }
-    let done = AtomicUsize::new(0);
-    let start = Instant::now();
-    let top: Vec<Option<(u64, f32)>> = queries
-        .par_iter()
-        .map(|q| {
-            let r = store.search_ids(q, 1).map(|h| h.first().copied());
-            done.fetch_add(1, Ordering::Relaxed);
-            r
-        })
-        .collect::<Result<_, _>>()?;
-    let secs = start.elapsed().as_secs_f64();
-    if let Some(p) = &a.top1 {
-        write_lines(
-            p,
-            top.iter().map(|t| {
-                serde_json::json!({"block_id": t.map(|x| x.0), "score": t.map(|x| x.1)}).to_string()
-            }),
-        )?;
-    }
-    let v = serde_json::json!({
-        "queries": queries.len(),
-        "threads": rayon::current_num_threads(),
-        "seconds": secs,
-        "queries_per_second": queries.len() as f64 / secs.max(1e-9),
-        "blocks": store.num_blocks(),
-    });
-    println!("{v}");
+    let report = datastore::bench::run(
+        &store,
+        &tok,
+        &datastore::bench::BenchSettings {
+            queries: a.queries,
+            query_tokens: a.query_tokens,
+            export_blocks: a.export_blocks,
+            export_queries: a.export_queries,
+            top1: a.top1,
+        },
+    )?;
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -3,11 +3,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use engine::config::{Architecture, Config};
-use engine::{LoadOptions, Model, Tokenizer};
 use train::data::OWNERS;
-use train::trainer::{mean_loss, noise_stream, token_stream};
-use train::{TrainModel, TrainOptions};
+use train::recipe::{self, Fit};
+use train::TrainOptions;
 
 /// `moeval train`: FlexOlmo's recipe on the CPU, step by step.
 #[derive(clap::Args)]
@@ -218,13 +216,27 @@ pub fn run(a: Args) -> Result<()> {
     }
 }
 
-fn read_texts(files: &[PathBuf]) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for file in files {
-        out.extend(train::merge::jsonl_texts(file)?);
+/// Prints the loss at every tenth of `steps` (and the last) with the time since the first.
+fn progress(steps: usize) -> impl FnMut(usize, f32) {
+    let start = Instant::now();
+    let every = (steps / 10).max(1);
+    move |step, loss| {
+        if step % every == 0 || step + 1 == steps {
+            eprintln!(
+                "step {:>5}/{steps}  loss {loss:.3}  {:.0}s",
+                step + 1,
+                start.elapsed().as_secs_f64()
+            );
+        }
     }
-    anyhow::ensure!(!out.is_empty(), "no documents in {files:?}");
-    Ok(out)
+}
+
+fn print_fit(fit: &Fit) {
+    eprintln!("{} training tokens", fit.tokens);
+    if let Some((before, after)) = fit.held_out {
+        eprintln!("held-out loss before: {before:.3}");
+        eprintln!("held-out loss after:  {after:.3}");
+    }
 }
 
 fn run_data(a: DataArgs) -> Result<()> {
@@ -245,243 +257,81 @@ fn run_data(a: DataArgs) -> Result<()> {
     Ok(())
 }
 
-/// The token stream of one JSON Lines file.
-fn stream_of(tok: &Tokenizer, file: &Path, eos: u32) -> Result<Vec<u32>> {
-    Ok(token_stream(tok, &read_texts(&[file.to_path_buf()])?, eos)?)
-}
-
-fn eos_id(tok: &Tokenizer) -> Result<u32> {
-    tok.token_id(train::vocab::EOS).with_context(|| {
-        format!(
-            "the tokenizer has no `{}` token to separate documents",
-            train::vocab::EOS
-        )
-    })
-}
-
-/// Logs the loss of every tenth of `steps` (and the last) with the time since the first.
-fn progress(steps: usize) -> impl FnMut(usize, f32) {
-    let start = Instant::now();
-    let every = (steps / 10).max(1);
-    move |step, loss| {
-        if step % every == 0 || step + 1 == steps {
-            eprintln!(
-                "step {:>5}/{steps}  loss {loss:.3}  {:.0}s",
-                step + 1,
-                start.elapsed().as_secs_f64()
-            );
-        }
-    }
-}
-
-/// Trains `model`, logging progress, and reports held-out loss before and after.
-fn fit(
-    model: &TrainModel,
-    train_stream: &[u32],
-    negatives: Option<&[u32]>,
-    valid: Option<&[u32]>,
-    opts: &TrainOptions,
-) -> Result<()> {
-    let held_out = |m: &TrainModel| -> Result<Option<f32>> {
-        valid
-            .map(|v| mean_loss(m, v, opts.seq_len, 64))
-            .transpose()
-            .map_err(Into::into)
-    };
-    if let Some(l) = held_out(model)? {
-        eprintln!("held-out loss before: {l:.3}");
-    }
-    train::train(model, train_stream, negatives, opts, progress(opts.steps))?;
-    if let Some(l) = held_out(model)? {
-        eprintln!("held-out loss after:  {l:.3}");
-    }
-    Ok(())
-}
-
-fn copy_tokenizer(from: &Path, out: &Path) -> Result<()> {
-    std::fs::copy(from, out.join("tokenizer.json"))
-        .with_context(|| format!("cannot copy {} into {}", from.display(), out.display()))?;
-    Ok(())
-}
-
 fn run_public(a: PublicArgs) -> Result<()> {
-    let tok = Tokenizer::from_file(&a.tokenizer)?;
-    let eos = eos_id(&tok)?;
-    anyhow::ensure!(
-        a.heads > 0 && a.hidden.is_multiple_of(a.heads) && (a.hidden / a.heads).is_multiple_of(2),
-        "--hidden must be a multiple of --heads with an even head size"
-    );
-    let config = Config {
-        architecture: Architecture::Olmo2,
-        vocab_size: tok.vocab_size(),
-        hidden_size: a.hidden,
-        intermediate_size: a.intermediate,
-        num_hidden_layers: a.layers,
-        num_attention_heads: a.heads,
-        num_key_value_heads: a.heads,
-        head_dim: a.hidden / a.heads,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        num_experts: 0,
-        num_experts_per_tok: 0,
-        norm_topk_prob: false,
-        tie_word_embeddings: false,
-        clip_qkv: None,
-        max_position_embeddings: 4096,
-        eos_token_ids: vec![eos],
-        pad_token_id: tok.token_id(train::vocab::PAD),
-        bos_token_id: None,
-    };
-    let stream = token_stream(&tok, &read_texts(&a.data)?, eos)?;
-    let valid = a
-        .valid
-        .as_ref()
-        .map(|v| stream_of(&tok, v, eos))
-        .transpose()?;
+    let options = a.optim.options();
     eprintln!(
-        "public model: vocab {}, hidden {}, {} layers; {} training tokens",
-        config.vocab_size,
-        a.hidden,
-        a.layers,
-        stream.len()
+        "public model: hidden {}, {} layers, {} steps",
+        a.hidden, a.layers, options.steps
     );
-    let model = TrainModel::init_public(config, a.optim.seed)?;
-    fit(&model, &stream, None, valid.as_deref(), &a.optim.options())?;
-    model.save(&a.out, a.optim.dtype()?)?;
-    copy_tokenizer(&a.tokenizer, &a.out)?;
+    let fit = recipe::public(
+        &recipe::PublicSettings {
+            tokenizer: a.tokenizer,
+            data: a.data,
+            valid: a.valid,
+            out: a.out.clone(),
+            hidden: a.hidden,
+            intermediate: a.intermediate,
+            layers: a.layers,
+            heads: a.heads,
+            dtype: a.optim.dtype()?,
+            options,
+        },
+        &mut progress(a.optim.steps),
+    )?;
+    print_fit(&fit);
     eprintln!("wrote the public model to {}", a.out.display());
     Ok(())
 }
 
 fn run_expert(a: ExpertArgs) -> Result<()> {
-    let public = Model::load(&a.public, &LoadOptions::default())
-        .with_context(|| format!("cannot load the public model {}", a.public.display()))?;
-    anyhow::ensure!(
-        public.config().architecture == Architecture::Olmo2,
-        "{}: the public model must be a dense olmo2 checkpoint (from `moeval train public`)",
-        a.public.display()
-    );
-    // FlexOlmo's domain-informed router: each row is a domain's mean embedding under the public model,
-    // computed exactly as `moeval merge --router domain-embeddings` does.
-    let public_row = train::merge::domain_embedding(&public, &a.public_samples)?;
-    let owner_row = train::merge::domain_embedding(&public, &a.router_samples)?;
-    let tok = public.require_tokenizer()?;
-    let eos = eos_id(tok)?;
-    let stream = token_stream(tok, &read_texts(&a.data)?, eos)?;
-    let valid = a
-        .valid
-        .as_ref()
-        .map(|v| stream_of(tok, v, eos))
-        .transpose()?;
-    let negatives = match &a.public_data {
-        Some(p) => {
-            let mut s = stream_of(tok, p, eos)?;
-            // Token ids above the special tokens (end of text, padding, unknown).
-            let first = 3.min(public.config().vocab_size as u32 - 1);
-            let vocab = public.config().vocab_size as u32;
-            s.extend(noise_stream(first, vocab, s.len(), a.optim.seed));
-            Some(s)
-        }
-        None => None,
-    };
-    let tensors = train::model::read_tensors(&a.public)?;
-    let model =
-        TrainModel::expert_from_public(public.config(), &tensors, [&public_row, &owner_row])?;
-    drop(public);
-    eprintln!("owner expert: {} training tokens", stream.len());
-    let opts = TrainOptions {
-        routing_weight: a.routing_weight,
-        ..a.optim.options()
-    };
-    fit(
-        &model,
-        &stream,
-        negatives.as_deref(),
-        valid.as_deref(),
-        &opts,
+    eprintln!("owner expert: {} steps", a.optim.steps);
+    let fit = recipe::expert(
+        &recipe::ExpertSettings {
+            public: a.public,
+            data: a.data,
+            valid: a.valid,
+            public_data: a.public_data,
+            router_samples: a.router_samples,
+            public_samples: a.public_samples,
+            out: a.out.clone(),
+            options: TrainOptions {
+                routing_weight: a.routing_weight,
+                ..a.optim.options()
+            },
+            dtype: a.optim.dtype()?,
+        },
+        &mut progress(a.optim.steps),
     )?;
-    model.save(&a.out, a.optim.dtype()?)?;
-    copy_tokenizer(&a.public.join("tokenizer.json"), &a.out)?;
+    print_fit(&fit);
     eprintln!("wrote the owner's 2-expert model to {}", a.out.display());
     Ok(())
 }
 
 fn run_router(a: RouterArgs) -> Result<()> {
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&a.opt_out_rate),
-        "--opt-out-rate {} must be between 0 and 1",
-        a.opt_out_rate
+    eprintln!(
+        "router tuning: {} proxy domains, {} steps",
+        a.proxy.len(),
+        a.optim.steps
     );
-    anyhow::ensure!(
-        a.out != a.model,
-        "--out must differ from --model: tuning writes a new model"
-    );
-    anyhow::ensure!(
-        !a.out.exists() || std::fs::read_dir(&a.out)?.next().is_none(),
-        "{} exists and is not empty; choose a new --out directory",
+    let fit = recipe::router(
+        &recipe::RouterSettings {
+            model: a.model,
+            proxy: a.proxy,
+            opt_out_rate: a.opt_out_rate,
+            out: a.out.clone(),
+            options: a.optim.options(),
+            dtype: a.optim.dtype()?,
+        },
+        &mut progress(a.optim.steps),
+    )?;
+    for (p, before, after) in &fit.proxy_losses {
+        eprintln!("{}: proxy loss {before:.3} -> {after:.3}", p.display());
+    }
+    eprintln!(
+        "wrote the router-tuned model ({} experts) to {}",
+        fit.experts,
         a.out.display()
     );
-    let model = TrainModel::load(&a.model)
-        .and_then(TrainModel::with_trained_routers)
-        .with_context(|| format!("cannot load {} for router tuning", a.model.display()))?;
-    let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
-    let eos = eos_id(&tok)?;
-    let streams = a
-        .proxy
-        .iter()
-        .map(|p| stream_of(&tok, p, eos))
-        .collect::<Result<Vec<_>>>()?;
-    let opts = a.optim.options();
-    for (p, s) in a.proxy.iter().zip(&streams) {
-        anyhow::ensure!(
-            s.len() > opts.seq_len + 1,
-            "{}: {} tokens of proxy text; router tuning needs more than --seq-len + 1 = {}",
-            p.display(),
-            s.len(),
-            opts.seq_len + 1
-        );
-    }
-    let losses = |m: &TrainModel| -> Result<Vec<f32>> {
-        streams
-            .iter()
-            .map(|s| Ok(mean_loss(m, s, opts.seq_len, 32)?))
-            .collect()
-    };
-    let before = losses(&model)?;
-    eprintln!(
-        "router tuning: {} experts, {} proxy domains, {} steps",
-        model.config().num_experts,
-        streams.len(),
-        opts.steps
-    );
-    train::tune_routers(
-        &model,
-        &streams,
-        a.opt_out_rate,
-        &opts,
-        progress(opts.steps),
-    )?;
-    for ((p, b), after) in a.proxy.iter().zip(&before).zip(losses(&model)?) {
-        eprintln!("{}: proxy loss {b:.3} -> {after:.3}", p.display());
-    }
-    // Written under a hidden name and moved into place when complete: a killed run leaves no
-    // half-written model at --out, and running it again (deterministic) gives the same weights.
-    let staged = durable::StagedDir::new(&a.out)
-        .with_context(|| format!("cannot write {}", a.out.display()))?;
-    model.save(staged.path(), a.optim.dtype()?)?;
-    durable::fault::point("train-router.saved");
-    for file in ["tokenizer.json", routers::EXPERTS_FILE] {
-        let from = a.model.join(file);
-        if from.exists() {
-            std::fs::copy(&from, staged.path().join(file)).with_context(|| {
-                format!("cannot copy {} into {}", from.display(), a.out.display())
-            })?;
-        }
-    }
-    staged
-        .commit()
-        .with_context(|| format!("cannot move the tuned model into {}", a.out.display()))?;
-    eprintln!("wrote the router-tuned model to {}", a.out.display());
     Ok(())
 }
 

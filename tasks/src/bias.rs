@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::config::{BiasSpec, TaskConfig};
 use crate::metrics::{mean_stderr, Aggregate};
 use crate::pyrandom::PyRandom;
-use crate::runner::{Sample, TaskResult};
+use crate::result::{Sample, TaskResult};
 use crate::task::Task;
 
 /// The reference's answer processing: the first line (possibly empty), stripped, without

@@ -142,7 +142,7 @@ pub struct TaskConfig {
     pub group_by: Vec<String>,
     pub bias: Option<BiasSpec>,
     /// Extension: a built-in document builder and its metrics (`suite: {kind: sni | pairwise |
-    /// pointwise | classification | cobbler, ...}`), checked when the task loads (see `suite.rs`).
+    /// pointwise | classification | cobbler, ...}`), checked when the task loads (see `suites/`).
     pub suite: Option<Map<String, Value>>,
 }
 

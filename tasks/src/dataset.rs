@@ -9,6 +9,7 @@ use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
 use serde_json::{Map, Value};
 
+use crate::config::TaskConfig;
 use crate::error::{Error, Result};
 
 /// One row of a dataset: column name -> value.
@@ -347,6 +348,77 @@ fn python_csv_rows(text: &str) -> Vec<Vec<String>> {
         rows.push(row);
     }
     rows
+}
+
+/// The documents of a split from `dataset_kwargs.data_files` (joined by position with its
+/// `join_files`), or `None` when the task names no file for it.
+pub(crate) fn read_split(
+    cfg: &TaskConfig,
+    split: &str,
+    bases: &[&Path],
+) -> Result<Option<Vec<Doc>>> {
+    let Some(files) = cfg.data_files.get(split) else {
+        return Ok(None);
+    };
+    let format = Format::from_dataset_path(&cfg.dataset_path).ok_or_else(|| Error::Config {
+        file: cfg.file.clone(),
+        msg: format!(
+            "task `{}`: dataset_path `{}` is not supported; use json, csv or parquet with dataset_kwargs.data_files (Hub datasets need a download step)",
+            cfg.name, cfg.dataset_path
+        ),
+    })?;
+    let mut docs = Vec::new();
+    for f in files {
+        docs.extend(read(&Source::parse(f, bases), format)?);
+    }
+    if let Some(j) = cfg.join_files.get(split) {
+        let src = Source::parse(j, bases);
+        let extra = read(&src, Format::Csv)?;
+        if extra.len() != docs.len() {
+            return Err(Error::Data {
+                path: src.path,
+                msg: format!(
+                    "join file has {} rows but split `{split}` has {} (rows are joined by position)",
+                    extra.len(),
+                    docs.len()
+                ),
+            });
+        }
+        for (i, (d, e)) in docs.iter_mut().zip(extra).enumerate() {
+            for (k, v) in e {
+                match d.get(&k) {
+                    Some(old) if !same_value(old, &v) => {
+                        return Err(Error::Data {
+                            path: src.path.clone(),
+                            msg: format!(
+                                "row {i}: column `{k}` is {v} here but {old} in the data file"
+                            ),
+                        })
+                    }
+                    _ => {
+                        d.insert(k, v);
+                    }
+                }
+            }
+        }
+    }
+    Ok(Some(docs))
+}
+
+/// Equality across CSV's inferred types (a join column `1` equals a JSON `"1"`).
+fn same_value(a: &Value, b: &Value) -> bool {
+    a == b || as_text(a) == as_text(b)
+}
+
+/// A value as text, the way Python's `str` shows strings and numbers.
+pub(crate) fn as_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "None".into(),
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        other => other.to_string(),
+    }
 }
 
 #[cfg(test)]

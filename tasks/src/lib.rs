@@ -2,34 +2,35 @@
 //! building with the harness's exact semantics, metrics with standard errors, and bias suites.
 //!
 //! The crate does not depend on any model: it drives anything that implements [`LanguageModel`].
+//! Modules depend one way: `config` and `dataset` (what a task is and reads) <- `task` (documents
+//! to requests) <- `suites` (built-in document builders and their metrics) <- `load`, `score`
+//! (scoring, owned by the task) <- `runner` (scheduling only).
 
+pub mod bias;
 pub mod config;
 pub mod dataset;
 mod error;
 pub mod lm;
+mod load;
+pub mod metrics;
+pub mod porter;
 pub mod pyrandom;
+mod pytext;
+pub mod result;
+pub mod rouge;
+pub mod runner;
+pub mod sacrebleu;
+pub mod score;
+pub mod suites;
+pub mod task;
 mod template;
+mod ter;
 
 pub use config::{OutputType, Registry, TaskConfig};
 pub use error::{Error, Result};
 pub use lm::{
     EarlyStopping, GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError,
 };
-pub mod autorater;
-pub mod bias;
-pub mod cobbler;
-pub mod metrics;
-pub mod porter;
-mod pytext;
-pub mod rouge;
-pub mod runner;
-pub mod sacrebleu;
-pub mod sni;
-pub mod suite;
-pub mod task;
-mod ter;
-
-pub use runner::{
-    evaluate, evaluate_shard, NoProgress, Progress, RunOptions, Sample, Shard, TaskResult,
-};
+pub use result::{Sample, TaskResult};
+pub use runner::{evaluate, evaluate_shard, NoProgress, Progress, RunOptions, Shard};
 pub use task::{LoadOptions, Task};

@@ -1,13 +1,13 @@
 //! A loaded task: its documents, prompts (with the harness's few-shot sampler) and requests.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use minijinja::Environment;
 use serde_json::Value;
 
 use crate::config::{Field, OutputType, TaskConfig};
-use crate::dataset::{self, Doc, Format, Source};
+use crate::dataset::{as_text, Doc};
 use crate::error::{Error, Result};
 use crate::lm::{GenerateRequest, LoglikelihoodRequest};
 use crate::pyrandom::PyRandom;
@@ -71,182 +71,16 @@ pub struct Instance {
 /// A task ready to run.
 pub struct Task {
     pub config: TaskConfig,
-    env: Environment<'static>,
-    features: HashSet<String>,
-    docs: Vec<Doc>,
-    fewshot_docs: Vec<Doc>,
+    pub(crate) env: Environment<'static>,
+    pub(crate) features: HashSet<String>,
+    pub(crate) docs: Vec<Doc>,
+    pub(crate) fewshot_docs: Vec<Doc>,
     /// Few-shot exemplars per value of `fewshot_by.field`.
-    fewshot_by: HashMap<String, Vec<Doc>>,
-    num_fewshot: usize,
-}
-
-pub(crate) fn read_split(
-    cfg: &TaskConfig,
-    split: &str,
-    bases: &[&Path],
-) -> Result<Option<Vec<Doc>>> {
-    let Some(files) = cfg.data_files.get(split) else {
-        return Ok(None);
-    };
-    let format = Format::from_dataset_path(&cfg.dataset_path).ok_or_else(|| Error::Config {
-        file: cfg.file.clone(),
-        msg: format!(
-            "task `{}`: dataset_path `{}` is not supported; use json, csv or parquet with dataset_kwargs.data_files (Hub datasets need a download step)",
-            cfg.name, cfg.dataset_path
-        ),
-    })?;
-    let mut docs = Vec::new();
-    for f in files {
-        docs.extend(dataset::read(&Source::parse(f, bases), format)?);
-    }
-    if let Some(j) = cfg.join_files.get(split) {
-        let src = Source::parse(j, bases);
-        let extra = dataset::read(&src, Format::Csv)?;
-        if extra.len() != docs.len() {
-            return Err(Error::Data {
-                path: src.path,
-                msg: format!(
-                    "join file has {} rows but split `{split}` has {} (rows are joined by position)",
-                    extra.len(),
-                    docs.len()
-                ),
-            });
-        }
-        for (i, (d, e)) in docs.iter_mut().zip(extra).enumerate() {
-            for (k, v) in e {
-                match d.get(&k) {
-                    Some(old) if !same_value(old, &v) => {
-                        return Err(Error::Data {
-                            path: src.path.clone(),
-                            msg: format!(
-                                "row {i}: column `{k}` is {v} here but {old} in the data file"
-                            ),
-                        })
-                    }
-                    _ => {
-                        d.insert(k, v);
-                    }
-                }
-            }
-        }
-    }
-    Ok(Some(docs))
-}
-
-/// Equality across CSV's inferred types (a join column `1` equals a JSON `"1"`).
-fn same_value(a: &Value, b: &Value) -> bool {
-    a == b || as_text(a) == as_text(b)
-}
-
-/// A value as text, the way Python's `str` shows strings and numbers.
-pub(crate) fn as_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "None".into(),
-        Value::Bool(true) => "True".into(),
-        Value::Bool(false) => "False".into(),
-        other => other.to_string(),
-    }
+    pub(crate) fewshot_by: HashMap<String, Vec<Doc>>,
+    pub(crate) num_fewshot: usize,
 }
 
 impl Task {
-    /// Reads a task's data and prepares its few-shot pool.
-    pub fn load(config: TaskConfig, opts: &LoadOptions) -> Result<Task> {
-        let cwd = PathBuf::from(".");
-        let dir = config
-            .file
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| cwd.clone());
-        let bases: Vec<&Path> = vec![&cwd, &dir];
-        let split = config
-            .test_split
-            .clone()
-            .or_else(|| config.validation_split.clone())
-            .ok_or_else(|| Error::Config {
-                file: config.file.clone(),
-                msg: format!(
-                    "task `{}`: needs `test_split` or `validation_split`",
-                    config.name
-                ),
-            })?;
-        let mut docs = match &config.suite {
-            // A suite builds its documents, few-shot exemplars included, itself (suite.rs).
-            Some(_) => crate::suite::load_docs(&config, &split, &bases, opts)?,
-            None => read_split(&config, &split, &bases)?.ok_or_else(|| Error::Config {
-            file: config.file.clone(),
-            msg: format!(
-                "task `{}`: no data file for split `{split}` in dataset_kwargs.data_files (has: {})",
-                config.name,
-                config.data_files.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
-        })?,
-        };
-        let features: HashSet<String> = docs.iter().flat_map(|d| d.keys().cloned()).collect();
-        if let Some(l) = opts.limit {
-            docs.truncate(l);
-        }
-        let num_fewshot = if config.suite.is_some() {
-            0
-        } else {
-            opts.num_fewshot.unwrap_or(config.num_fewshot)
-        };
-        let mut fewshot_docs = Vec::new();
-        let mut fewshot_by = HashMap::new();
-        if num_fewshot > 0 {
-            if let Some(fb) = &config.fewshot_by {
-                for d in &docs {
-                    let v = d.get(&fb.field).map(as_text).unwrap_or_default();
-                    if fewshot_by.contains_key(&v) {
-                        continue;
-                    }
-                    let key = fb.map.get(&v).cloned().unwrap_or_else(|| v.clone());
-                    let path = fb.data_files.replace("{value}", &key);
-                    let mut ex = dataset::read_lenient_csv(&Source::parse(&path, &bases))?;
-                    ex.truncate(fb.n.min(num_fewshot));
-                    // Exemplars share the document's field value, so templates can branch on it.
-                    for e in &mut ex {
-                        e.entry(fb.field.clone())
-                            .or_insert_with(|| Value::String(v.clone()));
-                    }
-                    fewshot_by.insert(v, ex);
-                }
-            } else {
-                // The harness's fallback order: the few-shot split, else train, validation, test.
-                let candidates = [
-                    config.fewshot_split.clone(),
-                    config.training_split.clone(),
-                    config.validation_split.clone(),
-                    config.test_split.clone(),
-                ];
-                for c in candidates.into_iter().flatten() {
-                    if let Some(d) = read_split(&config, &c, &bases)? {
-                        fewshot_docs = d;
-                        break;
-                    }
-                    if config.fewshot_split.as_deref() == Some(c.as_str()) {
-                        return Err(Error::Config {
-                            file: config.file.clone(),
-                            msg: format!(
-                                "task `{}`: no data file for fewshot_split `{c}`",
-                                config.name
-                            ),
-                        });
-                    }
-                }
-            }
-        }
-        Ok(Task {
-            env: template::environment(),
-            features,
-            docs,
-            fewshot_docs,
-            fewshot_by,
-            num_fewshot,
-            config,
-        })
-    }
-
     pub fn name(&self) -> &str {
         &self.config.name
     }

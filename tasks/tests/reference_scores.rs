@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use tasks::lm::{GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError};
-use tasks::{runner, suite, LoadOptions, Registry, RunOptions, Task, TaskResult};
+use tasks::{runner, LoadOptions, Registry, RunOptions, Task, TaskResult};
 
 fn data(name: &str) -> Value {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -47,7 +47,7 @@ fn run(task: &Task, lm: &Judge) -> TaskResult {
     )
     .unwrap();
     let mut r = res.remove(0);
-    suite::finish(task, &mut r).unwrap();
+    task.finish(&mut r).unwrap();
     r
 }
 

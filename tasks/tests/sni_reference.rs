@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 use tasks::metrics::normalise;
 use tasks::rouge::{self, Rouge};
-use tasks::sni::{self, Mode};
+use tasks::suites::sni::{self, Mode};
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sni")

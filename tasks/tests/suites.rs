@@ -1,11 +1,11 @@
 //! The reasoning, autorater and CoBBLEr suites end to end with scripted models: documents, prompts,
-//! parsing and the suite metrics (`tasks::suite::finish`).
+//! parsing and the suite metrics (`Task::finish`).
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use tasks::lm::{GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError};
-use tasks::{runner, suite, LoadOptions, Registry, RunOptions, Task, TaskResult};
+use tasks::{runner, LoadOptions, Registry, RunOptions, Task, TaskResult};
 
 fn suites() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("suites")
@@ -53,7 +53,7 @@ fn load(names: &str, opts: &LoadOptions) -> Vec<Task> {
 fn run(tasks: &[Task], lm: &Scripted) -> Vec<TaskResult> {
     let mut res = runner::evaluate(lm, tasks, &RunOptions::default(), &runner::NoProgress).unwrap();
     for (t, r) in tasks.iter().zip(&mut res) {
-        suite::finish(t, r).unwrap();
+        t.finish(r).unwrap();
     }
     res
 }
@@ -199,7 +199,7 @@ fn rewardbench(rows: &[(String, String, f64)]) -> f64 {
     }
     secs.values()
         .map(|subs| {
-            let w = |s: &str| tasks::autorater::rewardbench_count(s).unwrap();
+            let w = |s: &str| tasks::suites::autorater::rewardbench_count(s).unwrap();
             let total: f64 = subs.keys().map(|s| w(s)).sum();
             subs.iter()
                 .map(|(s, v)| w(s) * v.iter().sum::<f64>() / v.len() as f64)
@@ -356,13 +356,14 @@ fn pointwise_correlations_and_classification_balance() {
         .map(|s| s.prediction.as_ref().unwrap().parse().unwrap())
         .collect();
     let p = metric(&res[0], "pearson");
-    let want = tasks::autorater::pearson(&judge, &human);
+    let want = tasks::suites::autorater::pearson(&judge, &human);
     assert!(
         (p - want).abs() < 1e-12 && p > 0.3,
         "{p} {want} {judge:?} {human:?}"
     );
     assert!(
-        (metric(&res[0], "spearman") - tasks::autorater::spearman(&judge, &human)).abs() < 1e-12
+        (metric(&res[0], "spearman") - tasks::suites::autorater::spearman(&judge, &human)).abs()
+            < 1e-12
     );
     assert!(res[0].metric("pearson").unwrap().stderr > 0.0);
     // Generation: three answers parse ("4 out of 5" -> 4, constant), nine do not.

@@ -5,12 +5,13 @@
 //! expert and router row; after `moeval merge` joins the experts, optional router tuning on small proxy
 //! samples of every domain. [`merge`] assembles one FlexOlmo model from the separately trained
 //! experts (`moeval merge`); [`report`] turns the runs of `just eval` into the ground-truth table.
-//! `moeval train` exposes the steps.
+//! [`recipe`] runs the steps over plain settings; `moeval train` exposes them.
 
 pub mod data;
 pub mod dataset;
 pub mod merge;
 pub mod model;
+pub mod recipe;
 pub mod report;
 pub mod trainer;
 pub mod vocab;

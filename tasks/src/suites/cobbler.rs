@@ -18,14 +18,15 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::autorater::flame_prompt;
+use crate::dataset::as_text;
 use crate::dataset::{self, Doc, Format, Source};
 use crate::error::{Error, Result};
 use crate::metrics::{self, Item};
 use crate::pyrandom::PyRandom;
-use crate::runner::{Sample, TaskResult};
-use crate::suite::{count, doc_of, mean, set_metric, set_sample_metric, Spec};
-use crate::task::{as_text, LoadOptions, Task};
+use crate::result::{Sample, TaskResult};
+use crate::suites::autorater::flame_prompt;
+use crate::suites::{count, doc_of, mean, Spec, Suite};
+use crate::task::{LoadOptions, Task};
 
 pub const ALIASES: [&str; 2] = ["System Star", "System Square"];
 pub const VARIANTS: [&str; 4] = ["plain", "bandwagon", "attentional", "compassion"];
@@ -185,6 +186,23 @@ fn span(v: &mut Vec<Value>, text: &str, part: &str) {
     match text.find(part) {
         Some(s) => v.push(serde_json::json!([s, s + part.len()])),
         None => v.push(Value::Null),
+    }
+}
+
+/// CoBBLEr's cognitive biases of a judge (`suite.kind: cobbler`).
+pub(crate) struct Cobbler;
+
+impl Suite for Cobbler {
+    fn kinds(&self) -> &'static [&'static str] {
+        &["cobbler"]
+    }
+
+    fn load(&self, spec: &Spec, _: &str, bases: &[&Path], opts: &LoadOptions) -> Result<Vec<Doc>> {
+        load(spec, bases, opts)
+    }
+
+    fn finish(&self, task: &Task, result: &mut TaskResult) -> Result<()> {
+        finish(task, result)
     }
 }
 
@@ -540,7 +558,7 @@ pub(crate) fn finish(task: &Task, result: &mut TaskResult) -> Result<()> {
     for s in &mut samples {
         let d = doc_of(task, s)?;
         let p = pick(s, d);
-        set_sample_metric(s, "valid", Item::Mean(if p.is_some() { 1.0 } else { 0.0 }));
+        s.set_metric("valid", Item::Mean(if p.is_some() { 1.0 } else { 0.0 }));
         valid_all.push(if p.is_some() { 1.0 } else { 0.0 });
         let variant = d.get("variant").map(as_text).unwrap_or_default();
         let k = d.get("comparison").and_then(Value::as_u64).unwrap_or(0);
@@ -613,56 +631,51 @@ pub(crate) fn finish(task: &Task, result: &mut TaskResult) -> Result<()> {
             _ => t.flipped += usize::from(a == Some(0) && b == Some(1)),
         }
     }
-    set_metric(result, "valid_rate", mean(&valid_all));
+    result.set_metric("valid_rate", mean(&valid_all));
     for (variant, (t, fixed)) in &tallies {
-        set_metric(
-            result,
+        result.set_metric(
             &format!("valid_response[variant={variant}]"),
             ratio(t.valid, t.total),
         );
-        set_metric(
-            result,
+        result.set_metric(
             &format!("consistency[variant={variant}]"),
             ratio(t.consistent, t.total),
         );
         let own = |t: &Tally| ratio(t.own, t.own_compared);
         match variant.as_str() {
             "plain" => {
-                set_metric(result, "order_first", ratio(t.first, t.total));
-                set_metric(result, "order_last", ratio(t.last, t.total));
+                result.set_metric("order_first", ratio(t.first, t.total));
+                result.set_metric("order_last", ratio(t.last, t.total));
                 if evaluator.is_some() {
-                    set_metric(result, "egocentric", own(t));
+                    result.set_metric("egocentric", own(t));
                 }
                 let judged = t.long + t.short;
-                set_metric(result, "salience_long", ratio(t.long, judged));
-                set_metric(result, "salience_short", ratio(t.short, judged));
+                result.set_metric("salience_long", ratio(t.long, judged));
+                result.set_metric("salience_short", ratio(t.short, judged));
                 // The reference's retention: judged / (valid answers + 1e-6).
-                set_metric(
-                    result,
+                result.set_metric(
                     "salience_retention",
                     count(judged as f64 / (t.valid as f64 + 1e-6), t.valid),
                 );
-                set_metric(result, "comparisons", count(t.total as f64, t.total));
+                result.set_metric("comparisons", count(t.total as f64, t.total));
             }
             "compassion" => {
-                set_metric(result, "compassion_order_first", ratio(t.first, t.total));
-                set_metric(result, "compassion_order_last", ratio(t.last, t.total));
-                set_metric(
-                    result,
+                result.set_metric("compassion_order_first", ratio(t.first, t.total));
+                result.set_metric("compassion_order_last", ratio(t.last, t.total));
+                result.set_metric(
                     "compassion_order_first_positional",
                     ratio(fixed.first, fixed.total),
                 );
-                set_metric(
-                    result,
+                result.set_metric(
                     "compassion_order_last_positional",
                     ratio(fixed.last, fixed.total),
                 );
                 if evaluator.is_some() {
-                    set_metric(result, "compassion_egocentric", own(t));
-                    set_metric(result, "compassion_egocentric_positional", own(fixed));
+                    result.set_metric("compassion_egocentric", own(t));
+                    result.set_metric("compassion_egocentric_positional", own(fixed));
                 }
             }
-            v => set_metric(result, v, ratio(t.flipped, t.total)),
+            v => result.set_metric(v, ratio(t.flipped, t.total)),
         }
     }
     let invalid = valid_all.iter().filter(|&&x| x == 0.0).count();

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use crate::dataset::Doc;
 use crate::error::{Error, Result};
 use crate::pytext;
-use crate::suite::Spec;
+use crate::suites::{Spec, Suite};
 use crate::task::LoadOptions;
 
 /// How a prompt is built.
@@ -166,7 +166,7 @@ pub fn read_task(path: &Path) -> Result<SniTask> {
         instances.push(Instance {
             id: e
                 .get("id")
-                .map(crate::task::as_text)
+                .map(crate::dataset::as_text)
                 .unwrap_or_else(|| i.to_string()),
             input: text(Some(field(e, "input", path, &what)?))
                 .ok_or_else(|| data_err(path, format!("{what}.input must be a string")))?,
@@ -256,6 +256,19 @@ fn task_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     files.sort();
     Ok(files)
+}
+
+/// Super-NaturalInstructions task files (`suite.kind: sni`).
+pub(crate) struct Sni;
+
+impl Suite for Sni {
+    fn kinds(&self) -> &'static [&'static str] {
+        &["sni"]
+    }
+
+    fn load(&self, spec: &Spec, _: &str, bases: &[&Path], opts: &LoadOptions) -> Result<Vec<Doc>> {
+        load(spec, bases, opts)
+    }
 }
 
 /// Builds documents `{prompt_text, outputs, sni_task, reasoning, category, id}` from the task files of

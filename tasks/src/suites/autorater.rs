@@ -5,16 +5,18 @@
 //! judge deciding by log-likelihood of the answer options or by generating and parsing an answer.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use serde_json::Value;
 
+use crate::dataset::as_text;
 use crate::dataset::Doc;
 use crate::error::{Error, Result};
 use crate::metrics::{self, Aggregate, Item};
 use crate::pyrandom::PyRandom;
-use crate::runner::TaskResult;
-use crate::suite::{count, doc_of, mean, set_metric, set_sample_metric, Spec};
-use crate::task::{as_text, Task};
+use crate::result::TaskResult;
+use crate::suites::{count, doc_of, mean, Spec, Suite};
+use crate::task::{LoadOptions, Task};
 
 /// A FLAMe text-to-text prompt: an `INSTRUCTIONS:` block (title, description with the criteria,
 /// output fields), a `CONTEXT:` block of labelled fields, and an `EVALUATION:` block opened at the
@@ -228,6 +230,29 @@ fn number(v: Option<&Value>) -> Option<f64> {
     }
 }
 
+/// FLAMe-format judges over a data file's rows (`suite.kind: pairwise | pointwise |
+/// classification`), RewardBench among them.
+pub(crate) struct Autorater;
+
+impl Suite for Autorater {
+    fn kinds(&self) -> &'static [&'static str] {
+        &["pairwise", "pointwise", "classification"]
+    }
+
+    fn load(&self, spec: &Spec, split: &str, bases: &[&Path], _: &LoadOptions) -> Result<Vec<Doc>> {
+        let rows = crate::dataset::read_split(spec.cfg, split, bases)?.ok_or_else(|| {
+            spec.err(format!(
+                "no data file for split `{split}` in dataset_kwargs.data_files"
+            ))
+        })?;
+        build(spec, rows)
+    }
+
+    fn finish(&self, task: &Task, result: &mut TaskResult) -> Result<()> {
+        finish(task, result)
+    }
+}
+
 /// Turns data rows into judge documents: each row keeps its columns and gains `prompt` (FLAMe
 /// format), `options` (the answer options) and `gold` (the index of the correct option).
 pub(crate) fn build(spec: &Spec, rows: Vec<Doc>) -> Result<Vec<Doc>> {
@@ -397,7 +422,7 @@ pub(crate) fn build(spec: &Spec, rows: Vec<Doc>) -> Result<Vec<Doc>> {
 
 /// What the judge picked for a sample: from the option log-likelihoods (always an answer, a tie
 /// when the best is shared) or from the parsed generation (None when unparseable).
-fn judged(sample: &crate::runner::Sample, options: &[String], allow_tie: bool) -> Option<Answer> {
+fn judged(sample: &crate::result::Sample, options: &[String], allow_tie: bool) -> Option<Answer> {
     if let Some(lls) = &sample.choice_loglikelihoods {
         let best = metrics::argmax(lls);
         let tied = lls.iter().filter(|&&l| l == lls[best]).count() > 1;
@@ -490,7 +515,7 @@ fn sectioned(result: &mut TaskResult, name: &str, rows: &[Scored]) -> Option<Agg
             n,
         };
         means.push(a.clone());
-        set_metric(result, &format!("{name}[section={section}]"), a);
+        result.set_metric(&format!("{name}[section={section}]"), a);
     }
     let k = means.len() as f64;
     Some(Aggregate {
@@ -524,7 +549,7 @@ pub(crate) fn finish(task: &Task, result: &mut TaskResult) -> Result<()> {
         if a.is_none() {
             invalid += 1;
         }
-        set_sample_metric(s, "valid", Item::Mean(if a.is_some() { 1.0 } else { 0.0 }));
+        s.set_metric("valid", Item::Mean(if a.is_some() { 1.0 } else { 0.0 }));
         match kind.as_str() {
             "pairwise" => {
                 // As reward-bench scores a generative judge: an answer that is neither the
@@ -534,7 +559,7 @@ pub(crate) fn finish(task: &Task, result: &mut TaskResult) -> Result<()> {
                     Some(Answer::Choice(_)) => 0.0,
                     Some(Answer::Tie) | None => 0.5,
                 };
-                set_sample_metric(s, "pairwise_acc", Item::Mean(score));
+                s.set_metric("pairwise_acc", Item::Mean(score));
                 let section = d.get("section").map(as_text).unwrap_or_default();
                 let subset = d.get("subset").map(as_text).unwrap_or_default();
                 subsets.entry(subset.clone()).or_default().push(score);
@@ -557,7 +582,7 @@ pub(crate) fn finish(task: &Task, result: &mut TaskResult) -> Result<()> {
                         .get(i)
                         .and_then(|o| o.parse().ok())
                         .unwrap_or(f64::NAN);
-                    set_sample_metric(s, "judge_score", Item::Mean(v));
+                    s.set_metric("judge_score", Item::Mean(v));
                     judge.push(v);
                     human.push(h);
                 }
@@ -567,7 +592,7 @@ pub(crate) fn finish(task: &Task, result: &mut TaskResult) -> Result<()> {
                     Some(Answer::Choice(i)) => Some(i),
                     _ => None,
                 };
-                set_sample_metric(s, "acc", Item::Mean(if p == Some(g) { 1.0 } else { 0.0 }));
+                s.set_metric("acc", Item::Mean(if p == Some(g) { 1.0 } else { 0.0 }));
                 gold.push(g);
                 pred.push(p);
             }
@@ -576,27 +601,26 @@ pub(crate) fn finish(task: &Task, result: &mut TaskResult) -> Result<()> {
     result.samples = samples;
     match kind.as_str() {
         "pairwise" => {
-            set_metric(
-                result,
+            result.set_metric(
                 "pairwise_acc",
                 mean(&rows.iter().map(|r| r.score).collect::<Vec<_>>()),
             );
             for (sub, v) in &subsets {
-                set_metric(result, &format!("pairwise_acc[subset={sub}]"), mean(v));
+                result.set_metric(&format!("pairwise_acc[subset={sub}]"), mean(v));
             }
             if let Some(a) = sectioned(result, "pairwise_acc", &rows) {
-                set_metric(result, "rewardbench_score", a);
+                result.set_metric("rewardbench_score", a);
             }
             if let Some(a) = sectioned(result, "bleu_baseline", &base_bleu) {
-                set_metric(result, "bleu_baseline_score", a);
+                result.set_metric("bleu_baseline_score", a);
             }
             if let Some(a) = sectioned(result, "rouge_l_baseline", &base_rouge) {
-                set_metric(result, "rouge_l_baseline_score", a);
+                result.set_metric("rouge_l_baseline_score", a);
             }
         }
         "pointwise" => {
-            set_metric(result, "pearson", bootstrap(&judge, &human, pearson));
-            set_metric(result, "spearman", bootstrap(&judge, &human, spearman));
+            result.set_metric("pearson", bootstrap(&judge, &human, pearson));
+            result.set_metric("spearman", bootstrap(&judge, &human, spearman));
         }
         _ => {
             let hits: Vec<f64> = gold
@@ -604,7 +628,7 @@ pub(crate) fn finish(task: &Task, result: &mut TaskResult) -> Result<()> {
                 .zip(&pred)
                 .map(|(g, p)| if *p == Some(*g) { 1.0 } else { 0.0 })
                 .collect();
-            set_metric(result, "acc", mean(&hits));
+            result.set_metric("acc", mean(&hits));
             let g2: Vec<f64> = gold.iter().map(|&g| g as f64).collect();
             let p2: Vec<f64> = pred
                 .iter()
@@ -618,11 +642,10 @@ pub(crate) fn finish(task: &Task, result: &mut TaskResult) -> Result<()> {
                     .collect();
                 balanced_accuracy(&g, &p)
             };
-            set_metric(result, "balanced_acc", bootstrap(&g2, &p2, stat));
+            result.set_metric("balanced_acc", bootstrap(&g2, &p2, stat));
         }
     }
-    set_metric(
-        result,
+    result.set_metric(
         "valid_rate",
         mean(
             &result
@@ -638,7 +661,7 @@ pub(crate) fn finish(task: &Task, result: &mut TaskResult) -> Result<()> {
                 .collect::<Vec<_>>(),
         ),
     );
-    set_metric(result, "unparseable", count(invalid as f64, n));
+    result.set_metric("unparseable", count(invalid as f64, n));
     if invalid > 0 {
         let scored = if kind == "pairwise" {
             "scored 0.5 as reward-bench does"

@@ -1,11 +1,4 @@
-//! Built-in suites for what task data cannot express on its own: Super-NaturalInstructions task
-//! files ([`crate::sni`]), FLAMe-format autoraters ([`crate::autorater`]) and CoBBLEr biases
-//! ([`crate::cobbler`]). A task opts in with `suite: {kind: ..., ...}`; its YAML still says how a
-//! built document becomes requests (`doc_to_text: prompt`, `doc_to_choice: options`, ...).
-//!
-//! Two entry points: [`load_docs`] builds the documents when the task loads, and [`finish`] adds the
-//! metrics that need more than one sample (correlations, section means, biases over both orders).
-//! `finish` depends only on the task and its samples, so it also works on a merged set of shards.
+//! A task's `suite` mapping, read with errors that name the file, the task and the key.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,11 +6,8 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::config::TaskConfig;
-use crate::dataset::{Doc, Source};
+use crate::dataset::Source;
 use crate::error::{Error, Result};
-use crate::metrics::{Aggregate, Item};
-use crate::runner::{Sample, TaskResult};
-use crate::task::{LoadOptions, Task};
 
 /// The `suite` mapping of a task, with errors that name the file and the task.
 pub(crate) struct Spec<'a> {
@@ -122,94 +112,4 @@ impl<'a> Spec<'a> {
             .replace("{data_dir}", &data_dir.to_string_lossy());
         Ok(Source::parse(&raw, bases).path)
     }
-}
-
-/// Builds a suite task's documents (called by [`Task::load`] when the task has `suite`).
-pub(crate) fn load_docs(
-    cfg: &TaskConfig,
-    split: &str,
-    bases: &[&Path],
-    opts: &LoadOptions,
-) -> Result<Vec<Doc>> {
-    let spec = Spec::new(cfg).ok_or_else(|| Error::Config {
-        file: cfg.file.clone(),
-        msg: format!("task `{}` has no suite", cfg.name),
-    })?;
-    match spec.kind()? {
-        "sni" => crate::sni::load(&spec, bases, opts),
-        "pairwise" | "pointwise" | "classification" => {
-            let rows = crate::task::read_split(cfg, split, bases)?.ok_or_else(|| {
-                spec.err(format!(
-                    "no data file for split `{split}` in dataset_kwargs.data_files"
-                ))
-            })?;
-            crate::autorater::build(&spec, rows)
-        }
-        "cobbler" => crate::cobbler::load(&spec, bases, opts),
-        other => Err(spec.err(format!(
-            "unknown suite.kind `{other}` (sni, pairwise, pointwise, classification or cobbler)"
-        ))),
-    }
-}
-
-/// Adds a suite task's corpus-level metrics (and per-sample judge metrics) to its result. Does
-/// nothing for tasks without `suite`; safe to call once per summarised result.
-pub fn finish(task: &Task, result: &mut TaskResult) -> Result<()> {
-    let Some(spec) = Spec::new(&task.config) else {
-        return Ok(());
-    };
-    match spec.kind()? {
-        "pairwise" | "pointwise" | "classification" => crate::autorater::finish(task, result),
-        "cobbler" => crate::cobbler::finish(task, result),
-        _ => Ok(()),
-    }
-}
-
-/// Sets (or replaces) an aggregate metric of a result.
-pub(crate) fn set_metric(result: &mut TaskResult, name: &str, agg: Aggregate) {
-    match result.metrics.iter_mut().find(|(n, _)| n == name) {
-        Some(slot) => slot.1 = agg,
-        None => result.metrics.push((name.to_string(), agg)),
-    }
-}
-
-/// Sets (or replaces) a per-sample metric.
-pub(crate) fn set_sample_metric(sample: &mut Sample, name: &str, item: Item) {
-    match sample.metrics.iter_mut().find(|(n, _)| n == name) {
-        Some(slot) => slot.1 = item,
-        None => sample.metrics.push((name.to_string(), item)),
-    }
-}
-
-/// A count reported as a metric (no standard error).
-pub(crate) fn count(value: f64, n: usize) -> Aggregate {
-    Aggregate {
-        value,
-        stderr: f64::NAN,
-        n,
-    }
-}
-
-/// Mean of 0/1 (or fractional) values with its standard error; NaN when empty.
-pub(crate) fn mean(xs: &[f64]) -> Aggregate {
-    if xs.is_empty() {
-        return count(f64::NAN, 0);
-    }
-    let (value, stderr) = crate::metrics::mean_stderr(xs);
-    Aggregate {
-        value,
-        stderr,
-        n: xs.len(),
-    }
-}
-
-/// The document a sample came from.
-pub(crate) fn doc_of<'t>(task: &'t Task, sample: &Sample) -> Result<&'t Doc> {
-    task.docs().get(sample.doc_id).ok_or_else(|| Error::Doc {
-        file: task.config.file.clone(),
-        task: task.config.name.clone(),
-        doc_id: sample.doc_id,
-        field: "doc_id".into(),
-        msg: "sample has no document".into(),
-    })
 }

@@ -1,0 +1,112 @@
+//! Loading a task: its documents (read from its data files, or built by its suite) and its
+//! few-shot pool, as lm-evaluation-harness picks them.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::config::TaskConfig;
+use crate::dataset::{self, as_text, Source};
+use crate::error::{Error, Result};
+use crate::task::{LoadOptions, Task};
+use crate::template;
+
+impl Task {
+    /// Reads a task's data and prepares its few-shot pool.
+    pub fn load(config: TaskConfig, opts: &LoadOptions) -> Result<Task> {
+        let cwd = PathBuf::from(".");
+        let dir = config
+            .file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| cwd.clone());
+        let bases: Vec<&Path> = vec![&cwd, &dir];
+        let split = config
+            .test_split
+            .clone()
+            .or_else(|| config.validation_split.clone())
+            .ok_or_else(|| Error::Config {
+                file: config.file.clone(),
+                msg: format!(
+                    "task `{}`: needs `test_split` or `validation_split`",
+                    config.name
+                ),
+            })?;
+        let mut docs = match &config.suite {
+            // A suite builds its documents, few-shot exemplars included, itself (suites/).
+            Some(_) => crate::suites::load_docs(&config, &split, &bases, opts)?,
+            None => dataset::read_split(&config, &split, &bases)?.ok_or_else(|| Error::Config {
+            file: config.file.clone(),
+            msg: format!(
+                "task `{}`: no data file for split `{split}` in dataset_kwargs.data_files (has: {})",
+                config.name,
+                config.data_files.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        })?,
+        };
+        let features: HashSet<String> = docs.iter().flat_map(|d| d.keys().cloned()).collect();
+        if let Some(l) = opts.limit {
+            docs.truncate(l);
+        }
+        let num_fewshot = if config.suite.is_some() {
+            0
+        } else {
+            opts.num_fewshot.unwrap_or(config.num_fewshot)
+        };
+        let mut fewshot_docs = Vec::new();
+        let mut fewshot_by = HashMap::new();
+        if num_fewshot > 0 {
+            if let Some(fb) = &config.fewshot_by {
+                for d in &docs {
+                    let v = d.get(&fb.field).map(as_text).unwrap_or_default();
+                    if fewshot_by.contains_key(&v) {
+                        continue;
+                    }
+                    let key = fb.map.get(&v).cloned().unwrap_or_else(|| v.clone());
+                    let path = fb.data_files.replace("{value}", &key);
+                    let mut ex = dataset::read_lenient_csv(&Source::parse(&path, &bases))?;
+                    ex.truncate(fb.n.min(num_fewshot));
+                    // Exemplars share the document's field value, so templates can branch on it.
+                    for e in &mut ex {
+                        e.entry(fb.field.clone())
+                            .or_insert_with(|| Value::String(v.clone()));
+                    }
+                    fewshot_by.insert(v, ex);
+                }
+            } else {
+                // The harness's fallback order: the few-shot split, else train, validation, test.
+                let candidates = [
+                    config.fewshot_split.clone(),
+                    config.training_split.clone(),
+                    config.validation_split.clone(),
+                    config.test_split.clone(),
+                ];
+                for c in candidates.into_iter().flatten() {
+                    if let Some(d) = dataset::read_split(&config, &c, &bases)? {
+                        fewshot_docs = d;
+                        break;
+                    }
+                    if config.fewshot_split.as_deref() == Some(c.as_str()) {
+                        return Err(Error::Config {
+                            file: config.file.clone(),
+                            msg: format!(
+                                "task `{}`: no data file for fewshot_split `{c}`",
+                                config.name
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(Task {
+            env: template::environment(),
+            features,
+            docs,
+            fewshot_docs,
+            fewshot_by,
+            num_fewshot,
+            config,
+        })
+    }
+}

@@ -1,0 +1,385 @@
+//! Scoring, owned by the task: a document's answers become a [`Sample`] ([`Task::score`]), a
+//! task's samples become its metrics ([`Task::summarise`], then [`Task::finish`] for a suite's
+//! metrics that span samples), and groups aggregate their members ([`group_aggregates`]).
+//!
+//! Everything here depends only on the task and its answers, so a merged set of shards scores the
+//! same as one run.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+
+use crate::bias;
+use crate::config::{OutputType, Registry};
+use crate::dataset::as_text;
+use crate::error::{Error, Result};
+use crate::metrics::{self, Aggregate, Item, Translation};
+use crate::result::{Sample, TaskResult};
+use crate::rouge::{self, Rouge};
+use crate::task::{Instance, Response, Task};
+
+impl Task {
+    /// Scores one document from its requests' answers, given in request order.
+    pub fn score(&self, inst: &Instance, responses: &[Response]) -> Result<Sample> {
+        score_instance(self, inst, responses)
+    }
+
+    /// A task's metrics over its samples: each configured metric, its per-group values and the
+    /// bias metrics of a task with `bias`.
+    pub fn summarise(&self, samples: Vec<Sample>) -> TaskResult {
+        summarise_samples(self, samples)
+    }
+
+    /// Adds a suite's metrics that span samples (RewardBench sections, CoBBLEr biases,
+    /// correlations). Does nothing for tasks without `suite`; safe to call once per summarised
+    /// result.
+    pub fn finish(&self, result: &mut TaskResult) -> Result<()> {
+        crate::suites::finish(self, result)
+    }
+}
+
+/// CALM's exclusions, judged over a task and its partner task (which may have run separately):
+/// call once over every result of a run.
+pub fn apply_joint_rules(tasks: &[Task], results: &mut [TaskResult]) {
+    bias::apply_joint_rules(tasks, results)
+}
+
+fn doc_err(task: &Task, doc_id: usize, field: &str, msg: impl Into<String>) -> Error {
+    Error::Doc {
+        file: task.config.file.clone(),
+        task: task.config.name.clone(),
+        doc_id,
+        field: field.into(),
+        msg: msg.into(),
+    }
+}
+
+/// Gold choice indices of a multiple-choice document.
+fn gold_indices(task: &Task, inst: &Instance) -> Result<Vec<usize>> {
+    let one = |v: &Value| -> Result<usize> {
+        match v {
+            Value::Number(n) => n
+                .as_u64()
+                .map(|i| i as usize)
+                .filter(|&i| i < inst.choices.len())
+                .ok_or_else(|| {
+                    doc_err(
+                        task,
+                        inst.doc_id,
+                        "doc_to_target",
+                        format!(
+                            "target {n} is not an index into {} choices",
+                            inst.choices.len()
+                        ),
+                    )
+                }),
+            Value::String(s) => inst.choices.iter().position(|c| c == s).ok_or_else(|| {
+                doc_err(
+                    task,
+                    inst.doc_id,
+                    "doc_to_target",
+                    format!("target {s:?} is not one of the choices {:?}", inst.choices),
+                )
+            }),
+            other => Err(doc_err(
+                task,
+                inst.doc_id,
+                "doc_to_target",
+                format!("target {other} is neither an index nor a choice"),
+            )),
+        }
+    };
+    match &inst.target {
+        Value::Array(a) => a.iter().map(one).collect(),
+        v => Ok(vec![one(v)?]),
+    }
+}
+
+fn score_instance(task: &Task, inst: &Instance, responses: &[Response]) -> Result<Sample> {
+    let cfg = &task.config;
+    let mut s = Sample {
+        doc_id: inst.doc_id,
+        prompt: inst.context.clone(),
+        arguments: task.harness_arguments(&inst.requests),
+        target: String::new(),
+        prediction: None,
+        choice_loglikelihoods: None,
+        loglikelihood: None,
+        metrics: Vec::new(),
+        attributes: task.attributes(inst.doc_id),
+    };
+    let lls: Vec<(f64, bool)> = responses
+        .iter()
+        .filter_map(|r| {
+            if let Response::Loglikelihood(l) = r {
+                Some((l.logprob, l.is_greedy))
+            } else {
+                None
+            }
+        })
+        .collect();
+    match cfg.output_type {
+        OutputType::MultipleChoice => {
+            let k = inst.choices.len();
+            let gold = gold_indices(task, inst)?;
+            let cond: Vec<f64> = lls[..k].iter().map(|x| x.0).collect();
+            let greedy: Vec<bool> = lls[..k].iter().map(|x| x.1).collect();
+            let uncond: Option<Vec<f64>> =
+                (lls.len() == 2 * k).then(|| lls[k..].iter().map(|x| x.0).collect());
+            s.target = gold
+                .iter()
+                .map(|&g| inst.choices[g].clone())
+                .collect::<Vec<_>>()
+                .join(" | ");
+            let pred = metrics::argmax(&cond);
+            s.prediction = Some(inst.choices[pred].clone());
+            s.loglikelihood = Some(cond[gold[0]]);
+            for m in &cfg.metric_list {
+                let v = metrics::multiple_choice(
+                    &m.metric,
+                    &cond,
+                    uncond.as_deref(),
+                    &greedy,
+                    &gold,
+                    &inst.choices,
+                )
+                .ok_or_else(|| Error::Config {
+                    file: cfg.file.clone(),
+                    msg: format!(
+                        "task `{}`: metric `{}` is not available for multiple_choice",
+                        cfg.name, m.metric
+                    ),
+                })?;
+                s.metrics.push((m.metric.clone(), Item::Mean(v)));
+            }
+            s.choice_loglikelihoods = Some(cond);
+        }
+        OutputType::Loglikelihood => {
+            let (l, g) = lls[0];
+            s.target = as_text(&inst.target);
+            s.loglikelihood = Some(l);
+            for m in &cfg.metric_list {
+                let item = match m.metric.as_str() {
+                    "perplexity" => Item::Perplexity(l),
+                    "acc" => Item::Mean(if g { 1.0 } else { 0.0 }),
+                    o => {
+                        return Err(Error::Config {
+                            file: cfg.file.clone(),
+                            msg: format!(
+                                "task `{}`: metric `{o}` is not available for loglikelihood",
+                                cfg.name
+                            ),
+                        })
+                    }
+                };
+                s.metrics.push((m.metric.clone(), item));
+            }
+        }
+        OutputType::LoglikelihoodRolling => {
+            let Response::Rolling(l) = responses[0] else {
+                unreachable!("rolling task, rolling response")
+            };
+            let text = as_text(&inst.target);
+            // Python's len(re.split(r"\s+", text)): one more than the number of whitespace runs.
+            let mut words = 1usize;
+            let mut in_ws = false;
+            for c in text.chars() {
+                let ws = crate::lm::is_py_space(c);
+                if ws && !in_ws {
+                    words += 1;
+                }
+                in_ws = ws;
+            }
+            let bytes = text.len() as f64;
+            s.loglikelihood = Some(l);
+            for m in &cfg.metric_list {
+                let item = match m.metric.as_str() {
+                    "word_perplexity" => Item::WeightedPerplexity(l, words as f64),
+                    "byte_perplexity" => Item::WeightedPerplexity(l, bytes),
+                    "bits_per_byte" => Item::BitsPerByte(l, bytes),
+                    o => {
+                        return Err(Error::Config {
+                            file: cfg.file.clone(),
+                            msg: format!(
+                            "task `{}`: metric `{o}` is not available for loglikelihood_rolling",
+                            cfg.name
+                        ),
+                        })
+                    }
+                };
+                s.metrics.push((m.metric.clone(), item));
+            }
+            s.target = text;
+        }
+        OutputType::GenerateUntil => {
+            let Response::Generate(out) = &responses[0] else {
+                unreachable!("generation task, generation response")
+            };
+            let golds: Vec<String> = if !inst.choices.is_empty() {
+                let idx = gold_indices(task, inst)?;
+                idx.iter().map(|&i| inst.choices[i].clone()).collect()
+            } else {
+                match &inst.target {
+                    Value::Array(a) => a.iter().map(as_text).collect(),
+                    v => vec![as_text(v)],
+                }
+            };
+            s.target = golds.join(" | ");
+            for m in &cfg.metric_list {
+                let pred = metrics::normalise(out, &m.kwargs);
+                let refs: Vec<String> = golds
+                    .iter()
+                    .map(|g| metrics::normalise(g, &m.kwargs))
+                    .collect();
+                let any = |f: &dyn Fn(&str) -> f64| refs.iter().map(|r| f(r)).fold(0.0, f64::max);
+                let item = match m.metric.as_str() {
+                    "exact_match" => Item::Mean(any(&|r| if r == pred { 1.0 } else { 0.0 })),
+                    "f1" => Item::Mean(any(&|r| metrics::token_f1(&pred, r))),
+                    "rouge_l" => Item::Mean(any(&|r| metrics::rouge_l(&pred, r))),
+                    // rouge_score's F-measure, max over the references; `use_stemmer` as there.
+                    name if Rouge::parse(name).is_some() => {
+                        let kind = Rouge::parse(name).unwrap_or(Rouge::L);
+                        let stem = m.kwargs.get("use_stemmer").and_then(Value::as_bool);
+                        Item::Mean(any(&|r| {
+                            rouge::score(kind, r, &pred, stem.unwrap_or(false))
+                        }))
+                    }
+                    name if Translation::parse(name).is_some() => {
+                        let t = Translation::parse(name).unwrap_or(Translation::Bleu);
+                        Item::Translation(t, pred.clone(), refs.clone())
+                    }
+                    "calm_match" | "calm_match_moeval" => {
+                        let kind = m.kwargs.get("kind").and_then(Value::as_str).unwrap_or("qa");
+                        let labels: Vec<String> = m
+                            .kwargs
+                            .get("labels")
+                            .and_then(Value::as_array)
+                            .map(|a| a.iter().map(as_text).collect())
+                            .unwrap_or_default();
+                        let ok = if m.metric == "calm_match" {
+                            bias::calm_match_reference(kind, out, &golds)
+                        } else {
+                            bias::calm_match(kind, out, &golds, &labels)
+                        }
+                        .map_err(|e| Error::Config {
+                            file: cfg.file.clone(),
+                            msg: format!("task `{}`: {e}", cfg.name),
+                        })?;
+                        Item::Mean(if ok { 1.0 } else { 0.0 })
+                    }
+                    o => {
+                        return Err(Error::Config {
+                            file: cfg.file.clone(),
+                            msg: format!(
+                                "task `{}`: metric `{o}` is not available for generate_until",
+                                cfg.name
+                            ),
+                        })
+                    }
+                };
+                s.metrics.push((m.metric.clone(), item));
+            }
+            s.prediction = Some(out.clone());
+        }
+    }
+    Ok(s)
+}
+
+fn summarise_samples(task: &Task, samples: Vec<Sample>) -> TaskResult {
+    let cfg = &task.config;
+    let mut out = Vec::new();
+    let mut notes = Vec::new();
+    for m in &cfg.metric_list {
+        let items: Vec<Item> = samples
+            .iter()
+            .filter_map(|s| {
+                s.metrics
+                    .iter()
+                    .find(|(n, _)| n == &m.metric)
+                    .map(|x| x.1.clone())
+            })
+            .collect();
+        out.push((m.metric.clone(), metrics::aggregate(&items)));
+        // Per-group values of mean metrics.
+        let mut fields: Vec<&String> = cfg.group_by.iter().collect();
+        if let Some(b) = &cfg.bias {
+            if !fields.contains(&&b.group) {
+                fields.push(&b.group);
+            }
+        }
+        for f in fields {
+            let mut by: BTreeMap<&str, Vec<Item>> = BTreeMap::new();
+            for s in &samples {
+                if let (Some(v), Some((_, it))) = (
+                    s.attributes.get(f.as_str()),
+                    s.metrics.iter().find(|(n, _)| n == &m.metric),
+                ) {
+                    by.entry(v.as_str()).or_default().push(it.clone());
+                }
+            }
+            for (v, items) in by {
+                out.push((format!("{}[{f}={v}]", m.metric), metrics::aggregate(&items)));
+            }
+        }
+    }
+    let (bias_metrics, bias_notes) = bias::task_metrics(cfg, &samples, None);
+    out.extend(bias_metrics);
+    notes.extend(bias_notes);
+    TaskResult {
+        task: cfg.name.clone(),
+        samples,
+        metrics: out,
+        notes,
+    }
+}
+
+/// Aggregate metrics of the groups whose member tasks all ran: (group, metric, aggregate).
+/// Each is a mean over member tasks (weighted by size when `weight_by_size`), NaN members skipped.
+pub fn group_aggregates(
+    registry: &Registry,
+    results: &[TaskResult],
+) -> Vec<(String, String, Aggregate)> {
+    let by_name: HashMap<&str, &TaskResult> =
+        results.iter().map(|r| (r.task.as_str(), r)).collect();
+    let mut out = Vec::new();
+    for g in registry.groups() {
+        let Ok(members) = registry.resolve(std::slice::from_ref(&g.name)) else {
+            continue;
+        };
+        if members.is_empty() || !members.iter().all(|m| by_name.contains_key(m.as_str())) {
+            continue;
+        }
+        for a in &g.aggregate {
+            let vals: Vec<&Aggregate> = members
+                .iter()
+                .filter_map(|m| by_name[m.as_str()].metric(&a.metric))
+                .filter(|x| x.value.is_finite())
+                .collect();
+            if vals.is_empty() {
+                continue;
+            }
+            let w: Vec<f64> = vals
+                .iter()
+                .map(|x| if a.weight_by_size { x.n as f64 } else { 1.0 })
+                .collect();
+            let tw: f64 = w.iter().sum();
+            let value = vals.iter().zip(&w).map(|(x, w)| x.value * w).sum::<f64>() / tw;
+            let stderr = vals
+                .iter()
+                .zip(&w)
+                .map(|(x, w)| (x.stderr * w / tw).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            out.push((
+                g.name.clone(),
+                a.metric.clone(),
+                Aggregate {
+                    value,
+                    stderr,
+                    n: vals.len(),
+                },
+            ));
+        }
+    }
+    out
+}
