@@ -176,9 +176,18 @@ fn routing_follows_domains() {
         .map(|e| model.registry().unwrap().name(e).to_string())
         .collect();
     for d in OWNERS {
-        model.take_routed_tokens();
-        perplexity(&model, d, 8);
-        let counts = model.take_routed_tokens();
+        let tok = model.require_tokenizer().unwrap();
+        let reqs: Vec<ScoreRequest> = suite_data(&format!("ppl_{d}.jsonl"))
+            .iter()
+            .take(8)
+            .map(|x| ScoreRequest {
+                context: vec![0],
+                continuation: tok.encode(x["text"].as_str().unwrap()).unwrap(),
+            })
+            .collect();
+        let (_, routed) =
+            engine::score::loglikelihood_routed(&model, &reqs, &ScoreOptions::default()).unwrap();
+        let counts = routed.0;
         let mut per_expert = vec![0u64; names.len()];
         for layer in &counts {
             for (p, c) in per_expert.iter_mut().zip(layer) {

@@ -8,7 +8,7 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use routers::ExpertMask;
 
 use crate::attention::KvCache;
-use crate::model::{Model, SeqInput};
+use crate::model::{Model, RoutedTokens, SeqInput};
 use crate::{Error, Result};
 
 /// How to continue one prompt.
@@ -203,6 +203,8 @@ pub struct Decoder<'m> {
     seqs: Vec<Active>,
     next_id: u64,
     prefill_chunk: usize,
+    /// Tokens the steps' forward passes routed to each expert since the last `take_routed`.
+    routed: RoutedTokens,
 }
 
 impl<'m> Decoder<'m> {
@@ -218,7 +220,14 @@ impl<'m> Decoder<'m> {
             seqs: Vec::new(),
             next_id: 0,
             prefill_chunk: chunk.max(1),
+            routed: RoutedTokens::default(),
         }
+    }
+
+    /// Tokens this decoder's forward passes routed to each expert since it was made (or since the
+    /// previous call, which resets the count).
+    pub fn take_routed(&mut self) -> RoutedTokens {
+        std::mem::take(&mut self.routed)
     }
 
     /// Adds a sequence; it starts at the next step. Bad input is refused here, so that one request
@@ -437,6 +446,7 @@ impl<'m> Decoder<'m> {
             model.forward_last(&mut inputs)?
         };
         drop(inputs);
+        self.routed.add(&fwd.routed);
         // Rows whose logits we need: the last of each sequence, plus a scored prompt chunk's other rows.
         let mut rows: Vec<u32> = Vec::new();
         let mut first_row = Vec::with_capacity(steps.len());
@@ -808,6 +818,15 @@ pub fn generate(
     prompts: &[(Vec<u32>, GenParams)],
     mask: Option<&ExpertMask>,
 ) -> Result<Vec<Generation>> {
+    Ok(generate_routed(model, prompts, mask)?.0)
+}
+
+/// [`generate`] with the tokens its forward passes routed to each expert.
+pub fn generate_routed(
+    model: &Model,
+    prompts: &[(Vec<u32>, GenParams)],
+    mask: Option<&ExpertMask>,
+) -> Result<(Vec<Generation>, RoutedTokens)> {
     if let Some(i) = prompts.iter().position(|p| p.0.is_empty()) {
         return Err(Error::Input(format!("prompt {i} has no tokens")));
     }
@@ -829,7 +848,9 @@ pub fn generate(
             }
         }
     }
-    out.into_iter()
+    let generations = out
+        .into_iter()
         .map(|g| g.ok_or_else(|| Error::Input("internal: a prompt did not finish".into())))
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((generations, decoder.take_routed()))
 }

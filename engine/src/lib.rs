@@ -34,7 +34,7 @@ pub use attention::KvCache;
 pub use config::{Architecture, Config};
 pub use error::{Error, Result};
 pub use layers::TensorSource;
-pub use model::{Device, Forward, LoadOptions, Model, SeqInput};
+pub use model::{Device, Forward, LoadOptions, Model, RoutedTokens, SeqInput};
 pub use routers::{EffectiveMask, ExpertMask, Registry};
 pub use tokenizer::Tokenizer;
 pub use weights::{to_f32, Weights};

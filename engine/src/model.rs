@@ -111,6 +111,34 @@ pub struct Forward {
     pub starts: Vec<usize>,
     /// Router logits `[tokens, experts]` per MoE layer, when asked for.
     pub router_logits: Option<Vec<Tensor>>,
+    /// Tokens this pass routed to each expert (empty for dense models).
+    pub routed: RoutedTokens,
+}
+
+/// Tokens routed to each expert, `[layer][expert]`, each token counted once per expert it is sent
+/// to. Empty for dense models. Forward passes return theirs; callers add them up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoutedTokens(pub Vec<Vec<u64>>);
+
+impl RoutedTokens {
+    /// Adds `other`'s counts (growing to its shape).
+    pub fn add(&mut self, other: &RoutedTokens) {
+        if self.0.len() < other.0.len() {
+            self.0.resize(other.0.len(), Vec::new());
+        }
+        for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
+            if mine.len() < theirs.len() {
+                mine.resize(theirs.len(), 0);
+            }
+            for (m, t) in mine.iter_mut().zip(theirs) {
+                *m += t;
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 enum Backend {
@@ -132,8 +160,6 @@ pub struct Model {
     experts: Option<(Registry, EffectiveMask)>,
     tokenizer: Option<Tokenizer>,
     dir: Option<PathBuf>,
-    /// Tokens routed to each expert per layer since load (or the last `take_routed_tokens`).
-    routed_tokens: std::sync::Mutex<Vec<Vec<u64>>>,
 }
 
 impl Model {
@@ -220,7 +246,6 @@ impl Model {
                 &biases,
             )?)),
         };
-        let (config_layers, config_experts) = (config.num_hidden_layers, config.num_experts);
         Ok(Self {
             config,
             backend,
@@ -229,7 +254,6 @@ impl Model {
             experts,
             tokenizer: None,
             dir: None,
-            routed_tokens: std::sync::Mutex::new(vec![vec![0; config_experts]; config_layers]),
         })
     }
 
@@ -319,28 +343,6 @@ impl Model {
         self.experts.as_ref().map(|(_, e)| e)
     }
 
-    /// Tokens routed to each expert (`[layer][expert]`, each token counted once per expert it is sent to)
-    /// by every forward pass since load or the previous call, which resets the counts. Empty rows for
-    /// dense models.
-    pub fn take_routed_tokens(&self) -> Vec<Vec<u64>> {
-        let mut counts = self.routed_tokens.lock().unwrap_or_else(|p| p.into_inner());
-        if let (Backend::Cuda(c), Some(_)) = (&self.backend, &self.loaded) {
-            // The GPU keeps its own counts; a failed read leaves these as they are (stats only).
-            if let Ok(gpu) = c.take_routed() {
-                for (t, g) in counts.iter_mut().zip(gpu) {
-                    for (t, g) in t.iter_mut().zip(g) {
-                        *t += g;
-                    }
-                }
-            }
-        }
-        let out = counts.clone();
-        for row in counts.iter_mut() {
-            row.fill(0);
-        }
-        out
-    }
-
     /// An empty KV cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
         match &self.backend {
@@ -404,7 +406,8 @@ impl Model {
                 ..
             } => (embed_tokens, blocks, norm),
             Backend::Cuda(c) => {
-                let (hidden, router) = c.forward(seqs, record_router_logits, last_only)?;
+                let (hidden, router, routed) = c.forward(seqs, record_router_logits, last_only)?;
+                let routed = RoutedTokens(routed);
                 let n = hidden.len() / self.config.hidden_size;
                 let tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
                 let e = self.config.num_experts;
@@ -428,6 +431,7 @@ impl Model {
                         starts
                     },
                     router_logits,
+                    routed,
                 });
             }
         };
@@ -471,14 +475,6 @@ impl Model {
             batch.layer = layer;
             x = block.forward(&x, layer, &mut batch)?;
         }
-        if self.loaded.is_some() {
-            let mut total = self.routed_tokens.lock().unwrap_or_else(|p| p.into_inner());
-            for (t, c) in total.iter_mut().zip(&batch.routed_tokens) {
-                for (t, c) in t.iter_mut().zip(c) {
-                    *t += c;
-                }
-            }
-        }
         if last_only {
             let idx = Tensor::from_vec(last_rows, n_seqs, &candle_core::Device::Cpu)?;
             x = x.index_select(&idx, 0)?;
@@ -491,6 +487,7 @@ impl Model {
                 starts
             },
             router_logits: batch.router_logits,
+            routed: RoutedTokens(batch.routed_tokens),
         })
     }
 

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use routers::ExpertMask;
 
 use crate::attention::KvCache;
-use crate::model::{Model, SeqInput};
+use crate::model::{Model, RoutedTokens, SeqInput};
 use crate::{Error, Result};
 
 /// Score `continuation` given `context` (token ids). The context must not be empty: callers prefix
@@ -62,6 +62,16 @@ pub fn loglikelihood(
     requests: &[ScoreRequest],
     opts: &ScoreOptions,
 ) -> Result<Vec<Score>> {
+    Ok(loglikelihood_routed(model, requests, opts)?.0)
+}
+
+/// [`loglikelihood`] with the tokens its forward passes routed to each expert.
+pub fn loglikelihood_routed(
+    model: &Model,
+    requests: &[ScoreRequest],
+    opts: &ScoreOptions,
+) -> Result<(Vec<Score>, RoutedTokens)> {
+    let mut routed = RoutedTokens::default();
     for (i, r) in requests.iter().enumerate() {
         if r.context.is_empty() || r.continuation.is_empty() {
             return Err(Error::Input(format!(
@@ -110,6 +120,7 @@ pub fn loglikelihood(
             })
             .collect();
         let fwd = model.forward_last(&mut inputs)?;
+        routed.add(&fwd.routed);
         drop(inputs);
         // Each context's last row predicts the first token of every continuation in its group.
         let queries: Vec<(u32, Vec<u32>)> = chunk
@@ -167,6 +178,7 @@ pub fn loglikelihood(
                 })
                 .collect();
             let fwd = model.forward(&mut inputs, false)?;
+            routed.add(&fwd.routed);
             drop(inputs);
             // Row s + i predicts continuation token i + 1.
             let queries: Vec<(u32, Vec<u32>)> = part
@@ -190,10 +202,11 @@ pub fn loglikelihood(
         }
         g = end;
     }
-    Ok(results
+    let scores = results
         .into_iter()
         .map(|r| r.expect("every request scored"))
-        .collect())
+        .collect();
+    Ok((scores, routed))
 }
 
 /// For each (row of `hidden`, tokens) query: the log-probability of each token under that row's

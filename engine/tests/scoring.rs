@@ -257,9 +257,8 @@ fn routed_token_counts_follow_masks() {
         .encode("The quick brown fox jumps over the lazy dog.")
         .unwrap();
     let mask = model.loaded_experts().unwrap().without(&[2]).unwrap();
-    let _ = model.take_routed_tokens();
     let mut cache = model.new_cache();
-    model
+    let fwd = model
         .forward(
             &mut [SeqInput {
                 tokens: &tokens,
@@ -269,7 +268,8 @@ fn routed_token_counts_follow_masks() {
             false,
         )
         .unwrap();
-    let counts = model.take_routed_tokens();
+    // The pass returns its own counts.
+    let counts = fwd.routed.0;
     assert_eq!(counts.len(), model.config().num_hidden_layers);
     for layer in &counts {
         assert_eq!(
@@ -279,8 +279,18 @@ fn routed_token_counts_follow_masks() {
         );
         assert_eq!(layer[2], 0, "opted-out expert gets nothing");
     }
-    assert!(
-        model.take_routed_tokens().iter().flatten().all(|&c| c == 0),
-        "taking resets"
-    );
+    // Scoring and decoding add up their passes' counts: one more token, one more token's routing.
+    let (_, routed) = engine::score::loglikelihood_routed(
+        &model,
+        &[engine::score::ScoreRequest {
+            context: tokens.clone(),
+            continuation: vec![tokens[0]],
+        }],
+        &engine::score::ScoreOptions {
+            mask: Some(mask.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(routed.0, counts, "the context pass routes the same tokens");
 }

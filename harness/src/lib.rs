@@ -1,7 +1,7 @@
 //! What an evaluation run is and does, as plain functions over settings structs (no command-line
 //! types): the engine model as a [`tasks::LanguageModel`] ([`lm`]), the retrieval-augmented models
-//! composed on it ([`retrieval`]), run execution with resume ([`run`]), and shards and their merge
-//! ([`shards`]). The `moeval` binary parses arguments, shows progress and prints what these return.
+//! composed on it ([`retrieval`]), run execution with resume ([`run`]), shards and their merge
+//! ([`shards`]), and routing statistics over documents ([`route`]). The `moeval` binary parses arguments, shows progress and prints what these return.
 //!
 //! Invariants:
 //! - A run's numbers depend only on what its manifest records (model hashes, masks, tasks and their
@@ -10,10 +10,13 @@
 //!   only after every other file of the run is in place.
 //! - A merged sharded run equals the run done unsharded: it is re-scored from the shards' request
 //!   journals, without a model.
+//! - What a model did (tokens routed to each expert, retrieved sources) reaches the results through
+//!   the answers that carry it, never through counters read afterwards.
 
 pub mod lm;
 pub mod load;
 pub mod retrieval;
+pub mod route;
 pub mod run;
 pub mod runs;
 pub mod shards;

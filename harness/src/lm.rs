@@ -1,12 +1,14 @@
 //! The engine model as a [`tasks::LanguageModel`]: text requests are tokenised with the evaluation
 //! harness's rules (see `tasks::lm`) and scored or continued by the engine.
 
-use engine::generate::{generate, BeamParams, EarlyStopping, GenParams};
-use engine::score::{loglikelihood, ScoreOptions, ScoreRequest};
+use engine::generate::{generate_routed, BeamParams, EarlyStopping, GenParams};
+use engine::score::{loglikelihood_routed, ScoreOptions, ScoreRequest};
 use engine::{ExpertMask, Model, Tokenizer};
 use rayon::prelude::*;
 use tasks::lm::{encode_pair, rolling_windows, truncate_left};
-use tasks::{GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError};
+use tasks::{
+    Answers, GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError,
+};
 
 /// The engine's settings for a harness generation request (beam search as the harness's HF backend
 /// passes `num_beams`, `length_penalty` and `early_stopping` to transformers).
@@ -73,7 +75,7 @@ impl<'a> EngineLm<'a> {
     }
 
     /// Scores token-level requests; an empty continuation scores 0 (and counts as greedy).
-    fn score(&self, reqs: Vec<(Vec<u32>, Vec<u32>)>) -> Result<Vec<Loglikelihood>, ModelError> {
+    fn score(&self, reqs: Vec<(Vec<u32>, Vec<u32>)>) -> Result<Answers<Loglikelihood>, ModelError> {
         let live: Vec<usize> = (0..reqs.len()).filter(|&i| !reqs[i].1.is_empty()).collect();
         let batch: Vec<ScoreRequest> = live
             .iter()
@@ -86,7 +88,7 @@ impl<'a> EngineLm<'a> {
             mask: self.mask.clone(),
             ..ScoreOptions::default()
         };
-        let scores = loglikelihood(self.model, &batch, &opts)?;
+        let (scores, routed) = loglikelihood_routed(self.model, &batch, &opts)?;
         let mut out = vec![
             Loglikelihood {
                 logprob: 0.0,
@@ -100,7 +102,10 @@ impl<'a> EngineLm<'a> {
                 is_greedy: s.is_greedy(),
             };
         }
-        Ok(out)
+        Ok(Answers {
+            routed: routed.0,
+            ..Answers::plain(out)
+        })
     }
 }
 
@@ -109,6 +114,21 @@ impl LanguageModel for EngineLm<'_> {
         &self,
         requests: &[LoglikelihoodRequest],
     ) -> Result<Vec<Loglikelihood>, ModelError> {
+        Ok(self.loglikelihood_answers(requests)?.values)
+    }
+
+    fn loglikelihood_rolling(&self, texts: &[String]) -> Result<Vec<f64>, ModelError> {
+        Ok(self.loglikelihood_rolling_answers(texts)?.values)
+    }
+
+    fn generate_until(&self, requests: &[GenerateRequest]) -> Result<Vec<String>, ModelError> {
+        Ok(self.generate_until_answers(requests)?.values)
+    }
+
+    fn loglikelihood_answers(
+        &self,
+        requests: &[LoglikelihoodRequest],
+    ) -> Result<Answers<Loglikelihood>, ModelError> {
         let toks: Vec<(Vec<u32>, Vec<u32>)> = requests
             .par_iter()
             .map(|r| {
@@ -120,7 +140,7 @@ impl LanguageModel for EngineLm<'_> {
         self.score(toks)
     }
 
-    fn loglikelihood_rolling(&self, texts: &[String]) -> Result<Vec<f64>, ModelError> {
+    fn loglikelihood_rolling_answers(&self, texts: &[String]) -> Result<Answers<f64>, ModelError> {
         let windows: Vec<Vec<(Vec<u32>, Vec<u32>)>> = texts
             .par_iter()
             .map(|t| {
@@ -132,15 +152,22 @@ impl LanguageModel for EngineLm<'_> {
             })
             .collect::<Result<_, engine::Error>>()?;
         let flat: Vec<(Vec<u32>, Vec<u32>)> = windows.iter().flatten().cloned().collect();
-        let scores = self.score(flat)?;
-        let mut it = scores.into_iter();
-        Ok(windows
+        let scored = self.score(flat)?;
+        let mut it = scored.values.into_iter();
+        let sums = windows
             .iter()
             .map(|w| it.by_ref().take(w.len()).map(|s| s.logprob).sum())
-            .collect())
+            .collect();
+        Ok(Answers {
+            routed: scored.routed,
+            ..Answers::plain(sums)
+        })
     }
 
-    fn generate_until(&self, requests: &[GenerateRequest]) -> Result<Vec<String>, ModelError> {
+    fn generate_until_answers(
+        &self,
+        requests: &[GenerateRequest],
+    ) -> Result<Answers<String>, ModelError> {
         let prompts: Vec<(Vec<u32>, GenParams)> = requests
             .iter()
             .map(|r| {
@@ -156,7 +183,10 @@ impl LanguageModel for EngineLm<'_> {
                 Ok((ids, gen_params(r)))
             })
             .collect::<Result<_, engine::Error>>()?;
-        let out = generate(self.model, &prompts, self.mask.as_ref())?;
-        Ok(out.into_iter().map(|g| g.text).collect())
+        let (out, routed) = generate_routed(self.model, &prompts, self.mask.as_ref())?;
+        Ok(Answers {
+            routed: routed.0,
+            ..Answers::plain(out.into_iter().map(|g| g.text).collect())
+        })
     }
 }

@@ -13,23 +13,25 @@
 //! Every prediction that used the datastore records its sources (document, owner, license, weight);
 //! [`Retrieval::write_run_records`] writes them with the store's identity into the run directory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use datastore::knn::neighbor_weights;
 use datastore::Datastore;
-use engine::generate::{generate, GenParams};
-use engine::score::{loglikelihood, ScoreOptions, ScoreRequest};
-use engine::{ExpertMask, Model, SeqInput, Tokenizer};
+use engine::generate::{generate_routed, GenParams};
+use engine::score::{loglikelihood_routed, ScoreOptions, ScoreRequest};
+use engine::{ExpertMask, Model, RoutedTokens, SeqInput, Tokenizer};
 use rayon::prelude::*;
 use reports::tables::AttributionRow;
 use tasks::lm::{encode_pair, rolling_windows, truncate_left};
-use tasks::task::Request;
 use tasks::{
-    GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError, Task,
+    Answers, Contribution, GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest,
+    ModelError, Sources, TaskResult,
 };
+
+/// Per job: its log-likelihood and sources; with the tokens the forward passes routed.
+type Scored = (Vec<(Loglikelihood, Sources)>, RoutedTokens);
 
 /// How the datastore is used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -131,31 +133,6 @@ impl Mode {
             Mode::Knn => "knn",
         }
     }
-}
-
-/// One source of one scored unit (a window for RIC-LM, a token for kNN-LM).
-#[derive(Clone, Debug, PartialEq)]
-struct Contribution {
-    /// Index of the window (RIC-LM) or scored token (kNN-LM) within the request.
-    unit: u32,
-    block_id: u64,
-    doc_id: String,
-    owner: String,
-    license: String,
-    /// Share of the unit's prediction: BM25 score share for RIC-LM, lambda x neighbour weight for kNN-LM.
-    weight: f64,
-}
-
-/// Sources of one request: scored units and what fed each.
-#[derive(Clone, Debug, Default)]
-struct Attribution {
-    units: u32,
-    contributions: Vec<Contribution>,
-}
-
-/// Attribution records are keyed like the request cache's answers, so one request identity serves both.
-fn request_key(r: &Request) -> String {
-    reports::cache::request_key("", r)
 }
 
 /// A datastore opened for a run, with its settings.
@@ -322,20 +299,18 @@ impl Retrieval {
             max_length: cfg.max_position_embeddings,
             mask,
             r: self,
-            log: Mutex::new(HashMap::new()),
         })
     }
 
     /// Writes `retrieval.json` (datastore identity, excluded owners, settings) and, when a datastore
     /// was used, `attribution.parquet` (per sample: each contributing document's mean weight over the
-    /// sample's scored units) and `attribution_units.parquet` (per scored window or token).
-    /// `lms` pairs each variant label with its model. Requests answered from a cache have no record.
+    /// sample's scored units) and `attribution_units.parquet` (per scored window or token), from the
+    /// sources each sample's answers carry. `variants` pairs each variant label with its results.
+    /// Requests answered from an earlier process's cache have no sources.
     pub fn write_run_records(
         &self,
         run_dir: &Path,
-        tasks: &[Task],
-        fewshot_seed: u64,
-        lms: &[(&str, &RetrievalLm)],
+        variants: &[(&str, &[TaskResult])],
     ) -> Result<()> {
         reports::tables::write_json(&run_dir.join("retrieval.json"), &self.settings_json())?;
         if self.store.is_none() {
@@ -343,20 +318,13 @@ impl Retrieval {
         }
         let mut per_sample = Vec::new();
         let mut per_unit = Vec::new();
-        for (label, lm) in lms {
-            let log = lm
-                .log
-                .lock()
-                .map_err(|_| anyhow::anyhow!("attribution log poisoned"))?;
-            for t in tasks {
-                for inst in t.instances(fewshot_seed)? {
+        for (label, results) in variants {
+            for r in results.iter() {
+                for sample in &r.samples {
                     // Mean weight per document over all scored units of the sample's requests.
                     let mut units = 0u32;
                     let mut sums: BTreeMap<(String, String, String), f64> = BTreeMap::new();
-                    for (ri, req) in inst.requests.iter().enumerate() {
-                        let Some(a) = log.get(&request_key(req)) else {
-                            continue;
-                        };
+                    for (ri, a) in sample.sources.iter().enumerate() {
                         units += a.units;
                         for c in &a.contributions {
                             *sums
@@ -365,8 +333,8 @@ impl Retrieval {
                             push_row(
                                 &mut per_unit,
                                 label,
-                                t.name(),
-                                inst.doc_id,
+                                &r.task,
+                                sample.doc_id,
                                 ri,
                                 Some(c.unit),
                                 c,
@@ -382,7 +350,7 @@ impl Retrieval {
                             license,
                             weight: w / f64::from(units.max(1)),
                         };
-                        push_row(&mut per_sample, label, t.name(), inst.doc_id, 0, None, &c);
+                        push_row(&mut per_sample, label, &r.task, sample.doc_id, 0, None, &c);
                     }
                 }
             }
@@ -433,7 +401,6 @@ pub struct RetrievalLm<'a> {
     max_length: usize,
     mask: Option<ExpertMask>,
     r: &'a Retrieval,
-    log: Mutex<HashMap<String, Attribution>>,
 }
 
 /// A token-level scoring job: context, continuation, and the sources of the retrieved prefix.
@@ -571,7 +538,7 @@ impl RetrievalLm<'_> {
     }
 
     /// Scores jobs; returns per job the summed log-likelihood, greediness and per-token sources.
-    fn score(&self, jobs: &[Job]) -> Result<Vec<(Loglikelihood, Attribution)>, ModelError> {
+    fn score(&self, jobs: &[Job]) -> Result<Scored, ModelError> {
         if self.r.mode == Some(Mode::Knn) {
             return self.score_knn(jobs);
         }
@@ -589,8 +556,8 @@ impl RetrievalLm<'_> {
             mask: self.mask.clone(),
             ..ScoreOptions::default()
         };
-        let scores = loglikelihood(self.model, &batch, &opts)?;
-        let mut out: Vec<(Loglikelihood, Attribution)> = jobs
+        let (scores, routed) = loglikelihood_routed(self.model, &batch, &opts)?;
+        let mut out: Vec<(Loglikelihood, Sources)> = jobs
             .iter()
             .map(|_| {
                 (
@@ -598,7 +565,7 @@ impl RetrievalLm<'_> {
                         logprob: 0.0,
                         is_greedy: true,
                     },
-                    Attribution::default(),
+                    Sources::default(),
                 )
             })
             .collect();
@@ -609,17 +576,19 @@ impl RetrievalLm<'_> {
             };
         }
         for (o, j) in out.iter_mut().zip(jobs) {
-            o.1 = Attribution {
+            o.1 = Sources {
                 units: 1,
                 contributions: j.sources.clone(),
             };
         }
-        Ok(out)
+        Ok((out, routed))
     }
 
     /// kNN-LM scoring: one forward pass per job over context + continuation (but its last token).
-    fn score_knn(&self, jobs: &[Job]) -> Result<Vec<(Loglikelihood, Attribution)>, ModelError> {
-        jobs.iter()
+    fn score_knn(&self, jobs: &[Job]) -> Result<Scored, ModelError> {
+        let mut routed = RoutedTokens::default();
+        let out = jobs
+            .iter()
             .map(|j| {
                 if j.cont.is_empty() {
                     return Ok((
@@ -627,7 +596,7 @@ impl RetrievalLm<'_> {
                             logprob: 0.0,
                             is_greedy: true,
                         },
-                        Attribution::default(),
+                        Sources::default(),
                     ));
                 }
                 let mut seq = j.ctx.clone();
@@ -641,6 +610,7 @@ impl RetrievalLm<'_> {
                     }],
                     false,
                 )?;
+                routed.add(&fwd.routed);
                 let rows = fwd.hidden.narrow(0, j.ctx.len() - 1, j.cont.len())?;
                 let logits = self.model.logits(&rows)?.to_vec2::<f32>()?;
                 let keys = rows.to_vec2::<f32>()?;
@@ -656,13 +626,14 @@ impl RetrievalLm<'_> {
                 let contributions = per_token.into_iter().flat_map(|t| t.2).collect();
                 Ok((
                     Loglikelihood { logprob, is_greedy },
-                    Attribution {
+                    Sources {
                         units: j.cont.len() as u32,
                         contributions,
                     },
                 ))
             })
-            .collect()
+            .collect::<Result<_, ModelError>>()?;
+        Ok((out, routed))
     }
 
     /// The mixed distribution at one position: (log p(y), whether y is its argmax, sources).
@@ -739,12 +710,6 @@ impl RetrievalLm<'_> {
         Ok((Some(mixed), sources))
     }
 
-    fn record(&self, req: Request, a: Attribution) {
-        if let Ok(mut log) = self.log.lock() {
-            log.insert(request_key(&req), a);
-        }
-    }
-
     fn windows(&self, tokens: &[u32]) -> Vec<(Vec<u32>, Vec<u32>)> {
         match self.r.window {
             Some((w, s)) => silo_windows(tokens, self.prefix, w, s),
@@ -757,7 +722,7 @@ impl RetrievalLm<'_> {
         &self,
         ids: Vec<u32>,
         r: &GenerateRequest,
-    ) -> Result<(String, Attribution), ModelError> {
+    ) -> Result<(String, Sources, RoutedTokens), ModelError> {
         if r.temperature > 0.0 || r.num_beams > 1 {
             return Err(
                 "kNN-LM generation supports greedy decoding only (do_sample: false, num_beams: 1)"
@@ -768,7 +733,8 @@ impl RetrievalLm<'_> {
         let mut cache = self.model.new_cache();
         let mut feed = ids;
         let mut out: Vec<u32> = Vec::new();
-        let mut att = Attribution::default();
+        let mut att = Sources::default();
+        let mut routed = RoutedTokens::default();
         let stops: Vec<&String> = r.until.iter().filter(|s| !s.is_empty()).collect();
         for step in 0..r.max_gen_toks {
             let fwd = self.model.forward(
@@ -779,6 +745,7 @@ impl RetrievalLm<'_> {
                 }],
                 false,
             )?;
+            routed.add(&fwd.routed);
             let last = fwd.hidden.narrow(0, feed.len() - 1, 1)?;
             let logits = self.model.logits(&last)?.to_vec2::<f32>()?.remove(0);
             let key = last.to_vec2::<f32>()?.remove(0);
@@ -793,14 +760,14 @@ impl RetrievalLm<'_> {
             out.push(tok);
             let text = self.tokenizer.decode(&out)?;
             if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
-                return Ok((text[..cut].to_string(), att));
+                return Ok((text[..cut].to_string(), att, routed));
             }
             if cache.len() + 1 > self.max_length {
                 break;
             }
             feed = vec![tok];
         }
-        Ok((self.tokenizer.decode(&out)?, att))
+        Ok((self.tokenizer.decode(&out)?, att, routed))
     }
 }
 
@@ -819,6 +786,21 @@ impl LanguageModel for RetrievalLm<'_> {
         &self,
         requests: &[LoglikelihoodRequest],
     ) -> Result<Vec<Loglikelihood>, ModelError> {
+        Ok(self.loglikelihood_answers(requests)?.values)
+    }
+
+    fn loglikelihood_rolling(&self, texts: &[String]) -> Result<Vec<f64>, ModelError> {
+        Ok(self.loglikelihood_rolling_answers(texts)?.values)
+    }
+
+    fn generate_until(&self, requests: &[GenerateRequest]) -> Result<Vec<String>, ModelError> {
+        Ok(self.generate_until_answers(requests)?.values)
+    }
+
+    fn loglikelihood_answers(
+        &self,
+        requests: &[LoglikelihoodRequest],
+    ) -> Result<Answers<Loglikelihood>, ModelError> {
         let pairs: Vec<(Vec<u32>, Vec<u32>)> = requests
             .par_iter()
             .map(|r| {
@@ -831,32 +813,30 @@ impl LanguageModel for RetrievalLm<'_> {
             })
             .collect::<Result<_, engine::Error>>()?;
         let jobs = self.jobs(pairs)?;
-        let scored = self.score(&jobs)?;
-        Ok(requests
-            .iter()
-            .zip(scored)
-            .map(|(r, (ll, a))| {
-                self.record(Request::Loglikelihood(r.clone()), a);
-                ll
-            })
-            .collect())
+        let (scored, routed) = self.score(&jobs)?;
+        let (values, sources) = scored.into_iter().unzip();
+        Ok(Answers {
+            values,
+            sources,
+            routed: routed.0,
+            cached: 0,
+        })
     }
 
-    fn loglikelihood_rolling(&self, texts: &[String]) -> Result<Vec<f64>, ModelError> {
+    fn loglikelihood_rolling_answers(&self, texts: &[String]) -> Result<Answers<f64>, ModelError> {
         let windows: Vec<Vec<(Vec<u32>, Vec<u32>)>> = texts
             .par_iter()
             .map(|t| Ok(self.windows(&self.tokenizer.encode(t)?)))
             .collect::<Result<_, engine::Error>>()?;
         let counts: Vec<usize> = windows.iter().map(Vec::len).collect();
         let jobs = self.jobs(windows.into_iter().flatten().collect())?;
-        let scored = self.score(&jobs)?;
+        let (scored, routed) = self.score(&jobs)?;
         let mut it = scored.into_iter();
-        Ok(texts
-            .iter()
-            .zip(counts)
-            .map(|(t, n)| {
+        let (values, sources) = counts
+            .into_iter()
+            .map(|n| {
                 let mut total = 0.0;
-                let mut att = Attribution::default();
+                let mut att = Sources::default();
                 for (ll, a) in it.by_ref().take(n) {
                     total += ll.logprob;
                     // Units count up across the text's windows.
@@ -868,13 +848,21 @@ impl LanguageModel for RetrievalLm<'_> {
                             c
                         }));
                 }
-                self.record(Request::Rolling(t.clone()), att);
-                total
+                (total, att)
             })
-            .collect())
+            .unzip();
+        Ok(Answers {
+            values,
+            sources,
+            routed: routed.0,
+            cached: 0,
+        })
     }
 
-    fn generate_until(&self, requests: &[GenerateRequest]) -> Result<Vec<String>, ModelError> {
+    fn generate_until_answers(
+        &self,
+        requests: &[GenerateRequest],
+    ) -> Result<Answers<String>, ModelError> {
         let prompts: Vec<(Vec<u32>, Vec<Contribution>)> = requests
             .par_iter()
             .map(|r| {
@@ -897,37 +885,40 @@ impl LanguageModel for RetrievalLm<'_> {
             })
             .collect::<Result<_, ModelError>>()?;
         if self.r.mode == Some(Mode::Knn) {
-            return requests
-                .iter()
-                .zip(prompts)
-                .map(|(r, (ids, _))| {
-                    let (text, att) = self.generate_knn(ids, r)?;
-                    self.record(Request::Generate(r.clone()), att);
-                    Ok(text)
-                })
-                .collect();
+            let mut out = Answers::plain(Vec::new());
+            let mut routed = RoutedTokens::default();
+            for (r, (ids, _)) in requests.iter().zip(prompts) {
+                let (text, att, more) = self.generate_knn(ids, r)?;
+                out.values.push(text);
+                out.sources.push(att);
+                routed.add(&more);
+            }
+            out.routed = routed.0;
+            return Ok(out);
         }
         let batch: Vec<(Vec<u32>, GenParams)> = requests
             .iter()
             .zip(&prompts)
             .map(|(r, (ids, _))| (ids.clone(), crate::lm::gen_params(r)))
             .collect();
-        let out = generate(self.model, &batch, self.mask.as_ref())?;
-        Ok(requests
-            .iter()
-            .zip(prompts)
+        let (out, routed) = generate_routed(self.model, &batch, self.mask.as_ref())?;
+        let (values, sources) = prompts
+            .into_iter()
             .zip(out)
-            .map(|((r, (_, sources)), g)| {
-                self.record(
-                    Request::Generate(r.clone()),
-                    Attribution {
-                        units: 1,
-                        contributions: sources,
-                    },
-                );
-                g.text
+            .map(|((_, contributions), g)| {
+                let s = Sources {
+                    units: 1,
+                    contributions,
+                };
+                (g.text, s)
             })
-            .collect())
+            .unzip();
+        Ok(Answers {
+            values,
+            sources,
+            routed: routed.0,
+            cached: 0,
+        })
     }
 }
 

@@ -371,11 +371,12 @@ pub(crate) fn execute(
         let mut routing = Vec::new();
         for t in tasks {
             let start = Instant::now();
-            let r =
-                tasks::evaluate_shard(&cached_lm, std::slice::from_ref(t), &opts, shard, progress)
+            let ev =
+                tasks::runner::run(&cached_lm, std::slice::from_ref(t), &opts, shard, progress)
                     .with_context(|| format!("task `{}` ({})", t.name(), v.label))?;
             let seconds = start.elapsed().as_secs_f64();
-            let (computed, cached) = cached_lm.take_counts();
+            let (r, cached) = (ev.results, ev.cached);
+            let computed = ev.requests - cached;
             let documents: usize = r.iter().map(|x| x.samples.len()).sum();
             manifest.timings.push(Timing {
                 variant: v.label.clone(),
@@ -395,7 +396,15 @@ pub(crate) fn execute(
                     .num_experts_per_tok
                     .min(v.allowed.len())
                     .max(1) as f64;
-                for (layer, counts) in model.take_routed_tokens().iter().enumerate() {
+                // The task's answers carry the tokens routed while computing them (answers from the
+                // cache route nothing: zero rows).
+                let cfg = model.config();
+                let routed = if ev.routed.is_empty() {
+                    vec![vec![0; cfg.num_experts]; cfg.num_hidden_layers]
+                } else {
+                    ev.routed
+                };
+                for (layer, counts) in routed.iter().enumerate() {
                     let processed = counts.iter().sum::<u64>() as f64 / k;
                     for (expert, &tokens) in counts.iter().enumerate() {
                         routing.push(RoutingRow {
@@ -896,14 +905,14 @@ pub fn evaluate(start: Start, progress: &dyn Progress) -> Result<Outcome> {
     let elapsed = start.elapsed().as_secs_f64();
     write_tables(&run_dir, &vs)?;
     // Retrieval's records are part of the run: written before the manifest says `complete`.
-    if let (Some(r), Some(l)) = (&retrieval, &rlms) {
-        let labelled: Vec<_> = manifest
+    if let Some(r) = &retrieval {
+        let labelled: Vec<(&str, &[TaskResult])> = manifest
             .variants
             .iter()
             .map(|v| v.label.as_str())
-            .zip(l)
+            .zip(vs.iter().map(|v| v.results.as_slice()))
             .collect();
-        r.write_run_records(&run_dir, &tasks, manifest.seeds.fewshot, &labelled)?;
+        r.write_run_records(&run_dir, &labelled)?;
     }
     finish_run(&run_dir, &mut manifest, None)?;
     Ok(Outcome {

@@ -10,12 +10,14 @@
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tasks::{GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError};
+use tasks::{
+    Answers, GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError,
+    Sources,
+};
 
 use crate::error::{file_err, io, Result};
 use crate::fsutil::hex;
@@ -220,12 +222,14 @@ fn trim_partial_line(path: &Path) -> Result<()> {
 }
 
 /// A [`LanguageModel`] that answers from a [`RequestCache`] and sends only the missing requests
-/// to the inner model (or fails, naming how many are missing, when there is none).
+/// to the inner model (or fails, naming how many are missing, when there is none). Its
+/// [`Answers`] say how many came from the cache; those route nothing, and carry the sources the
+/// inner model reported only when this process computed them (the journal keeps values only).
 pub struct CachedLm<'a> {
     inner: Option<&'a dyn LanguageModel>,
     cache: Mutex<RequestCache>,
-    computed: AtomicUsize,
-    cached: AtomicUsize,
+    /// Sources of answers computed by this process, for requests asked again (another task).
+    sources: Mutex<HashMap<String, Sources>>,
 }
 
 impl<'a> CachedLm<'a> {
@@ -233,35 +237,28 @@ impl<'a> CachedLm<'a> {
         CachedLm {
             inner,
             cache: Mutex::new(cache),
-            computed: AtomicUsize::new(0),
-            cached: AtomicUsize::new(0),
+            sources: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Requests (computed, answered from the cache) so far; resets the counters.
-    pub fn take_counts(&self) -> (usize, usize) {
-        (
-            self.computed.swap(0, Ordering::Relaxed),
-            self.cached.swap(0, Ordering::Relaxed),
-        )
-    }
-
-    fn answer<R>(
+    fn answer<R, T>(
         &self,
         requests: &[R],
         key: impl Fn(&str, &R) -> String,
-        compute: impl FnOnce(&dyn LanguageModel, Vec<R>) -> Result<Vec<Answer>, ModelError>,
-    ) -> Result<Vec<Answer>, ModelError>
+        compute: impl FnOnce(&dyn LanguageModel, Vec<R>) -> Result<Answers<T>, ModelError>,
+        wrap: impl Fn(T) -> Answer,
+        unwrap: impl Fn(&Answer) -> Option<T>,
+    ) -> Result<Answers<T>, ModelError>
     where
         R: Clone,
     {
         let mut cache = self.cache.lock().map_err(|_| "request cache poisoned")?;
+        let mut known = self.sources.lock().map_err(|_| "request cache poisoned")?;
         let keys: Vec<String> = requests.iter().map(|r| key(&cache.scope, r)).collect();
         let missing: Vec<usize> = (0..requests.len())
             .filter(|&i| !cache.answers.contains_key(&keys[i]))
             .collect();
-        self.cached
-            .fetch_add(requests.len() - missing.len(), Ordering::Relaxed);
+        let mut routed = Vec::new();
         if !missing.is_empty() {
             let Some(inner) = self.inner else {
                 return Err(format!(
@@ -273,15 +270,45 @@ impl<'a> CachedLm<'a> {
             };
             let batch: Vec<R> = missing.iter().map(|&i| requests[i].clone()).collect();
             let got = compute(inner, batch)?;
-            if got.len() != missing.len() {
-                return Err(format!("{} answers for {} requests", got.len(), missing.len()).into());
+            if got.values.len() != missing.len() {
+                return Err(format!(
+                    "{} answers for {} requests",
+                    got.values.len(),
+                    missing.len()
+                )
+                .into());
             }
-            let new: Vec<(String, Answer)> =
-                missing.iter().map(|&i| keys[i].clone()).zip(got).collect();
+            for (j, &i) in missing.iter().enumerate() {
+                let s = got.sources_of(j);
+                if s.units > 0 || !s.contributions.is_empty() {
+                    known.insert(keys[i].clone(), s);
+                }
+            }
+            routed = got.routed;
+            let new: Vec<(String, Answer)> = missing
+                .iter()
+                .map(|&i| keys[i].clone())
+                .zip(got.values.into_iter().map(wrap))
+                .collect();
             cache.record(new).map_err(|e| e.to_string())?;
-            self.computed.fetch_add(missing.len(), Ordering::Relaxed);
         }
-        Ok(keys.iter().map(|k| cache.answers[k].clone()).collect())
+        let values = keys
+            .iter()
+            .map(|k| unwrap(&cache.answers[k]).ok_or("request cache: wrong answer kind"))
+            .collect::<Result<Vec<T>, _>>()?;
+        let sources = if known.is_empty() {
+            Vec::new()
+        } else {
+            keys.iter()
+                .map(|k| known.get(k).cloned().unwrap_or_default())
+                .collect()
+        };
+        Ok(Answers {
+            values,
+            sources,
+            routed,
+            cached: requests.len() - missing.len(),
+        })
     }
 }
 
@@ -290,52 +317,60 @@ impl LanguageModel for CachedLm<'_> {
         &self,
         requests: &[LoglikelihoodRequest],
     ) -> Result<Vec<Loglikelihood>, ModelError> {
-        let out = self.answer(requests, ll_key, |m, b| {
-            Ok(m.loglikelihood(&b)?
-                .into_iter()
-                .map(Answer::Loglikelihood)
-                .collect())
-        })?;
-        out.into_iter()
-            .map(|a| match a {
-                Answer::Loglikelihood(l) => Ok(l),
-                _ => Err("request cache: wrong answer kind".into()),
-            })
-            .collect()
+        Ok(self.loglikelihood_answers(requests)?.values)
     }
 
     fn loglikelihood_rolling(&self, texts: &[String]) -> Result<Vec<f64>, ModelError> {
-        let out = self.answer(
-            texts,
-            |s, t| roll_key(s, t),
-            |m, b| {
-                Ok(m.loglikelihood_rolling(&b)?
-                    .into_iter()
-                    .map(Answer::Rolling)
-                    .collect())
-            },
-        )?;
-        out.into_iter()
-            .map(|a| match a {
-                Answer::Rolling(x) => Ok(x),
-                _ => Err("request cache: wrong answer kind".into()),
-            })
-            .collect()
+        Ok(self.loglikelihood_rolling_answers(texts)?.values)
     }
 
     fn generate_until(&self, requests: &[GenerateRequest]) -> Result<Vec<String>, ModelError> {
-        let out = self.answer(requests, gen_key, |m, b| {
-            Ok(m.generate_until(&b)?
-                .into_iter()
-                .map(Answer::Generate)
-                .collect())
-        })?;
-        out.into_iter()
-            .map(|a| match a {
-                Answer::Generate(s) => Ok(s),
-                _ => Err("request cache: wrong answer kind".into()),
-            })
-            .collect()
+        Ok(self.generate_until_answers(requests)?.values)
+    }
+
+    fn loglikelihood_answers(
+        &self,
+        requests: &[LoglikelihoodRequest],
+    ) -> Result<Answers<Loglikelihood>, ModelError> {
+        self.answer(
+            requests,
+            ll_key,
+            |m, b| m.loglikelihood_answers(&b),
+            Answer::Loglikelihood,
+            |a| match a {
+                Answer::Loglikelihood(l) => Some(*l),
+                _ => None,
+            },
+        )
+    }
+
+    fn loglikelihood_rolling_answers(&self, texts: &[String]) -> Result<Answers<f64>, ModelError> {
+        self.answer(
+            texts,
+            |s, t| roll_key(s, t),
+            |m, b| m.loglikelihood_rolling_answers(&b),
+            Answer::Rolling,
+            |a| match a {
+                Answer::Rolling(x) => Some(*x),
+                _ => None,
+            },
+        )
+    }
+
+    fn generate_until_answers(
+        &self,
+        requests: &[GenerateRequest],
+    ) -> Result<Answers<String>, ModelError> {
+        self.answer(
+            requests,
+            gen_key,
+            |m, b| m.generate_until_answers(&b),
+            Answer::Generate,
+            |a| match a {
+                Answer::Generate(s) => Some(s.clone()),
+                _ => None,
+            },
+        )
     }
 }
 
@@ -425,10 +460,12 @@ mod tests {
                 Some(&m),
                 RequestCache::open(d.path(), "s", Some("w1")).unwrap(),
             );
-            let a = lm.loglikelihood(&[req("a", "b"), req("ab", "c")]).unwrap();
+            let a = lm
+                .loglikelihood_answers(&[req("a", "b"), req("ab", "c")])
+                .unwrap();
+            assert_eq!(a.cached, 0);
             lm.loglikelihood_rolling(&["xyz".into()]).unwrap();
-            assert_eq!(lm.take_counts(), (3, 0));
-            a
+            a.values
         };
         assert_eq!(m.0.get(), 3);
         // A second process (another journal) sees the first one's answers.
@@ -437,11 +474,11 @@ mod tests {
             RequestCache::open(d.path(), "s", Some("w2")).unwrap(),
         );
         let b = lm
-            .loglikelihood(&[req("ab", "c"), req("new", "d"), req("a", "b")])
+            .loglikelihood_answers(&[req("ab", "c"), req("new", "d"), req("a", "b")])
             .unwrap();
         assert_eq!(m.0.get(), 4, "only the new request is computed");
-        assert_eq!((b[0], b[2]), (a[1], a[0]));
-        assert_eq!(lm.take_counts(), (1, 2));
+        assert_eq!((b.values[0], b.values[2]), (a[1], a[0]));
+        assert_eq!(b.cached, 2);
         // Another scope (model or mask) shares nothing.
         let lm = CachedLm::new(None, RequestCache::open(d.path(), "t", None).unwrap());
         let e = lm.loglikelihood(&[req("a", "b")]).unwrap_err().to_string();

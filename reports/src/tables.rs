@@ -352,6 +352,48 @@ pub fn write_routing(path: &Path, rows: &[RoutingRow]) -> Result<()> {
     write_parquet_atomic(path, &batch)
 }
 
+/// One row of `moeval experts route --out`: tokens of a group of documents sent to an expert.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupRoutingRow {
+    pub group: String,
+    pub layer: usize,
+    pub expert: usize,
+    pub expert_name: String,
+    pub tokens: u64,
+    /// `tokens` over the group's tokens.
+    pub share: f64,
+}
+
+/// Writes `experts route`'s table atomically.
+pub fn write_group_routing(path: &Path, rows: &[GroupRoutingRow]) -> Result<()> {
+    let s = |f: fn(&GroupRoutingRow) -> String| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
+    };
+    let i = |f: fn(&GroupRoutingRow) -> i32| -> ArrayRef {
+        Arc::new(arrow_array::Int32Array::from_iter_values(
+            rows.iter().map(f),
+        ))
+    };
+    let batch = RecordBatch::try_from_iter([
+        ("group", s(|r| r.group.clone())),
+        ("layer", i(|r| r.layer as i32)),
+        ("expert", i(|r| r.expert as i32)),
+        ("expert_name", s(|r| r.expert_name.clone())),
+        (
+            "tokens",
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| r.tokens as i64),
+            )) as ArrayRef,
+        ),
+        (
+            "share",
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.share))) as ArrayRef,
+        ),
+    ])
+    .map_err(|e| Error::Invalid(e.to_string()))?;
+    write_parquet_atomic(path, &batch)
+}
+
 /// One row of `attribution.parquet` (per sample and source document: `request`, `unit` and
 /// `block_id` unused) or `attribution_units.parquet` (per scored window or token).
 #[derive(Clone, Debug, PartialEq)]

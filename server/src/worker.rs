@@ -86,7 +86,7 @@ pub fn spawn(
         .name("moeval-engine".into())
         .spawn(move || {
             let decoder = Decoder::with_prefill_chunk(&model, settings.prefill_chunk);
-            run(&model, decoder, rx, settings.max_batch.max(1), &metrics)
+            run(decoder, rx, settings.max_batch.max(1), &metrics)
         })
         .expect("the engine thread starts");
     (tx, handle)
@@ -97,17 +97,9 @@ struct Running {
     deadline: Instant,
 }
 
-fn run(
-    model: &Model,
-    mut decoder: Decoder<'_>,
-    mut rx: mpsc::Receiver<Job>,
-    max_batch: usize,
-    metrics: &Metrics,
-) {
+fn run(mut decoder: Decoder<'_>, mut rx: mpsc::Receiver<Job>, max_batch: usize, metrics: &Metrics) {
     let mut running: HashMap<SeqId, Running> = HashMap::new();
     let mut open = true;
-    // Routed-token counters accumulate in the model; start from zero.
-    model.take_routed_tokens();
     loop {
         if decoder.is_empty() {
             if !open {
@@ -163,7 +155,7 @@ fn run(
             .busy_ns
             .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
         metrics.steps.fetch_add(1, Ordering::Relaxed);
-        count_routing(model, metrics);
+        count_routing(&mut decoder, metrics);
         match result {
             Ok(progress) => {
                 for p in progress {
@@ -257,8 +249,9 @@ fn admit(
     }
 }
 
-fn count_routing(model: &Model, metrics: &Metrics) {
-    let per_layer = model.take_routed_tokens();
+/// Adds the step's routed tokens (returned by its forward pass) to the server's totals.
+fn count_routing(decoder: &mut Decoder<'_>, metrics: &Metrics) {
+    let per_layer = decoder.take_routed().0;
     let mut routed = metrics.routed.lock().unwrap_or_else(|p| p.into_inner());
     for layer in per_layer {
         if routed.len() < layer.len() {

@@ -29,8 +29,9 @@ mod ter;
 pub use config::{OutputType, Registry, TaskConfig};
 pub use error::{Error, Result};
 pub use lm::{
-    EarlyStopping, GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError,
+    Answers, Contribution, EarlyStopping, GenerateRequest, LanguageModel, Loglikelihood,
+    LoglikelihoodRequest, ModelError, Sources,
 };
 pub use result::{Sample, TaskResult};
-pub use runner::{evaluate, evaluate_shard, NoProgress, Progress, RunOptions, Shard};
+pub use runner::{evaluate, evaluate_shard, Evaluation, NoProgress, Progress, RunOptions, Shard};
 pub use task::{LoadOptions, Task};

@@ -50,6 +50,10 @@ pub type ModelError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A model the task runner can evaluate. Calls are batched; results come back in request order and
 /// must not depend on how requests are batched or ordered.
+///
+/// The `*_answers` methods return the same values with what the model did to produce them
+/// ([`Answers`]); the runner calls those. A model with nothing to report implements the three plain
+/// methods only.
 pub trait LanguageModel {
     fn loglikelihood(
         &self,
@@ -58,6 +62,93 @@ pub trait LanguageModel {
     /// Summed log-likelihood of each whole text (disjoint windows, see [`rolling_windows`]).
     fn loglikelihood_rolling(&self, texts: &[String]) -> Result<Vec<f64>, ModelError>;
     fn generate_until(&self, requests: &[GenerateRequest]) -> Result<Vec<String>, ModelError>;
+
+    fn loglikelihood_answers(
+        &self,
+        requests: &[LoglikelihoodRequest],
+    ) -> Result<Answers<Loglikelihood>, ModelError> {
+        Ok(Answers::plain(self.loglikelihood(requests)?))
+    }
+
+    fn loglikelihood_rolling_answers(&self, texts: &[String]) -> Result<Answers<f64>, ModelError> {
+        Ok(Answers::plain(self.loglikelihood_rolling(texts)?))
+    }
+
+    fn generate_until_answers(
+        &self,
+        requests: &[GenerateRequest],
+    ) -> Result<Answers<String>, ModelError> {
+        Ok(Answers::plain(self.generate_until(requests)?))
+    }
+}
+
+/// One call's answers and what the model did to produce them, as lm-evaluation-harness's
+/// `Instance` carries its responses: per answer, the documents it drew on; per call, the tokens
+/// routed to each expert and how many answers came from a cache.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Answers<T> {
+    pub values: Vec<T>,
+    /// Per answer, in order: the retrieved sources that fed it. Empty when the model retrieves
+    /// nothing.
+    pub sources: Vec<Sources>,
+    /// Tokens the call's forward passes routed to each expert, `[layer][expert]` (each token counted
+    /// once per expert it was sent to). Empty for dense models and answers taken from a cache.
+    pub routed: Vec<Vec<u64>>,
+    /// Answers taken from a cache rather than computed.
+    pub cached: usize,
+}
+
+impl<T> Answers<T> {
+    /// Values with nothing else to report.
+    pub fn plain(values: Vec<T>) -> Self {
+        Answers {
+            values,
+            sources: Vec::new(),
+            routed: Vec::new(),
+            cached: 0,
+        }
+    }
+
+    /// The sources of answer `i` (none when the model reported none).
+    pub fn sources_of(&self, i: usize) -> Sources {
+        self.sources.get(i).cloned().unwrap_or_default()
+    }
+}
+
+/// Adds routed-token counts `[layer][expert]` (growing `total` to their shape).
+pub fn add_routed(total: &mut Vec<Vec<u64>>, more: &[Vec<u64>]) {
+    if total.len() < more.len() {
+        total.resize(more.len(), Vec::new());
+    }
+    for (t, m) in total.iter_mut().zip(more) {
+        if t.len() < m.len() {
+            t.resize(m.len(), 0);
+        }
+        for (a, b) in t.iter_mut().zip(m) {
+            *a += b;
+        }
+    }
+}
+
+/// The retrieved documents that fed one answer: how many units (windows or tokens) it scored and,
+/// for each unit, the documents that contributed and with what weight.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sources {
+    pub units: u32,
+    pub contributions: Vec<Contribution>,
+}
+
+/// One retrieved document's share of one scored unit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Contribution {
+    pub unit: u32,
+    pub block_id: u64,
+    pub doc_id: String,
+    pub owner: String,
+    pub license: String,
+    /// Share of the unit's prediction: BM25 score share for RIC-LM, lambda x neighbour weight for
+    /// kNN-LM.
+    pub weight: f64,
 }
 
 /// Python's `str.isspace`, which `str.rstrip` uses: Unicode whitespace plus the ASCII separators 0x1c-0x1f.

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::lm::Sources;
 use crate::metrics::{Aggregate, Item};
 
 /// One evaluated document.
@@ -21,6 +22,9 @@ pub struct Sample {
     pub metrics: Vec<(String, Item)>,
     /// Group attributes (`group_by` / `bias` fields).
     pub attributes: BTreeMap<String, String>,
+    /// Per request, in request order, the retrieved documents its answer drew on; empty when no
+    /// answer reported any.
+    pub sources: Vec<Sources>,
 }
 
 /// A task's samples and metrics.

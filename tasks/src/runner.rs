@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
-use crate::lm::{GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest};
+use crate::lm::{
+    add_routed, GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, Sources,
+};
 use crate::result::TaskResult;
 use crate::score::apply_joint_rules;
 use crate::task::{Instance, Request, Response, Task};
@@ -117,6 +119,31 @@ pub fn evaluate_shard(
     shard: Option<Shard>,
     progress: &dyn Progress,
 ) -> Result<Vec<TaskResult>> {
+    Ok(run(lm, tasks, opts, shard, progress)?.results)
+}
+
+/// What an evaluation produced: each task's result (samples carry their answers' sources) and what
+/// the model did for the whole evaluation.
+#[derive(Clone, Debug)]
+pub struct Evaluation {
+    pub results: Vec<TaskResult>,
+    /// Tokens the model routed to each expert, `[layer][expert]`, over every request it computed
+    /// (answers from a cache route nothing); empty for dense models.
+    pub routed: Vec<Vec<u64>>,
+    /// Unique requests sent to the model.
+    pub requests: usize,
+    /// Of those, answered from a cache.
+    pub cached: usize,
+}
+
+/// [`evaluate_shard`] with what the model reported besides its answers ([`Evaluation`]).
+pub fn run(
+    lm: &dyn LanguageModel,
+    tasks: &[Task],
+    opts: &RunOptions,
+    shard: Option<Shard>,
+    progress: &dyn Progress,
+) -> Result<Evaluation> {
     let instances: Vec<Vec<Instance>> = tasks
         .iter()
         .map(|t| {
@@ -179,7 +206,10 @@ pub fn evaluate_shard(
             ll[i].continuation.clone(),
         )
     });
+    let mut routed: Vec<Vec<u64>> = Vec::new();
+    let mut cached = 0;
     let mut ll_out: Vec<Option<Loglikelihood>> = vec![None; ll.len()];
+    let mut ll_src: Vec<Sources> = vec![Sources::default(); ll.len()];
     if !ll.is_empty() {
         progress.start("loglikelihood", ll.len());
         let mut p = 0;
@@ -191,16 +221,19 @@ pub fn evaluate_shard(
             }
             let batch: Vec<LoglikelihoodRequest> =
                 order[p..q].iter().map(|&i| ll[i].clone()).collect();
-            let res = lm.loglikelihood(&batch).map_err(model_err)?;
-            if res.len() != batch.len() {
+            let res = lm.loglikelihood_answers(&batch).map_err(model_err)?;
+            if res.values.len() != batch.len() {
                 return Err(Error::Model(format!(
                     "{} answers for {} requests",
-                    res.len(),
+                    res.values.len(),
                     batch.len()
                 )));
             }
-            for (&i, r) in order[p..q].iter().zip(res) {
-                ll_out[i] = Some(r);
+            add_routed(&mut routed, &res.routed);
+            cached += res.cached;
+            for (j, (&i, r)) in order[p..q].iter().zip(&res.values).enumerate() {
+                ll_out[i] = Some(*r);
+                ll_src[i] = res.sources_of(j);
             }
             progress.advance(q - p);
             p = q;
@@ -208,29 +241,41 @@ pub fn evaluate_shard(
         progress.finish();
     }
     let mut roll_out: Vec<f64> = vec![f64::NAN; roll.len()];
+    let mut roll_src: Vec<Sources> = vec![Sources::default(); roll.len()];
     if !roll.is_empty() {
         progress.start("rolling", roll.len());
         let mut order: Vec<usize> = (0..roll.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(roll[i].len()));
         for chunk in order.chunks(bs) {
             let batch: Vec<String> = chunk.iter().map(|&i| roll[i].clone()).collect();
-            let res = lm.loglikelihood_rolling(&batch).map_err(model_err)?;
-            for (&i, r) in chunk.iter().zip(res) {
-                roll_out[i] = r;
+            let res = lm
+                .loglikelihood_rolling_answers(&batch)
+                .map_err(model_err)?;
+            add_routed(&mut routed, &res.routed);
+            cached += res.cached;
+            for (j, (&i, r)) in chunk.iter().zip(&res.values).enumerate() {
+                roll_out[i] = *r;
+                roll_src[i] = res.sources_of(j);
             }
             progress.advance(chunk.len());
         }
         progress.finish();
     }
     let mut gen_out: Vec<String> = vec![String::new(); gen.len()];
+    let mut gen_src: Vec<Sources> = vec![Sources::default(); gen.len()];
     if !gen.is_empty() {
         progress.start("generate", gen.len());
         let mut order: Vec<usize> = (0..gen.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(gen[i].context.len()));
         for chunk in order.chunks(bs) {
             let batch: Vec<GenerateRequest> = chunk.iter().map(|&i| gen[i].clone()).collect();
-            let res = lm.generate_until(&batch).map_err(model_err)?;
-            for (&i, mut r) in chunk.iter().zip(res) {
+            let res = lm.generate_until_answers(&batch).map_err(model_err)?;
+            add_routed(&mut routed, &res.routed);
+            cached += res.cached;
+            for (j, &i) in chunk.iter().enumerate() {
+                gen_src[i] = res.sources_of(j);
+            }
+            for (&i, mut r) in chunk.iter().zip(res.values) {
                 // Cut at the first stop string here too, whatever the model did (the harness does).
                 if let Some(cut) = gen[i]
                     .until
@@ -264,12 +309,33 @@ pub fn evaluate_shard(
                     }
                 })
                 .collect();
-            samples.push(task.score(inst, &responses)?);
+            let mut sample = task.score(inst, &responses)?;
+            let sources: Vec<Sources> = inst
+                .requests
+                .iter()
+                .map(|r| match r {
+                    Request::Loglikelihood(q) => ll_src[ll_idx[q]].clone(),
+                    Request::Rolling(t) => roll_src[roll_idx[t]].clone(),
+                    Request::Generate(g) => gen_src[gen_idx[&gen_key(g)]].clone(),
+                })
+                .collect();
+            if sources
+                .iter()
+                .any(|s| s.units > 0 || !s.contributions.is_empty())
+            {
+                sample.sources = sources;
+            }
+            samples.push(sample);
         }
         let mut result = task.summarise(samples);
         task.finish(&mut result)?;
         results.push(result);
     }
     apply_joint_rules(tasks, &mut results);
-    Ok(results)
+    Ok(Evaluation {
+        results,
+        routed,
+        requests: ll.len() + roll.len() + gen.len(),
+        cached,
+    })
 }

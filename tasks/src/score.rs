@@ -107,6 +107,7 @@ fn score_instance(task: &Task, inst: &Instance, responses: &[Response]) -> Resul
         loglikelihood: None,
         metrics: Vec::new(),
         attributes: task.attributes(inst.doc_id),
+        sources: Vec::new(),
     };
     let lls: Vec<(f64, bool)> = responses
         .iter()

@@ -204,6 +204,9 @@ struct Uploader<'a> {
     tables: Vec<CudaSlice<u64>>,
 }
 
+/// A pass's hidden states, router logits (when asked) and routed-token counts `[layer][expert]`.
+pub type GpuForward = (Vec<f32>, Option<RouterLogits>, Vec<Vec<u64>>);
+
 impl Uploader<'_> {
     fn put(&mut self, values: &[f32]) -> Result<u64> {
         let buf = self.gpu.upload(&bf16_bits(values))?;
@@ -424,9 +427,12 @@ impl CudaModel {
         self.layers.len() * 2 * self.kv_heads * self.hd
     }
 
-    /// Tokens routed to each expert per layer since the last call (which resets them).
-    pub fn take_routed(&self) -> Result<Vec<Vec<u64>>> {
-        let _pass = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+    /// Reads the routed-token counts the kernels accumulated and resets them (the caller holds the
+    /// arena, so no other pass adds to them meanwhile).
+    fn read_routed(&self) -> Result<Vec<Vec<u64>>> {
+        if self.loaded.is_none() {
+            return Ok(Vec::new());
+        }
         let counts = self.gpu.download(&self.routed)?;
         let zeros = vec![0u64; counts.len()];
         self.gpu.put(self.gpu.ptr(&self.routed), &zeros)?;
@@ -436,13 +442,14 @@ impl CudaModel {
 
     /// Runs the new tokens of `seqs` (already validated by `Model::forward`) and returns the final
     /// hidden states `[tokens, hidden]` (f32, after the final norm; only each sequence's last row when
-    /// `last_only`) and, when asked, the router logits of each MoE layer.
+    /// `last_only`), when asked, the router logits of each MoE layer, and the tokens the pass routed
+    /// to each expert (`[layer][expert]`; empty for dense models).
     pub fn forward(
         &self,
         seqs: &mut [SeqInput<'_>],
         record_router_logits: bool,
         last_only: bool,
-    ) -> Result<(Vec<f32>, Option<RouterLogits>)> {
+    ) -> Result<GpuForward> {
         let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
         let gpu = &*self.gpu;
         let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
@@ -765,7 +772,8 @@ impl CudaModel {
                 c.len += s.tokens.len();
             }
         }
-        Ok((hidden, router_logits))
+        let routed = self.read_routed()?;
+        Ok((hidden, router_logits, routed))
     }
 
     /// `out[m, lin.n] (f32) (+)= x[m, k] (bf16) · linᵀ`: a GEMV on the grouped kernel for few rows,
