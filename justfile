@@ -13,7 +13,7 @@ test:
 # fmt + clippy, as CI runs them.
 lint:
     cargo fmt --all --check
-    cargo clippy --all-targets -- -D warnings
+    cargo clippy --workspace --all-targets -- -D warnings
 
 # Build the release binary.
 build:

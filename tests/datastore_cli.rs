@@ -235,7 +235,27 @@ fn knn_canary_reverts_to_parametric_after_opt_out() {
             .unwrap()
     };
     ok(&eval(&out, "parametric", "canary_ppl", &[]));
-    ok(&eval(&out, "with_x", "canary_ppl", &knn));
+    ok(&eval(&out, "with_x", "canary_ppl,canary_gen", &knn));
+    // kNN-LM generation decodes through the engine's decoder; every generated token's neighbours
+    // are attributed, units counting the tokens.
+    let gen_owners = |run: &str| -> Vec<(String, i64)> {
+        rows(&out.join(run).join("attribution_units.parquet"))
+            .iter()
+            .filter(|r| r["task"] == "canary_gen")
+            .map(|r| {
+                (
+                    r["owner"].as_str().unwrap().to_string(),
+                    r["unit"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let with_x = gen_owners("with_x");
+    assert!(with_x.iter().any(|(o, _)| o == "owner_x"), "{with_x:?}");
+    assert!(
+        with_x.iter().all(|&(_, u)| (0..7).contains(&u)),
+        "{with_x:?}"
+    );
     assert!(
         ppl("with_x") < ppl("parametric") / 5.0,
         "{} vs {}",
@@ -253,7 +273,12 @@ fn knn_canary_reverts_to_parametric_after_opt_out() {
         "--reason",
         "canary",
     ]));
-    ok(&eval(&out, "without_x", "canary_ppl", &knn));
+    ok(&eval(&out, "without_x", "canary_ppl,canary_gen", &knn));
+    let without_x = gen_owners("without_x");
+    assert!(
+        without_x.iter().all(|(o, _)| o != "owner_x"),
+        "an opted-out owner fed generation: {without_x:?}"
+    );
     let reference = tmp.path().join("reference");
     let only_y = tmp.path().join("only_y.jsonl");
     let lines: Vec<String> = std::fs::read_to_string(data("canary_corpus.jsonl"))

@@ -2,9 +2,11 @@
 //! ids, medians of repeated timed runs after one warm-up run (which pays one-time costs such as kernel
 //! loading and allocation and is left out of timings and GPU profiles).
 
+use std::path::Path;
 use std::time::Instant;
 
-use crate::{KvCache, Model, Result, SeqInput};
+use crate::init::{Preset, RandomInit};
+use crate::{Config, KvCache, LoadOptions, Model, Result, SeqInput, Weights};
 
 /// What to time.
 #[derive(Clone, Debug)]
@@ -163,4 +165,31 @@ pub fn measure(model: &Model, a: &BenchOptions) -> Result<Throughput> {
         decode,
         profiles,
     })
+}
+
+/// The model a benchmark runs and how to name it: a checkpoint directory (token ids only, so no
+/// tokenizer is needed) or, without one, the random-weight `preset` (`moeval init-model --preset P
+/// --seed 0`'s weights).
+pub fn load_model(dir: Option<&Path>, preset: &str, opts: &LoadOptions) -> Result<(Model, String)> {
+    match dir {
+        Some(dir) => {
+            let cfg = Config::from_file(&dir.join("config.json"))?;
+            let weights = Weights::open(dir)?;
+            let model = Model::from_source(cfg, &weights, opts)?;
+            Ok((model, dir.display().to_string()))
+        }
+        None => {
+            let cfg = Preset::parse(preset)?.config();
+            let model = Model::from_source(cfg, &RandomInit { seed: 0 }, opts)?;
+            Ok((model, format!("preset {preset}")))
+        }
+    }
+}
+
+/// Parameters of a model of this shape (every tensor's elements).
+pub fn parameters(cfg: &Config) -> usize {
+    crate::init::tensor_specs(cfg)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
 }

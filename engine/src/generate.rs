@@ -109,6 +109,23 @@ pub struct TokenLogprob {
     pub top: Vec<(u32, f32)>,
 }
 
+/// Chooses a greedy sequence's next token itself, from the last position's final hidden state
+/// (the LM head's input) and logits: how kNN-LM decodes through the [`Decoder`] with its datastore
+/// mixed in. `step` counts the sequence's generated tokens before this one.
+pub trait TokenPicker: Send + Sync {
+    fn pick(&self, step: usize, hidden: &[f32], logits: &[f32]) -> Result<u32>;
+}
+
+/// A shared [`TokenPicker`].
+#[derive(Clone)]
+pub struct Picker(pub Arc<dyn TokenPicker>);
+
+impl std::fmt::Debug for Picker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Picker")
+    }
+}
+
 /// One sequence for a [`Decoder`].
 #[derive(Clone, Debug, Default)]
 pub struct SeqRequest {
@@ -121,6 +138,9 @@ pub struct SeqRequest {
     /// Report the log-probability of every prompt token after the first (from the prefill), with
     /// `logprobs` alternatives. This scores a prompt, even with `max_new_tokens` 0.
     pub prompt_logprobs: bool,
+    /// Picks each next token instead of the decoder's sampler (greedy requests only: refused with
+    /// sampling or beams).
+    pub picker: Option<Picker>,
 }
 
 /// Handle of a sequence inside a [`Decoder`]; handles count up from 0 in the order sequences are added.
@@ -254,6 +274,11 @@ impl<'m> Decoder<'m> {
             }
         }
         let p = &req.params;
+        if req.picker.is_some() && (p.temperature > 0.0 || p.beam.num_beams > 1) {
+            return Err(Error::Input(
+                "a token picker decodes greedily: no sampling (temperature > 0) or beams".into(),
+            ));
+        }
         if p.beam.num_beams == 0 {
             return Err(Error::Input("num_beams must be at least 1".into()));
         }
@@ -464,7 +489,8 @@ impl<'m> Decoder<'m> {
         }
         let n = rows.len();
         let idx = Tensor::from_vec(rows, n, fwd.hidden.device())?;
-        let logits = model.logits(&fwd.hidden.index_select(&idx, 0)?)?;
+        let hidden = fwd.hidden.index_select(&idx, 0)?;
+        let logits = model.logits(&hidden)?;
         // Beam searches advance once all their beams' rows are in: (sequence, rows in beam order).
         let mut beam_rows: Vec<(usize, Vec<usize>)> = Vec::new();
         for (j, (i, f)) in steps.iter().enumerate() {
@@ -509,7 +535,15 @@ impl<'m> Decoder<'m> {
                 continue;
             }
             let row = logits.get(last)?;
-            let next = match s.sampler.sample(&row) {
+            let picked = match &s.req.picker {
+                Some(p) => Some(p.0.pick(
+                    s.tokens.len(),
+                    &hidden.get(last)?.to_vec1::<f32>()?,
+                    &row.to_vec1::<f32>()?,
+                )),
+                None => None,
+            };
+            let next = match picked.unwrap_or_else(|| Ok(s.sampler.sample(&row)?)) {
                 Ok(t) => t,
                 Err(e) => {
                     // Only this sequence's sampling settings are at fault.
@@ -830,19 +864,36 @@ pub fn generate_routed(
     if let Some(i) = prompts.iter().position(|p| p.0.is_empty()) {
         return Err(Error::Input(format!("prompt {i} has no tokens")));
     }
-    let mut decoder = Decoder::new(model);
-    for (prompt, params) in prompts {
-        decoder.add(SeqRequest {
+    let reqs = prompts
+        .iter()
+        .map(|(prompt, params)| SeqRequest {
             prompt: prompt.clone(),
             params: params.clone(),
             mask: mask.cloned(),
             ..SeqRequest::default()
-        })?;
+        })
+        .collect();
+    generate_requests(model, reqs)
+}
+
+/// Decodes whole requests together (each as it would alone) until all have finished; results in
+/// request order, with the tokens the forward passes routed. A request that fails fails the call.
+pub fn generate_requests(
+    model: &Model,
+    reqs: Vec<SeqRequest>,
+) -> Result<(Vec<Generation>, RoutedTokens)> {
+    let n = reqs.len();
+    let mut decoder = Decoder::new(model);
+    for r in reqs {
+        decoder.add(r)?;
     }
-    // Handles count from 0 in the order added, so a handle is its prompt's index.
-    let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
+    // Handles count from 0 in the order added, so a handle is its request's index.
+    let mut out: Vec<Option<Generation>> = vec![None; n];
     while !decoder.is_empty() {
         for p in decoder.step()? {
+            if let Some(e) = p.error {
+                return Err(Error::Input(format!("request {}: {e}", p.id.0)));
+            }
             if let Some(g) = p.finished {
                 out[p.id.0 as usize] = Some(g);
             }

@@ -69,8 +69,10 @@ fn cuda_without_a_driver_is_a_clear_error() {
         );
         return;
     }
-    let mut opts = LoadOptions::default();
-    opts.device = Device::Cuda(0);
+    let opts = LoadOptions {
+        device: Device::Cuda(0),
+        ..LoadOptions::default()
+    };
     let err = Model::load(&fixture("tiny-flexolmo"), &opts)
         .err()
         .expect("loading on a GPU without a driver must fail");
@@ -348,8 +350,10 @@ fn physically_removed(expert: usize) -> tempfile::TempDir {
 fn cuda_opt_out_equals_physical_removal() {
     let opted = load("tiny-flexolmo", Device::Cuda(0), &[2]);
     let removed_dir = physically_removed(2);
-    let mut opts = LoadOptions::default();
-    opts.device = Device::Cuda(0);
+    let opts = LoadOptions {
+        device: Device::Cuda(0),
+        ..LoadOptions::default()
+    };
     let removed = Model::load(removed_dir.path(), &opts).unwrap();
     let reference = reference("tiny-flexolmo");
     for i in 0..4 {

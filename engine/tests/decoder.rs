@@ -43,6 +43,7 @@ fn requests(model: &Model) -> Vec<SeqRequest> {
             mask: masks[i % masks.len()].clone(),
             logprobs: Some(2),
             prompt_logprobs: false,
+            picker: None,
         })
         .collect()
 }
@@ -121,6 +122,7 @@ fn prompt_logprobs_match_scoring() {
             mask: Some(mask.clone()),
             logprobs: Some(1),
             prompt_logprobs: true,
+            picker: None,
         })
         .unwrap();
     let out = dec.step().unwrap();
@@ -311,4 +313,62 @@ fn a_generated_eos_is_reported_as_the_last_token() {
     let g = p.finished.unwrap();
     assert_eq!(g.finish, engine::generate::FinishReason::Eos);
     assert!(g.tokens.is_empty());
+}
+
+/// A picker that takes the logits' first maximum (greedy) and records what it saw.
+struct Greedy(std::sync::Mutex<Vec<(usize, usize)>>);
+
+impl engine::generate::TokenPicker for Greedy {
+    fn pick(&self, step: usize, hidden: &[f32], logits: &[f32]) -> engine::Result<u32> {
+        self.0.lock().unwrap().push((step, hidden.len()));
+        let mut best = 0;
+        for (i, &x) in logits.iter().enumerate() {
+            if x > logits[best] {
+                best = i;
+            }
+        }
+        Ok(best as u32)
+    }
+}
+
+#[test]
+fn a_token_picker_decodes_through_the_decoder() {
+    let model = model();
+    let greedy: Vec<SeqRequest> = requests(&model)
+        .into_iter()
+        .filter(|r| r.params.temperature == 0.0)
+        .collect();
+    let want: Vec<Generation> = greedy.iter().map(|r| alone(&model, r)).collect();
+    let pickers: Vec<std::sync::Arc<Greedy>> = greedy
+        .iter()
+        .map(|_| std::sync::Arc::new(Greedy(Default::default())))
+        .collect();
+    let with_pickers: Vec<SeqRequest> = greedy
+        .iter()
+        .zip(&pickers)
+        .map(|(r, p)| SeqRequest {
+            picker: Some(engine::generate::Picker(p.clone())),
+            ..r.clone()
+        })
+        .collect();
+    let (got, routed) = engine::generate::generate_requests(&model, with_pickers).unwrap();
+    assert_eq!(got, want, "picking the argmax is greedy decoding");
+    assert!(
+        !routed.is_empty(),
+        "an MoE model's passes report their routing"
+    );
+    for (p, g) in pickers.iter().zip(&got) {
+        let seen = p.0.lock().unwrap();
+        // One pick per generated token (an EOS included), steps counting up, hidden states whole.
+        let eos = usize::from(g.finish == engine::generate::FinishReason::Eos);
+        assert_eq!(seen.len(), g.tokens.len() + eos);
+        assert!(seen
+            .iter()
+            .enumerate()
+            .all(|(i, &(step, h))| step == i && h == model.config().hidden_size));
+    }
+    // A picker only decodes greedily.
+    let mut sampled = requests(&model).remove(1);
+    sampled.picker = Some(engine::generate::Picker(pickers[0].clone()));
+    assert!(Decoder::new(&model).add(sampled).is_err());
 }

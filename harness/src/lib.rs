@@ -1,7 +1,8 @@
 //! What an evaluation run is and does, as plain functions over settings structs (no command-line
 //! types): the engine model as a [`tasks::LanguageModel`] ([`lm`]), the retrieval-augmented models
 //! composed on it ([`retrieval`]), run execution with resume ([`run`]), shards and their merge
-//! ([`shards`]), and routing statistics over documents ([`route`]). The `moeval` binary parses arguments, shows progress and prints what these return.
+//! ([`shards`]), routing statistics over documents ([`route`]), experts and owners' decisions
+//! ([`experts`]) and dataset downloads ([`download`]). The `moeval` binary parses arguments, shows progress and prints what these return.
 //!
 //! Invariants:
 //! - A run's numbers depend only on what its manifest records (model hashes, masks, tasks and their
@@ -13,6 +14,8 @@
 //! - What a model did (tokens routed to each expert, retrieved sources) reaches the results through
 //!   the answers that carry it, never through counters read afterwards.
 
+pub mod download;
+pub mod experts;
 pub mod lm;
 pub mod load;
 pub mod retrieval;

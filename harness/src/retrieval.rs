@@ -15,11 +15,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use datastore::knn::neighbor_weights;
 use datastore::Datastore;
-use engine::generate::{generate_routed, GenParams};
+use engine::generate::{
+    generate_requests, generate_routed, GenParams, Picker, SeqRequest, TokenPicker,
+};
 use engine::score::{loglikelihood_routed, ScoreOptions, ScoreRequest};
 use engine::{ExpertMask, Model, RoutedTokens, SeqInput, Tokenizer};
 use rayon::prelude::*;
@@ -137,7 +140,7 @@ impl Mode {
 
 /// A datastore opened for a run, with its settings.
 pub struct Retrieval {
-    store: Option<Datastore>,
+    store: Option<Arc<Datastore>>,
     mode: Option<Mode>,
     k: usize,
     lambda: f64,
@@ -164,10 +167,11 @@ impl Retrieval {
             bail!("--lambda must be within [0, 1]");
         }
         let store = match (&a.retrieval, &a.datastore) {
-            (Some(_), Some(dir)) => Some(
-                Datastore::open(dir)
-                    .with_context(|| format!("cannot open the datastore {}", dir.display()))?,
-            ),
+            (Some(_), Some(dir)) => {
+                Some(Arc::new(Datastore::open(dir).with_context(|| {
+                    format!("cannot open the datastore {}", dir.display())
+                })?))
+            }
             _ => None,
         };
         if let (Some(Mode::Knn), Some(s)) = (a.retrieval, &store) {
@@ -492,7 +496,18 @@ fn log_softmax(logits: &[f32]) -> Vec<f64> {
 
 impl RetrievalLm<'_> {
     fn store(&self) -> Option<&Datastore> {
-        self.r.store.as_ref()
+        self.r.store.as_deref()
+    }
+
+    /// The kNN-LM interpolation, when the store has kNN keys.
+    fn knn_mix(&self) -> Option<KnnMix> {
+        let store = self.r.store.clone().filter(|s| s.knn().is_some())?;
+        Some(KnnMix {
+            store,
+            k: self.r.k,
+            lambda: self.r.lambda,
+            temperature: self.r.temperature,
+        })
     }
 
     /// RIC-LM: retrieves for the tokens before a scored span; returns the prefix tokens and sources.
@@ -653,21 +668,97 @@ impl RetrievalLm<'_> {
     }
 
     /// log p over the vocabulary after interpolation (`None`: no neighbours, p_LM unchanged).
-    #[allow(clippy::type_complexity)]
-    fn mix(
+    fn mix(&self, key: &[f32], lp: &[f64], unit: u32) -> Result<Mixed, ModelError> {
+        match self.knn_mix() {
+            Some(m) => m.mix(key, lp, unit),
+            None => Ok((None, Vec::new())),
+        }
+    }
+
+    /// kNN-LM generation: greedy, through the engine's decoder with a [`KnnPicker`] per request.
+    fn generate_knn(
         &self,
-        key: &[f32],
-        lp: &[f64],
-        unit: u32,
-    ) -> Result<(Option<Vec<f64>>, Vec<Contribution>), ModelError> {
-        let (Some(store), Some(knn)) = (self.store(), self.store().and_then(|s| s.knn())) else {
+        requests: &[GenerateRequest],
+        prompts: Vec<(Vec<u32>, Vec<Contribution>)>,
+    ) -> Result<Answers<String>, ModelError> {
+        if requests
+            .iter()
+            .any(|r| r.temperature > 0.0 || r.num_beams > 1)
+        {
+            return Err(
+                "kNN-LM generation supports greedy decoding only (do_sample: false, num_beams: 1)"
+                    .into(),
+            );
+        }
+        let mut pickers = Vec::with_capacity(requests.len());
+        let mut reqs = Vec::with_capacity(requests.len());
+        for (r, (ids, _)) in requests.iter().zip(prompts) {
+            let picker = Arc::new(KnnPicker {
+                mix: self
+                    .knn_mix()
+                    .ok_or("kNN-LM needs a datastore with kNN keys")?,
+                sources: Mutex::new(Sources::default()),
+            });
+            let mut params = crate::lm::gen_params(r);
+            // Generation stops once the sequence fills the model's context.
+            let room = (self.max_length + 1).saturating_sub(ids.len()).max(1);
+            params.max_new_tokens = params.max_new_tokens.min(room);
+            reqs.push(SeqRequest {
+                prompt: ids,
+                params,
+                mask: self.mask.clone(),
+                picker: Some(Picker(picker.clone())),
+                ..SeqRequest::default()
+            });
+            pickers.push(picker);
+        }
+        let (out, routed) = generate_requests(self.model, reqs)?;
+        let sources = pickers
+            .iter()
+            .map(|p| std::mem::take(&mut *p.sources.lock().unwrap_or_else(|e| e.into_inner())))
+            .collect();
+        Ok(Answers {
+            values: out.into_iter().map(|g| g.text).collect(),
+            sources,
+            routed: routed.0,
+            cached: 0,
+        })
+    }
+
+    fn windows(&self, tokens: &[u32]) -> Vec<(Vec<u32>, Vec<u32>)> {
+        match self.r.window {
+            Some((w, s)) => silo_windows(tokens, self.prefix, w, s),
+            None => rolling_windows(tokens, self.prefix, self.max_length),
+        }
+    }
+}
+
+/// log p after kNN-LM interpolation (`None`: p_LM unchanged) and each contributing document.
+type Mixed = (Option<Vec<f64>>, Vec<Contribution>);
+
+/// kNN-LM's interpolation of the model's distribution with its datastore neighbours' (owned, so a
+/// decoding [`TokenPicker`] can hold it).
+#[derive(Clone)]
+struct KnnMix {
+    store: Arc<Datastore>,
+    k: usize,
+    lambda: f64,
+    temperature: f32,
+}
+
+impl KnnMix {
+    /// log p over the vocabulary after interpolation (`None`: no neighbours, p_LM unchanged) and
+    /// the documents behind it.
+    fn mix(&self, key: &[f32], lp: &[f64], unit: u32) -> Result<Mixed, ModelError> {
+        let store = &self.store;
+        let Some(knn) = store.knn() else {
             return Ok((None, Vec::new()));
         };
-        let nn = knn.search(key, self.r.k);
-        if nn.is_empty() || self.r.lambda == 0.0 {
+        let nn = knn.search(key, self.k);
+        if nn.is_empty() || self.lambda == 0.0 {
             return Ok((None, Vec::new()));
         }
-        let w = neighbor_weights(&nn, self.r.temperature);
+        let w = neighbor_weights(&nn, self.temperature);
         let mut p_knn = vec![0.0f64; lp.len()];
         // Sources: lambda x weight, summed per document.
         let mut per_doc: BTreeMap<u64, f64> = BTreeMap::new();
@@ -676,9 +767,9 @@ impl RetrievalLm<'_> {
             if v < p_knn.len() {
                 p_knn[v] += wi;
             }
-            *per_doc.entry(knn.block(n.entry)).or_default() += self.r.lambda * wi;
+            *per_doc.entry(knn.block(n.entry)).or_default() += self.lambda * wi;
         }
-        let l = self.r.lambda;
+        let l = self.lambda;
         let mixed = lp
             .iter()
             .zip(&p_knn)
@@ -709,65 +800,26 @@ impl RetrievalLm<'_> {
         }
         Ok((Some(mixed), sources))
     }
+}
 
-    fn windows(&self, tokens: &[u32]) -> Vec<(Vec<u32>, Vec<u32>)> {
-        match self.r.window {
-            Some((w, s)) => silo_windows(tokens, self.prefix, w, s),
-            None => rolling_windows(tokens, self.prefix, self.max_length),
-        }
-    }
+/// kNN-LM greedy decoding through the engine's decoder: each next token is the argmax of the mixed
+/// distribution; the documents behind every step are kept for the answer's sources.
+struct KnnPicker {
+    mix: KnnMix,
+    sources: Mutex<Sources>,
+}
 
-    /// kNN-LM greedy decoding, one token at a time.
-    fn generate_knn(
-        &self,
-        ids: Vec<u32>,
-        r: &GenerateRequest,
-    ) -> Result<(String, Sources, RoutedTokens), ModelError> {
-        if r.temperature > 0.0 || r.num_beams > 1 {
-            return Err(
-                "kNN-LM generation supports greedy decoding only (do_sample: false, num_beams: 1)"
-                    .into(),
-            );
-        }
-        let eos = &self.model.config().eos_token_ids;
-        let mut cache = self.model.new_cache();
-        let mut feed = ids;
-        let mut out: Vec<u32> = Vec::new();
-        let mut att = Sources::default();
-        let mut routed = RoutedTokens::default();
-        let stops: Vec<&String> = r.until.iter().filter(|s| !s.is_empty()).collect();
-        for step in 0..r.max_gen_toks {
-            let fwd = self.model.forward(
-                &mut [SeqInput {
-                    tokens: &feed,
-                    cache: &mut cache,
-                    mask: self.mask.as_ref(),
-                }],
-                false,
-            )?;
-            routed.add(&fwd.routed);
-            let last = fwd.hidden.narrow(0, feed.len() - 1, 1)?;
-            let logits = self.model.logits(&last)?.to_vec2::<f32>()?.remove(0);
-            let key = last.to_vec2::<f32>()?.remove(0);
-            let lp = log_softmax(&logits);
-            let (mixed, sources) = self.mix(&key, &lp, step as u32)?;
-            let tok = argmax(mixed.as_ref().unwrap_or(&lp)) as u32;
-            att.units += 1;
-            att.contributions.extend(sources);
-            if eos.contains(&tok) {
-                break;
-            }
-            out.push(tok);
-            let text = self.tokenizer.decode(&out)?;
-            if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
-                return Ok((text[..cut].to_string(), att, routed));
-            }
-            if cache.len() + 1 > self.max_length {
-                break;
-            }
-            feed = vec![tok];
-        }
-        Ok((self.tokenizer.decode(&out)?, att, routed))
+impl TokenPicker for KnnPicker {
+    fn pick(&self, step: usize, hidden: &[f32], logits: &[f32]) -> engine::Result<u32> {
+        let lp = log_softmax(logits);
+        let (mixed, contributions) = self
+            .mix
+            .mix(hidden, &lp, step as u32)
+            .map_err(|e| engine::Error::Input(format!("kNN-LM: {e}")))?;
+        let mut s = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        s.units += 1;
+        s.contributions.extend(contributions);
+        Ok(argmax(mixed.as_ref().unwrap_or(&lp)) as u32)
     }
 }
 
@@ -885,16 +937,7 @@ impl LanguageModel for RetrievalLm<'_> {
             })
             .collect::<Result<_, ModelError>>()?;
         if self.r.mode == Some(Mode::Knn) {
-            let mut out = Answers::plain(Vec::new());
-            let mut routed = RoutedTokens::default();
-            for (r, (ids, _)) in requests.iter().zip(prompts) {
-                let (text, att, more) = self.generate_knn(ids, r)?;
-                out.values.push(text);
-                out.sources.push(att);
-                routed.add(&more);
-            }
-            out.routed = routed.0;
-            return Ok(out);
+            return self.generate_knn(requests, prompts);
         }
         let batch: Vec<(Vec<u32>, GenParams)> = requests
             .iter()

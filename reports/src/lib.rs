@@ -1,6 +1,7 @@
-//! Results that last: run manifests, the crash-safe request cache, reading run directories,
-//! leaderboards (Parquet, Markdown, HTML with inline SVG), paired comparisons, a Hive-partitioned
-//! export and the regression gate. Schemas: `docs/results.md`.
+//! Results that last, and the one owner of the run directory: every table a run holds with its
+//! atomic writer ([`tables`]), run manifests, the crash-safe request cache (one request identity),
+//! reading run directories, leaderboards (Parquet, Markdown, HTML with inline SVG), paired
+//! comparisons, a Hive-partitioned export and the regression gate. Schemas: `docs/results.md`.
 
 pub mod cache;
 pub mod compare;

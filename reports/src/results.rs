@@ -92,6 +92,33 @@ impl Run {
         }
         out
     }
+
+    /// The samples of one mask (the first run when `None`), restricted to `tasks` unless empty:
+    /// what `moeval compare` pairs. Returns the mask chosen.
+    pub fn samples_of(
+        &self,
+        mask: Option<&str>,
+        tasks: &[String],
+    ) -> Result<(String, Vec<&SampleRow>)> {
+        let masks = self.masks();
+        let m = match mask {
+            Some(m) if !masks.iter().any(|x| x == m) => {
+                return Err(crate::error::Error::Invalid(format!(
+                    "{}: no mask `{m}` (has {})",
+                    self.dir.display(),
+                    masks.join(", ")
+                )))
+            }
+            Some(m) => m.to_string(),
+            None => masks.first().cloned().unwrap_or_default(),
+        };
+        let rows = self
+            .samples
+            .iter()
+            .filter(|s| s.mask == m && (tasks.is_empty() || tasks.contains(&s.task)))
+            .collect();
+        Ok((m, rows))
+    }
 }
 
 /// Reads every record batch of a Parquet file.

@@ -95,6 +95,46 @@ impl Settings {
             experts: Default::default(),
         }
     }
+
+    /// Refuses settings no server can run with, naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(self.max_batch > 0, "--max-batch must be at least 1");
+        anyhow::ensure!(self.max_queue > 0, "--max-queue must be at least 1");
+        anyhow::ensure!(
+            self.max_connections > 0,
+            "--max-connections must be at least 1"
+        );
+        anyhow::ensure!(self.prefill_chunk > 0, "--prefill-chunk must be at least 1");
+        anyhow::ensure!(
+            self.api_key.as_ref().is_none_or(|k| !k.trim().is_empty()),
+            "--api-key must not be empty"
+        );
+        for (flag, d) in [
+            ("--timeout-secs", self.timeout),
+            ("--read-timeout-secs", self.read_timeout),
+            ("--shutdown-timeout-secs", self.shutdown_timeout),
+        ] {
+            anyhow::ensure!(
+                !d.is_zero() && d <= Duration::from_secs(86_400),
+                "{flag} must be positive and at most a day"
+            );
+        }
+        Ok(())
+    }
+
+    /// The experts to load: the server-wide selection plus, with `policy`, the experts that file
+    /// opts out, so their weights are never read (the checkpoint's own policy applies at load).
+    pub fn experts_to_load(&self) -> Result<harness::Experts> {
+        let mut experts = self.experts.clone();
+        if let Some(p) = &self.policy {
+            let policy = routers::Policy::load_file(p)
+                .with_context(|| format!("cannot read the policy {}", p.display()))?;
+            experts
+                .opt_out
+                .extend(policy.opted_out().iter().map(|e| e.expert.clone()));
+        }
+        Ok(experts)
+    }
 }
 
 /// Everything the handlers share.
@@ -144,6 +184,7 @@ impl Server {
         addr: SocketAddr,
         signal: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<Self> {
+        settings.validate()?;
         let dir = model
             .dir()
             .context("the server needs a model loaded from a directory")?

@@ -229,6 +229,7 @@ fn admit(
         mask: job.mask,
         logprobs: job.logprobs,
         prompt_logprobs: job.prompt_logprobs,
+        picker: None,
     };
     match decoder.add(req) {
         Ok(id) => {

@@ -2,8 +2,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use engine::init::{Preset, RandomInit};
-use engine::{LoadOptions, Model};
+use engine::LoadOptions;
 
 /// `moeval bench`: prefill and decode throughput of the engine (CPU or `--device cuda`), and peak memory.
 ///
@@ -42,36 +41,13 @@ pub struct Args {
 }
 
 pub fn run(a: Args, threads: Option<usize>, device: engine::Device) -> Result<()> {
-    anyhow::ensure!(
-        a.batch > 0
-            && a.repeats > 0
-            && a.prefill_len > 0
-            && a.prompt_len > 0
-            && a.decode_batches.iter().all(|&b| b > 0),
-        "sizes must be positive"
-    );
     let opts = LoadOptions {
         device,
         ..LoadOptions::default()
     };
     let load_start = Instant::now();
-    let (model, source) = match &a.model {
-        Some(dir) => {
-            // No tokenizer needed: the benchmark feeds token ids.
-            let cfg = engine::Config::from_file(&dir.join("config.json"))?;
-            let weights = engine::Weights::open(dir)?;
-            (
-                Model::from_source(cfg, &weights, &opts)?,
-                dir.display().to_string(),
-            )
-        }
-        None => {
-            let cfg = Preset::parse(&a.preset)?.config();
-            let model = Model::from_source(cfg, &RandomInit { seed: 0 }, &opts)
-                .context("cannot build the preset model")?;
-            (model, format!("preset {}", a.preset))
-        }
-    };
+    let (model, source) = engine::bench::load_model(a.model.as_deref(), &a.preset, &opts)
+        .context("cannot load the benchmark model")?;
     let load_s = load_start.elapsed().as_secs_f64();
     let cfg = model.config().clone();
     let t = engine::bench::measure(
@@ -94,10 +70,7 @@ pub fn run(a: Args, threads: Option<usize>, device: engine::Device) -> Result<()
         engine::Device::Cpu => "cpu".to_string(),
         gpu => format!("{gpu} ({})", model.device_name()),
     };
-    let params: usize = engine::init::tensor_specs(&cfg)
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>())
-        .sum();
+    let params = engine::bench::parameters(&cfg);
     let weights_mb = params as f64 * 4.0 / (1024.0 * 1024.0);
     let rss = engine::bench::peak_rss_mb().unwrap_or(f64::NAN);
     let threads =

@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use reports::results::SampleRow;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -22,39 +21,13 @@ pub struct Args {
     tasks: Vec<String>,
 }
 
-fn pick<'a>(
-    run: &'a reports::Run,
-    mask: &Option<String>,
-    tasks: &[String],
-) -> Result<(String, Vec<&'a SampleRow>)> {
-    let masks = run.masks();
-    let m = match mask {
-        Some(m) => {
-            anyhow::ensure!(
-                masks.contains(m),
-                "{}: no mask `{m}` (has {})",
-                run.dir.display(),
-                masks.join(", ")
-            );
-            m.clone()
-        }
-        None => masks.first().cloned().unwrap_or_default(),
-    };
-    let rows = run
-        .samples
-        .iter()
-        .filter(|s| s.mask == m && (tasks.is_empty() || tasks.contains(&s.task)))
-        .collect();
-    Ok((m, rows))
-}
-
 pub fn run(a: Args) -> Result<()> {
     let load = |p: &PathBuf| {
         reports::load_run(p).with_context(|| format!("cannot read run {}", p.display()))
     };
     let (ra, rb) = (load(&a.run_a)?, load(&a.run_b)?);
-    let (ma, sa) = pick(&ra, &a.mask_a, &a.tasks)?;
-    let (mb, sb) = pick(&rb, &a.mask_b, &a.tasks)?;
+    let (ma, sa) = ra.samples_of(a.mask_a.as_deref(), &a.tasks)?;
+    let (mb, sb) = rb.samples_of(a.mask_b.as_deref(), &a.tasks)?;
     let cs = reports::compare::compare(&sa, &sb, |t, m| ra.higher_is_better(t, m));
     anyhow::ensure!(
         !cs.is_empty(),

@@ -306,7 +306,7 @@ fn opt_out(dir: &Path, owners: Vec<String>, documents: Vec<String>, reason: Stri
         owners,
         documents,
         reason,
-        actor: format!("cli:{}", super::experts::cli_user()),
+        actor: format!("cli:{}", harness::experts::user()),
     };
     let r = Datastore::opt_out(dir, &req)?;
     println!(

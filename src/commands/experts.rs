@@ -1,8 +1,7 @@
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use engine::Config;
-use routers::{effective_mask, Action, Policy, Registry};
+use anyhow::Result;
+use routers::{effective_mask, Action};
 
 /// `moeval experts`: who the experts are, and owners' opt-out decisions.
 #[derive(clap::Args)]
@@ -63,22 +62,8 @@ pub fn run(a: Args, device: engine::Device) -> Result<()> {
     }
 }
 
-/// The config, expert names and policy of an MoE checkpoint, without loading weights.
-pub fn describe(dir: &Path) -> Result<(Config, Registry, Policy)> {
-    let config = Config::from_file(&dir.join("config.json"))?;
-    anyhow::ensure!(
-        config.is_moe(),
-        "{} is a dense {} model: it has no experts",
-        dir.display(),
-        config.architecture.model_type()
-    );
-    let registry = Registry::load(dir, config.num_experts)?;
-    let policy = Policy::load(dir)?;
-    Ok((config, registry, policy))
-}
-
 fn list(dir: &Path, json: bool) -> Result<()> {
-    let (config, registry, policy) = describe(dir)?;
+    let (config, registry, policy) = harness::experts::describe(dir)?;
     // Validates the policy against the names (an unknown name in the policy is an error).
     effective_mask(&registry, &policy, &[] as &[&str], &[] as &[&str])?;
     let params = 3 * config.hidden_size * config.intermediate_size * config.num_hidden_layers;
@@ -138,41 +123,19 @@ fn list(dir: &Path, json: bool) -> Result<()> {
 }
 
 fn decide(dir: &Path, expert: &str, action: Action, reason: &str) -> Result<()> {
-    anyhow::ensure!(
-        !reason.trim().is_empty(),
-        "--reason must say why (it goes into the audit log)"
-    );
-    let (_, registry, mut policy) = describe(dir)?;
-    let index = registry.resolve(expert)?;
-    let name = registry.name(index).to_string();
-    let owner = registry.experts()[index].owner.clone().unwrap_or_default();
-    let actor = format!("cli:{}", cli_user());
-    let record = policy
-        .record(routers::Decision {
-            expert: &name,
-            owner: &owner,
-            actor: &actor,
-            action,
-            reason,
-        })
-        .with_context(|| format!("cannot update the policy of {}", dir.display()))?;
+    let actor = format!("cli:{}", harness::experts::user());
+    let d = harness::experts::decide(dir, expert, action, reason, &actor)?;
     let verb = match action {
         Action::OptOut => "opted out",
         Action::OptIn => "opted back in",
     };
     println!(
-        "expert {index} ({name}) {verb} at {}; recorded in {} and {}",
-        record.time,
-        policy.path().display(),
-        dir.join(routers::AUDIT_FILE).display()
+        "expert {} ({}) {verb} at {}; recorded in {} and {}",
+        d.index,
+        d.name,
+        d.record.time,
+        d.policy.display(),
+        d.audit.display()
     );
     Ok(())
-}
-
-/// The login name of whoever ran the command, for the audit log.
-pub(super) fn cli_user() -> String {
-    ["USER", "LOGNAME"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
-        .unwrap_or_else(|| "unknown".into())
 }

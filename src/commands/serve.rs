@@ -74,28 +74,14 @@ pub struct Args {
 }
 
 /// A duration flag in seconds: positive and at most a day.
-fn secs(flag: &str, v: f64) -> Result<Duration> {
-    anyhow::ensure!(
-        v > 0.0 && v <= 86_400.0,
-        "{flag} must be positive and at most a day"
-    );
-    Ok(Duration::from_secs_f64(v))
+/// Seconds as a duration; out-of-range values are refused by [`server::Settings::validate`].
+fn secs(v: f64) -> Duration {
+    Duration::try_from_secs_f64(v).unwrap_or(Duration::ZERO)
 }
 
 impl Args {
     /// The settings these flags describe, for a model with `context` positions.
     fn settings(&self, context: usize) -> Result<server::Settings> {
-        anyhow::ensure!(self.max_batch > 0, "--max-batch must be at least 1");
-        anyhow::ensure!(self.max_queue > 0, "--max-queue must be at least 1");
-        anyhow::ensure!(
-            self.max_connections > 0,
-            "--max-connections must be at least 1"
-        );
-        anyhow::ensure!(self.prefill_chunk > 0, "--prefill-chunk must be at least 1");
-        anyhow::ensure!(
-            self.api_key.as_ref().is_none_or(|k| !k.trim().is_empty()),
-            "--api-key must not be empty"
-        );
         let name = match &self.served_model_name {
             Some(n) => n.clone(),
             None => self
@@ -111,14 +97,14 @@ impl Args {
             max_queue: self.max_queue,
             max_tokens: self.max_tokens,
             max_prompt_tokens: self.max_prompt_tokens.unwrap_or(context).min(context),
-            timeout: secs("--timeout-secs", self.timeout_secs)?,
+            timeout: secs(self.timeout_secs),
             admin_tokens: self.admin_tokens.clone(),
             chat_template: self.chat_template.clone(),
             policy: self.policy.clone(),
             datastore: self.datastore.clone(),
             max_connections: self.max_connections,
-            read_timeout: secs("--read-timeout-secs", self.read_timeout_secs)?,
-            shutdown_timeout: secs("--shutdown-timeout-secs", self.shutdown_timeout_secs)?,
+            read_timeout: secs(self.read_timeout_secs),
+            shutdown_timeout: secs(self.shutdown_timeout_secs),
             prefill_chunk: self.prefill_chunk,
             api_key: self.api_key.clone(),
             experts: self.experts.clone().into(),
@@ -127,18 +113,14 @@ impl Args {
 }
 
 pub fn run(a: Args, device: engine::Device) -> Result<()> {
-    // Experts opted out in an explicit --policy file are not loaded either (the checkpoint's own
-    // expert-policy.json always applies at load, as for every command).
-    // The server-wide --opt-out / --experts are not loaded either.
-    let mut experts = a.experts.clone();
-    if let Some(p) = &a.policy {
-        let policy = routers::Policy::load_file(p)
-            .with_context(|| format!("cannot read the policy {}", p.display()))?;
-        experts
-            .opt_out
-            .extend(policy.opted_out().iter().map(|e| e.expert.clone()));
-    }
-    let model = Arc::new(super::load_model_with(&a.model, &experts, device)?);
+    // Validated before the (slow) load; the model decides the prompt limit.
+    let probe = a.settings(usize::MAX)?;
+    probe.validate()?;
+    let model = Arc::new(harness::load_model(
+        &a.model,
+        &probe.experts_to_load()?,
+        device,
+    )?);
     let settings = a.settings(model.config().max_position_embeddings)?;
     let ip: std::net::IpAddr = a
         .host

@@ -107,7 +107,7 @@ fn grouped_matmul_matches_naive() -> Result<()> {
         shared_mem_bytes: 0,
     };
     let (write, add) = (0i32, 1i32);
-    launch!(&g, "grouped_matmul", cfg.clone(); px, pm, pt, po, pa, pout, ni, ki, write)?;
+    launch!(&g, "grouped_matmul", cfg; px, pm, pt, po, pa, pout, ni, ki, write)?;
     let got = g.download(&out)?;
     let mut want = vec![0f32; rows * n_out];
     for e in 0..5 {
