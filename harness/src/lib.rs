@@ -2,7 +2,8 @@
 //! types): the engine model as a [`tasks::LanguageModel`] ([`lm`]), the retrieval-augmented models
 //! composed on it ([`retrieval`]), run execution with resume ([`run`]), shards and their merge
 //! ([`shards`]), routing statistics over documents ([`route`]), experts and owners' decisions
-//! ([`experts`]) and dataset downloads ([`download`]). The `moeval` binary parses arguments, shows progress and prints what these return.
+//! ([`experts`]), one prompt's tensors for parity checks ([`inspect`]) and dataset downloads
+//! ([`download`]). The `moeval` binary parses arguments, shows progress and prints what these return.
 //!
 //! Invariants:
 //! - A run's numbers depend only on what its manifest records (model hashes, masks, tasks and their
@@ -16,6 +17,7 @@
 
 pub mod download;
 pub mod experts;
+pub mod inspect;
 pub mod lm;
 pub mod load;
 pub mod retrieval;

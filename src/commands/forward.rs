@@ -1,9 +1,6 @@
-use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
-use engine::SeqInput;
+use anyhow::Result;
 
 /// `moeval forward`: one unbatched prompt, tokenised without special tokens.
 ///
@@ -26,40 +23,10 @@ pub struct Args {
 
 pub fn run(a: Args, device: engine::Device) -> Result<()> {
     let model = super::load_model_with(&a.model, &a.experts, device)?;
-    let tokens = model.require_tokenizer()?.encode(&a.prompt)?;
-    anyhow::ensure!(!tokens.is_empty(), "the prompt encodes to no tokens");
-    let mut cache = model.new_cache();
-    let fwd = model.forward(
-        &mut [SeqInput {
-            tokens: &tokens,
-            cache: &mut cache,
-            mask: None,
-        }],
-        true,
-    )?;
-    let mut out = HashMap::new();
-    let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-    out.insert(
-        "input_ids".to_string(),
-        Tensor::from_vec(ids, tokens.len(), &Device::Cpu)?,
-    );
-    out.insert("logits".to_string(), model.logits(&fwd.hidden)?);
-    for (l, r) in fwd
-        .router_logits
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
-        out.insert(format!("router_logits.layer{l}"), r);
-    }
-    super::write_atomic(&a.out, |tmp| {
-        candle_core::safetensors::save(&out, tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))
-    })?;
+    let tokens = harness::inspect::forward_to_file(&model, &a.prompt, &a.out)?;
     eprintln!(
-        "wrote {} ({} tokens, vocab {})",
+        "wrote {} ({tokens} tokens, vocab {})",
         a.out.display(),
-        tokens.len(),
         model.config().vocab_size
     );
     Ok(())

@@ -18,7 +18,7 @@ pub mod train;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use engine::{Device, Model};
 
 /// Expert selection shared by every command that runs a model.
@@ -102,11 +102,4 @@ impl From<RetrievalArgs> for harness::retrieval::RetrievalSettings {
             ppl_stride: a.ppl_stride,
         }
     }
-}
-
-/// Writes `path` through a uniquely named temporary file that `write` creates, synced and renamed into
-/// place ([`durable::write_atomic_with`]), so readers and crashes never see a partial file.
-pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    durable::write_atomic_with(path, write)
-        .with_context(|| format!("cannot write {}", path.display()))
 }
