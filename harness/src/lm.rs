@@ -7,7 +7,7 @@ use engine::{ExpertMask, Model, Tokenizer};
 use rayon::prelude::*;
 use tasks::lm::{encode_pair, rolling_windows, truncate_left};
 use tasks::{
-    Answers, GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError,
+    AnsweringModel, Answers, GenerateRequest, Loglikelihood, LoglikelihoodRequest, ModelError,
 };
 
 /// The engine's settings for a harness generation request (beam search as the harness's HF backend
@@ -109,23 +109,8 @@ impl<'a> EngineLm<'a> {
     }
 }
 
-impl LanguageModel for EngineLm<'_> {
-    fn loglikelihood(
-        &self,
-        requests: &[LoglikelihoodRequest],
-    ) -> Result<Vec<Loglikelihood>, ModelError> {
-        Ok(self.loglikelihood_answers(requests)?.values)
-    }
-
-    fn loglikelihood_rolling(&self, texts: &[String]) -> Result<Vec<f64>, ModelError> {
-        Ok(self.loglikelihood_rolling_answers(texts)?.values)
-    }
-
-    fn generate_until(&self, requests: &[GenerateRequest]) -> Result<Vec<String>, ModelError> {
-        Ok(self.generate_until_answers(requests)?.values)
-    }
-
-    fn loglikelihood_answers(
+impl AnsweringModel for EngineLm<'_> {
+    fn answer_loglikelihood(
         &self,
         requests: &[LoglikelihoodRequest],
     ) -> Result<Answers<Loglikelihood>, ModelError> {
@@ -140,7 +125,7 @@ impl LanguageModel for EngineLm<'_> {
         self.score(toks)
     }
 
-    fn loglikelihood_rolling_answers(&self, texts: &[String]) -> Result<Answers<f64>, ModelError> {
+    fn answer_rolling(&self, texts: &[String]) -> Result<Answers<f64>, ModelError> {
         let windows: Vec<Vec<(Vec<u32>, Vec<u32>)>> = texts
             .par_iter()
             .map(|t| {
@@ -164,10 +149,7 @@ impl LanguageModel for EngineLm<'_> {
         })
     }
 
-    fn generate_until_answers(
-        &self,
-        requests: &[GenerateRequest],
-    ) -> Result<Answers<String>, ModelError> {
+    fn answer_generate(&self, requests: &[GenerateRequest]) -> Result<Answers<String>, ModelError> {
         let prompts: Vec<(Vec<u32>, GenParams)> = requests
             .iter()
             .map(|r| {

@@ -29,7 +29,7 @@ use rayon::prelude::*;
 use reports::tables::AttributionRow;
 use tasks::lm::{encode_pair, rolling_windows, truncate_left};
 use tasks::{
-    Answers, Contribution, GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest,
+    AnsweringModel, Answers, Contribution, GenerateRequest, Loglikelihood, LoglikelihoodRequest,
     ModelError, Sources, TaskResult,
 };
 
@@ -833,23 +833,8 @@ fn argmax(v: &[f64]) -> usize {
     best
 }
 
-impl LanguageModel for RetrievalLm<'_> {
-    fn loglikelihood(
-        &self,
-        requests: &[LoglikelihoodRequest],
-    ) -> Result<Vec<Loglikelihood>, ModelError> {
-        Ok(self.loglikelihood_answers(requests)?.values)
-    }
-
-    fn loglikelihood_rolling(&self, texts: &[String]) -> Result<Vec<f64>, ModelError> {
-        Ok(self.loglikelihood_rolling_answers(texts)?.values)
-    }
-
-    fn generate_until(&self, requests: &[GenerateRequest]) -> Result<Vec<String>, ModelError> {
-        Ok(self.generate_until_answers(requests)?.values)
-    }
-
-    fn loglikelihood_answers(
+impl AnsweringModel for RetrievalLm<'_> {
+    fn answer_loglikelihood(
         &self,
         requests: &[LoglikelihoodRequest],
     ) -> Result<Answers<Loglikelihood>, ModelError> {
@@ -875,7 +860,7 @@ impl LanguageModel for RetrievalLm<'_> {
         })
     }
 
-    fn loglikelihood_rolling_answers(&self, texts: &[String]) -> Result<Answers<f64>, ModelError> {
+    fn answer_rolling(&self, texts: &[String]) -> Result<Answers<f64>, ModelError> {
         let windows: Vec<Vec<(Vec<u32>, Vec<u32>)>> = texts
             .par_iter()
             .map(|t| Ok(self.windows(&self.tokenizer.encode(t)?)))
@@ -911,10 +896,7 @@ impl LanguageModel for RetrievalLm<'_> {
         })
     }
 
-    fn generate_until_answers(
-        &self,
-        requests: &[GenerateRequest],
-    ) -> Result<Answers<String>, ModelError> {
+    fn answer_generate(&self, requests: &[GenerateRequest]) -> Result<Answers<String>, ModelError> {
         let prompts: Vec<(Vec<u32>, Vec<Contribution>)> = requests
             .par_iter()
             .map(|r| {

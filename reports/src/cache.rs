@@ -15,8 +15,8 @@ use std::sync::Mutex;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tasks::{
-    Answers, GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest, ModelError,
-    Sources,
+    AnsweringModel, Answers, GenerateRequest, LanguageModel, Loglikelihood, LoglikelihoodRequest,
+    ModelError, Sources,
 };
 
 use crate::error::{file_err, io, Result};
@@ -312,23 +312,8 @@ impl<'a> CachedLm<'a> {
     }
 }
 
-impl LanguageModel for CachedLm<'_> {
-    fn loglikelihood(
-        &self,
-        requests: &[LoglikelihoodRequest],
-    ) -> Result<Vec<Loglikelihood>, ModelError> {
-        Ok(self.loglikelihood_answers(requests)?.values)
-    }
-
-    fn loglikelihood_rolling(&self, texts: &[String]) -> Result<Vec<f64>, ModelError> {
-        Ok(self.loglikelihood_rolling_answers(texts)?.values)
-    }
-
-    fn generate_until(&self, requests: &[GenerateRequest]) -> Result<Vec<String>, ModelError> {
-        Ok(self.generate_until_answers(requests)?.values)
-    }
-
-    fn loglikelihood_answers(
+impl AnsweringModel for CachedLm<'_> {
+    fn answer_loglikelihood(
         &self,
         requests: &[LoglikelihoodRequest],
     ) -> Result<Answers<Loglikelihood>, ModelError> {
@@ -344,7 +329,7 @@ impl LanguageModel for CachedLm<'_> {
         )
     }
 
-    fn loglikelihood_rolling_answers(&self, texts: &[String]) -> Result<Answers<f64>, ModelError> {
+    fn answer_rolling(&self, texts: &[String]) -> Result<Answers<f64>, ModelError> {
         self.answer(
             texts,
             |s, t| roll_key(s, t),
@@ -357,10 +342,7 @@ impl LanguageModel for CachedLm<'_> {
         )
     }
 
-    fn generate_until_answers(
-        &self,
-        requests: &[GenerateRequest],
-    ) -> Result<Answers<String>, ModelError> {
+    fn answer_generate(&self, requests: &[GenerateRequest]) -> Result<Answers<String>, ModelError> {
         self.answer(
             requests,
             gen_key,

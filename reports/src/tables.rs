@@ -317,6 +317,34 @@ pub struct RoutingRow {
     pub share: f64,
 }
 
+/// The columns both routing tables end with: `layer`, `expert`, `expert_name`, `tokens`, `share`,
+/// from (layer, expert, expert name, tokens, share) per row.
+fn routing_columns(rows: &[(usize, usize, &str, u64, f64)]) -> Vec<(&'static str, ArrayRef)> {
+    let i = |f: fn(&(usize, usize, &str, u64, f64)) -> i32| -> ArrayRef {
+        Arc::new(arrow_array::Int32Array::from_iter_values(
+            rows.iter().map(f),
+        ))
+    };
+    vec![
+        ("layer", i(|r| r.0 as i32)),
+        ("expert", i(|r| r.1 as i32)),
+        (
+            "expert_name",
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2))),
+        ),
+        (
+            "tokens",
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| r.3 as i64),
+            )),
+        ),
+        (
+            "share",
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.4))),
+        ),
+    ]
+}
+
 /// Writes `routing.parquet` atomically; nothing when there are no rows (dense models).
 pub fn write_routing(path: &Path, rows: &[RoutingRow]) -> Result<()> {
     if rows.is_empty() {
@@ -325,30 +353,17 @@ pub fn write_routing(path: &Path, rows: &[RoutingRow]) -> Result<()> {
     let s = |f: fn(&RoutingRow) -> String| -> ArrayRef {
         Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
     };
-    let i = |f: fn(&RoutingRow) -> i32| -> ArrayRef {
-        Arc::new(arrow_array::Int32Array::from_iter_values(
-            rows.iter().map(f),
-        ))
-    };
-    let batch = RecordBatch::try_from_iter([
+    let mut cols = vec![
         ("run_id", s(|r| r.run_id.clone())),
         ("mask", s(|r| r.mask.clone())),
         ("task", s(|r| r.task.clone())),
-        ("layer", i(|r| r.layer as i32)),
-        ("expert", i(|r| r.expert as i32)),
-        ("expert_name", s(|r| r.expert_name.clone())),
-        (
-            "tokens",
-            Arc::new(Int64Array::from_iter_values(
-                rows.iter().map(|r| r.tokens as i64),
-            )) as ArrayRef,
-        ),
-        (
-            "share",
-            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.share))) as ArrayRef,
-        ),
-    ])
-    .map_err(|e| Error::Invalid(e.to_string()))?;
+    ];
+    let counts: Vec<_> = rows
+        .iter()
+        .map(|r| (r.layer, r.expert, r.expert_name.as_str(), r.tokens, r.share))
+        .collect();
+    cols.extend(routing_columns(&counts));
+    let batch = RecordBatch::try_from_iter(cols).map_err(|e| Error::Invalid(e.to_string()))?;
     write_parquet_atomic(path, &batch)
 }
 
@@ -366,31 +381,16 @@ pub struct GroupRoutingRow {
 
 /// Writes `experts route`'s table atomically.
 pub fn write_group_routing(path: &Path, rows: &[GroupRoutingRow]) -> Result<()> {
-    let s = |f: fn(&GroupRoutingRow) -> String| -> ArrayRef {
-        Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
-    };
-    let i = |f: fn(&GroupRoutingRow) -> i32| -> ArrayRef {
-        Arc::new(arrow_array::Int32Array::from_iter_values(
-            rows.iter().map(f),
-        ))
-    };
-    let batch = RecordBatch::try_from_iter([
-        ("group", s(|r| r.group.clone())),
-        ("layer", i(|r| r.layer as i32)),
-        ("expert", i(|r| r.expert as i32)),
-        ("expert_name", s(|r| r.expert_name.clone())),
-        (
-            "tokens",
-            Arc::new(Int64Array::from_iter_values(
-                rows.iter().map(|r| r.tokens as i64),
-            )) as ArrayRef,
-        ),
-        (
-            "share",
-            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.share))) as ArrayRef,
-        ),
-    ])
-    .map_err(|e| Error::Invalid(e.to_string()))?;
+    let group: ArrayRef = Arc::new(StringArray::from_iter_values(
+        rows.iter().map(|r| r.group.as_str()),
+    ));
+    let mut cols = vec![("group", group)];
+    let counts: Vec<_> = rows
+        .iter()
+        .map(|r| (r.layer, r.expert, r.expert_name.as_str(), r.tokens, r.share))
+        .collect();
+    cols.extend(routing_columns(&counts));
+    let batch = RecordBatch::try_from_iter(cols).map_err(|e| Error::Invalid(e.to_string()))?;
     write_parquet_atomic(path, &batch)
 }
 

@@ -29,8 +29,8 @@ mod ter;
 pub use config::{OutputType, Registry, TaskConfig};
 pub use error::{Error, Result};
 pub use lm::{
-    Answers, Contribution, EarlyStopping, GenerateRequest, LanguageModel, Loglikelihood,
-    LoglikelihoodRequest, ModelError, Sources,
+    AnsweringModel, Answers, Contribution, EarlyStopping, GenerateRequest, LanguageModel,
+    Loglikelihood, LoglikelihoodRequest, ModelError, Sources,
 };
 pub use result::{Sample, TaskResult};
 pub use runner::{evaluate, evaluate_shard, Evaluation, NoProgress, Progress, RunOptions, Shard};

@@ -53,7 +53,7 @@ pub type ModelError = Box<dyn std::error::Error + Send + Sync>;
 ///
 /// The `*_answers` methods return the same values with what the model did to produce them
 /// ([`Answers`]); the runner calls those. A model with nothing to report implements the three plain
-/// methods only.
+/// methods only; one that reports implements [`AnsweringModel`] instead, which implements this.
 pub trait LanguageModel {
     fn loglikelihood(
         &self,
@@ -79,6 +79,52 @@ pub trait LanguageModel {
         requests: &[GenerateRequest],
     ) -> Result<Answers<String>, ModelError> {
         Ok(Answers::plain(self.generate_until(requests)?))
+    }
+}
+
+/// A [`LanguageModel`] that reports what it did with every answer: implement these three and the
+/// plain methods return the answers' values.
+pub trait AnsweringModel {
+    fn answer_loglikelihood(
+        &self,
+        requests: &[LoglikelihoodRequest],
+    ) -> Result<Answers<Loglikelihood>, ModelError>;
+    fn answer_rolling(&self, texts: &[String]) -> Result<Answers<f64>, ModelError>;
+    fn answer_generate(&self, requests: &[GenerateRequest]) -> Result<Answers<String>, ModelError>;
+}
+
+impl<M: AnsweringModel> LanguageModel for M {
+    fn loglikelihood(
+        &self,
+        requests: &[LoglikelihoodRequest],
+    ) -> Result<Vec<Loglikelihood>, ModelError> {
+        Ok(self.answer_loglikelihood(requests)?.values)
+    }
+
+    fn loglikelihood_rolling(&self, texts: &[String]) -> Result<Vec<f64>, ModelError> {
+        Ok(self.answer_rolling(texts)?.values)
+    }
+
+    fn generate_until(&self, requests: &[GenerateRequest]) -> Result<Vec<String>, ModelError> {
+        Ok(self.answer_generate(requests)?.values)
+    }
+
+    fn loglikelihood_answers(
+        &self,
+        requests: &[LoglikelihoodRequest],
+    ) -> Result<Answers<Loglikelihood>, ModelError> {
+        self.answer_loglikelihood(requests)
+    }
+
+    fn loglikelihood_rolling_answers(&self, texts: &[String]) -> Result<Answers<f64>, ModelError> {
+        self.answer_rolling(texts)
+    }
+
+    fn generate_until_answers(
+        &self,
+        requests: &[GenerateRequest],
+    ) -> Result<Answers<String>, ModelError> {
+        self.answer_generate(requests)
     }
 }
 
