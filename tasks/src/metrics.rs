@@ -43,6 +43,34 @@ impl Translation {
         r.unwrap_or(f64::NAN)
     }
 
+    /// A segment's sufficient statistics (its first `k` references): the corpus score of some
+    /// segments is [`Translation::score_stats`] of theirs, in order.
+    fn stats(self, pred: &str, refs: &[&str]) -> SegmentStats {
+        match self {
+            Translation::Bleu => SegmentStats::Bleu(sacrebleu::bleu_segment(pred, refs)),
+            Translation::Chrf => SegmentStats::Chrf(sacrebleu::chrf_segment(pred, refs)),
+            Translation::Ter => SegmentStats::Ter(sacrebleu::ter_segment(pred, refs)),
+        }
+    }
+
+    /// The corpus score of segments from their statistics (what [`Translation::corpus`] gives).
+    fn score_stats(self, stats: &[&SegmentStats]) -> f64 {
+        match self {
+            Translation::Bleu => sacrebleu::bleu_from(stats.iter().filter_map(|s| match s {
+                SegmentStats::Bleu(b) => Some(b),
+                _ => None,
+            })),
+            Translation::Chrf => sacrebleu::chrf_from(stats.iter().filter_map(|s| match s {
+                SegmentStats::Chrf(c) => Some(c),
+                _ => None,
+            })),
+            Translation::Ter => sacrebleu::ter_from(stats.iter().filter_map(|s| match s {
+                SegmentStats::Ter(t) => Some(t),
+                _ => None,
+            })),
+        }
+    }
+
     /// One segment's score: sacreBLEU's `sentence_bleu` (effective n-gram order) for BLEU, the
     /// corpus score of the one segment for chrF and TER (what `sentence_chrf` / `sentence_ter`
     /// give).
@@ -52,6 +80,34 @@ impl Translation {
             _ => self.corpus(&[pred], &[refs.to_vec()]),
         }
     }
+}
+
+/// One segment's statistics under a translation metric.
+#[derive(Clone, Copy, Debug)]
+enum SegmentStats {
+    Bleu(sacrebleu::BleuStats),
+    Chrf(sacrebleu::ChrfStats),
+    Ter((usize, f64)),
+}
+
+/// Statistics of translation items that all have the same (non-zero) number of references, so
+/// that every resample of them regroups the same references: `None` otherwise.
+fn translation_stats(items: &[Item]) -> Option<(Translation, Vec<SegmentStats>)> {
+    let Some(Item::Translation(t, _, first)) = items.first() else {
+        return None;
+    };
+    let k = first.len();
+    let mut out = Vec::with_capacity(items.len());
+    for i in items {
+        match i {
+            Item::Translation(u, p, r) if u == t && r.len() == k && k > 0 => {
+                let refs: Vec<&str> = r.iter().map(String::as_str).collect();
+                out.push(t.stats(p, &refs));
+            }
+            _ => return None,
+        }
+    }
+    Some((*t, out))
 }
 
 /// Whether larger values of a metric are better, when its task file does not say (`higher_is_better`
@@ -159,9 +215,23 @@ pub fn aggregate(items: &[Item]) -> Aggregate {
         let (value, stderr) = mean_stderr(&xs);
         return Aggregate { value, stderr, n };
     }
-    let value = corpus(items);
     let mut rnd = PyRandom::new(BOOTSTRAP_SEED);
     let mut stats = Vec::with_capacity(BOOTSTRAP_ITERS);
+    if let Some((t, seg)) = translation_stats(items) {
+        // Each segment is scored once; a resample sums its segments' statistics, which is what
+        // rescoring the resampled corpus computes (same draws, same order, same numbers).
+        let all: Vec<&SegmentStats> = seg.iter().collect();
+        let value = t.score_stats(&all);
+        let mut resample = Vec::with_capacity(n);
+        for _ in 0..BOOTSTRAP_ITERS {
+            resample.clear();
+            resample.extend((0..n).map(|_| &seg[rnd.randbelow(n)]));
+            stats.push(t.score_stats(&resample));
+        }
+        let stderr = if n > 1 { sample_std(&stats) } else { f64::NAN };
+        return Aggregate { value, stderr, n };
+    }
+    let value = corpus(items);
     let mut resample = Vec::with_capacity(n);
     for _ in 0..BOOTSTRAP_ITERS {
         resample.clear();
@@ -386,6 +456,78 @@ pub fn corpus_bleu(pairs: &[(&str, &str)]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The slow way: rescore every resampled corpus.
+    fn rescored(items: &[Item]) -> (f64, f64) {
+        let n = items.len();
+        let mut rnd = PyRandom::new(BOOTSTRAP_SEED);
+        let stats: Vec<f64> = (0..BOOTSTRAP_ITERS)
+            .map(|_| {
+                let r: Vec<Item> = (0..n).map(|_| items[rnd.randbelow(n)].clone()).collect();
+                corpus(&r)
+            })
+            .collect();
+        (corpus(items), sample_std(&stats))
+    }
+
+    /// Bootstraps `n` segments per metric both ways; returns (metric, seconds fast, seconds slow).
+    fn compare_bootstraps(n: usize) -> Vec<(Translation, f64, f64)> {
+        let mut out = Vec::new();
+        let words = [
+            "the",
+            "cat",
+            "sat",
+            "on",
+            "a",
+            "mat",
+            "7.7",
+            "park's",
+            "well-known",
+            "dog",
+        ];
+        let sentence = |seed: usize, len: usize| -> String {
+            (0..len)
+                .map(|j| words[(seed * 7 + j * j * 3 + j) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        for t in [Translation::Bleu, Translation::Chrf, Translation::Ter] {
+            let items: Vec<Item> = (0..n)
+                .map(|i| {
+                    Item::Translation(
+                        t,
+                        sentence(i, 8 + i % 13),
+                        vec![sentence(i + 1, 9 + i % 11), sentence(i + 2, 7 + i % 5)],
+                    )
+                })
+                .collect();
+            let start = std::time::Instant::now();
+            let fast = aggregate(&items);
+            let fast_s = start.elapsed().as_secs_f64();
+            let start = std::time::Instant::now();
+            let (value, stderr) = rescored(&items);
+            let slow_s = start.elapsed().as_secs_f64();
+            assert_eq!((fast.value, fast.stderr), (value, stderr), "{t:?}");
+            out.push((t, fast_s, slow_s));
+        }
+        out
+    }
+
+    #[test]
+    fn translation_bootstrap_from_statistics_equals_rescoring() {
+        compare_bootstraps(25);
+    }
+
+    /// `cargo test --release -p tasks --lib bootstrap_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore = "timing: run by hand in release"]
+    fn bootstrap_timing() {
+        for (t, fast, slow) in compare_bootstraps(300) {
+            println!(
+                "{t:?}, 300 segments: bootstrap over statistics {fast:.3}s, rescoring {slow:.3}s"
+            );
+        }
+    }
 
     #[test]
     fn mean_stderr_is_sample_std_over_sqrt_n() {

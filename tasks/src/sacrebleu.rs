@@ -76,9 +76,9 @@ fn two_char_pass(
 const MAX_ORDER: usize = 4;
 
 /// Per-segment BLEU statistics: hypothesis length, closest reference length, matches and totals
-/// per n-gram order.
-#[derive(Clone, Copy, Default)]
-struct BleuStats {
+/// per n-gram order. A corpus's BLEU is a function of their sum ([`bleu_from`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BleuStats {
     hyp_len: usize,
     ref_len: usize,
     correct: [usize; MAX_ORDER],
@@ -96,7 +96,8 @@ fn word_ngrams(tokens: &[&str]) -> HashMap<Vec<String>, usize> {
     m
 }
 
-fn bleu_segment(hyp: &str, refs: &[&str]) -> BleuStats {
+/// One segment's BLEU statistics against its references.
+pub fn bleu_segment(hyp: &str, refs: &[&str]) -> BleuStats {
     let mut ref_ngrams: HashMap<Vec<String>, usize> = HashMap::new();
     let mut ref_lens = Vec::with_capacity(refs.len());
     for r in refs {
@@ -179,10 +180,17 @@ fn bleu_from_stats(st: &BleuStats, effective_order: bool) -> f64 {
 /// `sacrebleu.corpus_bleu(hyps, refs).score`: `refs[k][i]` is the `k`-th reference of segment
 /// `i` (sacreBLEU's layout: one stream per reference). Streams shorter than `hyps` are an error.
 pub fn corpus_bleu(hyps: &[&str], refs: &[Vec<&str>]) -> Result<f64, String> {
-    let segs = segments(hyps, refs)?;
+    let stats: Vec<BleuStats> = segments(hyps, refs)?
+        .into_iter()
+        .map(|(h, r)| bleu_segment(h, &r))
+        .collect();
+    Ok(bleu_from(&stats))
+}
+
+/// Corpus BLEU from segments' statistics (summed in order).
+pub fn bleu_from<'a>(stats: impl IntoIterator<Item = &'a BleuStats>) -> f64 {
     let mut tot = BleuStats::default();
-    for (h, r) in segs {
-        let s = bleu_segment(h, &r);
+    for s in stats {
         tot.hyp_len += s.hyp_len;
         tot.ref_len += s.ref_len;
         for n in 0..MAX_ORDER {
@@ -190,7 +198,7 @@ pub fn corpus_bleu(hyps: &[&str], refs: &[Vec<&str>]) -> Result<f64, String> {
             tot.total[n] += s.total[n];
         }
     }
-    Ok(bleu_from_stats(&tot, false))
+    bleu_from_stats(&tot, false)
 }
 
 /// `sacrebleu.sentence_bleu(hyp, refs).score` (effective n-gram order).
@@ -237,8 +245,9 @@ fn char_ngrams(s: &str) -> Vec<HashMap<String, usize>> {
         .collect()
 }
 
-/// chrF statistics: per character order, (hypothesis n-grams, reference n-grams, matches).
-type ChrfStats = [[usize; 3]; CHRF_ORDER];
+/// chrF statistics: per character order, (hypothesis n-grams, reference n-grams, matches). A
+/// corpus's chrF is a function of their sum ([`chrf_from`]).
+pub type ChrfStats = [[usize; 3]; CHRF_ORDER];
 
 fn chrf_score(st: &ChrfStats) -> f64 {
     const EPS: f64 = 1e-16;
@@ -272,7 +281,8 @@ fn chrf_score(st: &ChrfStats) -> f64 {
     100.0 * (1.0 + factor) * avg_prec * avg_rec / (factor * avg_prec + avg_rec)
 }
 
-fn chrf_segment(hyp: &str, refs: &[&str]) -> ChrfStats {
+/// One segment's chrF statistics against its best reference.
+pub fn chrf_segment(hyp: &str, refs: &[&str]) -> ChrfStats {
     let h = char_ngrams(hyp);
     let mut best: Option<(f64, ChrfStats)> = None;
     for r in refs {
@@ -301,39 +311,55 @@ fn chrf_segment(hyp: &str, refs: &[&str]) -> ChrfStats {
 
 /// `sacrebleu.corpus_chrf(hyps, refs).score` (chrF2: character 6-grams, no word n-grams).
 pub fn corpus_chrf(hyps: &[&str], refs: &[Vec<&str>]) -> Result<f64, String> {
+    let stats: Vec<ChrfStats> = segments(hyps, refs)?
+        .into_iter()
+        .map(|(h, r)| chrf_segment(h, &r))
+        .collect();
+    Ok(chrf_from(&stats))
+}
+
+/// Corpus chrF from segments' statistics (summed in order).
+pub fn chrf_from<'a>(stats: impl IntoIterator<Item = &'a ChrfStats>) -> f64 {
     let mut tot = [[0usize; 3]; CHRF_ORDER];
-    for (h, r) in segments(hyps, refs)? {
-        let st = chrf_segment(h, &r);
+    for st in stats {
         for (t, s) in tot.iter_mut().zip(st) {
             for k in 0..3 {
                 t[k] += s[k];
             }
         }
     }
-    Ok(chrf_score(&tot))
+    chrf_score(&tot)
 }
 
 /// `sacrebleu.corpus_ter(hyps, refs).score`: case-insensitive, no tokenisation beyond
 /// whitespace (sacreBLEU's defaults).
 pub fn corpus_ter(hyps: &[&str], refs: &[Vec<&str>]) -> Result<f64, String> {
+    let stats: Vec<(usize, f64)> = segments(hyps, refs)?
+        .into_iter()
+        .map(|(h, r)| ter_segment(h, &r))
+        .collect();
+    Ok(ter_from(&stats))
+}
+
+/// Corpus TER from segments' (edits, mean reference length), summed in order.
+pub fn ter_from<'a>(stats: impl IntoIterator<Item = &'a (usize, f64)>) -> f64 {
     let (mut edits, mut ref_len) = (0.0f64, 0.0f64);
-    for (h, r) in segments(hyps, refs)? {
-        let (e, l) = ter_segment(h, &r);
+    for &(e, l) in stats {
         edits += e as f64;
         ref_len += l;
     }
-    Ok(100.0
+    100.0
         * if ref_len > 0.0 {
             edits / ref_len
         } else if edits > 0.0 {
             1.0
         } else {
             0.0
-        })
+        }
 }
 
 /// The best number of edits over the references, and the mean reference length.
-fn ter_segment(hyp: &str, refs: &[&str]) -> (usize, f64) {
+pub fn ter_segment(hyp: &str, refs: &[&str]) -> (usize, f64) {
     let words = |s: &str| -> Vec<String> {
         pytext::split(&pytext::rstrip(s).to_lowercase())
             .map(str::to_string)
