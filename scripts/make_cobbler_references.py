@@ -8,6 +8,8 @@ The evaluation modules are written from that git directory (HEAD) to a temporary
 there unchanged; the packages they import only for real judges (guidance, torch, tenacity, tqdm,
 nltk) are replaced by stand-ins, and the judge (`eval_gen`) is a function of the prompt text.
 Each bias runs from a fresh `random.seed(939)`, as one run of the reference's evaluate.py does.
+It also records every prompt the reference shows the judge, per bias: their count, the SHA-256 of
+the sorted prompts joined by NUL, and the first one (the prompt test compares moeval's with these).
 Data: ../shared/datasets/cobbler (all 50 instructions x 15 models); evaluator name "koala" (the
 judge's own generations for egocentric bias). Salience runs salience.py's evaluate_salience on the
 order run's output files.
@@ -20,6 +22,7 @@ The judges (tasks/tests/reference_scores.rs defines the same ones in Rust):
 - cue: picks the system a bandwagon or distractor sentence names, otherwise as `content`.
 A pick is answered "<label> is better" with the label as shown (System Star / Model NAME).
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -89,11 +92,15 @@ JUDGES = {
 
 
 class Judge:
-    def __init__(self, judge, responses):
+    def __init__(self, judge, responses, record=None):
         self.judge = judge
         self.known = {r for v in responses.values() for r in v}
+        # Every prompt the reference shows the judge, when recording.
+        self.record = record
 
     def generate(self, prompts):
+        if self.record is not None:
+            self.record.append(prompts[0])
         pair, after = shown(prompts[0])
         assert pair[0][1] in self.known and pair[1][1] in self.known, "prompt not parsed"
         return [{"generation": self.judge(pair, after)}]
@@ -131,6 +138,7 @@ def main():
         salience.read_json_file = lambda path: [responses]
         os.chdir(tmp)
         result = {}
+        prompts = {}
         for jname, judge in JUDGES.items():
             eval_gen = Judge(judge, responses)
             res = {}
@@ -142,7 +150,18 @@ def main():
             ]:
                 os.makedirs(f"n15_evaluations_{bias}", exist_ok=True)
                 random.seed(939)
+                # The prompts do not depend on the judge's answers: recorded for the first judge.
+                shown_prompts = [] if not prompts.get(bias) else None
+                eval_gen.record = shown_prompts
                 fn(n, EVALUATOR, it, ref, responses, eval_gen)
+                if shown_prompts is not None:
+                    prompts[bias] = {
+                        "count": len(shown_prompts),
+                        "sha256_sorted": hashlib.sha256(
+                            "\0".join(sorted(shown_prompts)).encode()
+                        ).hexdigest(),
+                        "first": shown_prompts[0],
+                    }
                 res[bias] = stats(f"n15_evaluations_{bias}/nC2_statistics_{EVALUATOR}.json")
             official = Path(f"n15_evaluations_order/_official/{EVALUATOR}")
             official.mkdir(parents=True, exist_ok=True)
@@ -154,7 +173,9 @@ def main():
             salience.evaluate_salience(EVALUATOR)
             res["salience"] = stats(f"n15_evaluations_salience/{EVALUATOR}_salience_bias.json")
             result[jname] = res
-    OUT.write_text(json.dumps({"evaluator": EVALUATOR, "judges": result}, indent=1) + "\n")
+    OUT.write_text(
+        json.dumps({"evaluator": EVALUATOR, "judges": result, "prompts": prompts}, indent=1) + "\n"
+    )
     print(json.dumps(result, indent=1))
 
 

@@ -224,6 +224,38 @@ fn cobbler_biases_equal_the_reference() {
     let task = Task::load(reg.task_config("cob", &opts.data_dir).unwrap(), &opts).unwrap();
     // The paper's full set: 50 instructions x 105 model pairs, 4 biases, 2 prompts each.
     assert_eq!(task.docs().len(), 5250 * 8);
+    // Every prompt byte for byte: per bias the same multiset of prompts as the reference shows its
+    // judge (count, SHA-256 of the sorted prompts joined by NUL, and the first in full).
+    let instances = task.instances(1234).unwrap();
+    for (bias, variant) in [
+        ("order", "plain"),
+        ("bandwagon", "bandwagon"),
+        ("distraction", "attentional"),
+        ("compassion", "compassion"),
+    ] {
+        let want = &reference["prompts"][bias];
+        let mut prompts: Vec<&str> = instances
+            .iter()
+            .filter(|i| task.docs()[i.doc_id]["variant"] == variant)
+            .map(|i| i.context.as_str())
+            .collect();
+        assert_eq!(
+            prompts.len() as u64,
+            want["count"].as_u64().unwrap(),
+            "{bias}"
+        );
+        assert!(
+            prompts.contains(&want["first"].as_str().unwrap()),
+            "{bias}: the reference's first prompt is not among moeval's"
+        );
+        prompts.sort_unstable();
+        let digest = {
+            use sha2::{Digest, Sha256};
+            let d = Sha256::digest(prompts.join("\0").as_bytes());
+            d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        assert_eq!(digest, want["sha256_sorted"].as_str().unwrap(), "{bias}");
+    }
     let names: [(&str, &str, &str); 15] = [
         ("order", "First order percentage", "order_first"),
         ("order", "Last order percentage", "order_last"),
