@@ -342,3 +342,39 @@ fn beam_search_task_runs_and_rows_carry_their_arguments() {
     }
     assert_eq!(beams, 6);
 }
+
+#[test]
+fn tasks_list_prints_groups_tags_and_tasks() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(env!("CARGO_BIN_EXE_moeval"))
+        .args(["eval", "--tasks", "list", "--include-path"])
+        .arg(root.join("tests/data/tasks"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "|Group ",
+        "|Tag ",
+        "|Task ",
+        "|calm ",
+        "|tiny_suite ",
+        "mc_tiny.yaml",
+        "|loglikelihood_rolling",
+    ] {
+        assert!(text.contains(want), "`{want}` missing from:\n{text}");
+    }
+    let row = text.lines().find(|l| l.starts_with("|mc_tiny ")).unwrap();
+    assert!(row.contains("multiple_choice"), "{row}");
+    // Without `list`, a run still needs a model and an output folder.
+    let out = Command::new(env!("CARGO_BIN_EXE_moeval"))
+        .args(["eval", "--tasks", "mc_tiny"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--model is required"));
+}

@@ -27,4 +27,4 @@ pub mod runs;
 pub mod shards;
 
 pub use load::{load_model, Experts};
-pub use run::{evaluate, EvalSettings, Outcome, Start, Sweep, VariantResult};
+pub use run::{evaluate, task_registry, EvalSettings, Outcome, Start, Sweep, VariantResult};

@@ -250,10 +250,16 @@ fn variants(
     Ok(out)
 }
 
-pub(crate) fn load_tasks(s: &Settings, fewshot_seed: u64) -> Result<(Registry, Vec<Task>)> {
+/// Every task file found: the built-in suites, then `include_paths`.
+pub fn task_registry(include_paths: &[PathBuf]) -> Result<Registry> {
     let mut dirs = builtin_dirs();
-    dirs.extend(s.include_paths.iter().map(PathBuf::from));
-    let registry = Registry::scan(&dirs)?;
+    dirs.extend(include_paths.iter().cloned());
+    Ok(Registry::scan(&dirs)?)
+}
+
+pub(crate) fn load_tasks(s: &Settings, fewshot_seed: u64) -> Result<(Registry, Vec<Task>)> {
+    let includes: Vec<PathBuf> = s.include_paths.iter().map(PathBuf::from).collect();
+    let registry = task_registry(&includes)?;
     let names = registry.resolve(&s.tasks)?;
     let data_dir = PathBuf::from(&s.data_dir);
     let load = LoadOptions {

@@ -19,9 +19,10 @@ pub enum SweepArg {
 #[derive(clap::Args)]
 pub struct Args {
     /// Model directory (config.json, tokenizer.json, safetensors weights).
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long)]
     model: Option<PathBuf>,
-    /// Tasks, groups or tags, comma-separated (e.g. `calm_sentiment_gender_ll` or `calm`).
+    /// Tasks, groups or tags, comma-separated (e.g. `calm_sentiment_gender_ll` or `calm`);
+    /// `list` prints every task, group and tag found (with --include-path) and exits.
     #[arg(long, value_delimiter = ',', required_unless_present = "resume")]
     tasks: Vec<String>,
     /// Extra folders of task YAML files (repeatable), searched with the built-in suites.
@@ -48,7 +49,7 @@ pub struct Args {
     fewshot_seed: u64,
     /// Results go to OUTPUT/<run id>/ (manifest.json, samples.parquet, metrics.parquet); answered
     /// requests are cached in OUTPUT/cache/ and reused by later runs.
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long)]
     output: Option<PathBuf>,
     /// Name of the run folder (default: time and process id). Shards of one run share it.
     #[arg(long)]
@@ -163,7 +164,64 @@ fn print_table(vs: &[VariantResult]) {
     }
 }
 
+/// Prints a Markdown table with padded columns.
+fn print_table_md(headers: &[&str], rows: &[Vec<String>]) {
+    let widths: Vec<usize> = (0..headers.len())
+        .map(|c| {
+            rows.iter()
+                .map(|r| r[c].chars().count())
+                .chain([headers[c].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, &w)| format!("{c:<w$}"))
+            .collect();
+        println!("|{}|", padded.join("|"));
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    line(widths.iter().map(|&w| "-".repeat(w)).collect());
+    for r in rows {
+        line(r.clone());
+    }
+    println!();
+}
+
+/// `--tasks list`: groups, tags and tasks, as `lm_eval --tasks list` prints them.
+fn list_tasks(include_paths: &[PathBuf]) -> Result<()> {
+    let l = harness::task_registry(include_paths)?.listing();
+    let path = |p: &PathBuf| p.display().to_string();
+    let groups: Vec<Vec<String>> = l
+        .groups
+        .iter()
+        .map(|(g, f)| vec![g.clone(), path(f)])
+        .collect();
+    print_table_md(&["Group", "Config Location"], &groups);
+    let tags: Vec<Vec<String>> = l.tags.iter().map(|t| vec![t.clone()]).collect();
+    print_table_md(&["Tag"], &tags);
+    let tasks: Vec<Vec<String>> = l
+        .tasks
+        .iter()
+        .map(|(t, f, o)| vec![t.clone(), path(f), o.clone()])
+        .collect();
+    print_table_md(&["Task", "Config Location", "Output Type"], &tasks);
+    eprintln!(
+        "{} groups, {} tags, {} tasks",
+        groups.len(),
+        tags.len(),
+        tasks.len()
+    );
+    Ok(())
+}
+
 pub fn run(a: Args, device: engine::Device) -> Result<()> {
+    if a.resume.is_none() && a.tasks == ["list"] {
+        return list_tasks(&a.include_path);
+    }
     let start = match a.resume {
         Some(dir) => Start::Resume { dir, device },
         None => Start::New(Box::new(EvalSettings {

@@ -672,6 +672,17 @@ fn default_metrics(t: OutputType) -> Vec<MetricSpec> {
         .collect()
 }
 
+/// Everything a [`Registry`] found, as `--tasks list` prints it (each part sorted by name).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Listing {
+    /// (group, its file).
+    pub groups: Vec<(String, PathBuf)>,
+    /// (task, its file, its `output_type` as written, empty when the file gives none).
+    pub tasks: Vec<(String, PathBuf, String)>,
+    /// Tag names.
+    pub tags: Vec<String>,
+}
+
 /// Every task, group and tag found under some directories, by name.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -789,6 +800,26 @@ impl Registry {
         self.tasks.keys().map(String::as_str)
     }
 
+    /// Every group, task and tag found (what `lm_eval --tasks list` lists).
+    pub fn listing(&self) -> Listing {
+        Listing {
+            groups: self
+                .groups
+                .values()
+                .map(|g| (g.name.clone(), g.file.clone()))
+                .collect(),
+            tasks: self
+                .tasks
+                .iter()
+                .map(|(name, (file, m))| {
+                    let output_type = m.get("output_type").map(as_text_value).unwrap_or_default();
+                    (name.clone(), file.clone(), output_type)
+                })
+                .collect(),
+            tags: self.tags.keys().cloned().collect(),
+        }
+    }
+
     pub fn group(&self, name: &str) -> Option<&GroupConfig> {
         self.groups.get(name)
     }
@@ -893,4 +924,12 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A YAML scalar as written (strings unquoted).
+fn as_text_value(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }

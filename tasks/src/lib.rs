@@ -26,7 +26,7 @@ pub mod task;
 mod template;
 mod ter;
 
-pub use config::{OutputType, Registry, TaskConfig};
+pub use config::{Listing, OutputType, Registry, TaskConfig};
 pub use error::{Error, Result};
 pub use lm::{
     AnsweringModel, Answers, Contribution, EarlyStopping, GenerateRequest, LanguageModel,
