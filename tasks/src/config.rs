@@ -11,6 +11,52 @@ use crate::lm::EarlyStopping;
 
 /// Marker key for a value that carried a YAML tag such as `!function utils.process`.
 const TAG_KEY: &str = "__yaml_tag__";
+/// Beside [`TAG_KEY`]: the folder of the YAML file the tag was written in, which `!function`
+/// modules are found relative to (an included file's folder, not the including one's).
+const TAG_DIR_KEY: &str = "__yaml_dir__";
+
+/// A `!function module.name` reference: `name` defined in `dir/module.py`, as lm-evaluation-harness
+/// resolves it (relative to the YAML file that wrote the tag).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Function {
+    pub dir: PathBuf,
+    /// The module's file stem (`utils` for `utils.process_docs`; dotted stems stay dotted).
+    pub module: String,
+    pub name: String,
+}
+
+impl Function {
+    /// The Python file defining the function.
+    pub fn file(&self) -> PathBuf {
+        self.dir.join(format!("{}.py", self.module))
+    }
+
+    /// Reads a tagged value's marker, if it is a `!function`.
+    pub fn from_value(v: &Value) -> Option<Function> {
+        let o = v.as_object()?;
+        let tag = o.get(TAG_KEY)?.as_str()?;
+        let spec = tag.strip_prefix("!function ")?.trim();
+        let (module, name) = spec.rsplit_once('.')?;
+        let dir = o.get(TAG_DIR_KEY).and_then(Value::as_str).unwrap_or(".");
+        Some(Function {
+            dir: PathBuf::from(dir),
+            module: module.to_string(),
+            name: name.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for Function {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "!function {}.{} ({})",
+            self.module,
+            self.name,
+            self.file().display()
+        )
+    }
+}
 
 /// How a task turns a document into requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,8 +74,8 @@ pub enum Field {
     Template(String),
     Int(i64),
     List(Vec<Value>),
-    /// Python code (`!function`), which cannot run here.
-    Function(String),
+    /// Python code (`!function`), run by the hook worker.
+    Function(Function),
 }
 
 /// One entry of `metric_list`.
@@ -120,6 +166,10 @@ pub struct TaskConfig {
     pub file: PathBuf,
     pub tags: Vec<String>,
     pub dataset_path: String,
+    /// `dataset_name`: the Hub dataset's configuration (subset).
+    pub dataset_name: Option<String>,
+    /// `dataset_kwargs` as written (`data_files` and `join_files` are also parsed below).
+    pub dataset_kwargs: Map<String, Value>,
     pub data_files: BTreeMap<String, Vec<String>>,
     /// Extension: per split, a CSV whose rows are joined to the data rows by position.
     pub join_files: BTreeMap<String, String>,
@@ -144,6 +194,10 @@ pub struct TaskConfig {
     /// Extension: a built-in document builder and its metrics (`suite: {kind: sni | pairwise |
     /// pointwise | classification | cobbler, ...}`), checked when the task loads (see `suites/`).
     pub suite: Option<Map<String, Value>>,
+    /// `process_docs`: a Python hook applied to each split's documents.
+    pub process_docs: Option<Function>,
+    /// `process_results`: a Python hook that scores a document from its answers.
+    pub process_results: Option<Function>,
 }
 
 /// A group (or suite) of tasks, with optional aggregate metrics.
@@ -309,7 +363,9 @@ fn read_yaml_depth(file: &Path, depth: usize) -> Result<Map<String, Value>> {
     let text = std::fs::read_to_string(file).map_err(io_err(format!("{}", file.display())))?;
     let y: serde_yaml_ng::Value =
         serde_yaml_ng::from_str(&text).map_err(|e| cfg_err(file, format!("invalid YAML: {e}")))?;
-    let mut map = match yaml_to_json(y) {
+    let mut json = yaml_to_json(y);
+    mark_tag_dirs(&mut json, file.parent().unwrap_or(Path::new(".")));
+    let mut map = match json {
         Value::Object(m) => m,
         Value::Null => Map::new(),
         _ => return Err(cfg_err(file, "a task file must be a YAML mapping")),
@@ -341,6 +397,19 @@ fn read_yaml_depth(file: &Path, depth: usize) -> Result<Map<String, Value>> {
     Ok(merged)
 }
 
+/// Records the folder of `file` in every tagged value of it (see [`TAG_DIR_KEY`]).
+fn mark_tag_dirs(v: &mut Value, dir: &Path) {
+    match v {
+        Value::Object(o) if o.contains_key(TAG_KEY) => {
+            o.entry(TAG_DIR_KEY)
+                .or_insert_with(|| Value::String(dir.to_string_lossy().into_owned()));
+        }
+        Value::Object(o) => o.values_mut().for_each(|x| mark_tag_dirs(x, dir)),
+        Value::Array(a) => a.iter_mut().for_each(|x| mark_tag_dirs(x, dir)),
+        _ => {}
+    }
+}
+
 fn tagged(v: &Value) -> Option<&str> {
     v.as_object()?.get(TAG_KEY)?.as_str()
 }
@@ -370,9 +439,18 @@ fn field(m: &Map<String, Value>, key: &str, file: &Path) -> Result<Option<Field>
             None => return Err(cfg_err(file, format!("`{key}` must be an integer"))),
         },
         Some(Value::Array(a)) => Some(Field::List(a.clone())),
-        Some(Value::Object(o)) if tagged(&Value::Object(o.clone())).is_some() => Some(
-            Field::Function(tagged(&Value::Object(o.clone())).unwrap_or("").into()),
-        ),
+        Some(v @ Value::Object(_)) if tagged(v).is_some() => match Function::from_value(v) {
+            Some(f) => Some(Field::Function(f)),
+            None => {
+                return Err(cfg_err(
+                    file,
+                    format!(
+                        "`{key}` has an unsupported YAML tag ({})",
+                        tagged(v).unwrap_or("")
+                    ),
+                ))
+            }
+        },
         // A mapping of choices: its values, in order.
         Some(Value::Object(o)) => Some(Field::List(o.values().cloned().collect())),
         Some(Value::Bool(_)) => return Err(cfg_err(file, format!("`{key}` cannot be a boolean"))),
@@ -436,13 +514,21 @@ impl TaskConfig {
         if let Some(k) = m.keys().find(|k| !KNOWN_KEYS.contains(&k.as_str())) {
             return Err(file_ctx(format!("unknown key `{k}` (see docs/tasks.md)")));
         }
-        for key in ["process_docs", "process_results"] {
-            if m.get(key).is_some_and(|v| !v.is_null()) {
-                return Err(file_ctx(format!(
-                    "`{key}` is Python code, which moeval cannot run"
-                )));
+        let hook = |key: &str| -> Result<Option<Function>> {
+            match m.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => Function::from_value(v).map(Some).ok_or_else(|| {
+                    cfg_err(
+                        file,
+                        format!(
+                            "task `{name}`: `{key}` must be a `!function module.name` reference"
+                        ),
+                    )
+                }),
             }
-        }
+        };
+        let process_docs = hook("process_docs")?;
+        let process_results = hook("process_results")?;
         if m.get("filter_list").is_some_and(|v| !v.is_null()) {
             return Err(file_ctx(
                 "`filter_list` is not supported; use metric options such as `first_line`".into(),
@@ -627,6 +713,8 @@ impl TaskConfig {
         Ok(TaskConfig {
             tags: m.get("tag").and_then(string_list).unwrap_or_default(),
             dataset_path,
+            dataset_name: opt_str(m, "dataset_name", file)?,
+            dataset_kwargs: kwargs,
             data_files,
             join_files,
             training_split: opt_str(m, "training_split", file)?,
@@ -647,6 +735,8 @@ impl TaskConfig {
             group_by,
             bias,
             suite,
+            process_docs,
+            process_results,
             file: file.to_path_buf(),
             name,
         })

@@ -22,6 +22,20 @@ impl Task {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| cwd.clone());
         let bases: Vec<&Path> = vec![&cwd, &dir];
+        for (key, hook) in [
+            ("process_docs", &config.process_docs),
+            ("process_results", &config.process_results),
+        ] {
+            if let Some(f) = hook {
+                return Err(Error::Config {
+                    file: config.file.clone(),
+                    msg: format!(
+                        "task `{}`: `{key}` is Python code ({f}), which moeval cannot run",
+                        config.name
+                    ),
+                });
+            }
+        }
         let split = config
             .test_split
             .clone()
