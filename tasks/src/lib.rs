@@ -35,3 +35,4 @@ pub use lm::{
 pub use result::{Sample, TaskResult};
 pub use runner::{evaluate, evaluate_shard, Evaluation, NoProgress, Progress, RunOptions, Shard};
 pub use task::{LoadOptions, Task};
+pub use template::python_methods;

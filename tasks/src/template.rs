@@ -1,18 +1,54 @@
 //! Jinja rendering of documents (minijinja, undefined variables are errors, like the harness's
 //! `StrictUndefined`) and the small part of Python's `ast.literal_eval` that task files rely on.
 
-use minijinja::{Environment, UndefinedBehavior};
+use minijinja::value::{from_args, ValueKind};
+use minijinja::{Environment, ErrorKind, State, UndefinedBehavior};
 use serde_json::Value;
 
 use crate::dataset::Doc;
 
-/// The shared template environment: strict undefined, trailing newlines kept (as lm-evaluation-harness
-/// 0.4 configures Jinja2), and its `regex_replace` filter is not available (no regex engine here).
+/// The shared template environment as lm-evaluation-harness 0.4 configures Jinja2: strict undefined,
+/// trailing newlines kept, Python's str/list/dict methods ([`python_methods`]). Its `regex_replace`
+/// filter is not provided (no bundled task file uses it); a template calling it fails to render.
 pub(crate) fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_keep_trailing_newline(true);
+    env.set_unknown_method_callback(python_methods);
     env
+}
+
+/// Python methods on template values: minijinja-contrib's `pycompat` set, plus `index` on strings and
+/// lists, which task files use to turn an answer key into a choice index (`choices.label.index(answerKey)`)
+/// and which pycompat lacks. Like Python, `index` of a missing value is an error, not -1.
+pub fn python_methods(
+    state: &State,
+    value: &minijinja::Value,
+    method: &str,
+    args: &[minijinja::Value],
+) -> Result<minijinja::Value, minijinja::Error> {
+    if method == "index" {
+        let (what,): (&minijinja::Value,) = from_args(args)?;
+        let found = match value.kind() {
+            ValueKind::String => match (value.as_str(), what.as_str()) {
+                (Some(s), Some(w)) => s.find(w).map(|b| s[..b].chars().count()),
+                _ => None,
+            },
+            ValueKind::Seq => value.try_iter()?.position(|x| &x == what),
+            _ => {
+                return minijinja_contrib::pycompat::unknown_method_callback(
+                    state, value, method, args,
+                )
+            }
+        };
+        return found.map(minijinja::Value::from).ok_or_else(|| {
+            minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("{what} is not in {value} (Python's `.index` raises ValueError)"),
+            )
+        });
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
 }
 
 /// Renders `template` with the document's fields as variables.
@@ -189,6 +225,44 @@ mod tests {
         assert_eq!(literal_eval("7").unwrap(), serde_json::json!(7));
         assert!(literal_eval("[1, 2").is_err());
         assert_eq!(literal_eval("'\\n'").unwrap(), serde_json::json!("\n"));
+    }
+
+    #[test]
+    fn python_methods_as_jinja2() {
+        let env = environment();
+        let doc: Doc = serde_json::from_str(
+            r#"{"choices": {"label": ["A", "B", "C"]}, "answerKey": " B", "q": "  Why?  ", "n": 0, "xs": []}"#,
+        )
+        .unwrap();
+        let r = |t: &str| render(&env, t, &doc);
+        assert_eq!(
+            r("{{choices.label.index(answerKey.lstrip())}}").unwrap(),
+            "1"
+        );
+        assert_eq!(r("{{['A', 'B', 'C', 'D'].index('D')}}").unwrap(), "3");
+        assert_eq!(r("{{'héllo'.index('l')}}").unwrap(), "2");
+        assert_eq!(
+            r("{{q.strip()}}|{{q.split()|join(',')}}|{{q.replace('?', '!')}}").unwrap(),
+            "Why?|Why?|  Why!  "
+        );
+        assert_eq!(
+            r("{{q.strip().upper()}} {{'a b'.startswith('a')}}").unwrap(),
+            "WHY? True"
+        );
+        assert_eq!(
+            r("{{choices|tojson}}").unwrap(),
+            r#"{"label":["A","B","C"]}"#
+        );
+        // Python truthiness: 0 and [] are false; slicing as in Python.
+        assert_eq!(r("{{'y' if n else 'n'}}{{'y' if xs else 'n'}}{{choices.label[1:]|join}}{{q.strip()[::-1]}}").unwrap(), "nnBC?yhW");
+        assert_eq!(r("{{true}} {{n == 0}}").unwrap(), "True True");
+        let e = r("{{choices.label.index('Z')}}").unwrap_err();
+        assert!(e.contains("not in"), "{e}");
+        let e = r("{{q.no_such_method()}}").unwrap_err();
+        assert!(
+            e.contains("no_such_method") || e.contains("unknown method"),
+            "{e}"
+        );
     }
 
     #[test]
