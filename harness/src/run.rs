@@ -312,6 +312,7 @@ fn task_infos(tasks: &[Task]) -> Result<Vec<TaskInfo>> {
                     })
                     .collect::<Result<_>>()?,
                 documents: t.docs().len(),
+                version: c.version.clone(),
             })
         })
         .collect()

@@ -83,6 +83,9 @@ pub struct TaskInfo {
     pub file_sha256: String,
     pub data_files: Vec<FileHash>,
     pub documents: usize,
+    /// The task file's `metadata.version`, as written (a number or a string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

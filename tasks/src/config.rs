@@ -159,6 +159,35 @@ pub struct BiasSpec {
     pub joint_with: Option<String>,
 }
 
+/// `fewshot_config.sampler`: how exemplars are drawn from the few-shot pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sampler {
+    /// `random.Random(seed).sample`, the harness's default.
+    Default,
+    /// The pool's first N documents, in order (MMLU's canonical exemplars).
+    FirstN,
+}
+
+/// `fewshot_config`, with the task's own fields filled in where it gives none (as
+/// lm-evaluation-harness 0.4.13's `FewshotConfig.from_dict` inherits them).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FewshotConfig {
+    pub sampler: Sampler,
+    /// `fewshot_config.split`, else the task's `fewshot_split`.
+    pub split: Option<String>,
+    /// `fewshot_config.samples`: literal exemplars (used when no split is named).
+    pub samples: Option<Vec<Value>>,
+    /// `fewshot_config.fewshot_indices`: the pool is these rows of the few-shot split, in this order.
+    pub indices: Option<Vec<usize>>,
+    /// `fewshot_config.process_docs`, else the task's.
+    pub process_docs: Option<Function>,
+    pub doc_to_text: Field,
+    pub doc_to_target: Field,
+    pub doc_to_choice: Option<Field>,
+    pub target_delimiter: String,
+    pub fewshot_delimiter: String,
+}
+
 /// A parsed task file (after `include`s are merged).
 #[derive(Clone, Debug)]
 pub struct TaskConfig {
@@ -196,6 +225,16 @@ pub struct TaskConfig {
     pub suite: Option<Map<String, Value>>,
     /// `process_docs`: a Python hook applied to each split's documents.
     pub process_docs: Option<Function>,
+    /// How few-shot exemplars are drawn and formatted.
+    pub fewshot: FewshotConfig,
+    /// `repeats`: answers drawn per request (several only make sense with sampling).
+    pub repeats: usize,
+    /// `filter_list` as written: named pipelines applied to each document's answers.
+    pub filter_list: Option<Value>,
+    /// `metadata.version`, recorded in the results.
+    pub version: Option<Value>,
+    /// Fields accepted but without effect here, said once in the task's notes.
+    pub ignored: Vec<String>,
     /// `process_results`: a Python hook that scores a document from its answers.
     pub process_results: Option<Function>,
 }
@@ -501,8 +540,28 @@ const KNOWN_KEYS: &[&str] = &[
     "group_by",
     "bias",
     "aggregate_metric_list",
-    "dataset_name",
     "suite",
+    "gen_prefix",
+    "unsafe_code",
+    "doc_to_image",
+    "doc_to_audio",
+    "use_prompt",
+    "custom_dataset",
+];
+
+/// `fewshot_config` keys lm-evaluation-harness 0.4.13 defines.
+const FEWSHOT_KEYS: &[&str] = &[
+    "sampler",
+    "split",
+    "process_docs",
+    "fewshot_indices",
+    "samples",
+    "doc_to_text",
+    "doc_to_choice",
+    "doc_to_target",
+    "gen_prefix",
+    "fewshot_delimiter",
+    "target_delimiter",
 ];
 
 impl TaskConfig {
@@ -513,6 +572,34 @@ impl TaskConfig {
         let file_ctx = |msg: String| cfg_err(file, format!("task `{name}`: {msg}"));
         if let Some(k) = m.keys().find(|k| !KNOWN_KEYS.contains(&k.as_str())) {
             return Err(file_ctx(format!("unknown key `{k}` (see docs/tasks.md)")));
+        }
+        // Keys the harness defines whose behaviour moeval does not reproduce: refused, never skipped.
+        let set = |k: &str| {
+            m.get(k)
+                .is_some_and(|v| !v.is_null() && v != &Value::Bool(false))
+        };
+        if set("unsafe_code") {
+            return Err(file_ctx(
+                "`unsafe_code: true`: the task executes model-written code, which moeval refuses to run"
+                    .into(),
+            ));
+        }
+        for (k, why) in [
+            (
+                "doc_to_image",
+                "images are not supported (text models only)",
+            ),
+            ("doc_to_audio", "audio is not supported (text models only)"),
+            ("use_prompt", "promptsource prompts are not supported"),
+            (
+                "custom_dataset",
+                "a custom dataset callable is not supported",
+            ),
+            ("gen_prefix", "`gen_prefix` is not supported yet"),
+        ] {
+            if set(k) {
+                return Err(file_ctx(format!("`{k}`: {why}")));
+            }
         }
         let hook = |key: &str| -> Result<Option<Function>> {
             match m.get(key) {
@@ -710,6 +797,111 @@ impl TaskConfig {
         if output_type == OutputType::MultipleChoice && doc_to_choice.is_none() {
             return Err(file_ctx("multiple_choice needs `doc_to_choice`".into()));
         }
+        let fewshot_split = opt_str(m, "fewshot_split", file)?;
+        let fewshot = {
+            let fc = match m.get("fewshot_config") {
+                None | Some(Value::Null) => Map::new(),
+                Some(Value::Object(o)) => o.clone(),
+                Some(_) => return Err(file_ctx("`fewshot_config` must be a mapping".into())),
+            };
+            if let Some(k) = fc.keys().find(|k| !FEWSHOT_KEYS.contains(&k.as_str())) {
+                return Err(file_ctx(format!(
+                    "unknown key `fewshot_config.{k}` (known: {})",
+                    FEWSHOT_KEYS.join(", ")
+                )));
+            }
+            if fc.get("gen_prefix").is_some_and(|v| !v.is_null()) {
+                return Err(file_ctx(
+                    "`fewshot_config.gen_prefix` is not supported yet".into(),
+                ));
+            }
+            let sampler = match fc.get("sampler") {
+                None | Some(Value::Null) => Sampler::Default,
+                Some(Value::String(s)) if s == "default" => Sampler::Default,
+                Some(Value::String(s)) if s == "first_n" => Sampler::FirstN,
+                Some(v) => {
+                    return Err(file_ctx(format!(
+                        "fewshot_config.sampler {v} is not a sampler lm-evaluation-harness registers (default, first_n)"
+                    )))
+                }
+            };
+            let indices = match fc.get("fewshot_indices") {
+                None | Some(Value::Null) => None,
+                Some(Value::Array(a)) => Some(
+                    a.iter()
+                        .map(|x| x.as_u64().map(|i| i as usize))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| {
+                            file_ctx(
+                                "fewshot_config.fewshot_indices must be a list of row numbers"
+                                    .into(),
+                            )
+                        })?,
+                ),
+                Some(_) => {
+                    return Err(file_ctx(
+                        "fewshot_config.fewshot_indices must be a list of row numbers".into(),
+                    ))
+                }
+            };
+            let samples = match fc.get("samples") {
+                None | Some(Value::Null) => None,
+                Some(Value::Array(a)) if a.iter().all(Value::is_object) => Some(a.clone()),
+                Some(v) if Function::from_value(v).is_some() => return Err(file_ctx(
+                    "fewshot_config.samples as a `!function` is not supported; list the exemplars"
+                        .into(),
+                )),
+                Some(_) => {
+                    return Err(file_ctx(
+                        "fewshot_config.samples must be a list of documents (mappings)".into(),
+                    ))
+                }
+            };
+            let process_docs = match fc.get("process_docs") {
+                None | Some(Value::Null) => process_docs.clone(),
+                Some(v) => Some(Function::from_value(v).ok_or_else(|| {
+                    file_ctx("fewshot_config.process_docs must be a `!function` reference".into())
+                })?),
+            };
+            FewshotConfig {
+                sampler,
+                split: opt_str(&fc, "split", file)?.or_else(|| fewshot_split.clone()),
+                samples,
+                indices,
+                process_docs,
+                doc_to_text: field(&fc, "doc_to_text", file)?
+                    .unwrap_or_else(|| doc_to_text.clone()),
+                doc_to_target: field(&fc, "doc_to_target", file)?
+                    .unwrap_or_else(|| doc_to_target.clone()),
+                doc_to_choice: field(&fc, "doc_to_choice", file)?.or_else(|| doc_to_choice.clone()),
+                target_delimiter: opt_str(&fc, "target_delimiter", file)?
+                    .unwrap_or_else(|| target_delimiter.clone()),
+                fewshot_delimiter: opt_str(&fc, "fewshot_delimiter", file)?
+                    .unwrap_or_else(|| fewshot_delimiter.clone()),
+            }
+        };
+        let repeats = match m.get("repeats") {
+            None | Some(Value::Null) => 1,
+            Some(v) => match v.as_u64() {
+                Some(n) if n >= 1 => n as usize,
+                _ => {
+                    return Err(file_ctx(format!(
+                        "`repeats` must be an integer >= 1, not {v}"
+                    )))
+                }
+            },
+        };
+        let version = m
+            .get("metadata")
+            .and_then(|md| md.get("version"))
+            .filter(|v| !v.is_null())
+            .cloned();
+        let mut ignored = Vec::new();
+        if set("should_decontaminate") || set("doc_to_decontamination_query") {
+            ignored.push(
+                "`should_decontaminate` / `doc_to_decontamination_query` are ignored: moeval runs no decontamination (as lm-evaluation-harness without --decontamination_ngrams_path)".to_string(),
+            );
+        }
         Ok(TaskConfig {
             tags: m.get("tag").and_then(string_list).unwrap_or_default(),
             dataset_path,
@@ -720,7 +912,7 @@ impl TaskConfig {
             training_split: opt_str(m, "training_split", file)?,
             validation_split: opt_str(m, "validation_split", file)?,
             test_split: opt_str(m, "test_split", file)?,
-            fewshot_split: opt_str(m, "fewshot_split", file)?,
+            fewshot_split,
             output_type,
             doc_to_text,
             doc_to_target,
@@ -737,6 +929,11 @@ impl TaskConfig {
             suite,
             process_docs,
             process_results,
+            fewshot,
+            repeats,
+            filter_list: m.get("filter_list").filter(|v| !v.is_null()).cloned(),
+            version,
+            ignored,
             file: file.to_path_buf(),
             name,
         })

@@ -88,10 +88,16 @@ impl Task {
                     }
                     fewshot_by.insert(v, ex);
                 }
+            } else if let (None, Some(samples)) = (&config.fewshot.split, &config.fewshot.samples) {
+                // `fewshot_config.samples`: the exemplars are given in the task file.
+                fewshot_docs = samples
+                    .iter()
+                    .filter_map(|v| v.as_object().cloned())
+                    .collect();
             } else {
                 // The harness's fallback order: the few-shot split, else train, validation, test.
                 let candidates = [
-                    config.fewshot_split.clone(),
+                    config.fewshot.split.clone(),
                     config.training_split.clone(),
                     config.validation_split.clone(),
                     config.test_split.clone(),
@@ -101,7 +107,7 @@ impl Task {
                         fewshot_docs = d;
                         break;
                     }
-                    if config.fewshot_split.as_deref() == Some(c.as_str()) {
+                    if config.fewshot.split.as_deref() == Some(c.as_str()) {
                         return Err(Error::Config {
                             file: config.file.clone(),
                             msg: format!(
@@ -110,6 +116,21 @@ impl Task {
                             ),
                         });
                     }
+                }
+                if let Some(idx) = &config.fewshot.indices {
+                    fewshot_docs = idx
+                        .iter()
+                        .map(|&i| {
+                            fewshot_docs.get(i).cloned().ok_or_else(|| Error::Config {
+                                file: config.file.clone(),
+                                msg: format!(
+                                    "task `{}`: fewshot_config.fewshot_indices names row {i}, but the few-shot split has {} rows",
+                                    config.name,
+                                    fewshot_docs.len()
+                                ),
+                            })
+                        })
+                        .collect::<Result<_>>()?;
                 }
             }
         }

@@ -289,7 +289,7 @@ fn score_instance(task: &Task, inst: &Instance, responses: &[Response]) -> Resul
 fn summarise_samples(task: &Task, samples: Vec<Sample>) -> TaskResult {
     let cfg = &task.config;
     let mut out = Vec::new();
-    let mut notes = Vec::new();
+    let mut notes = cfg.ignored.clone();
     for m in &cfg.metric_list {
         let items: Vec<Item> = samples
             .iter()

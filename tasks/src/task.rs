@@ -105,7 +105,11 @@ impl Task {
 
     /// `doc_to_text`: a column, or a rendered template.
     pub fn doc_to_text(&self, doc: &Doc, doc_id: usize) -> Result<String> {
-        match &self.config.doc_to_text {
+        self.text_of(&self.config.doc_to_text, doc, doc_id)
+    }
+
+    fn text_of(&self, field: &Field, doc: &Doc, doc_id: usize) -> Result<String> {
+        match field {
             Field::Template(t) if self.features.contains(t) => match doc.get(t) {
                 Some(Value::String(s)) => Ok(s.clone()),
                 Some(v) => Err(self.doc_err(doc_id, "doc_to_text", format!("column `{t}` is {v}, not text (several inputs per document are not supported)"))),
@@ -125,7 +129,11 @@ impl Task {
 
     /// `doc_to_target`: an index, a text or a list, with the harness's conversions.
     pub fn doc_to_target(&self, doc: &Doc, doc_id: usize) -> Result<Value> {
-        match &self.config.doc_to_target {
+        self.target_of(&self.config.doc_to_target, doc, doc_id)
+    }
+
+    fn target_of(&self, field: &Field, doc: &Doc, doc_id: usize) -> Result<Value> {
+        match field {
             Field::Int(i) => Ok(Value::from(*i)),
             Field::List(l) => Ok(Value::Array(l.clone())),
             Field::Template(t) if self.features.contains(t) => {
@@ -162,7 +170,11 @@ impl Task {
 
     /// `doc_to_choice`: a column, a template that renders to a Python list, or a literal list.
     pub fn doc_to_choice(&self, doc: &Doc, doc_id: usize) -> Result<Vec<String>> {
-        let v = match &self.config.doc_to_choice {
+        self.choices_of(self.config.doc_to_choice.as_ref(), doc, doc_id)
+    }
+
+    fn choices_of(&self, field: Option<&Field>, doc: &Doc, doc_id: usize) -> Result<Vec<String>> {
+        let v = match field {
             None => return Ok(Vec::new()),
             Some(Field::List(l)) => Value::Array(l.clone()),
             Some(Field::Template(t)) if self.features.contains(t) => {
@@ -228,19 +240,20 @@ impl Task {
         })
     }
 
+    /// Appends one few-shot exemplar, formatted with `fewshot_config`'s fields and delimiters.
     fn exemplar(&self, doc: &Doc, doc_id: usize, out: &mut String) -> Result<()> {
-        let q = self.doc_to_text(doc, doc_id)?;
-        let choices = if self.config.doc_to_choice.is_some() {
-            self.doc_to_choice(doc, doc_id)?
-        } else {
-            Vec::new()
+        let fc = &self.config.fewshot;
+        let q = self.text_of(&fc.doc_to_text, doc, doc_id)?;
+        let choices = match &fc.doc_to_choice {
+            Some(f) => self.choices_of(Some(f), doc, doc_id)?,
+            None => Vec::new(),
         };
-        let a = self.doc_to_target(doc, doc_id)?;
+        let a = self.target_of(&fc.doc_to_target, doc, doc_id)?;
         out.push_str(&q);
         if let Some(ans) = self.answer_text(&a, &choices, doc_id)? {
-            out.push_str(&self.config.target_delimiter);
+            out.push_str(&fc.target_delimiter);
             out.push_str(&ans);
-            out.push_str(&self.config.fewshot_delimiter);
+            out.push_str(&fc.fewshot_delimiter);
         }
         Ok(())
     }
@@ -249,7 +262,7 @@ impl Task {
     /// from one `random.Random(seed)` consumed in that order, exactly as the harness does.
     pub fn instances(&self, seed: u64) -> Result<Vec<Instance>> {
         let mut rnd = PyRandom::new(seed);
-        let exclude_self = self.config.fewshot_split == self.config.test_split;
+        let exclude_self = self.config.fewshot.split == self.config.test_split;
         let n = self.num_fewshot;
         let mut out = Vec::with_capacity(self.docs.len());
         for (doc_id, doc) in self.docs.iter().enumerate() {
@@ -293,6 +306,25 @@ impl Task {
         exclude_self: bool,
     ) -> Result<Vec<&'a Doc>> {
         let pool = &self.fewshot_docs;
+        if self.config.fewshot.sampler == crate::config::Sampler::FirstN {
+            // The pool's first n, after dropping documents equal to this one when they share a split.
+            let res: Vec<&Doc> = pool
+                .iter()
+                .filter(|d| !exclude_self || *d != doc)
+                .take(n)
+                .collect();
+            if res.len() < n {
+                return Err(self.doc_err(
+                    doc_id,
+                    "num_fewshot",
+                    format!(
+                        "{n} few-shot examples requested but the few-shot pool has {}",
+                        res.len()
+                    ),
+                ));
+            }
+            return Ok(res);
+        }
         let want = if exclude_self { n + 1 } else { n };
         if want > pool.len() {
             return Err(self.doc_err(

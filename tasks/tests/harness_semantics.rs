@@ -230,3 +230,75 @@ fn metric_direction_is_read_and_aggregations_other_than_the_metrics_own_are_refu
         "weighted_perplexity"
     );
 }
+
+/// `fewshot_config` (first_n sampler, its own split, doc_to_text and delimiters; literal samples):
+/// the expected request arguments are what lm-evaluation-harness 0.4.13 built for the same files
+/// (`TaskManager(include_path="tests/data/tasks")`, `build_all_requests`, first three documents).
+#[test]
+fn fewshot_config_matches_the_harness() {
+    let args = |name: &str| -> Vec<(String, String)> {
+        load(name)
+            .instances(1234)
+            .unwrap()
+            .iter()
+            .take(3)
+            .map(|i| match &i.requests[0] {
+                Request::Loglikelihood(l) => (l.context.clone(), l.continuation.clone()),
+                r => panic!("{r:?}"),
+            })
+            .collect()
+    };
+    let cfg = "Question: The sky is\nAnswer:  blue\n###\nQuestion: Fire is\nAnswer:  hot\n###\n";
+    assert_eq!(
+        args("mc_tiny_fewshot_cfg"),
+        [
+            (format!("{cfg}Q: The sky is\nA:"), " blue".to_string()),
+            (format!("{cfg}Q: Fire is\nA:"), " cold".to_string()),
+            (format!("{cfg}Q: Two plus two is\nA:"), " three".to_string()),
+        ]
+    );
+    let s = "Q: Grass is\nA: green\n\n";
+    assert_eq!(
+        args("mc_tiny_fewshot_samples"),
+        [
+            (format!("{s}Q: The sky is\nA:"), " blue".to_string()),
+            (format!("{s}Q: Fire is\nA:"), " cold".to_string()),
+            (format!("{s}Q: Two plus two is\nA:"), " three".to_string()),
+        ]
+    );
+    let reg = Registry::scan(&[task_dir()]).unwrap();
+    let cfg = reg
+        .task_config("mc_tiny_fewshot_cfg", Path::new("."))
+        .unwrap();
+    assert_eq!(cfg.version, Some(serde_json::json!(2.0)));
+}
+
+/// Fields whose behaviour moeval does not reproduce are refused with the field named.
+#[test]
+fn unsupported_fields_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "dataset_path: json\ntest_split: test\ndoc_to_text: x\ndoc_to_target: y\n";
+    for (i, (extra, want)) in [
+        ("unsafe_code: true\n", "unsafe_code"),
+        ("gen_prefix: 'Answer:'\n", "gen_prefix"),
+        ("doc_to_image: img\n", "doc_to_image"),
+        ("fewshot_config:\n  sampler: balanced\n", "fewshot_config.sampler"),
+        ("fewshot_config:\n  typo: 1\n", "fewshot_config.typo"),
+        ("repeats: 0\n", "repeats"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        std::fs::write(
+            dir.path().join(format!("t{i}.yaml")),
+            format!("task: t{i}\n{base}{extra}"),
+        )
+        .unwrap();
+        let reg = Registry::scan(&[dir.path().to_path_buf()]).unwrap();
+        let e = reg
+            .task_config(&format!("t{i}"), Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{extra}: {e}");
+    }
+}
