@@ -7,6 +7,7 @@
 //! (scoring, owned by the task) <- `runner` (scheduling only).
 
 pub mod bias;
+pub mod check;
 pub mod config;
 pub mod dataset;
 mod error;
