@@ -10,6 +10,7 @@ pub mod bias;
 pub mod config;
 pub mod dataset;
 mod error;
+pub mod filters;
 pub mod lm;
 mod load;
 pub mod metrics;
