@@ -11,6 +11,7 @@ pub mod check;
 pub mod config;
 pub mod dataset;
 mod error;
+pub mod filters;
 pub mod lm;
 mod load;
 pub mod metrics;
