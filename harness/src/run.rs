@@ -345,7 +345,7 @@ fn metric_row(
         aggregate: agg.clone(),
         higher_is_better: spec
             .and_then(|s| s.higher_is_better)
-            .unwrap_or_else(|| tasks::metrics::higher_is_better(metric)),
+            .unwrap_or_else(|| tasks::metrics::higher_is_better(base)),
         aggregation: spec.map(|s| tasks::metrics::aggregation_of(&s.metric).to_string()),
     }
 }

@@ -73,6 +73,7 @@ pub const SAMPLE_COLUMNS: &[&str] = &[
     "prediction",
     "target",
     "arguments",
+    "filtered_resps",
 ];
 
 /// Columns of `metrics.parquet`, in order.
@@ -176,9 +177,10 @@ pub fn samples_batch(parts: &[(RunColumns, Vec<TaskResult>)]) -> Result<RecordBa
         Field::new("prediction", DataType::Utf8, true),
         Field::new("target", DataType::Utf8, false),
         Field::new("arguments", DataType::Utf8, false),
+        Field::new("filtered_resps", DataType::Utf8, true),
     ]);
     let mut cols = run_cols(rows.iter().map(|r| r.0));
-    cols.extend::<[ArrayRef; 9]>([
+    cols.extend::<[ArrayRef; 10]>([
         Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
         Arc::new(Int64Array::from_iter_values(
             rows.iter().map(|r| r.2.doc_id as i64),
@@ -214,6 +216,12 @@ pub fn samples_batch(parts: &[(RunColumns, Vec<TaskResult>)]) -> Result<RecordBa
         Arc::new(StringArray::from_iter_values(
             rows.iter().map(|r| r.2.arguments.as_str()),
         )),
+        // A JSON object, pipeline -> answer, in `filter_list` order (null for other output types).
+        Arc::new(StringArray::from_iter(rows.iter().map(|r| {
+            (!r.2.filtered.is_empty()).then(|| {
+                serde_json::Value::Object(r.2.filtered.iter().cloned().collect()).to_string()
+            })
+        }))),
     ]);
     // A task field or metric named like a fixed column gets an `attr_` prefix.
     let mut used: BTreeSet<String> = SAMPLE_COLUMNS.iter().map(|s| s.to_string()).collect();

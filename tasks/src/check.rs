@@ -18,8 +18,14 @@ pub fn check(cfg: &TaskConfig) -> Result<()> {
         ("doc_to_target", Some(&cfg.doc_to_target)),
         ("doc_to_choice", cfg.doc_to_choice.as_ref()),
         ("fewshot_config.doc_to_text", Some(&cfg.fewshot.doc_to_text)),
-        ("fewshot_config.doc_to_target", Some(&cfg.fewshot.doc_to_target)),
-        ("fewshot_config.doc_to_choice", cfg.fewshot.doc_to_choice.as_ref()),
+        (
+            "fewshot_config.doc_to_target",
+            Some(&cfg.fewshot.doc_to_target),
+        ),
+        (
+            "fewshot_config.doc_to_choice",
+            cfg.fewshot.doc_to_choice.as_ref(),
+        ),
     ];
     for (name, f) in fields {
         match f {
@@ -69,7 +75,9 @@ pub fn resolve(f: &Function) -> std::result::Result<(), String> {
                     .split(|c: char| !(c.is_alphanumeric() || c == '_'))
                     .any(|w| w == n))
     };
-    if text.lines().any(binds) {
+    // Modules that bind names in a loop (`globals().update({f"process_{s}": partial(...)})`, as
+    // lm-eval's per-subject tasks do) can only be resolved by importing them.
+    if text.lines().any(binds) || text.contains("globals().update(") {
         Ok(())
     } else {
         Err(format!("{f}: `{n}` is not defined in {}", path.display()))

@@ -616,11 +616,6 @@ impl TaskConfig {
         };
         let process_docs = hook("process_docs")?;
         let process_results = hook("process_results")?;
-        if m.get("filter_list").is_some_and(|v| !v.is_null()) {
-            return Err(file_ctx(
-                "`filter_list` is not supported; use metric options such as `first_line`".into(),
-            ));
-        }
         let dd = data_dir.to_string_lossy();
         let subst = |s: &str| s.replace("{data_dir}", &dd);
         let dataset_path = opt_str(m, "dataset_path", file)?

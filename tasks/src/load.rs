@@ -134,7 +134,35 @@ impl Task {
                 }
             }
         }
+        let filters =
+            crate::filters::parse_filter_list(config.filter_list.as_ref()).map_err(|e| {
+                Error::Config {
+                    file: config.file.clone(),
+                    msg: format!("task `{}`: filter_list: {e}", config.name),
+                }
+            })?;
+        if config.filter_list.is_some()
+            && config.output_type != crate::config::OutputType::GenerateUntil
+        {
+            return Err(Error::Config {
+                file: config.file.clone(),
+                msg: format!(
+                    "task `{}`: filter_list is supported on generate_until tasks only (this one is {:?})",
+                    config.name, config.output_type
+                ),
+            });
+        }
+        if let Some(p) = filters.iter().find(|p| p.needs_python()) {
+            return Err(Error::Config {
+                file: config.file.clone(),
+                msg: format!(
+                    "task `{}`: filter pipeline `{}` runs Python code, which moeval cannot run yet",
+                    config.name, p.name
+                ),
+            });
+        }
         Ok(Task {
+            filters,
             env: template::environment(),
             features,
             docs,

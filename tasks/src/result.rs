@@ -15,6 +15,9 @@ pub struct Sample {
     pub arguments: String,
     pub target: String,
     pub prediction: Option<String>,
+    /// Generation tasks: each filter pipeline's answer, `(pipeline, value)` in `filter_list` order
+    /// (`none` when the task has no `filter_list`), as lm-evaluation-harness's `filtered_resps`.
+    pub filtered: Vec<(String, serde_json::Value)>,
     /// Multiple choice: each choice's log-likelihood, in choice order.
     pub choice_loglikelihoods: Option<Vec<f64>>,
     /// The continuation's (or whole document's) summed log-likelihood.

@@ -19,6 +19,30 @@ use crate::rouge::{self, Rouge};
 use crate::task::{Instance, Response, Task};
 
 impl Task {
+    /// The per-sample metric names, in order: `metric_list`'s, or, for a generation task with a
+    /// `filter_list`, `metric,pipeline` for each pipeline (lm-evaluation-harness's names).
+    pub fn metric_names(&self) -> Vec<String> {
+        let filtered = self.config.output_type == OutputType::GenerateUntil
+            && self.config.filter_list.is_some();
+        if !filtered {
+            return self
+                .config
+                .metric_list
+                .iter()
+                .map(|m| m.metric.clone())
+                .collect();
+        }
+        self.filters
+            .iter()
+            .flat_map(|p| {
+                self.config
+                    .metric_list
+                    .iter()
+                    .map(|m| crate::filters::metric_key(&m.metric, &p.name))
+            })
+            .collect()
+    }
+
     /// Scores one document from its requests' answers, given in request order.
     pub fn score(&self, inst: &Instance, responses: &[Response]) -> Result<Sample> {
         score_instance(self, inst, responses)
@@ -103,6 +127,7 @@ fn score_instance(task: &Task, inst: &Instance, responses: &[Response]) -> Resul
         arguments: task.harness_arguments(&inst.requests),
         target: String::new(),
         prediction: None,
+        filtered: Vec::new(),
         choice_loglikelihoods: None,
         loglikelihood: None,
         metrics: Vec::new(),
@@ -213,9 +238,13 @@ fn score_instance(task: &Task, inst: &Instance, responses: &[Response]) -> Resul
             s.target = text;
         }
         OutputType::GenerateUntil => {
-            let Response::Generate(out) = &responses[0] else {
-                unreachable!("generation task, generation response")
-            };
+            let outs: Vec<String> = responses
+                .iter()
+                .filter_map(|r| match r {
+                    Response::Generate(g) => Some(g.clone()),
+                    _ => None,
+                })
+                .collect();
             let golds: Vec<String> = if !inst.choices.is_empty() {
                 let idx = gold_indices(task, inst)?;
                 idx.iter().map(|&i| inst.choices[i].clone()).collect()
@@ -226,81 +255,118 @@ fn score_instance(task: &Task, inst: &Instance, responses: &[Response]) -> Resul
                 }
             };
             s.target = golds.join(" | ");
-            for m in &cfg.metric_list {
-                let pred = metrics::normalise(out, &m.kwargs);
-                let refs: Vec<String> = golds
-                    .iter()
-                    .map(|g| metrics::normalise(g, &m.kwargs))
-                    .collect();
-                let any = |f: &dyn Fn(&str) -> f64| refs.iter().map(|r| f(r)).fold(0.0, f64::max);
-                let item = match m.metric.as_str() {
-                    "exact_match" => Item::Mean(any(&|r| if r == pred { 1.0 } else { 0.0 })),
-                    "f1" => Item::Mean(any(&|r| metrics::token_f1(&pred, r))),
-                    "rouge_l" => Item::Mean(any(&|r| metrics::rouge_l(&pred, r))),
-                    // rouge_score's F-measure, max over the references; `use_stemmer` as there.
-                    name if Rouge::parse(name).is_some() => {
-                        let kind = Rouge::parse(name).unwrap_or(Rouge::L);
-                        let stem = m.kwargs.get("use_stemmer").and_then(Value::as_bool);
-                        Item::Mean(any(&|r| {
-                            rouge::score(kind, r, &pred, stem.unwrap_or(false))
-                        }))
-                    }
-                    name if Translation::parse(name).is_some() => {
-                        let t = Translation::parse(name).unwrap_or(Translation::Bleu);
-                        Item::Translation(t, pred.clone(), refs.clone())
-                    }
-                    "calm_match" | "calm_match_moeval" => {
-                        let kind = m.kwargs.get("kind").and_then(Value::as_str).unwrap_or("qa");
-                        let labels: Vec<String> = m
-                            .kwargs
-                            .get("labels")
-                            .and_then(Value::as_array)
-                            .map(|a| a.iter().map(as_text).collect())
-                            .unwrap_or_default();
-                        let ok = if m.metric == "calm_match" {
-                            bias::calm_match_reference(kind, out, &golds)
-                        } else {
-                            bias::calm_match(kind, out, &golds, &labels)
-                        }
-                        .map_err(|e| Error::Config {
-                            file: cfg.file.clone(),
-                            msg: format!("task `{}`: {e}", cfg.name),
-                        })?;
-                        Item::Mean(if ok { 1.0 } else { 0.0 })
-                    }
-                    o => {
-                        return Err(Error::Config {
-                            file: cfg.file.clone(),
-                            msg: format!(
-                                "task `{}`: metric `{o}` is not available for generate_until",
-                                cfg.name
-                            ),
-                        })
-                    }
+            let doc = &task.docs[inst.doc_id];
+            for p in &task.filters {
+                let value = p
+                    .apply(
+                        std::slice::from_ref(&outs),
+                        std::slice::from_ref(doc),
+                        &mut crate::filters::no_python,
+                    )
+                    .map_err(|e| doc_err(task, inst.doc_id, "filter_list", e.to_string()))?
+                    .pop()
+                    .unwrap_or(Value::Null);
+                // What the metrics compare: the pipeline's answer as text (lm-eval hands the
+                // metric whatever the pipeline left; after `take_first` that is a string).
+                let answer = match &value {
+                    Value::String(t) => t.clone(),
+                    v => as_text(v),
                 };
-                s.metrics.push((m.metric.clone(), item));
+                for m in &cfg.metric_list {
+                    let item = generation_metric(task, m, &answer, &golds)?;
+                    // The default pipeline keeps plain metric names; others are lm-eval's
+                    // `metric,pipeline`.
+                    let name = if cfg.filter_list.is_none() {
+                        m.metric.clone()
+                    } else {
+                        crate::filters::metric_key(&m.metric, &p.name)
+                    };
+                    s.metrics.push((name, item));
+                }
+                s.filtered.push((p.name.clone(), value));
             }
-            s.prediction = Some(out.clone());
+            s.prediction = outs.into_iter().next();
         }
     }
     Ok(s)
+}
+
+/// One generation metric of one answer against the references.
+fn generation_metric(
+    task: &Task,
+    m: &crate::config::MetricSpec,
+    out: &str,
+    golds: &[String],
+) -> Result<Item> {
+    let cfg = &task.config;
+    let pred = metrics::normalise(out, &m.kwargs);
+    let refs: Vec<String> = golds
+        .iter()
+        .map(|g| metrics::normalise(g, &m.kwargs))
+        .collect();
+    let any = |f: &dyn Fn(&str) -> f64| refs.iter().map(|r| f(r)).fold(0.0, f64::max);
+    Ok(match m.metric.as_str() {
+        "exact_match" => Item::Mean(any(&|r| if r == pred { 1.0 } else { 0.0 })),
+        "f1" => Item::Mean(any(&|r| metrics::token_f1(&pred, r))),
+        "rouge_l" => Item::Mean(any(&|r| metrics::rouge_l(&pred, r))),
+        // rouge_score's F-measure, max over the references; `use_stemmer` as there.
+        name if Rouge::parse(name).is_some() => {
+            let kind = Rouge::parse(name).unwrap_or(Rouge::L);
+            let stem = m.kwargs.get("use_stemmer").and_then(Value::as_bool);
+            Item::Mean(any(&|r| {
+                rouge::score(kind, r, &pred, stem.unwrap_or(false))
+            }))
+        }
+        name if Translation::parse(name).is_some() => {
+            let t = Translation::parse(name).unwrap_or(Translation::Bleu);
+            Item::Translation(t, pred.clone(), refs.clone())
+        }
+        "calm_match" | "calm_match_moeval" => {
+            let kind = m.kwargs.get("kind").and_then(Value::as_str).unwrap_or("qa");
+            let labels: Vec<String> = m
+                .kwargs
+                .get("labels")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().map(as_text).collect())
+                .unwrap_or_default();
+            let ok = if m.metric == "calm_match" {
+                bias::calm_match_reference(kind, out, golds)
+            } else {
+                bias::calm_match(kind, out, golds, &labels)
+            }
+            .map_err(|e| Error::Config {
+                file: cfg.file.clone(),
+                msg: format!("task `{}`: {e}", cfg.name),
+            })?;
+            Item::Mean(if ok { 1.0 } else { 0.0 })
+        }
+        o => {
+            return Err(Error::Config {
+                file: cfg.file.clone(),
+                msg: format!(
+                    "task `{}`: metric `{o}` is not available for generate_until",
+                    cfg.name
+                ),
+            })
+        }
+    })
 }
 
 fn summarise_samples(task: &Task, samples: Vec<Sample>) -> TaskResult {
     let cfg = &task.config;
     let mut out = Vec::new();
     let mut notes = cfg.ignored.clone();
-    for m in &cfg.metric_list {
+    for name in task.metric_names() {
         let items: Vec<Item> = samples
             .iter()
             .filter_map(|s| {
                 s.metrics
                     .iter()
-                    .find(|(n, _)| n == &m.metric)
+                    .find(|(n, _)| n == &name)
                     .map(|x| x.1.clone())
             })
             .collect();
-        out.push((m.metric.clone(), metrics::aggregate(&items)));
+        out.push((name.clone(), metrics::aggregate(&items)));
         // Per-group values of mean metrics.
         let mut fields: Vec<&String> = cfg.group_by.iter().collect();
         if let Some(b) = &cfg.bias {
@@ -313,13 +379,13 @@ fn summarise_samples(task: &Task, samples: Vec<Sample>) -> TaskResult {
             for s in &samples {
                 if let (Some(v), Some((_, it))) = (
                     s.attributes.get(f.as_str()),
-                    s.metrics.iter().find(|(n, _)| n == &m.metric),
+                    s.metrics.iter().find(|(n, _)| n == &name),
                 ) {
                     by.entry(v.as_str()).or_default().push(it.clone());
                 }
             }
             for (v, items) in by {
-                out.push((format!("{}[{f}={v}]", m.metric), metrics::aggregate(&items)));
+                out.push((format!("{name}[{f}={v}]"), metrics::aggregate(&items)));
             }
         }
     }

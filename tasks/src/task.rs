@@ -78,6 +78,8 @@ pub struct Task {
     /// Few-shot exemplars per value of `fewshot_by.field`.
     pub(crate) fewshot_by: HashMap<String, Vec<Doc>>,
     pub(crate) num_fewshot: usize,
+    /// `filter_list`'s pipelines (lm-evaluation-harness's `none` = take the first answer, without one).
+    pub(crate) filters: Vec<crate::filters::FilterPipeline>,
 }
 
 impl Task {
@@ -403,21 +405,32 @@ impl Task {
                 let g = cfg.generation_kwargs.clone().unwrap_or_else(|| {
                     crate::config::GenerationKwargs::harness_default(&cfg.fewshot_delimiter)
                 });
-                vec![Request::Generate(GenerateRequest {
-                    context: ctx.clone(),
-                    until: g.until,
-                    max_gen_toks: g.max_gen_toks,
-                    temperature: if g.do_sample {
-                        g.temperature.max(0.0)
-                    } else {
-                        0.0
-                    },
-                    top_p: g.top_p,
-                    num_beams: g.num_beams,
-                    length_penalty: g.length_penalty,
-                    early_stopping: g.early_stopping,
-                    seed: 1234,
-                })]
+                let temperature = if g.do_sample {
+                    g.temperature.max(0.0)
+                } else {
+                    0.0
+                };
+                // `repeats` answers per document; sampled ones each with their own seed, greedy
+                // ones identical (the runner computes those once).
+                (0..cfg.repeats)
+                    .map(|r| {
+                        Request::Generate(GenerateRequest {
+                            context: ctx.clone(),
+                            until: g.until.clone(),
+                            max_gen_toks: g.max_gen_toks,
+                            temperature,
+                            top_p: g.top_p,
+                            num_beams: g.num_beams,
+                            length_penalty: g.length_penalty,
+                            early_stopping: g.early_stopping,
+                            seed: if temperature > 0.0 {
+                                1234 + r as u64
+                            } else {
+                                1234
+                            },
+                        })
+                    })
+                    .collect()
             }
         };
         Ok(Instance {
@@ -435,7 +448,12 @@ impl Task {
     /// log-likelihood has `arg_0` only. JSON with Python's `json.dumps` separators, non-ASCII unescaped.
     pub fn harness_arguments(&self, requests: &[Request]) -> String {
         let mut out = String::from("{");
-        for (i, r) in requests.iter().enumerate() {
+        // Repeated generations are one request to the harness (its `repeats`), logged once.
+        let logged = match requests.first() {
+            Some(Request::Generate(_)) => &requests[..1],
+            _ => requests,
+        };
+        for (i, r) in logged.iter().enumerate() {
             let mut args = serde_json::Map::new();
             match r {
                 Request::Loglikelihood(l) => {

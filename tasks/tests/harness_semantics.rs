@@ -282,7 +282,10 @@ fn unsupported_fields_are_refused_by_name() {
         ("unsafe_code: true\n", "unsafe_code"),
         ("gen_prefix: 'Answer:'\n", "gen_prefix"),
         ("doc_to_image: img\n", "doc_to_image"),
-        ("fewshot_config:\n  sampler: balanced\n", "fewshot_config.sampler"),
+        (
+            "fewshot_config:\n  sampler: balanced\n",
+            "fewshot_config.sampler",
+        ),
         ("fewshot_config:\n  typo: 1\n", "fewshot_config.typo"),
         ("repeats: 0\n", "repeats"),
     ]
@@ -301,4 +304,80 @@ fn unsupported_fields_are_refused_by_name() {
             .to_string();
         assert!(e.contains(want), "{extra}: {e}");
     }
+}
+
+/// A model whose answers cycle through fixed texts, one per call position.
+struct Cycling(Vec<&'static str>, RefCell<usize>);
+
+impl LanguageModel for Cycling {
+    fn loglikelihood(&self, _: &[LoglikelihoodRequest]) -> Result<Vec<Loglikelihood>, ModelError> {
+        unreachable!()
+    }
+    fn loglikelihood_rolling(&self, _: &[String]) -> Result<Vec<f64>, ModelError> {
+        unreachable!()
+    }
+    fn generate_until(&self, r: &[GenerateRequest]) -> Result<Vec<String>, ModelError> {
+        Ok(r.iter()
+            .map(|_| {
+                let mut i = self.1.borrow_mut();
+                *i += 1;
+                self.0[(*i - 1) % self.0.len()].to_string()
+            })
+            .collect())
+    }
+}
+
+/// `filter_list` pipelines and `repeats`: metrics named `metric,pipeline` as lm-evaluation-harness
+/// names them, each pipeline's answer kept (`Sample::filtered`), `repeats` answers per document
+/// (greedy repeats are one computation) and logged as one request.
+#[test]
+fn filter_pipelines_name_metrics_and_keep_answers() {
+    let task = load("gen_filters");
+    let lm = Cycling(vec!["blue #### 12", "$1,000 is blue"], RefCell::new(0));
+    let r = &evaluate(&lm, &[task], &RunOptions::default(), &NoProgress).unwrap()[0];
+    let names: Vec<&str> = r.metrics.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "exact_match,strict-match",
+            "exact_match,flexible-extract",
+            "exact_match,vote"
+        ]
+    );
+    let s = &r.samples[0];
+    let filtered: Vec<(&str, String)> = s
+        .filtered
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.to_string()))
+        .collect();
+    // Greedy repeats are computed once, so all three answers of a document are the same text.
+    let first = s.prediction.clone().unwrap();
+    let expected_flexible = if first.starts_with("blue") {
+        "\"12\""
+    } else {
+        "\"$1,000\""
+    };
+    assert_eq!(
+        filtered[1],
+        ("flexible-extract", expected_flexible.to_string())
+    );
+    assert_eq!(filtered[2], ("vote", "\"blue\"".to_string()));
+    assert_eq!(
+        s.arguments.matches("gen_args_").count(),
+        1,
+        "{}",
+        s.arguments
+    );
+    // Document 0's target is "blue": only the vote pipeline extracts it.
+    assert_eq!(
+        s.metrics
+            .iter()
+            .map(|(n, it)| (n.as_str(), it.sample_value()))
+            .collect::<Vec<_>>(),
+        [
+            ("exact_match,strict-match", Some(0.0)),
+            ("exact_match,flexible-extract", Some(0.0)),
+            ("exact_match,vote", Some(1.0))
+        ]
+    );
 }

@@ -91,7 +91,10 @@ fn lm_eval_task_library_loads() {
             Ok(_) if reg.group(g).is_some() => groups_ok += 1,
             Ok(_) => {
                 failures
-                    .entry(("(groups)".into(), "listed as a group, found as a tag".into()))
+                    .entry((
+                        "(groups)".into(),
+                        "listed as a group, found as a tag".into(),
+                    ))
                     .or_default()
                     .push(g.clone());
             }
