@@ -18,6 +18,18 @@ pub enum Error {
         field: String,
         msg: String,
     },
+    /// A Python hook (`!function`) that raised or returned something unusable, or a hook worker
+    /// that could not run it. `function` is `!function module.name (file.py)`; `at` names the
+    /// document (`doc 17`) or what the call covered (`split `test``); `msg` carries the traceback.
+    #[error("{} (task `{task}`, `{field}`: {function}, {at}): {msg}", file.display())]
+    Hook {
+        file: PathBuf,
+        task: String,
+        field: String,
+        function: String,
+        at: String,
+        msg: String,
+    },
     /// A name that is neither a task, a group nor a tag.
     #[error("unknown task `{name}`{hint}")]
     UnknownTask { name: String, hint: String },

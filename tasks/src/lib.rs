@@ -10,6 +10,7 @@ pub mod bias;
 pub mod config;
 pub mod dataset;
 mod error;
+pub mod hooks;
 pub mod lm;
 mod load;
 pub mod metrics;
@@ -28,6 +29,7 @@ mod ter;
 
 pub use config::{Listing, OutputType, Registry, TaskConfig};
 pub use error::{Error, Result};
+pub use hooks::Hooks;
 pub use lm::{
     AnsweringModel, Answers, Contribution, EarlyStopping, GenerateRequest, LanguageModel,
     Loglikelihood, LoglikelihoodRequest, ModelError, Sources,
