@@ -30,7 +30,7 @@ use serde_json::{Map, Value};
 
 use crate::config::Function;
 use crate::dataset::Doc;
-use crate::error::{Error, Result};
+use crate::error::{Error, HookFailure, Result};
 
 /// The environment variable naming the Python interpreter (overridden by `--python`).
 pub const PYTHON_ENV: &str = "MOEVAL_PYTHON";
@@ -139,14 +139,14 @@ impl<'a> Site<'a> {
     }
 
     fn error(&self, f: &Function, index: Option<usize>, n: usize, msg: impl Into<String>) -> Error {
-        Error::Hook {
+        Error::Hook(Box::new(HookFailure {
             file: self.file.to_path_buf(),
             task: self.task.to_string(),
             field: self.field.to_string(),
             function: f.to_string(),
             at: self.at(index, n),
             msg: msg.into(),
-        }
+        }))
     }
 }
 

@@ -28,7 +28,7 @@ mod template;
 mod ter;
 
 pub use config::{Listing, OutputType, Registry, TaskConfig};
-pub use error::{Error, Result};
+pub use error::{Error, HookFailure, Result};
 pub use hooks::Hooks;
 pub use lm::{
     AnsweringModel, Answers, Contribution, EarlyStopping, GenerateRequest, LanguageModel,

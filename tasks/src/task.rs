@@ -115,7 +115,7 @@ fn index_in(pool: &[Doc], doc: &Doc) -> Option<usize> {
     let start = pool.as_ptr() as usize;
     let size = std::mem::size_of::<Doc>().max(1);
     let at = doc as *const Doc as usize;
-    (at >= start && at < start + pool.len() * size && (at - start) % size == 0)
+    (at >= start && at < start + pool.len() * size && (at - start).is_multiple_of(size))
         .then(|| (at - start) / size)
 }
 

@@ -141,3 +141,137 @@ fn tasks_without_hooks_never_start_python() {
         "{e}"
     );
 }
+
+fn task_docs(reg: &Registry, name: &str) -> Vec<tasks::dataset::Doc> {
+    let cfg = reg.task_config(name, Path::new(".")).unwrap();
+    Task::load(cfg, &LoadOptions::default())
+        .unwrap()
+        .docs()
+        .to_vec()
+}
+
+/// The per-document cost of hooks over 10,000 documents (docs/tasks.md quotes it):
+/// `cargo test --release -p tasks --test hooks -- --ignored --nocapture`. `doc_to_text` runs with
+/// `python3`; `process_docs` with `MOEVAL_LM_EVAL_PYTHON` when set.
+#[test]
+#[ignore]
+fn cost_per_document() {
+    use std::time::Instant;
+    const N: usize = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = String::new();
+    for i in 0..N {
+        let row = serde_json::json!({
+            "question": format!("question number {i} asks about something long enough to be a real prompt"),
+            "options": "alpha|beta|gamma|delta",
+            "answer": (i % 4).to_string(),
+            "skip": false,
+        });
+        data.push_str(&row.to_string());
+        data.push('\n');
+    }
+    std::fs::write(dir.path().join("big.jsonl"), data).unwrap();
+    // The test tasks' hooks, plus one that does not print.
+    let utils = std::fs::read_to_string(task_dir().join("utils.py")).unwrap();
+    std::fs::write(
+        dir.path().join("utils.py"),
+        utils + "\n\ndef question_text(doc):\n    return \"Q: \" + doc[\"question\"]\n",
+    )
+    .unwrap();
+    let yaml = |name: &str, fields: &str| {
+        std::fs::write(
+            dir.path().join(format!("{name}.yaml")),
+            format!(
+                "task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: big.jsonl\n\
+                 output_type: multiple_choice\ntest_split: test\n{fields}metric_list:\n  - metric: acc\n"
+            ),
+        )
+        .unwrap();
+    };
+    yaml(
+        "by_template",
+        "doc_to_text: \"Q: {{question}}\"\ndoc_to_target: \"{{answer}}\"\ndoc_to_choice: [alpha, beta, gamma, delta]\n",
+    );
+    yaml(
+        "by_hook",
+        "doc_to_text: !function utils.question_text\ndoc_to_target: \"{{answer}}\"\ndoc_to_choice: [alpha, beta, gamma, delta]\n",
+    );
+    yaml(
+        "by_process_docs",
+        "process_docs: !function utils.process_docs\ndoc_to_text: !function utils.doc_to_text\n\
+         doc_to_target: !function utils.doc_to_target\ndoc_to_choice: !function utils.doc_to_choice\n",
+    );
+    let reg = Registry::scan(&[dir.path().to_path_buf()]).unwrap();
+    let run = |name: &str, python: &Path| {
+        let opts = with_python(python);
+        let t0 = Instant::now();
+        let task = Task::load(reg.task_config(name, Path::new(".")).unwrap(), &opts).unwrap();
+        let loaded = t0.elapsed().as_secs_f64();
+        task.instances(1234).unwrap();
+        let total = t0.elapsed().as_secs_f64();
+        let s = opts.hooks.stats();
+        eprintln!(
+            "{name}: {} docs; load {:.1} ms ({:.4} ms/doc), load + prompts {:.4} ms/doc; \
+             hooks: {} calls, {} items, {:.1} ms ({:.4} ms/item, worker start included)",
+            task.docs().len(),
+            1e3 * loaded,
+            1e3 * loaded / N as f64,
+            1e3 * total / N as f64,
+            s.calls,
+            s.items,
+            1e3 * s.seconds,
+            1e3 * s.seconds / s.items.max(1) as f64,
+        );
+    };
+    run("by_template", Path::new("python3"));
+    run("by_hook", Path::new("python3"));
+    // Warm calls on one worker: start-up (and `import datasets`) apart from the per-document cost.
+    let docs: Vec<tasks::dataset::Doc> = task_docs(&reg, "by_template");
+    let refs: Vec<&tasks::dataset::Doc> = docs.iter().collect();
+    let f = |name: &str| tasks::config::Function {
+        dir: dir.path().to_path_buf(),
+        module: "utils".into(),
+        name: name.into(),
+    };
+    let site = tasks::hooks::Site::docs(Path::new("x.yaml"), "x", "doc_to_text");
+    let timed = |what: &str, n: usize, call: &mut dyn FnMut()| {
+        let t0 = Instant::now();
+        call();
+        let ms = 1e3 * t0.elapsed().as_secs_f64();
+        eprintln!("{what}: {ms:.1} ms ({:.4} ms/doc)", ms / n as f64);
+    };
+    let hooks = Hooks::new(Some("python3".into()));
+    timed(
+        "python3 worker start + doc_to_text on 1 doc",
+        1,
+        &mut || {
+            hooks
+                .doc_field(&f("question_text"), &refs[..1], &site)
+                .unwrap();
+        },
+    );
+    timed("doc_to_text on 10,000 docs (warm)", N, &mut || {
+        hooks.doc_field(&f("question_text"), &refs, &site).unwrap();
+    });
+    if let Some(p) = lm_eval_python() {
+        let hooks = Hooks::new(Some(p));
+        timed(
+            "datasets worker start + process_docs on 1 doc",
+            1,
+            &mut || {
+                hooks
+                    .process_docs(&f("process_docs"), &docs[..1], &site)
+                    .unwrap();
+            },
+        );
+        timed("process_docs on 10,000 docs (warm)", N, &mut || {
+            hooks
+                .process_docs(&f("process_docs"), &docs, &site)
+                .unwrap();
+        });
+    }
+    match lm_eval_python() {
+        Some(p) => run("by_process_docs", &p),
+        None => eprintln!("by_process_docs: skipped"),
+    }
+}
