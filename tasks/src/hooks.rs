@@ -362,11 +362,9 @@ impl Hooks {
             args,
         };
         let mut slot = lock(&self.inner.worker);
-        if slot.is_none() {
-            *slot = Some(self.start().map_err(|m| site.error(f, None, items, m))?);
-        }
-        let Some(worker) = slot.as_mut() else {
-            unreachable!("the worker was just started")
+        let worker = match &mut *slot {
+            Some(w) => w,
+            empty => empty.insert(self.start().map_err(|m| site.error(f, None, items, m))?),
         };
         let reply = match worker.exchange(&req) {
             Ok(r) => r,
