@@ -14,7 +14,9 @@ use reports::manifest::{
     MANIFEST_VERSION,
 };
 use reports::tables::{self, MetricRow, RoutingRow, RunColumns};
-use tasks::{LanguageModel, LoadOptions, Progress, Registry, RunOptions, Shard, Task, TaskResult};
+use tasks::{
+    Hooks, LanguageModel, LoadOptions, Progress, Registry, RunOptions, Shard, Task, TaskResult,
+};
 
 use crate::lm::EngineLm;
 use crate::retrieval::{Retrieval, RetrievalSettings};
@@ -257,7 +259,12 @@ pub fn task_registry(include_paths: &[PathBuf]) -> Result<Registry> {
     Ok(Registry::scan(&dirs)?)
 }
 
-pub(crate) fn load_tasks(s: &Settings, fewshot_seed: u64) -> Result<(Registry, Vec<Task>)> {
+/// Loads a run's tasks; `hooks` runs their `!function` code (Python starts only if one has some).
+pub(crate) fn load_tasks(
+    s: &Settings,
+    fewshot_seed: u64,
+    hooks: &Hooks,
+) -> Result<(Registry, Vec<Task>)> {
     let includes: Vec<PathBuf> = s.include_paths.iter().map(PathBuf::from).collect();
     let registry = task_registry(&includes)?;
     let names = registry.resolve(&s.tasks)?;
@@ -268,6 +275,7 @@ pub(crate) fn load_tasks(s: &Settings, fewshot_seed: u64) -> Result<(Registry, V
         num_fewshot: s.num_fewshot,
         fewshot_seed,
         pairs: s.pairs,
+        hooks: hooks.clone(),
     };
     let tasks = names
         .iter()
@@ -676,8 +684,9 @@ pub struct Outcome {
     pub seconds: f64,
 }
 
-/// Runs (or resumes) an evaluation into its run directory; `progress` sees each phase's requests.
-pub fn evaluate(start: Start, progress: &dyn Progress) -> Result<Outcome> {
+/// Runs (or resumes) an evaluation into its run directory; `hooks` runs the tasks' Python
+/// `!function` code, `progress` sees each phase's requests.
+pub fn evaluate(start: Start, hooks: &Hooks, progress: &dyn Progress) -> Result<Outcome> {
     // Settings, run directory and output root: from the command line, or from the manifest (under
     // the run's lock, so no other process is writing it).
     let mut lock = None;
@@ -800,7 +809,7 @@ pub fn evaluate(start: Start, progress: &dyn Progress) -> Result<Outcome> {
         .map(Shard::parse)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let (registry, tasks) = load_tasks(&manifest.settings, manifest.seeds.fewshot)?;
+    let (registry, tasks) = load_tasks(&manifest.settings, manifest.seeds.fewshot, hooks)?;
     let experts = Experts {
         opt_out: manifest.settings.opt_out.clone(),
         experts: manifest.settings.experts.clone(),

@@ -13,8 +13,9 @@ pub struct Collected {
 
 /// Run directories under the given paths, with shards merged. A run named directly must be
 /// complete and readable. Runs found inside a folder that are not (killed, still running, corrupt)
-/// are an error naming each, unless `skip_bad` (then each is named in a note).
-pub fn collect_runs(paths: &[PathBuf], skip_bad: bool) -> Result<Collected> {
+/// are an error naming each, unless `skip_bad` (then each is named in a note). Merging re-scores
+/// documents, so `hooks` runs the tasks' Python `!function` code.
+pub fn collect_runs(paths: &[PathBuf], skip_bad: bool, hooks: &tasks::Hooks) -> Result<Collected> {
     let mut runs = Vec::new();
     let mut notes = Vec::new();
     let mut bad = Vec::new();
@@ -23,7 +24,7 @@ pub fn collect_runs(paths: &[PathBuf], skip_bad: bool) -> Result<Collected> {
         let named = found.len() == 1 && &found[0] == p;
         for dir in found {
             let mut read = || -> Result<reports::Run> {
-                if crate::shards::merge_shards(&dir)? {
+                if crate::shards::merge_shards(&dir, hooks)? {
                     notes.push(format!("merged the shards of {}", dir.display()));
                 }
                 Ok(reports::load_run(&dir)?)

@@ -4,14 +4,15 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use reports::manifest::{Manifest, ShardRecord, Timing};
-use tasks::{LanguageModel, Shard};
+use tasks::{Hooks, LanguageModel, Shard};
 
 use crate::run::{execute, finish_run, load_tasks, lock_run, write_tables};
 
 /// Merges the shard folders of a run (`RUN/shard=I-of-N/`) into `RUN/`: re-scores every document
 /// from the shards' request journals (no model needed), so the merged run is identical to one
-/// that ran unsharded. Returns false when there is nothing to merge.
-pub fn merge_shards(run_dir: &Path) -> Result<bool> {
+/// that ran unsharded (`hooks` runs the tasks' Python `!function` code). Returns false when there
+/// is nothing to merge.
+pub fn merge_shards(run_dir: &Path, hooks: &Hooks) -> Result<bool> {
     let shards = reports::results::shard_dirs(run_dir);
     if shards.is_empty() {
         return Ok(false);
@@ -94,7 +95,7 @@ pub fn merge_shards(run_dir: &Path) -> Result<bool> {
             end_time: m.end_time.clone(),
         })
         .collect();
-    let (registry, tasks) = load_tasks(&manifest.settings, manifest.seeds.fewshot)
+    let (registry, tasks) = load_tasks(&manifest.settings, manifest.seeds.fewshot, hooks)
         .with_context(|| format!("merging the shards of {}", run_dir.display()))?;
     let models: Vec<Option<&dyn LanguageModel>> = vec![None; manifest.variants.len()];
     let root = run_dir.parent().unwrap_or(Path::new("."));

@@ -75,6 +75,8 @@ pub struct Args {
     experts: super::ExpertArgs,
     #[command(flatten)]
     retrieval: super::RetrievalArgs,
+    #[command(flatten)]
+    python: super::PythonArg,
 }
 
 /// A progress bar per phase of requests.
@@ -248,7 +250,8 @@ pub fn run(a: Args, device: engine::Device) -> Result<()> {
             device,
         })),
     };
-    let out = harness::evaluate(start, &Bar(Mutex::new(ProgressBar::hidden())))?;
+    let hooks = a.python.hooks();
+    let out = harness::evaluate(start, &hooks, &Bar(Mutex::new(ProgressBar::hidden())))?;
     print_table(&out.variants);
     let t = &out.manifest.timings;
     let docs: usize = t.iter().map(|t| t.documents).sum();
@@ -260,5 +263,16 @@ pub fn run(a: Args, device: engine::Device) -> Result<()> {
         docs as f64 / out.seconds.max(1e-9),
         out.run_dir.display()
     );
+    let h = hooks.stats();
+    if h.calls > 0 {
+        eprintln!(
+            "Python hooks ({}): {} calls over {} items in {:.2}s ({:.3} ms per item)",
+            hooks.python().display(),
+            h.calls,
+            h.items,
+            h.seconds,
+            1e3 * h.seconds / h.items.max(1) as f64
+        );
+    }
     Ok(())
 }

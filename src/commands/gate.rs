@@ -23,6 +23,8 @@ pub struct Args {
     /// Write the runs' metrics as the new baseline instead of checking.
     #[arg(long)]
     update: bool,
+    #[command(flatten)]
+    python: super::PythonArg,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -31,7 +33,7 @@ pub fn run(a: Args) -> Result<()> {
         "--max-drop and --z must be >= 0"
     );
     // Every run found must be readable: a skipped run would only show up as missing metrics.
-    let runs = super::report::collect_runs(&a.runs, false)?;
+    let runs = super::report::collect_runs(&a.runs, false, &a.python.hooks())?;
     let entries = reports::leaderboard::entries(&runs);
     if a.update {
         let ids: Vec<String> = runs

@@ -21,6 +21,24 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use engine::{Device, Model};
 
+/// The Python interpreter for task files' `!function` hooks, shared by the commands that load tasks.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct PythonArg {
+    /// Python interpreter that runs task files' `!function` hooks (lm-evaluation-harness task code:
+    /// process_docs, doc_to_text, ...): an environment with the tasks' own dependencies, e.g.
+    /// `datasets` for process_docs. Default: $MOEVAL_PYTHON, else python3 on PATH. Started once per
+    /// run, and only when a task has hooks.
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<PathBuf>,
+}
+
+impl PythonArg {
+    /// The hook handle (no process yet).
+    pub fn hooks(&self) -> tasks::Hooks {
+        tasks::Hooks::new(self.python.clone())
+    }
+}
+
 /// Expert selection shared by every command that runs a model.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct ExpertArgs {

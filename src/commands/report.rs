@@ -24,12 +24,18 @@ pub struct Args {
     /// named in a warning); without it such a run is an error.
     #[arg(long)]
     skip_bad_runs: bool,
+    #[command(flatten)]
+    python: super::PythonArg,
 }
 
 /// The complete runs under `paths`, shards merged ([`harness::runs::collect_runs`]); its notes go to
 /// stderr.
-pub fn collect_runs(paths: &[PathBuf], skip_bad: bool) -> Result<Vec<reports::Run>> {
-    let c = harness::runs::collect_runs(paths, skip_bad)?;
+pub fn collect_runs(
+    paths: &[PathBuf],
+    skip_bad: bool,
+    hooks: &tasks::Hooks,
+) -> Result<Vec<reports::Run>> {
+    let c = harness::runs::collect_runs(paths, skip_bad, hooks)?;
     for n in &c.notes {
         eprintln!("{n}");
     }
@@ -37,7 +43,7 @@ pub fn collect_runs(paths: &[PathBuf], skip_bad: bool) -> Result<Vec<reports::Ru
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let runs = collect_runs(&a.runs, a.skip_bad_runs)?;
+    let runs = collect_runs(&a.runs, a.skip_bad_runs, &a.python.hooks())?;
     let files = reports::write_report(
         &runs,
         &a.out,

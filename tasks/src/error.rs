@@ -18,6 +18,10 @@ pub enum Error {
         field: String,
         msg: String,
     },
+    /// A Python hook (`!function`) that raised or returned something unusable, or a hook worker
+    /// that could not run it.
+    #[error("{0}")]
+    Hook(Box<HookFailure>),
     /// A name that is neither a task, a group nor a tag.
     #[error("unknown task `{name}`{hint}")]
     UnknownTask { name: String, hint: String },
@@ -29,6 +33,19 @@ pub enum Error {
         context: String,
         source: std::io::Error,
     },
+}
+
+/// What [`Error::Hook`] says: `function` is `!function module.name (file.py)`; `at` names the
+/// document (`doc 17`) or what the call covered (`split `test``); `msg` carries the traceback.
+#[derive(Debug, thiserror::Error)]
+#[error("{} (task `{task}`, `{field}`: {function}, {at}): {msg}", file.display())]
+pub struct HookFailure {
+    pub file: PathBuf,
+    pub task: String,
+    pub field: String,
+    pub function: String,
+    pub at: String,
+    pub msg: String,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

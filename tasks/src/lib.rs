@@ -12,6 +12,7 @@ pub mod config;
 pub mod dataset;
 mod error;
 pub mod filters;
+pub mod hooks;
 pub mod lm;
 mod load;
 pub mod metrics;
@@ -29,7 +30,8 @@ mod template;
 mod ter;
 
 pub use config::{Listing, OutputType, Registry, TaskConfig};
-pub use error::{Error, Result};
+pub use error::{Error, HookFailure, Result};
+pub use hooks::Hooks;
 pub use lm::{
     AnsweringModel, Answers, Contribution, EarlyStopping, GenerateRequest, LanguageModel,
     Loglikelihood, LoglikelihoodRequest, ModelError, Sources,

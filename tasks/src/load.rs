@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::config::TaskConfig;
+use crate::dataset::Doc;
 use crate::dataset::{self, as_text, Source};
 use crate::error::{Error, Result};
+use crate::hooks::{Items, Site};
 use crate::task::{LoadOptions, Task};
 use crate::template;
 
@@ -22,20 +24,29 @@ impl Task {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| cwd.clone());
         let bases: Vec<&Path> = vec![&cwd, &dir];
-        for (key, hook) in [
-            ("process_docs", &config.process_docs),
-            ("process_results", &config.process_results),
-        ] {
-            if let Some(f) = hook {
-                return Err(Error::Config {
-                    file: config.file.clone(),
-                    msg: format!(
-                        "task `{}`: `{key}` is Python code ({f}), which moeval cannot run",
-                        config.name
-                    ),
-                });
-            }
+        if let Some(f) = &config.process_results {
+            return Err(Error::Config {
+                file: config.file.clone(),
+                msg: format!(
+                    "task `{}`: `process_results` is Python code ({f}), which moeval cannot run",
+                    config.name
+                ),
+            });
         }
+        // `process_docs` runs on each split as it is read, before `limit`, as the harness does.
+        let process = |docs: Vec<Doc>, split: &str| -> Result<Vec<Doc>> {
+            let Some(f) = &config.process_docs else {
+                return Ok(docs);
+            };
+            let label = format!("split `{split}`");
+            let site = Site {
+                file: &config.file,
+                task: &config.name,
+                field: "process_docs",
+                items: Items::Whole(&label),
+            };
+            opts.hooks.process_docs(f, &docs, &site)
+        };
         let split = config
             .test_split
             .clone()
@@ -59,15 +70,21 @@ impl Task {
             ),
         })?,
         };
+        docs = process(docs, &split)?;
         let features: HashSet<String> = docs.iter().flat_map(|d| d.keys().cloned()).collect();
-        if let Some(l) = opts.limit {
-            docs.truncate(l);
-        }
         let num_fewshot = if config.suite.is_some() {
             0
         } else {
             opts.num_fewshot.unwrap_or(config.num_fewshot)
         };
+        // A few-shot pool read from the evaluated split reuses its processed documents.
+        let processed_split = (config.process_docs.is_some()
+            && num_fewshot > 0
+            && opts.limit.is_some_and(|l| l < docs.len()))
+        .then(|| docs.clone());
+        if let Some(l) = opts.limit {
+            docs.truncate(l);
+        }
         let mut fewshot_docs = Vec::new();
         let mut fewshot_by = HashMap::new();
         if num_fewshot > 0 {
@@ -103,8 +120,12 @@ impl Task {
                     config.test_split.clone(),
                 ];
                 for c in candidates.into_iter().flatten() {
+                    if config.process_docs.is_some() && c == split {
+                        fewshot_docs = processed_split.unwrap_or_else(|| docs.clone());
+                        break;
+                    }
                     if let Some(d) = dataset::read_split(&config, &c, &bases)? {
-                        fewshot_docs = d;
+                        fewshot_docs = process(d, &c)?;
                         break;
                     }
                     if config.fewshot.split.as_deref() == Some(c.as_str()) {
@@ -161,7 +182,7 @@ impl Task {
                 ),
             });
         }
-        Ok(Task {
+        let mut task = Task {
             filters,
             env: template::environment(),
             features,
@@ -170,6 +191,13 @@ impl Task {
             fewshot_by,
             num_fewshot,
             config,
-        })
+            hooks: opts.hooks.clone(),
+            hooked: Default::default(),
+        };
+        // `!function` fields run once, in one batch per field, over the documents evaluated.
+        let docs: Vec<&Doc> = task.docs.iter().collect();
+        let values = task.hook_values(&docs, "doc", &[])?;
+        task.hooked.docs = values;
+        Ok(task)
     }
 }

@@ -1,14 +1,16 @@
 //! A loaded task: its documents, prompts (with the harness's few-shot sampler) and requests.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use minijinja::Environment;
 use serde_json::Value;
 
-use crate::config::{Field, OutputType, TaskConfig};
+use crate::config::{Field, Function, OutputType, TaskConfig};
 use crate::dataset::{as_text, Doc};
 use crate::error::{Error, Result};
+use crate::hooks::{Hooks, Items, Site};
 use crate::lm::{GenerateRequest, LoglikelihoodRequest};
 use crate::pyrandom::PyRandom;
 use crate::template;
@@ -26,6 +28,9 @@ pub struct LoadOptions {
     pub fewshot_seed: u64,
     /// Overrides a CoBBLEr suite's `pairs` (comparisons drawn; 0 = all).
     pub pairs: Option<usize>,
+    /// Runs `!function` hooks (one Python worker, started by the first hook; each task keeps a
+    /// clone for scoring-time hooks). The default uses `MOEVAL_PYTHON`, else `python3`.
+    pub hooks: Hooks,
 }
 
 impl Default for LoadOptions {
@@ -36,6 +41,7 @@ impl Default for LoadOptions {
             num_fewshot: None,
             fewshot_seed: 1234,
             pairs: None,
+            hooks: Hooks::default(),
         }
     }
 }
@@ -80,6 +86,39 @@ pub struct Task {
     pub(crate) num_fewshot: usize,
     /// `filter_list`'s pipelines (lm-evaluation-harness's `none` = take the first answer, without one).
     pub(crate) filters: Vec<crate::filters::FilterPipeline>,
+    /// The run's hook worker (process_results, metric, aggregation and filter hooks use it too).
+    pub hooks: Hooks,
+    pub(crate) hooked: Hooked,
+}
+
+/// Which `!function` field a hooked value belongs to (index into [`Hooked::docs`]).
+const TEXT: usize = 0;
+const TARGET: usize = 1;
+const CHOICE: usize = 2;
+const HOOK_FIELDS: [(usize, &str); 3] = [
+    (TEXT, "doc_to_text"),
+    (TARGET, "doc_to_target"),
+    (CHOICE, "doc_to_choice"),
+];
+
+/// Values of `!function` `doc_to_text` / `doc_to_target` / `doc_to_choice` fields, computed in
+/// batches: for every task document when the task loads, and for the few-shot exemplars
+/// [`Task::instances`] draws (lm-evaluation-harness runs the hooks on those only).
+#[derive(Default)]
+pub(crate) struct Hooked {
+    /// Per field: one value per task document (empty when the field is not a function).
+    pub(crate) docs: [Vec<Value>; 3],
+    /// (field, index in the few-shot pool) -> value.
+    pool: Mutex<HashMap<(usize, usize), Value>>,
+}
+
+/// The position of `doc` in `pool` when it is one of its elements (not an equal copy).
+fn index_in(pool: &[Doc], doc: &Doc) -> Option<usize> {
+    let start = pool.as_ptr() as usize;
+    let size = std::mem::size_of::<Doc>().max(1);
+    let at = doc as *const Doc as usize;
+    (at >= start && at < start + pool.len() * size && (at - start).is_multiple_of(size))
+        .then(|| (at - start) / size)
 }
 
 impl Task {
@@ -105,6 +144,126 @@ impl Task {
         template::render(&self.env, t, doc).map_err(|e| self.doc_err(doc_id, field, e))
     }
 
+    /// The `!function` fields, by [`Hooked`] index and name.
+    fn hook_functions(&self) -> Vec<(usize, &'static str, &Function)> {
+        let c = &self.config;
+        [
+            Some(&c.doc_to_text),
+            Some(&c.doc_to_target),
+            c.doc_to_choice.as_ref(),
+        ]
+        .into_iter()
+        .zip(HOOK_FIELDS)
+        .filter_map(|(f, (i, name))| match f {
+            Some(Field::Function(f)) => Some((i, name, f)),
+            _ => None,
+        })
+        .collect()
+    }
+
+    /// Every `!function` field's values for `docs`, one batch per field; `label` and `ids` name
+    /// a failing document (no ids: its position).
+    pub(crate) fn hook_values(
+        &self,
+        docs: &[&Doc],
+        label: &str,
+        ids: &[usize],
+    ) -> Result<[Vec<Value>; 3]> {
+        let mut out: [Vec<Value>; 3] = Default::default();
+        for (i, name, f) in self.hook_functions() {
+            let site = Site {
+                file: &self.config.file,
+                task: &self.config.name,
+                field: name,
+                items: Items::Docs { label, ids },
+            };
+            out[i] = self.hooks.doc_field(f, docs, &site)?;
+        }
+        Ok(out)
+    }
+
+    /// A `!function` field's value for one document: computed at load time for the task's
+    /// documents, by [`Task::instances`] for drawn exemplars, else (a `fewshot_by` exemplar, a
+    /// caller's own document) computed now.
+    fn hook_value(&self, field: usize, f: &Function, doc: &Doc, doc_id: usize) -> Result<Value> {
+        // Precomputed values are the task's own functions'; a `fewshot_config` override differs.
+        let own = self
+            .hook_functions()
+            .iter()
+            .any(|(i, _, g)| *i == field && *g == f);
+        if !own {
+            let site = Site {
+                file: &self.config.file,
+                task: &self.config.name,
+                field: HOOK_FIELDS[field].1,
+                items: Items::Docs {
+                    label: "few-shot doc",
+                    ids: &[doc_id],
+                },
+            };
+            return Ok(self.hooks.doc_field(f, &[doc], &site)?.pop().unwrap_or(Value::Null));
+        }
+        if let Some(v) = index_in(&self.docs, doc).and_then(|i| self.hooked.docs[field].get(i)) {
+            return Ok(v.clone());
+        }
+        if let Some(i) = index_in(&self.fewshot_docs, doc) {
+            let pool = self.hooked.pool.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(v) = pool.get(&(field, i)) {
+                return Ok(v.clone());
+            }
+        }
+        let site = Site {
+            file: &self.config.file,
+            task: &self.config.name,
+            field: HOOK_FIELDS[field].1,
+            items: Items::Docs {
+                label: "doc",
+                ids: &[doc_id],
+            },
+        };
+        Ok(self
+            .hooks
+            .doc_field(f, &[doc], &site)?
+            .pop()
+            .unwrap_or(Value::Null))
+    }
+
+    /// Runs the `!function` fields, in one batch per field, on the few-shot exemplars in `picks`
+    /// that have no values yet.
+    fn hook_exemplars(&self, picks: &[Vec<&Doc>]) -> Result<()> {
+        if self.hook_functions().is_empty() {
+            return Ok(());
+        }
+        let wanted: BTreeSet<usize> = picks
+            .iter()
+            .flatten()
+            .filter_map(|d| index_in(&self.fewshot_docs, d))
+            .collect();
+        let missing: Vec<usize> = {
+            let pool = self.hooked.pool.lock().unwrap_or_else(|e| e.into_inner());
+            wanted
+                .into_iter()
+                .filter(|i| {
+                    self.hook_functions()
+                        .iter()
+                        .any(|(f, _, _)| !pool.contains_key(&(*f, *i)))
+                })
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let docs: Vec<&Doc> = missing.iter().map(|&i| &self.fewshot_docs[i]).collect();
+        let values = self.hook_values(&docs, "few-shot doc", &missing)?;
+        let mut pool = self.hooked.pool.lock().unwrap_or_else(|e| e.into_inner());
+        for (field, vs) in values.into_iter().enumerate() {
+            for (&i, v) in missing.iter().zip(vs) {
+                pool.insert((field, i), v);
+            }
+        }
+        Ok(())
+    }
+
     /// `doc_to_text`: a column, or a rendered template.
     pub fn doc_to_text(&self, doc: &Doc, doc_id: usize) -> Result<String> {
         self.text_of(&self.config.doc_to_text, doc, doc_id)
@@ -124,7 +283,10 @@ impl Task {
                 }
                 Ok(s)
             }
-            Field::Function(f) => Err(self.doc_err(doc_id, "doc_to_text", format!("is Python code ({f}), which moeval cannot run"))),
+            Field::Function(f) => match self.hook_value(TEXT, f, doc, doc_id)? {
+                Value::String(s) => Ok(s),
+                v => Err(self.doc_err(doc_id, "doc_to_text", format!("{f} returned {v}, not text (several inputs per document are not supported)"))),
+            },
             _ => Err(self.doc_err(doc_id, "doc_to_text", "must be a column name or a template")),
         }
     }
@@ -162,11 +324,8 @@ impl Task {
                 }
                 Ok(Value::String(s))
             }
-            Field::Function(f) => Err(self.doc_err(
-                doc_id,
-                "doc_to_target",
-                format!("is Python code ({f}), which moeval cannot run"),
-            )),
+            // The function's value as it is: an index, a text or a list.
+            Field::Function(f) => self.hook_value(TARGET, f, doc, doc_id),
         }
     }
 
@@ -193,13 +352,7 @@ impl Task {
                     "must be a list, a column or a template",
                 ))
             }
-            Some(Field::Function(f)) => {
-                return Err(self.doc_err(
-                    doc_id,
-                    "doc_to_choice",
-                    format!("is Python code ({f}), which moeval cannot run"),
-                ))
-            }
+            Some(Field::Function(f)) => self.hook_value(CHOICE, f, doc, doc_id)?,
         };
         match v {
             Value::Array(a) if !a.is_empty() => Ok(a.iter().map(as_text).collect()),
@@ -267,7 +420,17 @@ impl Task {
         let exclude_self = self.config.fewshot.split == self.config.test_split;
         let n = self.num_fewshot;
         let mut out = Vec::with_capacity(self.docs.len());
+        // Exemplars are drawn first, so `!function` fields run on all of them in one batch.
+        let mut picks = Vec::with_capacity(self.docs.len());
         for (doc_id, doc) in self.docs.iter().enumerate() {
+            picks.push(if n > 0 && self.config.fewshot_by.is_none() {
+                self.sample_fewshot(&mut rnd, doc, doc_id, n, exclude_self)?
+            } else {
+                Vec::new()
+            });
+        }
+        self.hook_exemplars(&picks)?;
+        for ((doc_id, doc), picked) in self.docs.iter().enumerate().zip(picks) {
             let mut ctx = String::new();
             if let Some(d) = &self.config.description {
                 let s = match doc.get(d) {
@@ -288,7 +451,7 @@ impl Task {
                         self.exemplar(e, doc_id, &mut ctx)?;
                     }
                 } else {
-                    for e in self.sample_fewshot(&mut rnd, doc, doc_id, n, exclude_self)? {
+                    for e in picked {
                         self.exemplar(e, doc_id, &mut ctx)?;
                     }
                 }
