@@ -67,7 +67,7 @@ pub struct Missing {
     /// The repository's folder in the cache.
     pub cache_dir: PathBuf,
     /// Per revision searched (the task's, then `refs/convert/parquet`), the repository-relative
-    /// files or glob patterns that matched nothing.
+    /// files or glob patterns that matched nothing; none when nothing of the revision is cached.
     pub needed: Vec<(String, Vec<String>)>,
 }
 
@@ -86,8 +86,15 @@ impl std::fmt::Display for Missing {
             self.cache_dir.display()
         )?;
         for (rev, needed) in &self.needed {
-            let list: Vec<String> = needed.iter().map(|n| format!("`{n}`")).collect();
-            write!(f, " at `{rev}` nothing matches {};", list.join(", "))?;
+            if needed.is_empty() {
+                write!(
+                    f,
+                    " nothing of revision `{rev}` is cached (no `refs/{rev}` or no snapshot);"
+                )?;
+            } else {
+                let list: Vec<String> = needed.iter().map(|n| format!("`{n}`")).collect();
+                write!(f, " at `{rev}` no file matches {};", list.join(", "))?;
+            }
         }
         let task = self.task.as_deref().unwrap_or("TASK");
         write!(

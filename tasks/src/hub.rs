@@ -972,13 +972,8 @@ pub fn find(root: &Path, d: &DatasetRef, split: &str) -> Result<Found> {
             Err(Unresolved::Invalid(msg)) => return Err(hub_error(d, split, msg)),
             Err(Unresolved::NoData { needed: n }) => needed.push((d.revision.clone(), n)),
         },
-        _ => needed.push((
-            d.revision.clone(),
-            vec![format!(
-                "refs/{} (nothing of this revision is cached)",
-                d.revision
-            )],
-        )),
+        // Nothing of the revision is cached: no pattern to name yet (README.md decides them).
+        _ => needed.push((d.revision.clone(), Vec::new())),
     }
     // The export mirrors `main` only, and holds no files for a data_dir or data_files choice.
     if d.revision == "main" && d.data_dir.is_none() && d.data_files.is_none() {

@@ -219,7 +219,7 @@ fn a_missing_dataset_names_repo_config_split_revision_and_the_fix() {
         "split `test`",
         "revision `main`",
         "datasets--nobody--absent",
-        "refs/main",
+        "no `refs/main`",
         "moeval download --tasks t",
         "HF_HUB_OFFLINE",
     ] {
