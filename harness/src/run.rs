@@ -277,11 +277,15 @@ pub(crate) fn load_tasks(
         pairs: s.pairs,
         hooks: hooks.clone(),
     };
+    // A task whose Hub dataset is not (all) in the cache downloads it first, unless offline.
+    let hub = crate::download::HubSettings::from_env();
+    let mut on_file = |repo: &str, file: &str| eprintln!("downloading dataset {repo}: {file}");
     let tasks = names
         .iter()
         .map(|n| {
             let cfg = registry.task_config(n, &data_dir)?;
-            Task::load(cfg, &load).with_context(|| format!("cannot load task `{n}`"))
+            crate::download::load_task(&cfg, &load, &hub, &mut on_file)
+                .with_context(|| format!("cannot load task `{n}`"))
         })
         .collect::<Result<_>>()?;
     Ok((registry, tasks))
@@ -295,14 +299,8 @@ fn task_infos(tasks: &[Task]) -> Result<Vec<TaskInfo>> {
             let c = &t.config;
             let dir = c.file.parent().unwrap_or(Path::new("."));
             let bases = [Path::new("."), dir];
-            let mut specs: Vec<&String> = c.data_files.values().flatten().collect();
-            specs.extend(c.join_files.values());
-            let mut paths: Vec<PathBuf> = specs
-                .iter()
-                .map(|s| tasks::dataset::Source::parse(s, &bases).path)
-                .collect();
-            paths.sort();
-            paths.dedup();
+            // Data files, join files, and a Hub dataset's snapshot files in the cache.
+            let paths = tasks::dataset::data_paths(c, &bases);
             Ok(TaskInfo {
                 name: c.name.clone(),
                 file: abs(&c.file),

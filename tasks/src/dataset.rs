@@ -11,28 +11,12 @@ use serde_json::{Map, Value};
 
 use crate::config::TaskConfig;
 use crate::error::{Error, Result};
+use crate::hub;
 
 /// One row of a dataset: column name -> value.
 pub type Doc = Map<String, Value>;
 
-/// The file formats `dataset_path` may name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    Json,
-    Csv,
-    Parquet,
-}
-
-impl Format {
-    pub fn from_dataset_path(name: &str) -> Option<Format> {
-        match name {
-            "json" | "jsonl" => Some(Format::Json),
-            "csv" => Some(Format::Csv),
-            "parquet" => Some(Format::Parquet),
-            _ => None,
-        }
-    }
-}
+pub use crate::format::Format;
 
 /// Where the bytes of a data file are: a plain path or a zip member.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -350,26 +334,37 @@ fn python_csv_rows(text: &str) -> Vec<Vec<String>> {
     rows
 }
 
-/// The documents of a split from `dataset_kwargs.data_files` (joined by position with its
-/// `join_files`), or `None` when the task names no file for it.
+/// The documents of a split: from `dataset_kwargs.data_files` when `dataset_path` names a format
+/// (`json`, `csv`, `parquet`), else from a Hugging Face Hub dataset in the local cache or a local
+/// folder laid out like one ([`crate::hub`]); joined by position with the split's `join_files`.
+/// `None` when a format task names no file for the split.
 pub(crate) fn read_split(
     cfg: &TaskConfig,
     split: &str,
     bases: &[&Path],
 ) -> Result<Option<Vec<Doc>>> {
-    let Some(files) = cfg.data_files.get(split) else {
-        return Ok(None);
-    };
-    let format = Format::from_dataset_path(&cfg.dataset_path).ok_or_else(|| Error::Config {
-        file: cfg.file.clone(),
-        msg: format!(
-            "task `{}`: dataset_path `{}` is not supported; use json, csv or parquet with dataset_kwargs.data_files (Hub datasets need a download step)",
-            cfg.name, cfg.dataset_path
-        ),
-    })?;
     let mut docs = Vec::new();
-    for f in files {
-        docs.extend(read(&Source::parse(f, bases), format)?);
+    match Format::from_dataset_path(&cfg.dataset_path) {
+        Some(format) => {
+            let Some(files) = cfg.data_files.get(split) else {
+                return Ok(None);
+            };
+            for f in files {
+                docs.extend(read(&Source::parse(f, bases), format)?);
+            }
+        }
+        None => {
+            let found = find_dataset(cfg, split, bases)?;
+            for p in &found.paths {
+                docs.extend(read(
+                    &Source {
+                        path: p.clone(),
+                        member: None,
+                    },
+                    found.format,
+                )?);
+            }
+        }
     }
     if let Some(j) = cfg.join_files.get(split) {
         let src = Source::parse(j, bases);
@@ -403,6 +398,68 @@ pub(crate) fn read_split(
         }
     }
     Ok(Some(docs))
+}
+
+/// Where a task that names no file format reads `split`: a local folder laid out like a Hub
+/// repository (relative to the working directory, then the YAML file's folder), else a Hub
+/// repository (`name` or `owner/name`) in the local Hugging Face cache.
+pub fn find_dataset(cfg: &TaskConfig, split: &str, bases: &[&Path]) -> Result<hub::Found> {
+    let d = hub::DatasetRef::of_task(cfg).ok_or_else(|| Error::Config {
+        file: cfg.file.clone(),
+        msg: format!(
+            "task `{}`: dataset_path `{}` reads dataset_kwargs.data_files",
+            cfg.name, cfg.dataset_path
+        ),
+    })?;
+    let local = Source::parse(&cfg.dataset_path, bases).path;
+    if local.is_dir() {
+        return hub::find_local(&local, &d, split);
+    }
+    let is_repo_id = !Path::new(&cfg.dataset_path).is_absolute()
+        && cfg.dataset_path.matches('/').count() <= 1
+        && !cfg.dataset_path.is_empty();
+    if !is_repo_id {
+        return Err(Error::Config {
+            file: cfg.file.clone(),
+            msg: format!(
+                "task `{}`: dataset_path `{}` is neither a file format (json, csv, parquet), a folder, nor a Hub dataset (`name` or `owner/name`)",
+                cfg.name, cfg.dataset_path
+            ),
+        });
+    }
+    hub::find(&hub::cache_root(), &d, split).map_err(|e| match e {
+        Error::HubMissing(mut m) => {
+            m.task = Some(cfg.name.clone());
+            Error::HubMissing(m)
+        }
+        other => other,
+    })
+}
+
+/// The files a task's splits read (data files and join files; for a Hub dataset, its snapshot
+/// files in the cache), for recording with a run. Files that cannot be found are left out.
+pub fn data_paths(cfg: &TaskConfig, bases: &[&Path]) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = if Format::from_dataset_path(&cfg.dataset_path).is_some() {
+        cfg.data_files
+            .values()
+            .flatten()
+            .map(|s| Source::parse(s, bases).path)
+            .collect()
+    } else {
+        hub::task_splits(cfg)
+            .iter()
+            .filter_map(|s| find_dataset(cfg, s, bases).ok())
+            .flat_map(|f| f.paths)
+            .collect()
+    };
+    paths.extend(
+        cfg.join_files
+            .values()
+            .map(|s| Source::parse(s, bases).path),
+    );
+    paths.sort();
+    paths.dedup();
+    paths
 }
 
 /// Equality across CSV's inferred types (a join column `1` equals a JSON `"1"`).

@@ -2,7 +2,8 @@
 //! building with the harness's exact semantics, metrics with standard errors, and bias suites.
 //!
 //! The crate does not depend on any model: it drives anything that implements [`LanguageModel`].
-//! Modules depend one way: `config` and `dataset` (what a task is and reads) <- `task` (documents
+//! Modules depend one way: `config`, `hub` (Hugging Face Hub datasets in the local cache) and
+//! `dataset` (what a task is and reads) <- `task` (documents
 //! to requests) <- `suites` (built-in document builders and their metrics) <- `load`, `score`
 //! (scoring, owned by the task) <- `runner` (scheduling only).
 
@@ -12,7 +13,9 @@ pub mod config;
 pub mod dataset;
 mod error;
 pub mod filters;
+mod format;
 pub mod hooks;
+pub mod hub;
 pub mod lm;
 mod load;
 pub mod metrics;
@@ -30,7 +33,7 @@ mod template;
 mod ter;
 
 pub use config::{Listing, OutputType, Registry, TaskConfig};
-pub use error::{Error, HookFailure, Result};
+pub use error::{Error, HookFailure, Missing, Result};
 pub use hooks::Hooks;
 pub use lm::{
     AnsweringModel, Answers, Contribution, EarlyStopping, GenerateRequest, LanguageModel,
