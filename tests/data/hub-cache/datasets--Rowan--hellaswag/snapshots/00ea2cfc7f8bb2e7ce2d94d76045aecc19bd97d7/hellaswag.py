@@ -1,0 +1,1 @@
+../../blobs/2db0e3a856c62d6b87979d635cd12c7ef5b4c6ae
