@@ -276,6 +276,11 @@ pub(crate) fn load_tasks(
         fewshot_seed,
         pairs: s.pairs,
         hooks: hooks.clone(),
+        gen_kwargs: match &s.gen_kwargs {
+            Some(g) => tasks::config::parse_gen_kwargs(g)
+                .map_err(|e| anyhow::anyhow!("--gen-kwargs: {e}"))?,
+            None => Default::default(),
+        },
     };
     // A task whose Hub dataset is not (all) in the cache downloads it first, unless offline.
     let hub = crate::download::HubSettings::from_env();
@@ -642,6 +647,8 @@ pub struct EvalSettings {
     pub limit: Option<usize>,
     /// Few-shot examples per prompt (overrides each task's `num_fewshot`).
     pub num_fewshot: Option<usize>,
+    /// `--gen-kwargs`: `KEY=VALUE,..` updates of every generation task's `generation_kwargs`.
+    pub gen_kwargs: Option<String>,
     /// CoBBLEr suites: (instruction, model pair) items to compare (0 = all).
     pub pairs: Option<usize>,
     /// Requests per model call (scores do not depend on it).
@@ -772,6 +779,7 @@ pub fn evaluate(start: Start, hooks: &Hooks, progress: &dyn Progress) -> Result<
                 data_dir: abs(&a.data_dir),
                 limit: a.limit,
                 num_fewshot: a.num_fewshot,
+                gen_kwargs: a.gen_kwargs.clone(),
                 pairs: a.pairs,
                 batch_size: a.batch_size,
                 opt_out: a.experts.opt_out.clone(),

@@ -95,6 +95,9 @@ pub struct Settings {
     pub data_dir: String,
     pub limit: Option<usize>,
     pub num_fewshot: Option<usize>,
+    /// `--gen-kwargs`, as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gen_kwargs: Option<String>,
     /// `--pairs`: comparisons drawn by CoBBLEr suites.
     pub pairs: Option<usize>,
     pub batch_size: usize,

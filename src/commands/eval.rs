@@ -34,6 +34,11 @@ pub struct Args {
     /// Few-shot examples per prompt (overrides each task's `num_fewshot`).
     #[arg(long)]
     num_fewshot: Option<usize>,
+    /// Updates every generation task's `generation_kwargs`, as lm_eval's --gen_kwargs does:
+    /// `KEY=VALUE` pairs joined by commas (e.g. `max_gen_toks=64,temperature=0`); recorded in the
+    /// manifest.
+    #[arg(long, value_name = "KEY=VALUE,..")]
+    gen_kwargs: Option<String>,
     /// CoBBLEr suites: compare this many (instruction, model pair) items, drawn deterministically
     /// (overrides the task file's `pairs`; 0 = all).
     #[arg(long)]
@@ -59,7 +64,7 @@ pub struct Args {
     /// computed.
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
         "model", "tasks", "output", "run_id", "shard", "opt_out_sweep", "limit", "num_fewshot",
-        "include_path", "pairs", "batch_size", "data_dir", "fewshot_seed", "opt_out", "experts",
+        "gen_kwargs", "include_path", "pairs", "batch_size", "data_dir", "fewshot_seed", "opt_out", "experts",
         "retrieval", "datastore", "k", "lambda", "temperature", "query_tokens", "ppl_window",
         "ppl_stride",
     ])]
@@ -232,6 +237,7 @@ pub fn run(a: Args, device: engine::Device) -> Result<()> {
             include_paths: a.include_path,
             limit: a.limit,
             num_fewshot: a.num_fewshot,
+            gen_kwargs: a.gen_kwargs.clone(),
             pairs: a.pairs,
             batch_size: a.batch_size,
             data_dir: a.data_dir,

@@ -1,5 +1,5 @@
-//! Static checks of a parsed task: every template compiles and every `!function` resolves to a
-//! definition in its module, without reading data or starting Python (what the conformance test over
+//! Static checks of a parsed task: every template compiles, `filter_list` parses, and every
+//! `!function` resolves to a definition in its module, without reading data or starting Python (what the conformance test over
 //! lm-evaluation-harness's task library runs, and what a user can run before a long evaluation).
 
 use crate::config::{Field, Function, TaskConfig};
@@ -50,6 +50,18 @@ pub fn check(cfg: &TaskConfig) -> Result<()> {
             resolve(f).map_err(|m| err(name, m))?;
         }
     }
+    for m in &cfg.metric_list {
+        for f in m.function.iter().chain(m.aggregation.iter()) {
+            resolve(f).map_err(|msg| err("metric_list", msg))?;
+        }
+    }
+    let pipelines = crate::filters::parse_filter_list(cfg.filter_list.as_ref())
+        .map_err(|e| err("filter_list", e.to_string()))?;
+    for step in pipelines.iter().flat_map(|p| &p.steps) {
+        if let crate::filters::Step::Python(py) = step {
+            resolve(py.function()).map_err(|msg| err("filter_list", msg))?;
+        }
+    }
     Ok(())
 }
 
@@ -75,9 +87,10 @@ pub fn resolve(f: &Function) -> std::result::Result<(), String> {
                     .split(|c: char| !(c.is_alphanumeric() || c == '_'))
                     .any(|w| w == n))
     };
-    // Modules that bind names in a loop (`globals().update({f"process_{s}": partial(...)})`, as
+    // Modules that bind names in a loop (`globals().update(...)`, `globals()[name] = ...`, as
     // lm-eval's per-subject tasks do) can only be resolved by importing them.
-    if text.lines().any(binds) || text.contains("globals().update(") {
+    if text.lines().any(binds) || text.contains("globals().update(") || text.contains("globals()[")
+    {
         Ok(())
     } else {
         Err(format!("{f}: `{n}` is not defined in {}", path.display()))

@@ -87,6 +87,11 @@ pub struct MetricSpec {
     pub higher_is_better: Option<bool>,
     /// `ignore_case`, `ignore_punctuation`, `kind` and other options passed to the metric.
     pub kwargs: Map<String, Value>,
+    /// `metric: !function m.f`: a Python metric, called per document as lm-evaluation-harness calls
+    /// it (`metric` is then the function's name).
+    pub function: Option<Function>,
+    /// `aggregation: !function m.g`: a Python aggregation over the per-document values.
+    pub aggregation: Option<Function>,
 }
 
 /// `generation_kwargs`.
@@ -186,6 +191,8 @@ pub struct FewshotConfig {
     pub doc_to_choice: Option<Field>,
     pub target_delimiter: String,
     pub fewshot_delimiter: String,
+    /// `fewshot_config.gen_prefix`, else the task's.
+    pub gen_prefix: Option<String>,
 }
 
 /// A parsed task file (after `include`s are merged).
@@ -227,6 +234,9 @@ pub struct TaskConfig {
     pub process_docs: Option<Function>,
     /// How few-shot exemplars are drawn and formatted.
     pub fewshot: FewshotConfig,
+    /// `gen_prefix`: a column or template whose text starts the answer (after the question, the
+    /// target delimiter when neither side has whitespace at the join).
+    pub gen_prefix: Option<String>,
     /// `repeats`: answers drawn per request (several only make sense with sampling).
     pub repeats: usize,
     /// `filter_list` as written: named pipelines applied to each document's answers.
@@ -264,9 +274,10 @@ fn parse_generation_kwargs(
 ) -> std::result::Result<GenerationKwargs, String> {
     // The harness hands every key to the model's `generate`, so an ignored one would change what the
     // reference computes without a word: refuse what the engine does not implement.
-    const KNOWN: [&str; 8] = [
+    const KNOWN: [&str; 9] = [
         "until",
         "max_gen_toks",
+        "max_new_tokens",
         "do_sample",
         "temperature",
         "top_p",
@@ -327,7 +338,12 @@ fn parse_generation_kwargs(
         .or_insert_with(|| Value::from(until.clone()));
     Ok(GenerationKwargs {
         until,
-        max_gen_toks: g.get("max_gen_toks").and_then(Value::as_u64).unwrap_or(256) as usize,
+        // transformers' `max_new_tokens`, passed through by the harness, wins over its length budget.
+        max_gen_toks: g
+            .get("max_new_tokens")
+            .or_else(|| g.get("max_gen_toks"))
+            .and_then(Value::as_u64)
+            .unwrap_or(256) as usize,
         do_sample,
         temperature: g.get("temperature").and_then(Value::as_f64).unwrap_or(0.0),
         top_p: g.get("top_p").and_then(Value::as_f64),
@@ -564,7 +580,53 @@ const FEWSHOT_KEYS: &[&str] = &[
     "target_delimiter",
 ];
 
+/// Parses `--gen-kwargs` as lm-evaluation-harness parses `--gen_kwargs`: `key=value` pairs joined
+/// by commas; `true`/`false` (any case) are booleans, integers and floats numbers, anything else text.
+pub fn parse_gen_kwargs(s: &str) -> std::result::Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            format!("`{part}` is not key=value (e.g. max_gen_toks=64,temperature=0)")
+        })?;
+        let v = match v.to_lowercase().as_str() {
+            "true" => Value::Bool(true),
+            "false" => Value::Bool(false),
+            _ => v
+                .parse::<i64>()
+                .map(Value::from)
+                .or_else(|_| v.parse::<f64>().map(Value::from))
+                .unwrap_or_else(|_| Value::from(v)),
+        };
+        out.insert(k.trim().to_string(), v);
+    }
+    Ok(out)
+}
+
 impl TaskConfig {
+    /// Applies `--gen-kwargs` to a generation task, as the harness does: the pairs update its
+    /// `generation_kwargs` (new keys go last). Other tasks are left as they are.
+    pub fn override_generation(&mut self, overrides: &Map<String, Value>) -> Result<()> {
+        if overrides.is_empty() || self.output_type != OutputType::GenerateUntil {
+            return Ok(());
+        }
+        let mut g = self
+            .generation_kwargs
+            .as_ref()
+            .map(|g| g.harness_args.clone())
+            .unwrap_or_default();
+        for (k, v) in overrides {
+            g.insert(k.clone(), v.clone());
+        }
+        let parsed = parse_generation_kwargs(&g, &self.fewshot_delimiter).map_err(|e| {
+            cfg_err(
+                &self.file,
+                format!("task `{}`: --gen-kwargs: {e}", self.name),
+            )
+        })?;
+        self.generation_kwargs = Some(parsed);
+        Ok(())
+    }
+
     /// Parses a task mapping (includes already merged). `data_dir` fills `{data_dir}` placeholders.
     pub fn from_map(m: &Map<String, Value>, file: &Path, data_dir: &Path) -> Result<TaskConfig> {
         let name = opt_str(m, "task", file)?
@@ -595,7 +657,6 @@ impl TaskConfig {
                 "custom_dataset",
                 "a custom dataset callable is not supported",
             ),
-            ("gen_prefix", "`gen_prefix` is not supported yet"),
         ] {
             if set(k) {
                 return Err(file_ctx(format!("`{k}`: {why}")));
@@ -682,8 +743,12 @@ impl TaskConfig {
                         let mut o = e.as_object().cloned().ok_or_else(|| {
                             file_ctx("metric_list entries must be mappings".into())
                         })?;
-                        let metric = match o.remove("metric") {
-                            Some(Value::String(s)) => s,
+                        let (metric, function) = match o.remove("metric") {
+                            Some(Value::String(s)) => (s, None),
+                            Some(v) if Function::from_value(&v).is_some() => {
+                                let f = Function::from_value(&v).expect("checked");
+                                (f.name.clone(), Some(f))
+                            }
                             _ => {
                                 return Err(file_ctx(
                                     "metric_list entry without a `metric` name".into(),
@@ -699,11 +764,21 @@ impl TaskConfig {
                                 )))
                             }
                         };
-                        // The aggregation is the metric's own; a task file may name it, not change it.
-                        match o.remove("aggregation") {
-                            None | Some(Value::Null) => {}
+                        // The aggregation is the metric's own (a task file may name it, not change
+                        // it), or a Python function.
+                        let aggregation = match o.remove("aggregation") {
+                            None | Some(Value::Null) => None,
                             Some(Value::String(a))
-                                if a == crate::metrics::aggregation_of(&metric) => {}
+                                if a == crate::metrics::aggregation_of(&metric)
+                                    || (a == "mean"
+                                        && (function.is_some()
+                                            || m.contains_key("process_results"))) =>
+                            {
+                                None
+                            }
+                            Some(v) if Function::from_value(&v).is_some() => {
+                                Function::from_value(&v)
+                            }
                             Some(a) => {
                                 return Err(file_ctx(format!(
                                     "metric `{metric}`: aggregation {a} is not supported; moeval \
@@ -711,11 +786,13 @@ impl TaskConfig {
                                     crate::metrics::aggregation_of(&metric)
                                 )))
                             }
-                        }
+                        };
                         Ok(MetricSpec {
                             metric,
                             higher_is_better,
                             kwargs: o,
+                            function,
+                            aggregation,
                         })
                     })
                     .collect::<Result<_>>()?
@@ -793,6 +870,7 @@ impl TaskConfig {
             return Err(file_ctx("multiple_choice needs `doc_to_choice`".into()));
         }
         let fewshot_split = opt_str(m, "fewshot_split", file)?;
+        let gen_prefix = opt_str(m, "gen_prefix", file)?;
         let fewshot = {
             let fc = match m.get("fewshot_config") {
                 None | Some(Value::Null) => Map::new(),
@@ -873,6 +951,7 @@ impl TaskConfig {
                     .unwrap_or_else(|| target_delimiter.clone()),
                 fewshot_delimiter: opt_str(&fc, "fewshot_delimiter", file)?
                     .unwrap_or_else(|| fewshot_delimiter.clone()),
+                gen_prefix: opt_str(&fc, "gen_prefix", file)?.or_else(|| gen_prefix.clone()),
             }
         };
         let repeats = match m.get("repeats") {
@@ -925,6 +1004,7 @@ impl TaskConfig {
             process_docs,
             process_results,
             fewshot,
+            gen_prefix,
             repeats,
             filter_list: m.get("filter_list").filter(|v| !v.is_null()).cloned(),
             version,
@@ -950,6 +1030,8 @@ fn default_metrics(t: OutputType) -> Vec<MetricSpec> {
             metric: n.to_string(),
             higher_is_better: None,
             kwargs: Map::new(),
+            function: None,
+            aggregation: None,
         })
         .collect()
 }

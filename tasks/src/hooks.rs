@@ -326,11 +326,13 @@ impl Hooks {
         })
     }
 
-    /// A `filter_fn` of a `function: custom` filter: `f(resps, docs)` over every document's
-    /// responses at once; one filtered entry per document.
+    /// A Python filter over every document's responses at once, one filtered entry per document:
+    /// a `function: custom` filter's `filter_fn(resps, docs)` (`class_kwargs: None`), or a filter
+    /// class as lm-evaluation-harness runs it, `Class(**class_kwargs).apply(resps, docs)`.
     pub fn filter(
         &self,
         f: &Function,
+        class_kwargs: Option<&Map<String, Value>>,
         resps: &[Value],
         docs: &[&Doc],
         site: &Site,
@@ -339,8 +341,15 @@ impl Hooks {
         struct A<'a> {
             resps: &'a [Value],
             docs: &'a [&'a Doc],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            class_kwargs: Option<&'a Map<String, Value>>,
         }
-        let out = self.call("filter", f, A { resps, docs }, resps.len(), site)?;
+        let args = A {
+            resps,
+            docs,
+            class_kwargs,
+        };
+        let out = self.call("filter", f, args, resps.len(), site)?;
         list_of(out, resps.len(), f, site)
     }
 
@@ -803,7 +812,7 @@ def ds_type(ds):
         let resps = vec![json!(["hello world"]), json!(["bye now"])];
         let refs: Vec<&Doc> = docs[..2].iter().collect();
         let out = hooks
-            .filter(&f("first_word"), &resps, &refs, &site("filter", &[]))
+            .filter(&f("first_word"), None, &resps, &refs, &site("filter", &[]))
             .unwrap();
         assert_eq!(out, vec![json!(["hello"]), json!(["bye"])]);
     }

@@ -191,7 +191,12 @@ class Worker:
         return invoke(None, fn, req["items"]), True
 
     def filter(self, fn, req):
-        out = invoke(None, fn, req["resps"], req["docs"])
+        if "class_kwargs" in req:
+            # A filter class (`function: !function m.Class` with keyword arguments).
+            instance = invoke(None, fn, **req["class_kwargs"])
+            out = invoke(None, instance.apply, req["resps"], req["docs"])
+        else:
+            out = invoke(None, fn, req["resps"], req["docs"])
         if not isinstance(out, list):
             out = invoke(None, list, out)
         return out, False

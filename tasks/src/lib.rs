@@ -21,6 +21,7 @@ mod load;
 pub mod metrics;
 pub mod porter;
 pub mod pyrandom;
+mod pyscore;
 mod pytext;
 pub mod result;
 pub mod rouge;

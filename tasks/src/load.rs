@@ -16,7 +16,8 @@ use crate::template;
 
 impl Task {
     /// Reads a task's data and prepares its few-shot pool.
-    pub fn load(config: TaskConfig, opts: &LoadOptions) -> Result<Task> {
+    pub fn load(mut config: TaskConfig, opts: &LoadOptions) -> Result<Task> {
+        config.override_generation(&opts.gen_kwargs)?;
         let cwd = PathBuf::from(".");
         let dir = config
             .file
@@ -24,14 +25,18 @@ impl Task {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| cwd.clone());
         let bases: Vec<&Path> = vec![&cwd, &dir];
-        if let Some(f) = &config.process_results {
-            return Err(Error::Config {
+        // Scoring hooks must resolve before any document is answered.
+        let scoring_hooks = config.process_results.iter().chain(
+            config
+                .metric_list
+                .iter()
+                .flat_map(|m| m.function.iter().chain(m.aggregation.iter())),
+        );
+        for f in scoring_hooks {
+            crate::check::resolve(f).map_err(|msg| Error::Config {
                 file: config.file.clone(),
-                msg: format!(
-                    "task `{}`: `process_results` is Python code ({f}), which moeval cannot run",
-                    config.name
-                ),
-            });
+                msg: format!("task `{}`: {msg}", config.name),
+            })?;
         }
         // `process_docs` runs on each split as it is read, before `limit`, as the harness does.
         let process = |docs: Vec<Doc>, split: &str| -> Result<Vec<Doc>> {
@@ -173,14 +178,13 @@ impl Task {
                 ),
             });
         }
-        if let Some(p) = filters.iter().find(|p| p.needs_python()) {
-            return Err(Error::Config {
-                file: config.file.clone(),
-                msg: format!(
-                    "task `{}`: filter pipeline `{}` runs Python code, which moeval cannot run yet",
-                    config.name, p.name
-                ),
-            });
+        for step in filters.iter().flat_map(|p| &p.steps) {
+            if let crate::filters::Step::Python(py) = step {
+                crate::check::resolve(py.function()).map_err(|msg| Error::Config {
+                    file: config.file.clone(),
+                    msg: format!("task `{}`: filter_list: {msg}", config.name),
+                })?;
+            }
         }
         let mut task = Task {
             filters,

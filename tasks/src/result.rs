@@ -23,6 +23,9 @@ pub struct Sample {
     /// The continuation's (or whole document's) summed log-likelihood.
     pub loglikelihood: Option<f64>,
     pub metrics: Vec<(String, Item)>,
+    /// Per-document values of metrics aggregated in Python (`aggregation: !function`) that are not
+    /// plain numbers, e.g. `(gold, prediction)` pairs for a corpus-level F1.
+    pub python_values: Vec<(String, serde_json::Value)>,
     /// Group attributes (`group_by` / `bias` fields).
     pub attributes: BTreeMap<String, String>,
     /// Per request, in request order, the retrieved documents its answer drew on; empty when no

@@ -294,22 +294,25 @@ pub fn run(
     }
     let mut results = Vec::new();
     for (task, insts) in tasks.iter().zip(&instances) {
-        let mut samples = Vec::with_capacity(insts.len());
-        for inst in insts {
-            let responses: Vec<Response> = inst
-                .requests
-                .iter()
-                .map(|r| match r {
-                    Request::Loglikelihood(q) => {
-                        Response::Loglikelihood(ll_out[ll_idx[q]].expect("every request answered"))
-                    }
-                    Request::Rolling(t) => Response::Rolling(roll_out[roll_idx[t]]),
-                    Request::Generate(g) => {
-                        Response::Generate(gen_out[gen_idx[&gen_key(g)]].clone())
-                    }
-                })
-                .collect();
-            let mut sample = task.score(inst, &responses)?;
+        let responses: Vec<Vec<Response>> = insts
+            .iter()
+            .map(|inst| {
+                inst.requests
+                    .iter()
+                    .map(|r| match r {
+                        Request::Loglikelihood(q) => Response::Loglikelihood(
+                            ll_out[ll_idx[q]].expect("every request answered"),
+                        ),
+                        Request::Rolling(t) => Response::Rolling(roll_out[roll_idx[t]]),
+                        Request::Generate(g) => {
+                            Response::Generate(gen_out[gen_idx[&gen_key(g)]].clone())
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut samples = task.score_all(insts, &responses)?;
+        for (inst, sample) in insts.iter().zip(samples.iter_mut()) {
             let sources: Vec<Sources> = inst
                 .requests
                 .iter()
@@ -325,7 +328,6 @@ pub fn run(
             {
                 sample.sources = sources;
             }
-            samples.push(sample);
         }
         let mut result = task.summarise(samples);
         task.finish(&mut result)?;

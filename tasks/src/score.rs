@@ -43,9 +43,110 @@ impl Task {
             .collect()
     }
 
+    /// The metrics moeval computes itself: all of `metric_list`, unless `process_results` scores
+    /// the documents (in Python), and never a `metric: !function`.
+    pub(crate) fn builtin_metrics(&self) -> impl Iterator<Item = &crate::config::MetricSpec> {
+        let python = self.config.process_results.is_some();
+        self.config
+            .metric_list
+            .iter()
+            .filter(move |m| !python && m.function.is_none())
+    }
+
+    /// A per-sample metric's name: `metric`, or lm-evaluation-harness's `metric,pipeline` for a
+    /// generation task with a `filter_list`.
+    pub(crate) fn metric_name(&self, metric: &str, pipeline: &str) -> String {
+        if self.config.filter_list.is_some() && self.config.output_type == OutputType::GenerateUntil
+        {
+            crate::filters::metric_key(metric, pipeline)
+        } else {
+            metric.to_string()
+        }
+    }
+
     /// Scores one document from its requests' answers, given in request order.
     pub fn score(&self, inst: &Instance, responses: &[Response]) -> Result<Sample> {
-        score_instance(self, inst, responses)
+        let mut v = self.score_all(std::slice::from_ref(inst), &[responses.to_vec()])?;
+        Ok(v.remove(0))
+    }
+
+    /// Scores documents from their answers (`responses[i]` answers `insts[i]`'s requests). Python
+    /// filters, `process_results` and metric functions run once per batch, not per document.
+    pub fn score_all(
+        &self,
+        insts: &[Instance],
+        responses: &[Vec<Response>],
+    ) -> Result<Vec<Sample>> {
+        let filtered = self.filter_all(insts, responses)?;
+        let mut samples = insts
+            .iter()
+            .zip(responses)
+            .zip(filtered)
+            .map(|((i, r), f)| score_instance(self, i, r, f))
+            .collect::<Result<Vec<_>>>()?;
+        crate::pyscore::python_scores(self, insts, responses, &mut samples)?;
+        Ok(samples)
+    }
+
+    /// Each generation's answers through every `filter_list` pipeline, the whole batch at once
+    /// (Python steps in the hook worker): per instance, (pipeline, value) in pipeline order.
+    fn filter_all(
+        &self,
+        insts: &[Instance],
+        responses: &[Vec<Response>],
+    ) -> Result<Vec<Vec<(String, Value)>>> {
+        let mut out = vec![Vec::new(); insts.len()];
+        if self.config.output_type != OutputType::GenerateUntil || insts.is_empty() {
+            return Ok(out);
+        }
+        let outs: Vec<Vec<String>> = responses
+            .iter()
+            .map(|rs| {
+                rs.iter()
+                    .filter_map(|r| match r {
+                        Response::Generate(g) => Some(g.clone()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .collect();
+        let docs: Vec<crate::dataset::Doc> =
+            insts.iter().map(|i| self.docs[i.doc_id].clone()).collect();
+        let ids: Vec<usize> = insts.iter().map(|i| i.doc_id).collect();
+        for p in &self.filters {
+            let mut python = |step: &crate::filters::PythonStep,
+                              state: Vec<Value>,
+                              docs: &[crate::dataset::Doc]|
+             -> std::result::Result<Vec<Value>, String> {
+                let refs: Vec<&crate::dataset::Doc> = docs.iter().collect();
+                let site = crate::hooks::Site {
+                    file: &self.config.file,
+                    task: &self.config.name,
+                    field: "filter_list",
+                    items: crate::hooks::Items::Docs {
+                        label: "doc",
+                        ids: &ids,
+                    },
+                };
+                let kwargs = match step {
+                    crate::filters::PythonStep::Class { kwargs, .. } => Some(kwargs),
+                    crate::filters::PythonStep::Custom { .. } => None,
+                };
+                self.hooks
+                    .filter(step.function(), kwargs, &state, &refs, &site)
+                    .map_err(|e| e.to_string())
+            };
+            let values = p
+                .apply(&outs, &docs, &mut python)
+                .map_err(|e| Error::Config {
+                    file: self.config.file.clone(),
+                    msg: format!("task `{}`: filter_list: {e}", self.config.name),
+                })?;
+            for (slot, v) in out.iter_mut().zip(values) {
+                slot.push((p.name.clone(), v));
+            }
+        }
+        Ok(out)
     }
 
     /// A task's metrics over its samples: each configured metric, its per-group values and the
@@ -58,6 +159,7 @@ impl Task {
     /// correlations). Does nothing for tasks without `suite`; safe to call once per summarised
     /// result.
     pub fn finish(&self, result: &mut TaskResult) -> Result<()> {
+        crate::pyscore::python_aggregates(self, result)?;
         crate::suites::finish(self, result)
     }
 }
@@ -119,7 +221,12 @@ fn gold_indices(task: &Task, inst: &Instance) -> Result<Vec<usize>> {
     }
 }
 
-fn score_instance(task: &Task, inst: &Instance, responses: &[Response]) -> Result<Sample> {
+fn score_instance(
+    task: &Task,
+    inst: &Instance,
+    responses: &[Response],
+    filtered: Vec<(String, Value)>,
+) -> Result<Sample> {
     let cfg = &task.config;
     let mut s = Sample {
         doc_id: inst.doc_id,
@@ -131,6 +238,7 @@ fn score_instance(task: &Task, inst: &Instance, responses: &[Response]) -> Resul
         choice_loglikelihoods: None,
         loglikelihood: None,
         metrics: Vec::new(),
+        python_values: Vec::new(),
         attributes: task.attributes(inst.doc_id),
         sources: Vec::new(),
     };
@@ -160,7 +268,7 @@ fn score_instance(task: &Task, inst: &Instance, responses: &[Response]) -> Resul
             let pred = metrics::argmax(&cond);
             s.prediction = Some(inst.choices[pred].clone());
             s.loglikelihood = Some(cond[gold[0]]);
-            for m in &cfg.metric_list {
+            for m in task.builtin_metrics() {
                 let v = metrics::multiple_choice(
                     &m.metric,
                     &cond,
@@ -184,7 +292,7 @@ fn score_instance(task: &Task, inst: &Instance, responses: &[Response]) -> Resul
             let (l, g) = lls[0];
             s.target = as_text(&inst.target);
             s.loglikelihood = Some(l);
-            for m in &cfg.metric_list {
+            for m in task.builtin_metrics() {
                 let item = match m.metric.as_str() {
                     "perplexity" => Item::Perplexity(l),
                     "acc" => Item::Mean(if g { 1.0 } else { 0.0 }),
@@ -218,7 +326,7 @@ fn score_instance(task: &Task, inst: &Instance, responses: &[Response]) -> Resul
             }
             let bytes = text.len() as f64;
             s.loglikelihood = Some(l);
-            for m in &cfg.metric_list {
+            for m in task.builtin_metrics() {
                 let item = match m.metric.as_str() {
                     "word_perplexity" => Item::WeightedPerplexity(l, words as f64),
                     "byte_perplexity" => Item::WeightedPerplexity(l, bytes),
@@ -255,36 +363,20 @@ fn score_instance(task: &Task, inst: &Instance, responses: &[Response]) -> Resul
                 }
             };
             s.target = golds.join(" | ");
-            let doc = &task.docs[inst.doc_id];
-            for p in &task.filters {
-                let value = p
-                    .apply(
-                        std::slice::from_ref(&outs),
-                        std::slice::from_ref(doc),
-                        &mut crate::filters::no_python,
-                    )
-                    .map_err(|e| doc_err(task, inst.doc_id, "filter_list", e.to_string()))?
-                    .pop()
-                    .unwrap_or(Value::Null);
+            for (pipeline, value) in &filtered {
                 // What the metrics compare: the pipeline's answer as text (lm-eval hands the
                 // metric whatever the pipeline left; after `take_first` that is a string).
-                let answer = match &value {
+                let answer = match value {
                     Value::String(t) => t.clone(),
                     v => as_text(v),
                 };
-                for m in &cfg.metric_list {
+                for m in task.builtin_metrics() {
                     let item = generation_metric(task, m, &answer, &golds)?;
-                    // The default pipeline keeps plain metric names; others are lm-eval's
-                    // `metric,pipeline`.
-                    let name = if cfg.filter_list.is_none() {
-                        m.metric.clone()
-                    } else {
-                        crate::filters::metric_key(&m.metric, &p.name)
-                    };
-                    s.metrics.push((name, item));
+                    s.metrics
+                        .push((task.metric_name(&m.metric, pipeline), item));
                 }
-                s.filtered.push((p.name.clone(), value));
             }
+            s.filtered = filtered;
             s.prediction = outs.into_iter().next();
         }
     }

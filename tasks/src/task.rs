@@ -31,6 +31,8 @@ pub struct LoadOptions {
     /// Runs `!function` hooks (one Python worker, started by the first hook; each task keeps a
     /// clone for scoring-time hooks). The default uses `MOEVAL_PYTHON`, else `python3`.
     pub hooks: Hooks,
+    /// `--gen-kwargs`: updates every generation task's `generation_kwargs`.
+    pub gen_kwargs: serde_json::Map<String, Value>,
 }
 
 impl Default for LoadOptions {
@@ -42,6 +44,7 @@ impl Default for LoadOptions {
             fewshot_seed: 1234,
             pairs: None,
             hooks: Hooks::default(),
+            gen_kwargs: serde_json::Map::new(),
         }
     }
 }
@@ -201,7 +204,11 @@ impl Task {
                     ids: &[doc_id],
                 },
             };
-            return Ok(self.hooks.doc_field(f, &[doc], &site)?.pop().unwrap_or(Value::Null));
+            return Ok(self
+                .hooks
+                .doc_field(f, &[doc], &site)?
+                .pop()
+                .unwrap_or(Value::Null));
         }
         if let Some(v) = index_in(&self.docs, doc).and_then(|i| self.hooked.docs[field].get(i)) {
             return Ok(v.clone());
@@ -270,6 +277,61 @@ impl Task {
     }
 
     fn text_of(&self, field: &Field, doc: &Doc, doc_id: usize) -> Result<String> {
+        match self.text_value(field, doc, doc_id)? {
+            Value::String(s) => Ok(s),
+            v => Err(self.doc_err(
+                doc_id,
+                "doc_to_text",
+                format!("gives {v}, a choice index, here where text is needed"),
+            )),
+        }
+    }
+
+    /// `doc_to_text` as lm-evaluation-harness returns it: text, or a choice index (an integer from
+    /// a column, a function, or a template rendering to digits when `doc_to_choice` is set), which
+    /// makes the task one of several inputs per document (Winogrande).
+    fn text_value(&self, field: &Field, doc: &Doc, doc_id: usize) -> Result<Value> {
+        let indexed = self.config.doc_to_choice.is_some();
+        Ok(Value::String(match field {
+            Field::Template(t) if self.features.contains(t) => match doc.get(t) {
+                Some(v @ Value::Number(_)) if indexed => return Ok(v.clone()),
+                _ => self.text_inner(field, doc, doc_id)?,
+            },
+            Field::Template(t) => {
+                let s = self.render(t, doc, doc_id, "doc_to_text")?;
+                if template::is_py_digits(&s) && indexed {
+                    return s
+                        .parse::<u64>()
+                        .map(Value::from)
+                        .map_err(|e| self.doc_err(doc_id, "doc_to_text", e.to_string()));
+                }
+                s
+            }
+            Field::Function(f) => match self.hook_value(TEXT, f, doc, doc_id)? {
+                Value::String(s) => s,
+                v @ Value::Number(_) if indexed => return Ok(v),
+                v => {
+                    return Err(self.doc_err(
+                        doc_id,
+                        "doc_to_text",
+                        format!("{f} returned {v}, not text or a choice index"),
+                    ))
+                }
+            },
+            _ => self.text_inner(field, doc, doc_id)?,
+        }))
+    }
+
+    /// Whether documents have several inputs (`doc_to_text` gives a choice index; the choices are
+    /// the contexts), judged on the first document as the harness does.
+    pub(crate) fn multiple_input(&self) -> Result<bool> {
+        match self.docs.first() {
+            Some(d) => Ok(self.text_value(&self.config.doc_to_text, d, 0)?.is_number()),
+            None => Ok(false),
+        }
+    }
+
+    fn text_inner(&self, field: &Field, doc: &Doc, doc_id: usize) -> Result<String> {
         match field {
             Field::Template(t) if self.features.contains(t) => match doc.get(t) {
                 Some(Value::String(s)) => Ok(s.clone()),
@@ -398,19 +460,61 @@ impl Task {
     /// Appends one few-shot exemplar, formatted with `fewshot_config`'s fields and delimiters.
     fn exemplar(&self, doc: &Doc, doc_id: usize, out: &mut String) -> Result<()> {
         let fc = &self.config.fewshot;
-        let q = self.text_of(&fc.doc_to_text, doc, doc_id)?;
-        let choices = match &fc.doc_to_choice {
+        let mut choices = match &fc.doc_to_choice {
             Some(f) => self.choices_of(Some(f), doc, doc_id)?,
             None => Vec::new(),
         };
+        let q = match self.text_value(&fc.doc_to_text, doc, doc_id)? {
+            Value::String(q) => q,
+            // Several inputs: the exemplar's text is its right context; its answer the target.
+            v => {
+                let i = v.as_u64().unwrap_or(u64::MAX) as usize;
+                let q = choices.get(i).cloned().ok_or_else(|| {
+                    self.doc_err(
+                        doc_id,
+                        "doc_to_text",
+                        format!("index {v} but {} choices", choices.len()),
+                    )
+                })?;
+                choices.clear();
+                q
+            }
+        };
         let a = self.target_of(&fc.doc_to_target, doc, doc_id)?;
+        let prefix = self.gen_prefix(fc.gen_prefix.as_deref(), doc, doc_id)?;
         out.push_str(&q);
-        if let Some(ans) = self.answer_text(&a, &choices, doc_id)? {
-            out.push_str(&fc.target_delimiter);
-            out.push_str(&ans);
-            out.push_str(&fc.fewshot_delimiter);
+        match (self.answer_text(&a, &choices, doc_id)?, prefix) {
+            (Some(ans), None) => {
+                out.push_str(&fc.target_delimiter);
+                out.push_str(&ans);
+                out.push_str(&fc.fewshot_delimiter);
+            }
+            (Some(ans), Some(p)) => {
+                if requires_delimiter(&q, &p) {
+                    out.push_str(&fc.target_delimiter);
+                }
+                out.push_str(&maybe_delimit(&p, &ans));
+                out.push_str(&fc.fewshot_delimiter);
+            }
+            (None, Some(p)) => {
+                if requires_delimiter(&q, &p) {
+                    out.push_str(&fc.target_delimiter);
+                }
+                out.push_str(&p);
+            }
+            (None, None) => {}
         }
         Ok(())
+    }
+
+    /// `gen_prefix` of a document: a column's value, else the rendered template.
+    fn gen_prefix(&self, field: Option<&str>, doc: &Doc, doc_id: usize) -> Result<Option<String>> {
+        let Some(f) = field else { return Ok(None) };
+        let p = match doc.get(f) {
+            Some(v) => as_text(v),
+            None => self.render(f, doc, doc_id, "gen_prefix")?,
+        };
+        Ok((!p.is_empty()).then_some(p))
     }
 
     /// Builds every document's prompt and requests, in document order. Few-shot exemplars are drawn
@@ -419,6 +523,8 @@ impl Task {
         let mut rnd = PyRandom::new(seed);
         let exclude_self = self.config.fewshot.split == self.config.test_split;
         let n = self.num_fewshot;
+        let multiple_input =
+            self.config.output_type == OutputType::MultipleChoice && self.multiple_input()?;
         let mut out = Vec::with_capacity(self.docs.len());
         // Exemplars are drawn first, so `!function` fields run on all of them in one batch.
         let mut picks = Vec::with_capacity(self.docs.len());
@@ -456,8 +562,19 @@ impl Task {
                     }
                 }
             }
-            ctx.push_str(&self.doc_to_text(doc, doc_id)?);
-            out.push(self.requests(doc, doc_id, ctx)?);
+            let prefix = self.gen_prefix(self.config.gen_prefix.as_deref(), doc, doc_id)?;
+            if !multiple_input {
+                let q = self.doc_to_text(doc, doc_id)?;
+                ctx.push_str(&q);
+                if let Some(p) = &prefix {
+                    // The answer starts with the prefix (lm-eval's assistant turn, as plain text).
+                    if requires_delimiter(&q, p) {
+                        ctx.push_str(&self.config.target_delimiter);
+                    }
+                    ctx.push_str(p);
+                }
+            }
+            out.push(self.requests(doc, doc_id, ctx, multiple_input)?);
         }
         Ok(out)
     }
@@ -529,7 +646,13 @@ impl Task {
         Ok(res)
     }
 
-    fn requests(&self, doc: &Doc, doc_id: usize, ctx: String) -> Result<Instance> {
+    fn requests(
+        &self,
+        doc: &Doc,
+        doc_id: usize,
+        ctx: String,
+        multiple_input: bool,
+    ) -> Result<Instance> {
         let cfg = &self.config;
         let target = self.doc_to_target(doc, doc_id)?;
         let choices = if cfg.doc_to_choice.is_some() {
@@ -544,6 +667,26 @@ impl Task {
             })
         };
         let requests = match cfg.output_type {
+            OutputType::MultipleChoice if multiple_input => {
+                // Several inputs: one context per choice, the target as every continuation.
+                let gold = self.text_value(&cfg.doc_to_text, doc, doc_id)?;
+                let cont = format!("{}{}", cfg.target_delimiter, as_text(&target));
+                let prefix = self.gen_prefix(cfg.gen_prefix.as_deref(), doc, doc_id)?;
+                let r = choices
+                    .iter()
+                    .map(|c| {
+                        let p = prefix.as_deref().unwrap_or("");
+                        ll(&format!("{ctx}{c}{p}"), cont.clone())
+                    })
+                    .collect();
+                return Ok(Instance {
+                    doc_id,
+                    context: ctx,
+                    target: gold,
+                    choices,
+                    requests: r,
+                });
+            }
             OutputType::MultipleChoice => {
                 let mut r: Vec<Request> = choices
                     .iter()
@@ -668,6 +811,30 @@ impl Task {
             .into_iter()
             .filter_map(|f| Some((f.to_string(), as_text(doc.get(f)?))))
             .collect()
+    }
+}
+
+/// lm-evaluation-harness's `requires_delimiter`: neither side has whitespace at the join.
+fn requires_delimiter(prefix: &str, suffix: &str) -> bool {
+    match (prefix.chars().last(), suffix.chars().next()) {
+        (Some(a), Some(b)) => !(crate::pytext::is_space(a) || crate::pytext::is_space(b)),
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+/// lm-evaluation-harness's `maybe_delimit(prefix, suffix, " ")`.
+fn maybe_delimit(prefix: &str, suffix: &str) -> String {
+    if prefix.is_empty() {
+        return suffix.to_string();
+    }
+    if suffix.is_empty() {
+        return prefix.to_string();
+    }
+    if requires_delimiter(prefix, suffix) {
+        format!("{prefix} {suffix}")
+    } else {
+        format!("{prefix}{suffix}")
     }
 }
 

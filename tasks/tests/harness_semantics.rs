@@ -280,7 +280,6 @@ fn unsupported_fields_are_refused_by_name() {
     let base = "dataset_path: json\ntest_split: test\ndoc_to_text: x\ndoc_to_target: y\n";
     for (i, (extra, want)) in [
         ("unsafe_code: true\n", "unsafe_code"),
-        ("gen_prefix: 'Answer:'\n", "gen_prefix"),
         ("doc_to_image: img\n", "doc_to_image"),
         (
             "fewshot_config:\n  sampler: balanced\n",
@@ -378,6 +377,68 @@ fn filter_pipelines_name_metrics_and_keep_answers() {
             ("exact_match,strict-match", Some(0.0)),
             ("exact_match,flexible-extract", Some(0.0)),
             ("exact_match,vote", Some(1.0))
+        ]
+    );
+}
+
+/// `gen_prefix` (a literal on a multiple-choice task, a template on a generation task), and
+/// `max_new_tokens`: expected arguments are lm-evaluation-harness 0.4.13's for the same files
+/// (`build_all_requests`, first three documents).
+#[test]
+fn gen_prefix_matches_the_harness() {
+    let mc: Vec<(String, String)> = load("mc_tiny_gen_prefix")
+        .instances(1234)
+        .unwrap()
+        .iter()
+        .take(3)
+        .map(|i| match &i.requests[0] {
+            Request::Loglikelihood(l) => (l.context.clone(), l.continuation.clone()),
+            r => panic!("{r:?}"),
+        })
+        .collect();
+    let want = [
+        (
+            "Q: Water is A: wet\n\nQ: The sky is A: blue\n\nQ: The sky is A:",
+            " blue",
+        ),
+        (
+            "Q: The sky is A: blue\n\nQ: Cats say A: meow\n\nQ: Fire is A:",
+            " cold",
+        ),
+        (
+            "Q: The sun rises in the A: east\n\nQ: The sky is A: blue\n\nQ: Two plus two is A:",
+            " three",
+        ),
+    ];
+    for (g, w) in mc.iter().zip(want) {
+        assert_eq!((g.0.as_str(), g.1.as_str()), w);
+    }
+    let task = load("gen_tiny_gen_prefix");
+    let gen: Vec<(String, usize)> = task
+        .instances(1234)
+        .unwrap()
+        .iter()
+        .take(3)
+        .map(|i| match &i.requests[0] {
+            Request::Generate(g) => (g.context.clone(), g.max_gen_toks),
+            r => panic!("{r:?}"),
+        })
+        .collect();
+    assert_eq!(
+        gen,
+        [
+            (
+                "Q: Water is \nReply: wet\n\nQ: The sky is\nReply:".to_string(),
+                8
+            ),
+            (
+                "Q: The sky is\nReply: blue\n\nQ: Fire is\nAnswer:".to_string(),
+                8
+            ),
+            (
+                "Q: The sun rises in the\nReply: east\n\nQ: Two plus two is\nAnswer:".to_string(),
+                8
+            ),
         ]
     );
 }
