@@ -179,67 +179,242 @@ impl Item {
     }
 }
 
-/// A metric's value over a task, with its standard error and sample count.
-#[derive(Clone, Debug, PartialEq)]
+/// A metric's value over a task, with its standard error and sample count. NaN is "undefined"
+/// (null in results: no items, no standard error), so two aggregates are equal when each field is
+/// equal or NaN in both.
+#[derive(Clone, Debug)]
 pub struct Aggregate {
     pub value: f64,
     pub stderr: f64,
     pub n: usize,
 }
 
-const BOOTSTRAP_ITERS: usize = 1000;
-const BOOTSTRAP_SEED: u64 = 1234;
+impl PartialEq for Aggregate {
+    fn eq(&self, other: &Self) -> bool {
+        let same = |a: f64, b: f64| a == b || (a.is_nan() && b.is_nan());
+        same(self.value, other.value) && same(self.stderr, other.stderr) && self.n == other.n
+    }
+}
 
-/// Aggregates per-sample items of one metric. Means use the sample standard deviation / sqrt(n);
-/// everything else a seeded bootstrap (1000 resamples), so reruns give the same error bars.
+/// lm-evaluation-harness's default `bootstrap_iters` (`simple_evaluate` and its CLI, which does not
+/// change it): the number of resamples behind a bootstrapped standard error.
+pub const BOOTSTRAP_ITERS: usize = 100_000;
+
+/// The resamples lm-evaluation-harness draws for the corpus translation metrics (`bleu`, `chrf`,
+/// `chrf++`, `ter`): its `_compute_task_aggregations` lowers them to `min(bootstrap_iters, 100)`.
+pub const TRANSLATION_BOOTSTRAP_ITERS: usize = 100;
+
+/// lm-evaluation-harness's chunk size: chunk `i` of its resamples is drawn from `random.Random(i)`.
+const BOOTSTRAP_CHUNK: usize = 1000;
+
+/// Aggregates per-sample items of one metric (in document order) with lm-evaluation-harness
+/// 0.4.13's value and standard error (`_compute_task_aggregations` and `stderr_for_metric`):
+///
+/// - means: sample standard deviation / sqrt(n) (`mean_stderr`);
+/// - `perplexity`: its bootstrap over the log-likelihoods, [`BOOTSTRAP_ITERS`] resamples
+///   ([`bootstrap_stderr`]);
+/// - `bleu` / `chrf` / `ter`: the same bootstrap with [`TRANSLATION_BOOTSTRAP_ITERS`] resamples;
+/// - `weighted_perplexity` (word and byte perplexity) and `bits_per_byte`: no standard error (the
+///   harness reports `N/A`): NaN.
+///
+/// One item, or none, has no standard error either (NaN); no items have no value. Items of one
+/// metric share a kind: mixed kinds give NaN (not a panic).
 pub fn aggregate(items: &[Item]) -> Aggregate {
     let n = items.len();
-    if n == 0 {
-        return Aggregate {
-            value: f64::NAN,
-            stderr: f64::NAN,
-            n,
-        };
+    let nan = Aggregate {
+        value: f64::NAN,
+        stderr: f64::NAN,
+        n,
+    };
+    let Some(first) = items.first() else {
+        return nan;
+    };
+    match first {
+        Item::Mean(_) => {
+            let Some(xs) = collect(items, |i| match i {
+                Item::Mean(v) => Some(*v),
+                _ => None,
+            }) else {
+                return nan;
+            };
+            let (value, stderr) = mean_stderr(&xs);
+            Aggregate { value, stderr, n }
+        }
+        Item::Perplexity(_) => {
+            let Some(lls) = collect(items, |i| match i {
+                Item::Perplexity(l) => Some(*l),
+                _ => None,
+            }) else {
+                return nan;
+            };
+            let value = perplexity(lls.iter().copied(), n);
+            let stderr = if n > 1 {
+                bootstrap_stderr(n, BOOTSTRAP_ITERS, |draws| {
+                    perplexity(draws.map(|i| lls[i]), n)
+                })
+            } else {
+                f64::NAN
+            };
+            Aggregate { value, stderr, n }
+        }
+        Item::WeightedPerplexity(..) | Item::BitsPerByte(..) => {
+            let bpb = matches!(first, Item::BitsPerByte(..));
+            let Some(pairs) = collect(items, |i| match i {
+                Item::WeightedPerplexity(a, b) if !bpb => Some((*a, *b)),
+                Item::BitsPerByte(a, b) if bpb => Some((*a, *b)),
+                _ => None,
+            }) else {
+                return nan;
+            };
+            // `weighted_mean`: sum(a) / sum(b), each summed in order.
+            let a: f64 = pairs.iter().map(|p| p.0).sum();
+            let b: f64 = pairs.iter().map(|p| p.1).sum();
+            let wm = a / b;
+            let value = if bpb {
+                -wm / std::f64::consts::LN_2
+            } else {
+                (-wm).exp()
+            };
+            Aggregate {
+                value,
+                stderr: f64::NAN,
+                n,
+            }
+        }
+        Item::Translation(t, ..) => {
+            if items
+                .iter()
+                .any(|i| !matches!(i, Item::Translation(u, ..) if u == t))
+            {
+                return nan;
+            }
+            translation_aggregate(*t, items)
+        }
     }
-    if items.iter().all(|i| matches!(i, Item::Mean(_))) {
-        let xs: Vec<f64> = items
-            .iter()
-            .filter_map(|i| {
-                if let Item::Mean(v) = i {
-                    Some(*v)
-                } else {
-                    None
-                }
-            })
-            .collect();
-        let (value, stderr) = mean_stderr(&xs);
-        return Aggregate { value, stderr, n };
+}
+
+/// The values `pick` finds in every item, or `None` when some item is of another kind.
+fn collect<T>(items: &[Item], pick: impl Fn(&Item) -> Option<T>) -> Option<Vec<T>> {
+    items.iter().map(pick).collect()
+}
+
+/// lm-evaluation-harness's `perplexity` aggregation of `n` log-likelihoods: `exp(-mean)`, the mean
+/// summed in order as Python's `sum` does.
+fn perplexity(lls: impl Iterator<Item = f64>, n: usize) -> f64 {
+    let mut s = 0.0;
+    for l in lls {
+        s += l;
     }
-    let mut rnd = PyRandom::new(BOOTSTRAP_SEED);
-    let mut stats = Vec::with_capacity(BOOTSTRAP_ITERS);
+    (-(s / n as f64)).exp()
+}
+
+/// BLEU / chrF / TER over translation items of one metric, with lm-evaluation-harness's bootstrap
+/// of the corpus score.
+fn translation_aggregate(t: Translation, items: &[Item]) -> Aggregate {
+    let n = items.len();
+    let stderr_of = |stat: &(dyn Fn(&mut Draws) -> f64 + Sync)| {
+        if n > 1 {
+            bootstrap_stderr(n, TRANSLATION_BOOTSTRAP_ITERS, stat)
+        } else {
+            f64::NAN
+        }
+    };
     if let Some((t, seg)) = translation_stats(items) {
         // Each segment is scored once; a resample sums its segments' statistics, which is what
         // rescoring the resampled corpus computes (same draws, same order, same numbers).
         let all: Vec<&SegmentStats> = seg.iter().collect();
         let value = t.score_stats(&all);
-        let mut resample = Vec::with_capacity(n);
-        for _ in 0..BOOTSTRAP_ITERS {
-            resample.clear();
-            resample.extend((0..n).map(|_| &seg[rnd.randbelow(n)]));
-            stats.push(t.score_stats(&resample));
-        }
-        let stderr = if n > 1 { sample_std(&stats) } else { f64::NAN };
+        let stderr = stderr_of(&|draws: &mut Draws| {
+            let resample: Vec<&SegmentStats> = draws.map(|i| &seg[i]).collect();
+            t.score_stats(&resample)
+        });
         return Aggregate { value, stderr, n };
     }
-    let value = corpus(items);
-    let mut resample = Vec::with_capacity(n);
-    for _ in 0..BOOTSTRAP_ITERS {
-        resample.clear();
-        resample.extend((0..n).map(|_| items[rnd.randbelow(n)].clone()));
-        stats.push(corpus(&resample));
-    }
-    let stderr = if n > 1 { sample_std(&stats) } else { f64::NAN };
+    // Documents with differing reference counts: a resample's reference streams depend on which
+    // documents it drew, so each resample is rescored.
+    let all: Vec<&Item> = items.iter().collect();
+    let value = translation_corpus(t, &all);
+    let stderr = stderr_of(&|draws: &mut Draws| {
+        let resample: Vec<&Item> = draws.map(|i| &items[i]).collect();
+        translation_corpus(t, &resample)
+    });
     Aggregate { value, stderr, n }
+}
+
+/// The corpus score of translation items (rescored from their texts).
+fn translation_corpus(t: Translation, items: &[&Item]) -> f64 {
+    let (mut preds, mut refs) = (Vec::new(), Vec::new());
+    for i in items {
+        if let Item::Translation(_, p, r) = i {
+            preds.push(p.as_str());
+            refs.push(r.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+    }
+    t.corpus(&preds, &refs)
+}
+
+/// The indices of one resample of `n` items: CPython's `Random.choices(xs, k=n)` without weights
+/// draws `floor(random() * n)` for each of the `n`, in order.
+pub struct Draws<'a> {
+    rnd: &'a mut PyRandom,
+    n: usize,
+    left: usize,
+}
+
+impl Iterator for Draws<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        // `random() * n` is below n, so truncation is `floor` and the index is in range.
+        Some((self.rnd.random() * self.n as f64) as usize)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+/// lm-evaluation-harness 0.4.13's `bootstrap_stderr(f, xs, iters)` for `n` items: `iters / c`
+/// chunks of `c = min(1000, iters)` resamples, chunk `i` drawn with `random.Random(i).choices(xs,
+/// k=n)`; `stat` computes the statistic of one resample from its draws; the result is the sample
+/// standard deviation of all the statistics, in chunk order. NaN when `n == 0` or there are fewer
+/// than two resamples.
+///
+/// Chunks are independent, so they run in parallel; the statistics are gathered in chunk order, so
+/// the result does not depend on the number of threads.
+pub fn bootstrap_stderr<F>(n: usize, iters: usize, stat: F) -> f64
+where
+    F: Fn(&mut Draws) -> f64 + Sync,
+{
+    let chunk = iters.min(BOOTSTRAP_CHUNK);
+    if n == 0 || chunk == 0 {
+        return f64::NAN;
+    }
+    use rayon::prelude::*;
+    let stats: Vec<Vec<f64>> = (0..iters / chunk)
+        .into_par_iter()
+        .map(|i| {
+            let mut rnd = PyRandom::new(i as u64);
+            (0..chunk)
+                .map(|_| {
+                    stat(&mut Draws {
+                        rnd: &mut rnd,
+                        n,
+                        left: n,
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    let stats = stats.concat();
+    if stats.len() < 2 {
+        return f64::NAN;
+    }
+    sample_std(&stats)
 }
 
 /// Mean and its standard error (sample standard deviation / sqrt(n); NaN for one sample).
@@ -254,54 +429,11 @@ pub fn mean_stderr(xs: &[f64]) -> (f64, f64) {
     (mean, se)
 }
 
+/// lm-evaluation-harness's `sample_stddev`: sums in order, divided by n - 1.
 fn sample_std(xs: &[f64]) -> f64 {
     let n = xs.len() as f64;
     let m = xs.iter().sum::<f64>() / n;
-    (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
-}
-
-fn corpus(items: &[Item]) -> f64 {
-    match items.first() {
-        Some(Item::Perplexity(_)) => {
-            let s: f64 = items
-                .iter()
-                .map(|i| if let Item::Perplexity(l) = i { *l } else { 0.0 })
-                .sum();
-            (-s / items.len() as f64).exp()
-        }
-        Some(Item::WeightedPerplexity(..)) | Some(Item::BitsPerByte(..)) => {
-            let (mut a, mut b) = (0.0, 0.0);
-            for i in items {
-                if let Item::WeightedPerplexity(x, y) | Item::BitsPerByte(x, y) = i {
-                    a += x;
-                    b += y;
-                }
-            }
-            if matches!(items[0], Item::BitsPerByte(..)) {
-                -a / b / std::f64::consts::LN_2
-            } else {
-                (-a / b).exp()
-            }
-        }
-        Some(Item::Translation(t, ..)) => {
-            let (mut preds, mut refs) = (Vec::new(), Vec::new());
-            for i in items {
-                if let Item::Translation(_, p, r) = i {
-                    preds.push(p.as_str());
-                    refs.push(r.iter().map(String::as_str).collect::<Vec<_>>());
-                }
-            }
-            t.corpus(&preds, &refs)
-        }
-        Some(Item::Mean(_)) => {
-            items
-                .iter()
-                .map(|i| if let Item::Mean(v) = i { *v } else { 0.0 })
-                .sum::<f64>()
-                / items.len() as f64
-        }
-        None => f64::NAN,
-    }
+    (xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0)).sqrt()
 }
 
 /// Index of the first maximum (numpy's `argmax`).
@@ -457,17 +589,14 @@ pub fn corpus_bleu(pairs: &[(&str, &str)]) -> f64 {
 mod tests {
     use super::*;
 
-    /// The slow way: rescore every resampled corpus.
-    fn rescored(items: &[Item]) -> (f64, f64) {
-        let n = items.len();
-        let mut rnd = PyRandom::new(BOOTSTRAP_SEED);
-        let stats: Vec<f64> = (0..BOOTSTRAP_ITERS)
-            .map(|_| {
-                let r: Vec<Item> = (0..n).map(|_| items[rnd.randbelow(n)].clone()).collect();
-                corpus(&r)
-            })
-            .collect();
-        (corpus(items), sample_std(&stats))
+    /// The slow way: rescore every resampled corpus (the same lm-eval draws).
+    fn rescored(t: Translation, items: &[Item]) -> (f64, f64) {
+        let all: Vec<&Item> = items.iter().collect();
+        let se = bootstrap_stderr(items.len(), TRANSLATION_BOOTSTRAP_ITERS, |d| {
+            let r: Vec<&Item> = d.map(|i| &items[i]).collect();
+            translation_corpus(t, &r)
+        });
+        (translation_corpus(t, &all), se)
     }
 
     /// Bootstraps `n` segments per metric both ways; returns (metric, seconds fast, seconds slow).
@@ -505,7 +634,7 @@ mod tests {
             let fast = aggregate(&items);
             let fast_s = start.elapsed().as_secs_f64();
             let start = std::time::Instant::now();
-            let (value, stderr) = rescored(&items);
+            let (value, stderr) = rescored(t, &items);
             let slow_s = start.elapsed().as_secs_f64();
             assert_eq!((fast.value, fast.stderr), (value, stderr), "{t:?}");
             out.push((t, fast_s, slow_s));
@@ -519,12 +648,25 @@ mod tests {
     }
 
     /// `cargo test --release -p tasks --lib bootstrap_timing -- --ignored --nocapture`
+    /// (`RAYON_NUM_THREADS=1` for one thread).
     #[test]
     #[ignore = "timing: run by hand in release"]
     fn bootstrap_timing() {
+        let lls: Vec<Item> = (0..1000)
+            .map(|i| Item::Perplexity(-((i * 7919 % 1009) as f64) / 97.3))
+            .collect();
+        let start = std::time::Instant::now();
+        let a = aggregate(&lls);
+        println!(
+            "perplexity, 1000 items, {BOOTSTRAP_ITERS} resamples: {:.3}s ({} threads), stderr {}",
+            start.elapsed().as_secs_f64(),
+            rayon::current_num_threads(),
+            a.stderr
+        );
         for (t, fast, slow) in compare_bootstraps(300) {
             println!(
-                "{t:?}, 300 segments: bootstrap over statistics {fast:.3}s, rescoring {slow:.3}s"
+                "{t:?}, 300 segments, {TRANSLATION_BOOTSTRAP_ITERS} resamples: over statistics \
+                 {fast:.3}s, rescoring {slow:.3}s"
             );
         }
     }
@@ -575,12 +717,47 @@ mod tests {
     }
 
     #[test]
-    fn bootstrap_is_seeded() {
+    fn draws_are_cpythons_choices() {
+        // random.Random(0).choices(range(10), k=10); random.Random(99).choices(range(7), k=7);
+        // random.Random(2).choices(range(1000), k=5)
+        for (seed, n, k, want) in [
+            (0, 10, 10, vec![8, 7, 4, 2, 5, 4, 7, 3, 4, 5]),
+            (99, 7, 7, vec![2, 1, 1, 1, 5, 1, 2]),
+            (2, 1000, 5, vec![956, 947, 56, 84, 835]),
+        ] {
+            let mut rnd = PyRandom::new(seed);
+            let d = Draws {
+                rnd: &mut rnd,
+                n,
+                left: k,
+            };
+            assert_eq!(d.collect::<Vec<_>>(), want, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn bootstrap_is_deterministic_and_lm_evals_kinds() {
         let items: Vec<Item> = (0..20)
             .map(|i| Item::Perplexity(-(i as f64) / 10.0))
             .collect();
         let a = aggregate(&items);
         assert_eq!(a, aggregate(&items));
         assert!(a.stderr > 0.0 && a.value > 1.0);
+        // lm-eval reports no standard error for weighted perplexities and bits per byte, nor for
+        // a single item.
+        let w = aggregate(&[
+            Item::WeightedPerplexity(-3.0, 2.0),
+            Item::WeightedPerplexity(-5.0, 4.0),
+        ]);
+        assert!((w.value - 8f64.exp().powf(1.0 / 6.0)).abs() < 1e-12 && w.stderr.is_nan());
+        let b = aggregate(&[Item::BitsPerByte(-1.0, 2.0), Item::BitsPerByte(-3.0, 2.0)]);
+        assert!((b.value - 1.0 / std::f64::consts::LN_2).abs() < 1e-12 && b.stderr.is_nan());
+        assert!(aggregate(&[Item::Perplexity(-1.0)]).stderr.is_nan());
+        // Undefined equals undefined: reruns compare equal.
+        assert_eq!(w, w.clone());
+        // Mixed kinds are not one metric's items.
+        assert!(aggregate(&[Item::Mean(1.0), Item::Perplexity(-1.0)])
+            .value
+            .is_nan());
     }
 }
