@@ -22,23 +22,13 @@ impl Task {
     /// The per-sample metric names, in order: `metric_list`'s, or, for a generation task with a
     /// `filter_list`, `metric,pipeline` for each pipeline (lm-evaluation-harness's names).
     pub fn metric_names(&self) -> Vec<String> {
-        let filtered = self.config.output_type == OutputType::GenerateUntil
-            && self.config.filter_list.is_some();
-        if !filtered {
-            return self
-                .config
-                .metric_list
-                .iter()
-                .map(|m| m.metric.clone())
-                .collect();
-        }
         self.filters
             .iter()
             .flat_map(|p| {
                 self.config
                     .metric_list
                     .iter()
-                    .map(|m| crate::filters::metric_key(&m.metric, &p.name))
+                    .map(|m| self.metric_name(&m.metric, &p.name))
             })
             .collect()
     }

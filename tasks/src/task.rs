@@ -331,23 +331,22 @@ impl Task {
         }
     }
 
+    /// A column's text, or the error for a field that cannot give text ([`Task::text_value`]
+    /// handles templates and functions itself).
     fn text_inner(&self, field: &Field, doc: &Doc, doc_id: usize) -> Result<String> {
         match field {
-            Field::Template(t) if self.features.contains(t) => match doc.get(t) {
+            Field::Template(t) => match doc.get(t) {
                 Some(Value::String(s)) => Ok(s.clone()),
-                Some(v) => Err(self.doc_err(doc_id, "doc_to_text", format!("column `{t}` is {v}, not text (several inputs per document are not supported)"))),
-                None => Err(self.doc_err(doc_id, "doc_to_text", format!("document has no column `{t}`"))),
-            },
-            Field::Template(t) => {
-                let s = self.render(t, doc, doc_id, "doc_to_text")?;
-                if template::is_py_digits(&s) && self.config.doc_to_choice.is_some() {
-                    return Err(self.doc_err(doc_id, "doc_to_text", "renders to a choice index (several inputs per document are not supported)"));
-                }
-                Ok(s)
-            }
-            Field::Function(f) => match self.hook_value(TEXT, f, doc, doc_id)? {
-                Value::String(s) => Ok(s),
-                v => Err(self.doc_err(doc_id, "doc_to_text", format!("{f} returned {v}, not text (several inputs per document are not supported)"))),
+                Some(v) => Err(self.doc_err(
+                    doc_id,
+                    "doc_to_text",
+                    format!("column `{t}` is {v}, not text"),
+                )),
+                None => Err(self.doc_err(
+                    doc_id,
+                    "doc_to_text",
+                    format!("document has no column `{t}`"),
+                )),
             },
             _ => Err(self.doc_err(doc_id, "doc_to_text", "must be a column name or a template")),
         }
