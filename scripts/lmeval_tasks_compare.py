@@ -19,6 +19,7 @@ document, request or metric), 2 when moeval fails.
   cargo build --release
   python3 scripts/lmeval_tasks_compare.py                      # needs pyarrow (e.g. /tmp/moeval-ci-venv)
   python3 scripts/lmeval_tasks_compare.py --time-lmeval        # also re-time lm-eval side by side
+  python3 scripts/lmeval_tasks_compare.py --time-lmeval --repeat 5   # medians of 5 runs each
   python3 scripts/lmeval_tasks_compare.py --run-dir OUT/parity # compare an existing moeval run
   python3 scripts/lmeval_tasks_compare.py --self-test          # check this script (no moeval needed)
 
@@ -256,8 +257,13 @@ def time_lmeval(a, reference):
                HF_DATASETS_CACHE=os.path.join(work, "datasets-cache"), OMP_NUM_THREADS=str(a.threads),
                TOKENIZERS_PARALLELISM="false")
     mk.run_lmeval(cmd, farm, env)  # fills the datasets cache, as the reference's timing runs had it
-    dt, cpu, _ = mk.run_lmeval(cmd[:-1] + [os.path.join(work, "out2")], farm, env)
-    return dt, cpu
+    runs = [mk.run_lmeval(cmd[:-1] + [os.path.join(work, f"out{i + 2}")], farm, env)[:2] for i in range(a.repeat)]
+    return median_run(runs)
+
+
+def median_run(runs):
+    """The (wall, cpu) pair of the run with the median wall time."""
+    return sorted(runs)[len(runs) // 2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +342,8 @@ def main():
     ap.add_argument("--no-gen-kwargs", action="store_true", help="do not pass the reference's gen_kwargs to moeval")
     ap.add_argument("--moeval-arg", action="append", default=[], help="extra argument for `moeval eval` (repeatable)")
     ap.add_argument("--time-lmeval", action="store_true", help="re-time lm-eval now instead of the recorded time")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="time each side this many times and take the median (lm-eval after one warm-up run)")
     ap.add_argument("--min-speedup", type=float, default=0.0, help="also fail when lm-eval time / moeval time is below")
     ap.add_argument("--self-test", action="store_true")
     ap.add_argument("--max-diffs", type=int, default=40)
@@ -354,6 +362,11 @@ def main():
             a.include_path = lmeval_tasks_folder(py)
         a.moeval = os.path.abspath(a.moeval)
         run_dir, moeval_s, moeval_cpu = run_moeval(a, reference, tempfile.mkdtemp(prefix="moeval-parity-"))
+        if a.repeat > 1:
+            runs = [(moeval_s, moeval_cpu)]
+            runs += [run_moeval(a, reference, tempfile.mkdtemp(prefix="moeval-parity-"))[1:] for _ in range(a.repeat - 1)]
+            print("moeval wall times: " + ", ".join(f"{w:.2f}s" for w, _ in runs), file=sys.stderr)
+            moeval_s, moeval_cpu = median_run(runs)
     samples, metrics = read_moeval_run(run_dir)
     table, diffs = compare(reference, samples, metrics, a.tol)
     print_table(table)
@@ -371,7 +384,7 @@ def main():
               "moeval_cpu_s": None if moeval_cpu is None else round(moeval_cpu, 2),
               "speedup": None if not moeval_s else round(lmeval_s / moeval_s, 1),
               "cpu_speedup": None if not (moeval_cpu and lmeval_cpu) else round(lmeval_cpu / moeval_cpu, 1),
-              "threads": a.threads}
+              "threads": a.threads, "repeat": a.repeat}
     print(json.dumps({"differences": len(diffs), **timing}))
     slow = a.min_speedup and timing["speedup"] is not None and timing["speedup"] < a.min_speedup
     sys.exit(1 if diffs or slow else 0)

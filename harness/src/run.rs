@@ -7,6 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, ensure, Context, Result};
 use durable::fault;
 use engine::{ExpertMask, Model};
+use rayon::prelude::*;
 use reports::cache::{scope_name, CachedLm, RequestCache};
 use reports::fsutil::{sha256_file, sha256_hex, utc_now};
 use reports::manifest::{
@@ -282,15 +283,41 @@ pub(crate) fn load_tasks(
             None => Default::default(),
         },
     };
-    // A task whose Hub dataset is not (all) in the cache downloads it first, unless offline.
+    let configs = names
+        .iter()
+        .map(|n| registry.task_config(n, &data_dir))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Python's start-up and the hooks' imports run in the background while the data loads.
+    let mut functions = Vec::new();
+    for cfg in &configs {
+        functions.extend(
+            tasks::check::hook_functions(cfg)?
+                .into_iter()
+                .map(|(_, f)| f),
+        );
+    }
+    let datasets = configs
+        .iter()
+        .any(|c| c.process_docs.is_some() || c.fewshot.process_docs.is_some());
+    hooks.warm(&functions.iter().collect::<Vec<_>>(), datasets);
+    let loaded: Vec<_> = configs
+        .par_iter()
+        .map(|cfg| Task::load(cfg.clone(), &load))
+        .collect();
+    // A task whose Hub dataset is not (all) in the cache downloads it (one at a time), unless offline.
     let hub = crate::download::HubSettings::from_env();
     let mut on_file = |repo: &str, file: &str| eprintln!("downloading dataset {repo}: {file}");
-    let tasks = names
-        .iter()
-        .map(|n| {
-            let cfg = registry.task_config(n, &data_dir)?;
-            crate::download::load_task(&cfg, &load, &hub, &mut on_file)
-                .with_context(|| format!("cannot load task `{n}`"))
+    let tasks = loaded
+        .into_iter()
+        .zip(&configs)
+        .map(|(task, cfg)| {
+            match task {
+                Err(tasks::Error::HubMissing(_)) if !tasks::hub::offline() => {
+                    crate::download::load_task(cfg, &load, &hub, &mut on_file)
+                }
+                r => Ok(r?),
+            }
+            .with_context(|| format!("cannot load task `{}`", cfg.name))
         })
         .collect::<Result<_>>()?;
     Ok((registry, tasks))

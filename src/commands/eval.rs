@@ -272,12 +272,20 @@ pub fn run(a: Args, device: engine::Device) -> Result<()> {
     let h = hooks.stats();
     if h.calls > 0 {
         eprintln!(
-            "Python hooks ({}): {} calls over {} items in {:.2}s ({:.3} ms per item)",
+            "Python hooks ({}): {} calls over {} items in {:.2}s ({:.3} ms per item){}",
             hooks.python().display(),
             h.calls,
             h.items,
             h.seconds,
-            1e3 * h.seconds / h.items.max(1) as f64
+            1e3 * h.seconds / h.items.max(1) as f64,
+            if h.warm_seconds > 0.0 {
+                format!(
+                    "; start-up and imports {:.2}s, while data loaded",
+                    h.warm_seconds
+                )
+            } else {
+                String::new()
+            }
         );
     }
     Ok(())

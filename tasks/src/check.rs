@@ -13,7 +13,25 @@ pub fn check(cfg: &TaskConfig) -> Result<()> {
         file: cfg.file.clone(),
         msg: format!("task `{}`, field `{field}`: {msg}", cfg.name),
     };
-    let fields = [
+    for (name, f) in document_fields(cfg) {
+        if let Some(Field::Template(t)) = f {
+            env.template_from_str(t)
+                .map_err(|e| err(name, format!("template does not compile: {e}")))?;
+        }
+    }
+    if let Some(d) = &cfg.description {
+        env.template_from_str(d)
+            .map_err(|e| err("description", format!("template does not compile: {e}")))?;
+    }
+    for (name, f) in hook_functions(cfg)? {
+        resolve(&f).map_err(|m| err(name, m))?;
+    }
+    Ok(())
+}
+
+/// The fields that hold a template or a hook, with their names.
+fn document_fields(cfg: &TaskConfig) -> [(&'static str, Option<&Field>); 6] {
+    [
         ("doc_to_text", Some(&cfg.doc_to_text)),
         ("doc_to_target", Some(&cfg.doc_to_target)),
         ("doc_to_choice", cfg.doc_to_choice.as_ref()),
@@ -26,43 +44,44 @@ pub fn check(cfg: &TaskConfig) -> Result<()> {
             "fewshot_config.doc_to_choice",
             cfg.fewshot.doc_to_choice.as_ref(),
         ),
-    ];
-    for (name, f) in fields {
-        match f {
-            Some(Field::Template(t)) => {
-                env.template_from_str(t)
-                    .map_err(|e| err(name, format!("template does not compile: {e}")))?;
-            }
-            Some(Field::Function(f)) => resolve(f).map_err(|m| err(name, m))?,
-            _ => {}
+    ]
+}
+
+/// Every `!function` hook `cfg` names, with the field naming it: the document fields,
+/// `process_docs`, `process_results`, `metric_list` and `filter_list`'s Python steps.
+pub fn hook_functions(cfg: &TaskConfig) -> Result<Vec<(&'static str, Function)>> {
+    let mut out = Vec::new();
+    for (name, f) in document_fields(cfg) {
+        if let Some(Field::Function(f)) = f {
+            out.push((name, f.clone()));
         }
-    }
-    if let Some(d) = &cfg.description {
-        env.template_from_str(d)
-            .map_err(|e| err("description", format!("template does not compile: {e}")))?;
     }
     for (name, f) in [
         ("process_docs", &cfg.process_docs),
         ("process_results", &cfg.process_results),
         ("fewshot_config.process_docs", &cfg.fewshot.process_docs),
     ] {
-        if let Some(f) = f {
-            resolve(f).map_err(|m| err(name, m))?;
-        }
+        out.extend(f.iter().map(|f| (name, f.clone())));
     }
     for m in &cfg.metric_list {
-        for f in m.function.iter().chain(m.aggregation.iter()) {
-            resolve(f).map_err(|msg| err("metric_list", msg))?;
-        }
+        out.extend(
+            m.function
+                .iter()
+                .chain(&m.aggregation)
+                .map(|f| ("metric_list", f.clone())),
+        );
     }
-    let pipelines = crate::filters::parse_filter_list(cfg.filter_list.as_ref())
-        .map_err(|e| err("filter_list", e.to_string()))?;
+    let pipelines =
+        crate::filters::parse_filter_list(cfg.filter_list.as_ref()).map_err(|e| Error::Config {
+            file: cfg.file.clone(),
+            msg: format!("task `{}`, field `filter_list`: {e}", cfg.name),
+        })?;
     for step in pipelines.iter().flat_map(|p| &p.steps) {
         if let crate::filters::Step::Python(py) = step {
-            resolve(py.function()).map_err(|msg| err("filter_list", msg))?;
+            out.push(("filter_list", py.function().clone()));
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// `Ok` when `f`'s module file exists and binds `f.name` at top level (a `def`, `class`, assignment

@@ -3,8 +3,9 @@
 //! run in one long-lived Python worker per [`Hooks`] handle.
 //!
 //! Invariants:
-//! - Python starts the first time a hook is called, never before, so everything without hooks runs
-//!   with no Python installed.
+//! - Python starts only for tasks that have hooks: when [`Hooks::warm`] is given their functions
+//!   (in the background, while data and the model load) or at the first hook call, so everything
+//!   without hooks runs with no Python installed.
 //! - One worker per handle (clones share it): each module is imported once, and each call is one
 //!   request and one reply however many documents it carries, so a document costs microseconds of
 //!   transport, not a process.
@@ -69,8 +70,10 @@ pub struct HookStats {
     pub calls: usize,
     /// Items (documents, pairs, values) those calls carried.
     pub items: usize,
-    /// Wall time of those calls, worker start-up included.
+    /// Wall time of those calls (worker start-up included when no [`Hooks::warm`] did it).
     pub seconds: f64,
+    /// Wall time of [`Hooks::warm`]'s background start-up and imports, which overlaps loading.
+    pub warm_seconds: f64,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -219,6 +222,53 @@ impl Hooks {
         *lock(&self.inner.stats)
     }
 
+    /// Starts the worker in the background and imports the modules of `functions` (and `datasets`
+    /// when `datasets`: `process_docs` hooks get a `datasets.Dataset`), so Python's start-up and
+    /// imports overlap with loading data and the model. Hook calls wait for it; a failure is left
+    /// to the first call that needs the module, which reports it as usual. Does nothing when
+    /// `functions` is empty.
+    pub fn warm(&self, functions: &[&Function], datasets: bool) {
+        #[derive(Serialize)]
+        struct Preload {
+            op: &'static str,
+            /// `[module name, file]` pairs, each file once.
+            modules: Vec<(String, String)>,
+            datasets: bool,
+        }
+        if functions.is_empty() {
+            return;
+        }
+        let mut modules: Vec<(String, String)> = functions
+            .iter()
+            .map(|f| (f.module.clone(), f.file().to_string_lossy().into_owned()))
+            .collect();
+        modules.sort_by(|a, b| a.1.cmp(&b.1));
+        modules.dedup_by(|a, b| a.1 == b.1);
+        let req = Preload {
+            op: "preload",
+            modules,
+            datasets,
+        };
+        let hooks = self.clone();
+        std::thread::spawn(move || {
+            let mut slot = lock(&hooks.inner.worker);
+            let t0 = Instant::now();
+            if slot.is_none() {
+                match hooks.start() {
+                    Ok(w) => *slot = Some(w),
+                    Err(_) => return, // the first call starts it again and says why
+                }
+            }
+            if let Some(w) = slot.as_mut() {
+                if w.exchange(&req).is_err() {
+                    slot.take().map(Worker::end);
+                }
+            }
+            drop(slot);
+            lock(&hooks.inner.stats).warm_seconds += t0.elapsed().as_secs_f64();
+        });
+    }
+
     /// `process_docs` on one split: the worker builds `datasets.Dataset.from_list(docs)`, calls the
     /// hook and returns its rows (`Dataset.to_list()`, or the list it returned).
     pub fn process_docs(&self, f: &Function, docs: &[Doc], site: &Site) -> Result<Vec<Doc>> {
@@ -362,7 +412,6 @@ impl Hooks {
         items: usize,
         site: &Site,
     ) -> Result<Value> {
-        let t0 = Instant::now();
         let req = Request {
             op,
             file: f.file().to_string_lossy().into_owned(),
@@ -371,6 +420,8 @@ impl Hooks {
             args,
         };
         let mut slot = lock(&self.inner.worker);
+        // Timed from here: waiting for a background start-up is counted by `warm_seconds`.
+        let t0 = Instant::now();
         let worker = match &mut *slot {
             Some(w) => w,
             empty => empty.insert(self.start().map_err(|m| site.error(f, None, items, m))?),
@@ -527,7 +578,7 @@ struct Worker {
 impl Worker {
     /// Writes a request line and reads the reply line; `Err` says what went wrong with the worker
     /// (not with the hook).
-    fn exchange<A: Serialize>(&mut self, req: &Request<A>) -> std::result::Result<Reply, String> {
+    fn exchange(&mut self, req: &impl Serialize) -> std::result::Result<Reply, String> {
         let Some(w) = self.stdin.as_mut() else {
             return Err("was shut down".into());
         };

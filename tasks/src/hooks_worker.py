@@ -7,9 +7,13 @@ stderr, so it cannot corrupt the replies. A request carries a whole batch of ite
 `{"ok": [...]}` or `{"error": {...}}` naming the failing item's index and the traceback.
 
 Modules are imported as lm-evaluation-harness imports them (`spec_from_file_location` on the file,
-module name = its stem), once per file for the worker's lifetime.
+module name = its stem), once per file for the worker's lifetime, with one difference that changes
+no result: see `DeferredImports`.
 """
 
+import ast
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import json
 import math
@@ -101,31 +105,109 @@ def encode(items, scores):
     return json.dumps(out, allow_nan=False)
 
 
+class DeferredImports(importlib.abc.MetaPathFinder):
+    """Defers the hook file's own top-level imports of packages until the hook first uses them.
+
+    Task files import heavy packages for functions a run may never call (truthfulqa's utils loads
+    sacrebleu and rouge_score, 1.6 s, for its generation metrics; the mc2 task needs numpy only).
+    While a hook file's body runs, a module it names in a plain top-level `import X` (or `from P
+    import submodule`) and uses later in the file is bound to a module object whose body runs on
+    its first attribute access (importlib's LazyLoader). What stays eager, so nothing observable
+    changes: imports inside `try` / `if` / functions (their failures must happen where the file
+    catches them), modules the file never names again (imported for their side effects), extension
+    and namespace modules, modules already imported, and everything a deferred module imports once
+    it runs. A missing package still fails at the import line: its spec is found at once.
+    MOEVAL_HOOKS_EAGER_IMPORTS=1 turns this off.
+    """
+
+    def __init__(self, path):
+        self.names = set()
+        if os.environ.get("MOEVAL_HOOKS_EAGER_IMPORTS") == "1":
+            return
+        try:
+            with open(path, "rb") as f:
+                tree = ast.parse(f.read(), path)
+        except (OSError, SyntaxError, ValueError):
+            return  # importing the file reports it
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        for st in tree.body:
+            if isinstance(st, ast.Import):
+                for a in st.names:
+                    if (a.asname or a.name.split(".")[0]) in used:
+                        parts = a.name.split(".")
+                        self.names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            elif isinstance(st, ast.ImportFrom) and st.level == 0 and st.module:
+                # Only names that turn out to be submodules are imported, and so deferred.
+                self.names.update(st.module + "." + a.name for a in st.names if (a.asname or a.name) in used)
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.names:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if type(spec.loader) is importlib.machinery.SourceFileLoader:
+            spec.loader = importlib.util.LazyLoader(spec.loader)
+        return spec
+
+
 class Worker:
     def __init__(self):
         self.modules = {}
 
     def function(self, req):
-        path = req["file"]
+        fn = getattr(self.module(req["file"], req["module"]), req["name"], None)
+        if not callable(fn):
+            raise HookFailed(None, "%s defines no function `%s`" % (req["file"], req["name"]), "load")
+        return fn
+
+    def module(self, path, name):
+        """The module of hook file `path`, imported once: a failed import is remembered, and raised
+        again, so a file's body runs at most once per worker."""
         module = self.modules.get(path)
+        if isinstance(module, HookFailed):
+            raise module
         if module is None:
             if not os.path.isfile(path):
                 raise HookFailed(None, "%s does not exist" % path, "load")
-            spec = importlib.util.spec_from_file_location(req["module"], path)
+            spec = importlib.util.spec_from_file_location(name, path)
             if spec is None or spec.loader is None:
-                raise HookFailed(None, "Python cannot import %s from %s" % (req["module"], path), "load")
+                raise HookFailed(None, "Python cannot import %s from %s" % (name, path), "load")
             module = importlib.util.module_from_spec(spec)
+            deferred = DeferredImports(path)
+            sys.meta_path.insert(0, deferred)
             try:
                 spec.loader.exec_module(module)
             except BaseException as e:  # noqa: B902
                 if isinstance(e, KeyboardInterrupt):
                     raise
-                raise HookFailed(None, "importing %s raised an exception:\n%s" % (path, formatted(e)), "load") from None
+                failed = HookFailed(None, "importing %s raised an exception:\n%s" % (path, formatted(e)), "load")
+                self.modules[path] = failed
+                raise failed from None
+            finally:
+                sys.meta_path.remove(deferred)
             self.modules[path] = module
-        fn = getattr(module, req["name"], None)
-        if not callable(fn):
-            raise HookFailed(None, "%s defines no function `%s`" % (path, req["name"]), "load")
-        return fn
+        return module
+
+    def preload(self, req):
+        """Imports what the run's hooks will need while moeval loads data and the model. A failure
+        is left for the hook's own call to report."""
+        if req.get("datasets"):
+            try:
+                import datasets  # noqa: F401
+            except ImportError:
+                pass
+        for name, path in req["modules"]:
+            try:
+                self.module(path, name)
+            except HookFailed:
+                pass
+        return "null"
 
     def process_docs(self, fn, req):
         try:
@@ -202,6 +284,8 @@ class Worker:
         return out, False
 
     def handle(self, req):
+        if req["op"] == "preload":
+            return self.preload(req)
         op = getattr(self, req["op"], None)
         if op is None or req["op"] not in OPS:
             raise HookFailed(None, "moeval asked for an unknown operation `%s`" % req["op"], "result")

@@ -275,3 +275,112 @@ fn cost_per_document() {
         None => eprintln!("by_process_docs: skipped"),
     }
 }
+
+/// A hook file in a temporary folder whose imports record, in `ran.txt`, which module bodies ran.
+fn deferred_imports_task(dir: &Path) -> Task {
+    let w = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+    let record = "import os\nopen(os.path.join(os.path.dirname(__file__), 'ran.txt'), 'a').write(__name__ + '\\n')\n";
+    for m in ["heavy", "side_effects", "guarded", "unused_heavy"] {
+        w(&format!("{m}.py"), &format!("{record}VALUE = '{m}'\n"));
+    }
+    w(
+        "hook_imports.py",
+        "import os, sys\n\
+         sys.path.insert(0, os.path.dirname(__file__))\n\
+         import heavy\n\
+         import unused_heavy\n\
+         import side_effects  # imported for its side effects only\n\
+         try:\n    import guarded\nexcept ImportError:\n    guarded = None\n\
+         def text(doc):\n    return doc['question'] + ' ' + heavy.VALUE\n\
+         def never_called(doc):\n    return unused_heavy.VALUE\n",
+    );
+    w(
+        "data.jsonl",
+        "{\"question\": \"q1\", \"answer\": 0}\n{\"question\": \"q2\", \"answer\": 1}\n",
+    );
+    w(
+        "deferred.yaml",
+        "task: deferred\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\n\
+         output_type: multiple_choice\ntest_split: test\ndoc_to_text: !function hook_imports.text\n\
+         doc_to_target: \"{{answer}}\"\ndoc_to_choice: [\"a\", \"b\"]\nmetric_list:\n  - metric: acc\n",
+    );
+    let reg = Registry::scan(&[dir.to_path_buf()]).unwrap();
+    let cfg = reg.task_config("deferred", Path::new(".")).unwrap();
+    let opts = with_python("python3");
+    let functions = tasks::check::hook_functions(&cfg).unwrap();
+    opts.hooks
+        .warm(&functions.iter().map(|(_, f)| f).collect::<Vec<_>>(), false);
+    Task::load(cfg, &opts).unwrap()
+}
+
+fn bodies_run(dir: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join("ran.txt")).unwrap_or_default();
+    let mut ran: Vec<String> = text.lines().map(str::to_string).collect();
+    ran.sort();
+    ran
+}
+
+#[test]
+fn a_hook_files_imports_run_when_first_used_and_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = deferred_imports_task(dir.path());
+    let prompts = task.instances(1234).unwrap();
+    assert!(
+        prompts[0].context.ends_with("q1 heavy"),
+        "{}",
+        prompts[0].context
+    );
+    // `heavy` ran when `text` used it; `unused_heavy` never did; the side-effect-only and the
+    // guarded imports ran at import time, as Python runs them; the preload imported the file
+    // once (each body ran once).
+    assert_eq!(bodies_run(dir.path()), ["guarded", "heavy", "side_effects"]);
+
+    // MOEVAL_HOOKS_EAGER_IMPORTS=1 imports as Python does. (Other tests' workers started meanwhile
+    // import eagerly too, which changes none of their results.)
+    std::env::set_var("MOEVAL_HOOKS_EAGER_IMPORTS", "1");
+    let eager = tempfile::tempdir().unwrap();
+    let task = deferred_imports_task(eager.path());
+    std::env::remove_var("MOEVAL_HOOKS_EAGER_IMPORTS");
+    task.instances(1234).unwrap();
+    assert_eq!(
+        bodies_run(eager.path()),
+        ["guarded", "heavy", "side_effects", "unused_heavy"]
+    );
+}
+
+#[test]
+fn a_hook_file_that_fails_to_import_in_the_background_fails_the_first_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    w(
+        "broken.py",
+        "raise RuntimeError('broken at import')\ndef text(doc):\n    return 'x'\n",
+    );
+    w("data.jsonl", "{\"question\": \"q1\", \"answer\": 0}\n");
+    w(
+        "broken.yaml",
+        "task: broken\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\n\
+         output_type: multiple_choice\ntest_split: test\ndoc_to_text: !function broken.text\n\
+         doc_to_target: \"{{answer}}\"\ndoc_to_choice: [\"a\", \"b\"]\nmetric_list:\n  - metric: acc\n",
+    );
+    let reg = Registry::scan(&[dir.path().to_path_buf()]).unwrap();
+    let cfg = reg.task_config("broken", Path::new(".")).unwrap();
+    let opts = with_python("python3");
+    let functions = tasks::check::hook_functions(&cfg).unwrap();
+    // doc_to_text, and the few-shot examples' doc_to_text, which defaults to it.
+    let fields: Vec<&str> = functions.iter().map(|(field, _)| *field).collect();
+    assert_eq!(fields, ["doc_to_text", "fewshot_config.doc_to_text"]);
+    opts.hooks.warm(&[&functions[0].1], false);
+    let e = Task::load(cfg, &opts)
+        .err()
+        .expect("import fails")
+        .to_string();
+    for want in [
+        "broken.yaml",
+        "doc_to_text",
+        "broken.py",
+        "RuntimeError: broken at import",
+    ] {
+        assert!(e.contains(want), "`{want}` missing from: {e}");
+    }
+}
