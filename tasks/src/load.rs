@@ -25,18 +25,15 @@ impl Task {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| cwd.clone());
         let bases: Vec<&Path> = vec![&cwd, &dir];
-        // Scoring hooks must resolve before any document is answered.
-        let scoring_hooks = config.process_results.iter().chain(
-            config
-                .metric_list
-                .iter()
-                .flat_map(|m| m.function.iter().chain(m.aggregation.iter())),
-        );
-        for f in scoring_hooks {
-            crate::check::resolve(f).map_err(|msg| Error::Config {
-                file: config.file.clone(),
-                msg: format!("task `{}`: {msg}", config.name),
-            })?;
+        // Scoring and filter hooks must resolve before any document is answered (the others are
+        // called while loading, which reports them).
+        for (field, f) in crate::check::hook_functions(&config)? {
+            if matches!(field, "process_results" | "metric_list" | "filter_list") {
+                crate::check::resolve(&f).map_err(|msg| Error::Config {
+                    file: config.file.clone(),
+                    msg: format!("task `{}`, field `{field}`: {msg}", config.name),
+                })?;
+            }
         }
         // `process_docs` runs on each split as it is read, before `limit`, as the harness does.
         let process = |docs: Vec<Doc>, split: &str| -> Result<Vec<Doc>> {
@@ -164,7 +161,7 @@ impl Task {
             crate::filters::parse_filter_list(config.filter_list.as_ref()).map_err(|e| {
                 Error::Config {
                     file: config.file.clone(),
-                    msg: format!("task `{}`: filter_list: {e}", config.name),
+                    msg: format!("task `{}`, field `filter_list`: {e}", config.name),
                 }
             })?;
         if config.filter_list.is_some()
@@ -177,14 +174,6 @@ impl Task {
                     config.name, config.output_type
                 ),
             });
-        }
-        for step in filters.iter().flat_map(|p| &p.steps) {
-            if let crate::filters::Step::Python(py) = step {
-                crate::check::resolve(py.function()).map_err(|msg| Error::Config {
-                    file: config.file.clone(),
-                    msg: format!("task `{}`: filter_list: {msg}", config.name),
-                })?;
-            }
         }
         let mut task = Task {
             filters,
