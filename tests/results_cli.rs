@@ -468,3 +468,177 @@ fn cache_is_shared_across_tasks_and_shards_merge_to_the_unsharded_run() {
     assert_eq!(m.merged_shards.len(), 3);
     assert_eq!(m.settings.shard, None);
 }
+
+/// The shard folders of run `s` written under each of `roots` (one per "machine"), moved into
+/// `dest/s/`; then each machine's folder, request cache included, is deleted.
+fn gather_shards(roots: &[PathBuf], dest: &Path) {
+    std::fs::create_dir_all(dest.join("s")).unwrap();
+    for r in roots {
+        for e in std::fs::read_dir(r.join("s")).unwrap() {
+            let e = e.unwrap();
+            std::fs::rename(e.path(), dest.join("s").join(e.file_name())).unwrap();
+        }
+        std::fs::remove_dir_all(r).unwrap();
+    }
+}
+
+fn assert_same_run(merged: &Path, whole: &Path) {
+    assert_eq!(samples(merged), samples(whole));
+    assert_eq!(
+        read_metrics(&merged.join("metrics.parquet")).unwrap(),
+        read_metrics(&whole.join("metrics.parquet")).unwrap()
+    );
+    let m = Manifest::read(&merged.join("manifest.json")).unwrap();
+    assert_eq!((m.status.as_str(), m.merged_shards.len()), ("complete", 4));
+}
+
+/// The shell script of the `name` Job's first container in deploy/k8s/eval-job.yaml, with its
+/// environment.
+fn k8s_container(name: &str) -> (String, Vec<(String, String)>) {
+    let text = std::fs::read_to_string(format!("{ROOT}/deploy/k8s/eval-job.yaml")).unwrap();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v["metadata"]["name"] != name {
+            continue;
+        }
+        let c = &v["spec"]["template"]["spec"]["containers"][0];
+        let env = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let s = |k: &str| e[k].as_str().unwrap().to_string();
+                (s("name"), s("value"))
+            })
+            .collect();
+        return (c["args"][0].as_str().unwrap().to_string(), env);
+    }
+    panic!("no Job `{name}` in deploy/k8s/eval-job.yaml");
+}
+
+#[test]
+fn scheduler_shards_written_on_other_machines_merge_to_the_unsharded_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = default_model(tmp.path());
+    let tasks = "default_bias_sentiment_race,default_ppl";
+    let extra = format!(
+        "--include-path {ROOT}/assets/suite --include-path {ROOT}/tests/data/results --limit 30"
+    );
+    let whole = tmp.path().join("whole");
+    ok(eval(
+        &model,
+        &whole,
+        &["--tasks", tasks, "--limit", "30", "--run-id", "s"],
+    )
+    .output()
+    .unwrap());
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_moeval")).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+
+    // Slurm: deploy/slurm/eval.sbatch as array tasks 1-4, four processes at once, each writing to
+    // its own "node".
+    let sbatch = format!("{ROOT}/deploy/slurm/eval.sbatch");
+    let nodes: Vec<PathBuf> = (0..4)
+        .map(|i| tmp.path().join(format!("node{i}")))
+        .collect();
+    let procs: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            Command::new("bash")
+                .arg(&sbatch)
+                .env("PATH", &path)
+                .env("SLURM_ARRAY_JOB_ID", "77")
+                .env("SLURM_ARRAY_TASK_ID", (i + 1).to_string())
+                .env("SLURM_ARRAY_TASK_MIN", "1")
+                .env("SLURM_ARRAY_TASK_COUNT", "4")
+                .env("MODEL", &model)
+                .env("TASKS", tasks)
+                .env("OUT", node)
+                .env("RUN_ID", "s")
+                .env("EVAL_ARGS", &extra)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut p in procs {
+        assert!(p.wait().unwrap().success());
+    }
+    let shard = Manifest::read(&nodes[2].join("s/shard=2-of-4/manifest.json")).unwrap();
+    assert_eq!(shard.settings.shard_source.as_deref(), Some("slurm"));
+    assert!(nodes[2].join("s/shard=2-of-4/journal").is_dir());
+    let slurm = tmp.path().join("slurm");
+    gather_shards(&nodes, &slurm);
+    // The script's merge mode (no array task id): `moeval report` over the gathered folders.
+    ok(Command::new("bash")
+        .arg(&sbatch)
+        .env("PATH", &path)
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .env("OUT", &slurm)
+        .env("RUN_ID", "s")
+        .output()
+        .unwrap());
+    assert_same_run(&slurm.join("s"), &whole.join("s"));
+    assert!(slurm.join("s-report").is_dir());
+
+    // Kubernetes: the Indexed Job's container script with JOB_COMPLETION_INDEX 0..3.
+    let (script, env) = k8s_container("moeval-eval");
+    let nodes: Vec<PathBuf> = (0..4).map(|i| tmp.path().join(format!("pod{i}"))).collect();
+    let procs: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let script = script
+                .replace("/results", &node.display().to_string())
+                .replace("/models/flexolmo", &model.display().to_string());
+            let mut c = Command::new("sh");
+            c.args(["-c", &script]).env("PATH", &path);
+            for (k, v) in &env {
+                c.env(k, v);
+            }
+            c.env("JOB_COMPLETION_INDEX", i.to_string())
+                .env("RUN_ID", "s")
+                .env("TASKS", tasks)
+                .env("THREADS", "1")
+                .env("EVAL_ARGS", &extra)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut p in procs {
+        assert!(p.wait().unwrap().success());
+    }
+    let shard = Manifest::read(&nodes[3].join("s/shard=3-of-4/manifest.json")).unwrap();
+    assert_eq!(shard.settings.shard_source.as_deref(), Some("kubernetes"));
+    let k8s = tmp.path().join("k8s");
+    gather_shards(&nodes, &k8s);
+    let (merge, _) = k8s_container("moeval-merge");
+    ok(Command::new("sh")
+        .args(["-c", &merge.replace("/results", &k8s.display().to_string())])
+        .env("PATH", &path)
+        .env("RUN_ID", "s")
+        .output()
+        .unwrap());
+    assert_same_run(&k8s.join("s"), &whole.join("s"));
+
+    // A --shard that disagrees with the scheduler is refused before anything is written.
+    let o = eval(
+        &model,
+        &tmp.path().join("x"),
+        &["--tasks", tasks, "--run-id", "x", "--shard", "0/4"],
+    )
+    .env("JOB_COMPLETION_INDEX", "1")
+    .env("MOEVAL_SHARD_COUNT", "4")
+    .output()
+    .unwrap();
+    assert!(
+        !o.status.success() && stderr(&o).contains("disagrees"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!tmp.path().join("x/x").exists());
+}

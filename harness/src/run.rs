@@ -388,6 +388,36 @@ fn metric_row(
     }
 }
 
+/// Where a run journals its answers, and where else answers may come from.
+pub(crate) struct CacheDirs {
+    /// The root of the journal the run writes (`<own>/<scope>/<writer>.jsonl`) and reads.
+    pub own: PathBuf,
+    /// Roots of journals answers are borrowed from: copied into the own journal when used.
+    pub borrow: Vec<PathBuf>,
+}
+
+impl CacheDirs {
+    /// A run's: the shared `OUTPUT/cache`, except for a shard, which journals into its own
+    /// folder (`shard=I-of-N/journal/`, so the folder alone can be merged anywhere) and borrows
+    /// from the shared cache.
+    pub(crate) fn of_run(root: &Path, run_dir: &Path, sharded: bool) -> CacheDirs {
+        if sharded {
+            CacheDirs {
+                own: run_dir.join(JOURNAL_DIR),
+                borrow: vec![root.join("cache")],
+            }
+        } else {
+            CacheDirs {
+                own: root.join("cache"),
+                borrow: Vec::new(),
+            }
+        }
+    }
+}
+
+/// A shard folder's request journals.
+pub(crate) const JOURNAL_DIR: &str = "journal";
+
 /// Runs every task for every variant through the request cache. A variant without a model can
 /// only answer from the cache (shard merging).
 #[allow(clippy::too_many_arguments)]
@@ -396,7 +426,7 @@ pub(crate) fn execute(
     registry: &Registry,
     tasks: &[Task],
     models: &[Option<&dyn LanguageModel>],
-    cache_root: &Path,
+    caches: &CacheDirs,
     writer: Option<&str>,
     shard: Option<Shard>,
     progress: &dyn Progress,
@@ -409,8 +439,11 @@ pub(crate) fn execute(
     let mut out = Vec::new();
     manifest.timings.clear();
     for (v, lm) in manifest.variants.clone().iter().zip(models) {
-        let dir = cache_root.join(&v.cache_scope);
-        let cache = RequestCache::open(&dir, &v.cache_scope, writer)?;
+        let mut cache =
+            RequestCache::open(&caches.own.join(&v.cache_scope), &v.cache_scope, writer)?;
+        for b in &caches.borrow {
+            cache.borrow_from(&b.join(&v.cache_scope))?;
+        }
         let cached_lm = CachedLm::new(*lm, cache);
         let mut results = Vec::with_capacity(tasks.len());
         let mut routing = Vec::new();
@@ -688,8 +721,10 @@ pub struct EvalSettings {
     pub output: PathBuf,
     /// Name of the run folder (default: time and process id).
     pub run_id: Option<String>,
-    /// Run only this shard into OUTPUT/<run id>/shard=I-of-N/.
+    /// Run only this shard into OUTPUT/<run id>/shard=I-of-N/ ([`crate::shards::choose_shard`]).
     pub shard: Option<Shard>,
+    /// Where `shard` came from (`--shard`, `slurm`, `kubernetes`), for the manifest.
+    pub shard_source: Option<String>,
     /// Also evaluate the model without each expert.
     pub sweep: Option<Sweep>,
     pub experts: Experts,
@@ -813,6 +848,7 @@ pub fn evaluate(start: Start, hooks: &Hooks, progress: &dyn Progress) -> Result<
                 experts: a.experts.experts.clone(),
                 opt_out_sweep: a.sweep.map(|_| "leave-one-out".to_string()),
                 shard: shard.map(|s| format!("{}/{}", s.index, s.count)),
+                shard_source: a.shard_source.clone().filter(|_| shard.is_some()),
                 retrieval: "none".into(),
                 scoring: None,
             };
@@ -945,7 +981,7 @@ pub fn evaluate(start: Start, hooks: &Hooks, progress: &dyn Progress) -> Result<
         &registry,
         &tasks,
         &models,
-        &root.join("cache"),
+        &CacheDirs::of_run(&root, &run_dir, shard.is_some()),
         Some(&writer),
         shard,
         progress,

@@ -6,6 +6,10 @@
 //! Layout: `CACHE_ROOT/<scope>/<writer>.jsonl`, one JSON object per line. Each process appends only
 //! to its own file (so shards on a shared file system never interleave writes) and reads them all.
 //! A line cut short by a crash is dropped when the journal is read and trimmed before appending.
+//!
+//! A shard keeps its journal in its own folder (so the folder alone can be merged on another
+//! machine) and borrows answers from the shared cache ([`RequestCache::borrow_from`]): a borrowed
+//! answer is copied into the shard's journal when the shard uses it.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -42,6 +46,8 @@ pub fn scope_name(weights_hash: &str, allowed: &[usize]) -> String {
 pub struct RequestCache {
     scope: String,
     answers: HashMap<String, Answer>,
+    /// Answers read from other folders, moved into `answers` (and the journal) when first used.
+    borrowed: HashMap<String, Answer>,
     journal: Option<(PathBuf, std::fs::File)>,
 }
 
@@ -140,22 +146,7 @@ impl RequestCache {
     pub fn open(dir: &Path, scope: &str, writer: Option<&str>) -> Result<RequestCache> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut answers = HashMap::new();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(io(dir))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-            .collect();
-        files.sort();
-        for f in &files {
-            let r = std::io::BufReader::new(std::fs::File::open(f).map_err(io(f))?);
-            for l in r.lines() {
-                let l = l.map_err(io(f))?;
-                // Unreadable lines can only be the tail of a write a crash cut short.
-                if let Some((k, a)) = parse_line(&l) {
-                    answers.insert(k, a);
-                }
-            }
-        }
+        read_journals(dir, &mut answers)?;
         let journal = match writer {
             Some(w) => {
                 if w.is_empty() || w.contains(['/', '\\']) {
@@ -175,8 +166,20 @@ impl RequestCache {
         Ok(RequestCache {
             scope: scope.to_string(),
             answers,
+            borrowed: HashMap::new(),
             journal,
         })
+    }
+
+    /// Also answers from the journals in `dir` (when it exists), without writing there: an answer
+    /// used from it is appended to this cache's own journal, which so holds every answer its run
+    /// used.
+    pub fn borrow_from(&mut self, dir: &Path) -> Result<()> {
+        if dir.is_dir() {
+            read_journals(dir, &mut self.borrowed)?;
+            self.borrowed.retain(|k, _| !self.answers.contains_key(k));
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -203,6 +206,27 @@ impl RequestCache {
         self.answers.extend(new);
         Ok(())
     }
+}
+
+/// Reads every `*.jsonl` journal in `dir` (in name order) into `answers`.
+fn read_journals(dir: &Path, answers: &mut HashMap<String, Answer>) -> Result<()> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    for f in &files {
+        let r = std::io::BufReader::new(std::fs::File::open(f).map_err(io(f))?);
+        for l in r.lines() {
+            let l = l.map_err(io(f))?;
+            // Unreadable lines can only be the tail of a write a crash cut short.
+            if let Some((k, a)) = parse_line(&l) {
+                answers.insert(k, a);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Cuts a journal back to its last complete line, so an append never continues a torn one.
@@ -255,6 +279,17 @@ impl<'a> CachedLm<'a> {
         let mut cache = self.cache.lock().map_err(|_| "request cache poisoned")?;
         let mut known = self.sources.lock().map_err(|_| "request cache poisoned")?;
         let keys: Vec<String> = requests.iter().map(|r| key(&cache.scope, r)).collect();
+        let mut adopted = Vec::new();
+        for k in &keys {
+            if !cache.answers.contains_key(k) {
+                if let Some(a) = cache.borrowed.remove(k) {
+                    adopted.push((k.clone(), a));
+                }
+            }
+        }
+        if !adopted.is_empty() {
+            cache.record(adopted).map_err(|e| e.to_string())?;
+        }
         let missing: Vec<usize> = (0..requests.len())
             .filter(|&i| !cache.answers.contains_key(&keys[i]))
             .collect();

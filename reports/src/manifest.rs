@@ -107,6 +107,10 @@ pub struct Settings {
     pub opt_out_sweep: Option<String>,
     /// `I/N` when this is one shard of a run.
     pub shard: Option<String>,
+    /// Where the shard came from: `--shard`, `slurm` (an array task) or `kubernetes` (an Indexed
+    /// Job's pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_source: Option<String>,
     /// The retrieval label of every row (the `retrieval` column): `none`, `knn:...`, `ric:...`.
     pub retrieval: String,
     /// Everything else that changes a number, so `--resume` reproduces it or refuses. Absent from

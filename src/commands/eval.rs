@@ -69,8 +69,12 @@ pub struct Args {
         "ppl_stride",
     ])]
     resume: Option<PathBuf>,
-    /// Run shard I of N (documents whose id is I modulo N) into OUTPUT/<run id>/shard=I-of-N/;
-    /// `moeval report` merges the shards. Give all shards the same --run-id.
+    /// Run shard I of N (documents whose id is I modulo N) into OUTPUT/<run id>/shard=I-of-N/, a
+    /// self-contained folder (its request journal included); `moeval report` merges the shard
+    /// folders of a run, copied together from any machines. Give all shards the same --run-id.
+    /// Without --shard, a Slurm array task (SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT, run id
+    /// `slurm-<SLURM_ARRAY_JOB_ID>` by default) or a Kubernetes Indexed Job pod
+    /// (JOB_COMPLETION_INDEX of MOEVAL_SHARD_COUNT) runs its own shard; see deploy/.
     #[arg(long, value_name = "I/N")]
     shard: Option<String>,
     /// Also evaluate the model without each expert, in the same run (`leave-one-out`).
@@ -231,30 +235,35 @@ pub fn run(a: Args, device: engine::Device) -> Result<()> {
     }
     let start = match a.resume {
         Some(dir) => Start::Resume { dir, device },
-        None => Start::New(Box::new(EvalSettings {
-            model: a.model.context("--model is required")?,
-            tasks: a.tasks,
-            include_paths: a.include_path,
-            limit: a.limit,
-            num_fewshot: a.num_fewshot,
-            gen_kwargs: a.gen_kwargs.clone(),
-            pairs: a.pairs,
-            batch_size: a.batch_size,
-            data_dir: a.data_dir,
-            fewshot_seed: a.fewshot_seed,
-            output: a.output.context("--output is required")?,
-            run_id: a.run_id,
-            shard: a
-                .shard
-                .as_deref()
-                .map(Shard::parse)
-                .transpose()
-                .map_err(anyhow::Error::msg)?,
-            sweep: a.opt_out_sweep.map(|_| Sweep::LeaveOneOut),
-            experts: a.experts.into(),
-            retrieval: a.retrieval.into(),
-            device,
-        })),
+        None => {
+            let explicit = a.shard.as_deref().map(Shard::parse).transpose();
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let shard = harness::shards::choose_shard(
+                explicit.map_err(anyhow::Error::msg)?,
+                a.run_id,
+                &env,
+            )?;
+            Start::New(Box::new(EvalSettings {
+                model: a.model.context("--model is required")?,
+                tasks: a.tasks,
+                include_paths: a.include_path,
+                limit: a.limit,
+                num_fewshot: a.num_fewshot,
+                gen_kwargs: a.gen_kwargs.clone(),
+                pairs: a.pairs,
+                batch_size: a.batch_size,
+                data_dir: a.data_dir,
+                fewshot_seed: a.fewshot_seed,
+                output: a.output.context("--output is required")?,
+                run_id: shard.run_id,
+                shard: shard.shard,
+                shard_source: shard.source,
+                sweep: a.opt_out_sweep.map(|_| Sweep::LeaveOneOut),
+                experts: a.experts.into(),
+                retrieval: a.retrieval.into(),
+                device,
+            }))
+        }
     };
     let hooks = a.python.hooks();
     let out = harness::evaluate(start, &hooks, &Bar(Mutex::new(ProgressBar::hidden())))?;
