@@ -115,3 +115,4 @@ gate *args: build
 # Engine throughput against Hugging Face transformers on the same model and thread count.
 bench threads="2": build
     python3 scripts/bench_compare.py --moeval {{moeval}} --threads {{threads}}
+    python3 scripts/bench_compare.py --moeval {{moeval}} --threads {{threads}} --bf16

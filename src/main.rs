@@ -25,6 +25,17 @@ struct Cli {
     /// activations, f32 accumulation; needs the NVIDIA driver and cuBLAS, loaded at run time).
     #[arg(long, global = true, default_value = "cpu", value_name = "DEVICE")]
     device: String,
+    /// How the CPU holds a model's projection weights: `checkpoint` (as stored: a bf16 checkpoint
+    /// stays bf16, half the memory of f32, with exactly f32's numbers, since every product is
+    /// computed in f32), `f32` (upcast at load) or `bf16` (round wider weights to bf16: less memory,
+    /// different numbers, recorded in results as dtype `bf16-weights`).
+    #[arg(
+        long,
+        global = true,
+        default_value = "checkpoint",
+        value_name = "DTYPE"
+    )]
+    dtype: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,7 +91,10 @@ fn run(cli: Cli) -> Result<()> {
             .num_threads(n)
             .build_global()?;
     }
-    let device: engine::Device = cli.device.parse()?;
+    let device = commands::Placement {
+        device: cli.device.parse()?,
+        dtype: engine::WeightDtype::parse(&cli.dtype)?,
+    };
     match cli.command {
         Command::Forward(a) => commands::forward::run(a, device),
         Command::Experts(a) => commands::experts::run(a, device),

@@ -9,6 +9,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use safetensors::Dtype;
+
 use crate::config::{Architecture, Config};
 use crate::layers::TensorSource;
 use crate::{Error, Result};
@@ -168,33 +170,101 @@ impl TensorSource for RandomInit {
 /// Writes `config.json`, `generation_config.json` and `model.safetensors` (f32) for a model of `cfg`
 /// whose tensors come from `init`.
 pub fn write_random_checkpoint(cfg: &Config, init: &RandomInit, dir: &Path) -> Result<()> {
+    write_random_checkpoint_as(cfg, init, dir, Dtype::F32, usize::MAX)
+}
+
+/// [`write_random_checkpoint`] with the tensors in `dtype` (`F32` or `BF16`, rounded to nearest
+/// even), in shards of at most `shard_bytes` each (`model-0000I-of-0000N.safetensors` and
+/// `model.safetensors.index.json`, as Hugging Face writes them) when one file would be larger.
+/// One shard's tensors are in memory at a time; each file is written under a temporary name and
+/// renamed, the index last.
+pub fn write_random_checkpoint_as(
+    cfg: &Config,
+    init: &RandomInit,
+    dir: &Path,
+    dtype: Dtype,
+    shard_bytes: usize,
+) -> Result<()> {
     let io = |context: String| move |source| Error::Io { context, source };
     std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
-    let specs = tensor_specs(cfg);
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = specs
-        .into_iter()
-        .map(|(name, shape)| {
-            let values = init.generate(&name, shape.iter().product());
-            let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-            (name, shape, bytes)
-        })
-        .collect();
-    let views = data
-        .iter()
-        .map(|(n, s, b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Input(format!("tensor {n}: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let weights_path = dir.join("model.safetensors");
-    let tmp = dir.join("model.safetensors.tmp");
-    safetensors::serialize_to_file(views, None, &tmp).map_err(|e| Error::Weights {
-        path: tmp.clone(),
-        message: format!("cannot write: {e}"),
-    })?;
-    std::fs::rename(&tmp, &weights_path).map_err(io(format!("cannot rename {}", tmp.display())))?;
-    let config = serde_json::to_string_pretty(&cfg.to_json()).expect("JSON values serialise");
+    let width = match dtype {
+        Dtype::F32 => 4,
+        Dtype::BF16 => 2,
+        other => return Err(Error::Input(format!("cannot write {other:?} checkpoints"))),
+    };
+    let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
+    let mut size = 0usize;
+    let mut total = 0usize;
+    for (name, shape) in tensor_specs(cfg) {
+        let bytes = shape.iter().product::<usize>() * width;
+        if size > 0 && size + bytes > shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += bytes;
+        total += bytes;
+        shards.last_mut().expect("one shard").push((name, shape));
+    }
+    let n = shards.len();
+    let file_name = |i: usize| {
+        if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+        }
+    };
+    let mut weight_map = serde_json::Map::new();
+    for (i, specs) in shards.into_iter().enumerate() {
+        let data: Vec<(String, Vec<usize>, Vec<u8>)> = specs
+            .into_iter()
+            .map(|(name, shape)| {
+                let values = init.generate(&name, shape.iter().product());
+                let bytes = match dtype {
+                    Dtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    _ => values
+                        .iter()
+                        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                        .collect(),
+                };
+                (name, shape, bytes)
+            })
+            .collect();
+        let views = data
+            .iter()
+            .map(|(n, s, b)| {
+                safetensors::tensor::TensorView::new(dtype, s.clone(), b)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| Error::Input(format!("tensor {n}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let name = file_name(i);
+        let weights_path = dir.join(&name);
+        let tmp = dir.join(format!("{name}.tmp"));
+        safetensors::serialize_to_file(views, None, &tmp).map_err(|e| Error::Weights {
+            path: tmp.clone(),
+            message: format!("cannot write: {e}"),
+        })?;
+        std::fs::rename(&tmp, &weights_path)
+            .map_err(io(format!("cannot rename {}", tmp.display())))?;
+        for (t, _, _) in &data {
+            weight_map.insert(t.clone(), name.clone().into());
+        }
+    }
+    if n > 1 {
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let tmp = dir.join("model.safetensors.index.json.tmp");
+        std::fs::write(&tmp, index.to_string())
+            .map_err(io(format!("cannot write {}", tmp.display())))?;
+        std::fs::rename(&tmp, dir.join("model.safetensors.index.json"))
+            .map_err(io("cannot write model.safetensors.index.json".into()))?;
+    }
+    let mut json = cfg.to_json();
+    if dtype == Dtype::BF16 {
+        json["torch_dtype"] = "bfloat16".into();
+        json["dtype"] = "bfloat16".into();
+    }
+    let config = serde_json::to_string_pretty(&json).expect("JSON values serialise");
     std::fs::write(dir.join("config.json"), config)
         .map_err(io("cannot write config.json".into()))?;
     let generation = serde_json::json!({"eos_token_id": cfg.eos_token_ids.first(), "pad_token_id": cfg.pad_token_id});

@@ -7,7 +7,7 @@ use routers::{ExpertMask, Routing};
 
 use crate::attention::{self, Heads, KvCache, Rope, SeqSpan};
 use crate::config::Config;
-use crate::matmul::{with_f32, Linear};
+use crate::matmul::{with_f32, Linear, Weight};
 use crate::{Error, Result};
 
 /// Where a model's tensors come from: a checkpoint on disk, or a seeded random initialisation.
@@ -25,6 +25,17 @@ pub trait TensorSource {
     }
     /// True when the source holds `name` (used for optional tensors such as an untied `lm_head`).
     fn contains(&self, name: &str) -> bool;
+
+    /// Tensor `name` in the dtype it is stored in (a checkpoint's bf16 / f16 values as their
+    /// bits), checked against `shape`.
+    fn stored(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        Ok(Weight::F32(self.values(name, shape)?))
+    }
+
+    /// A projection's weight as the model holds it: as stored, unless a [`Holding`] says otherwise.
+    fn weight(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        self.stored(name, shape)
+    }
 
     /// The rows of the 2-D tensor `name` that `keep` selects, the others zero. A checkpoint reads
     /// only the kept rows' bytes (an opted-out expert's router row is never read).
@@ -51,6 +62,9 @@ impl TensorSource for crate::weights::Weights {
     fn contains(&self, name: &str) -> bool {
         crate::weights::Weights::contains(self, name)
     }
+    fn stored(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        self.get_stored(name, shape)
+    }
     fn rows(
         &self,
         name: &str,
@@ -61,9 +75,116 @@ impl TensorSource for crate::weights::Weights {
     }
 }
 
+/// How a model holds its projection weights on the CPU (`--dtype`). Activations, norms, the
+/// embedding table and the router stay f32, and every product accumulates in f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// As the checkpoint stores them (bf16 stays bf16): the same numbers as upcasting, half the
+    /// memory for a bf16 checkpoint.
+    #[default]
+    Checkpoint,
+    /// Upcast to f32 at load.
+    F32,
+    /// Rounded to bf16 (to nearest even) when stored wider: changes an f32 checkpoint's numbers.
+    Bf16,
+}
+
+impl WeightDtype {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "checkpoint" => Ok(WeightDtype::Checkpoint),
+            "f32" => Ok(WeightDtype::F32),
+            "bf16" => Ok(WeightDtype::Bf16),
+            other => Err(Error::Input(format!(
+                "--dtype `{other}`: choose checkpoint (weights as stored), f32 or bf16"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::Checkpoint => "checkpoint",
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// A tensor source whose projection weights are held as `dtype` says; records the dtypes held.
+pub(crate) struct Holding<'a> {
+    pub src: &'a dyn TensorSource,
+    pub dtype: WeightDtype,
+    pub held: std::sync::Mutex<std::collections::BTreeSet<&'static str>>,
+    /// Set when a wider weight was rounded to bf16 (the model's numbers then differ from f32's).
+    pub rounded: std::sync::atomic::AtomicBool,
+}
+
+impl<'a> Holding<'a> {
+    pub fn new(src: &'a dyn TensorSource, dtype: WeightDtype) -> Self {
+        Holding {
+            src,
+            dtype,
+            held: Default::default(),
+            rounded: Default::default(),
+        }
+    }
+
+    /// The dtypes the projections were held in, `+`-joined (`f32`, `bf16`, `bf16+f32`).
+    pub fn held(&self) -> String {
+        let held = self.held.lock().map(|h| h.clone()).unwrap_or_default();
+        let v: Vec<&str> = held.into_iter().collect();
+        if v.is_empty() {
+            "f32".into()
+        } else {
+            v.join("+")
+        }
+    }
+}
+
+impl TensorSource for Holding<'_> {
+    fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.src.values(name, shape)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.src.contains(name)
+    }
+    fn rows(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        keep: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<f32>> {
+        self.src.rows(name, shape, keep)
+    }
+    fn stored(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        self.src.stored(name, shape)
+    }
+    fn weight(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        let w = match (self.dtype, self.src.stored(name, shape)?) {
+            (WeightDtype::F32, w @ Weight::F32(_)) | (WeightDtype::Checkpoint, w) => w,
+            (WeightDtype::F32, w) => Weight::F32(w.to_f32()),
+            (WeightDtype::Bf16, w @ Weight::Bf16(_)) => w,
+            (WeightDtype::Bf16, w) => {
+                self.rounded
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                Weight::Bf16(
+                    w.to_f32()
+                        .iter()
+                        .map(|&x| half::bf16::from_f32(x).to_bits())
+                        .collect(),
+                )
+            }
+        };
+        if let Ok(mut h) = self.held.lock() {
+            h.insert(w.dtype());
+        }
+        Ok(w)
+    }
+}
+
 pub(crate) fn linear(src: &dyn TensorSource, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    Ok(Linear::new(
-        src.values(&format!("{name}.weight"), &[out, inp])?,
+    Ok(Linear::from_weight(
+        src.weight(&format!("{name}.weight"), &[out, inp])?,
         out,
         inp,
     ))
@@ -129,13 +250,13 @@ impl Mlp {
         hidden: usize,
         intermediate: usize,
     ) -> Result<Self> {
-        let mut gate_up = src.values(
+        let gate = src.weight(
             &format!("{prefix}.gate_proj.weight"),
             &[intermediate, hidden],
         )?;
-        gate_up.extend(src.values(&format!("{prefix}.up_proj.weight"), &[intermediate, hidden])?);
+        let up = src.weight(&format!("{prefix}.up_proj.weight"), &[intermediate, hidden])?;
         Ok(Self {
-            gate_up: Linear::new(gate_up, 2 * intermediate, hidden),
+            gate_up: Linear::from_weight(gate.concat(up), 2 * intermediate, hidden),
             down: linear(src, &format!("{prefix}.down_proj"), hidden, intermediate)?,
             intermediate,
         })
@@ -365,11 +486,12 @@ impl Attention {
         let h = cfg.hidden_size;
         let qw = cfg.num_attention_heads * cfg.head_dim;
         let kvw = cfg.num_key_value_heads * cfg.head_dim;
-        let mut qkv = src.values(&format!("{prefix}.q_proj.weight"), &[qw, h])?;
-        qkv.extend(src.values(&format!("{prefix}.k_proj.weight"), &[kvw, h])?);
-        qkv.extend(src.values(&format!("{prefix}.v_proj.weight"), &[kvw, h])?);
+        let qkv = src
+            .weight(&format!("{prefix}.q_proj.weight"), &[qw, h])?
+            .concat(src.weight(&format!("{prefix}.k_proj.weight"), &[kvw, h])?)
+            .concat(src.weight(&format!("{prefix}.v_proj.weight"), &[kvw, h])?);
         Ok(Self {
-            qkv_proj: Linear::new(qkv, qw + 2 * kvw, h),
+            qkv_proj: Linear::from_weight(qkv, qw + 2 * kvw, h),
             o_proj: linear(src, &format!("{prefix}.o_proj"), h, qw)?,
             q_norm: RmsNorm::load(src, &format!("{prefix}.q_norm"), qw, cfg.rms_norm_eps)?,
             k_norm: RmsNorm::load(src, &format!("{prefix}.k_norm"), kvw, cfg.rms_norm_eps)?,

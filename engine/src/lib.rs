@@ -33,7 +33,7 @@ mod weights;
 pub use attention::KvCache;
 pub use config::{Architecture, Config};
 pub use error::{Error, Result};
-pub use layers::TensorSource;
+pub use layers::{TensorSource, WeightDtype};
 pub use model::{Device, Forward, LoadOptions, Model, RoutedTokens, SeqInput};
 pub use routers::{EffectiveMask, ExpertMask, Registry};
 pub use tokenizer::Tokenizer;

@@ -10,7 +10,7 @@ use routers::{effective_mask, EffectiveMask, ExpertMask, Policy, Registry};
 use crate::attention::{KvCache, SeqSpan};
 use crate::config::{Architecture, Config};
 use crate::cuda::{CudaModel, Gpu};
-use crate::layers::{self, Batch, RmsNorm, TensorSource};
+use crate::layers::{self, Batch, Holding, RmsNorm, TensorSource, WeightDtype};
 use crate::matmul::Linear;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
@@ -82,6 +82,8 @@ pub struct LoadOptions {
     pub experts: Vec<String>,
     /// Where to run (default: the CPU).
     pub device: Device,
+    /// How the CPU holds projection weights (`--dtype`; default: as the checkpoint stores them).
+    pub dtype: WeightDtype,
 }
 
 impl LoadOptions {
@@ -143,7 +145,8 @@ impl RoutedTokens {
 
 enum Backend {
     Cpu {
-        embed_tokens: Tensor,
+        /// `[vocab, hidden]`, held as the projections are (rows widened to f32 when looked up).
+        embed_tokens: crate::matmul::Weight,
         blocks: Vec<Block>,
         norm: RmsNorm,
         lm_head: Linear,
@@ -160,6 +163,10 @@ pub struct Model {
     experts: Option<(Registry, EffectiveMask)>,
     tokenizer: Option<Tokenizer>,
     dir: Option<PathBuf>,
+    /// The dtype(s) the projection weights are held in (`f32`, `bf16`, `bf16+f32`).
+    weights_dtype: String,
+    /// True when `--dtype bf16` rounded wider weights (numbers differ from the checkpoint's).
+    weights_rounded: bool,
 }
 
 impl Model {
@@ -183,7 +190,7 @@ impl Model {
             None
         };
         let weights = Weights::open(dir)?;
-        let mut model = Self::build(config, &weights, experts, opts.device)?;
+        let mut model = Self::build(config, &weights, experts, opts)?;
         model.tokenizer = Some(tokenizer);
         model.dir = Some(dir.to_path_buf());
         Ok(model)
@@ -212,7 +219,7 @@ impl Model {
             Self::check_dense(&config, opts)?;
             None
         };
-        Self::build(config, src, experts, opts.device)
+        Self::build(config, src, experts, opts)
     }
 
     fn check_dense(config: &Config, opts: &LoadOptions) -> Result<()> {
@@ -229,15 +236,24 @@ impl Model {
         config: Config,
         src: &dyn TensorSource,
         experts: Option<(Registry, EffectiveMask)>,
-        device: Device,
+        opts: &LoadOptions,
     ) -> Result<Self> {
+        let device = opts.device;
         let loaded = experts.as_ref().map(|(_, e)| e.mask.clone());
         let biases = experts
             .as_ref()
             .map(|(r, _)| r.router_biases())
             .unwrap_or_default();
+        let mut weights_dtype = String::from("bf16");
+        let mut weights_rounded = false;
         let backend = match device {
-            Device::Cpu => Self::build_cpu(&config, src, loaded.as_ref(), &biases)?,
+            Device::Cpu => {
+                let held = Holding::new(src, opts.dtype);
+                let b = Self::build_cpu(&config, &held, loaded.as_ref(), &biases)?;
+                weights_dtype = held.held();
+                weights_rounded = held.rounded.into_inner();
+                b
+            }
             Device::Cuda(ordinal) => Backend::Cuda(Box::new(CudaModel::load(
                 Arc::new(Gpu::open(ordinal)?),
                 &config,
@@ -254,6 +270,8 @@ impl Model {
             experts,
             tokenizer: None,
             dir: None,
+            weights_dtype,
+            weights_rounded,
         })
     }
 
@@ -264,7 +282,7 @@ impl Model {
         biases: &[f32],
     ) -> Result<Backend> {
         let (h, v) = (config.hidden_size, config.vocab_size);
-        let embed_values = src.values("model.embed_tokens.weight", &[v, h])?;
+        let embed = src.weight("model.embed_tokens.weight", &[v, h])?;
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
         for layer in 0..config.num_hidden_layers {
             let block = match (config.architecture, loaded) {
@@ -280,11 +298,11 @@ impl Model {
         }
         let norm = RmsNorm::load(src, "model.norm", h, config.rms_norm_eps)?;
         let lm_head = if config.tie_word_embeddings && !src.contains("lm_head.weight") {
-            Linear::new(embed_values.clone(), v, h)
+            Linear::from_weight(embed.clone(), v, h)
         } else {
             layers::linear(src, "lm_head", v, h)?
         };
-        let embed_tokens = Tensor::from_vec(embed_values, (v, h), &candle_core::Device::Cpu)?;
+        let embed_tokens = embed;
         Ok(Backend::Cpu {
             embed_tokens,
             blocks,
@@ -295,6 +313,18 @@ impl Model {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The dtype(s) the projection weights are held in on the CPU (`f32`, `bf16`, `f16`, or several
+    /// `+`-joined); compute is f32 either way. `bf16` on a GPU.
+    pub fn weights_dtype(&self) -> &str {
+        &self.weights_dtype
+    }
+
+    /// True when loading rounded wider weights to bf16 (`--dtype bf16` on an f32 or f16
+    /// checkpoint): its answers are not the checkpoint's f32 answers.
+    pub fn weights_rounded(&self) -> bool {
+        self.weights_rounded
     }
 
     /// Where the model runs.
@@ -469,8 +499,19 @@ impl Model {
             },
         };
         let n = ids.len();
-        let idx = Tensor::from_vec(ids, n, &candle_core::Device::Cpu)?;
-        let mut x = embed_tokens.index_select(&idx, 0)?;
+        let h = self.config.hidden_size;
+        let mut rows = Vec::with_capacity(n * h);
+        for &id in &ids {
+            let id = id as usize;
+            if id >= self.config.vocab_size {
+                return Err(Error::Input(format!(
+                    "token id {id} is outside the vocabulary ({})",
+                    self.config.vocab_size
+                )));
+            }
+            embed_tokens.extend_row_f32(id, h, &mut rows);
+        }
+        let mut x = Tensor::from_vec(rows, (n, h), &candle_core::Device::Cpu)?;
         for (layer, block) in blocks.iter().enumerate() {
             batch.layer = layer;
             x = block.forward(&x, layer, &mut batch)?;

@@ -160,6 +160,39 @@ impl Weights {
         Ok(data)
     }
 
+    /// Reads tensor `name` in its stored dtype (bf16 / f16 as their bits) and checks its shape.
+    pub fn get_stored(&self, name: &str, shape: &[usize]) -> Result<crate::matmul::Weight> {
+        use crate::matmul::Weight;
+        let (path, open, info) = self.entry_of_shape(name, shape)?;
+        let (begin, end) = (
+            open.data_start + info.data_offsets.0,
+            open.data_start + info.data_offsets.1,
+        );
+        let bits = |bytes: &[u8]| -> Vec<u16> {
+            bytes
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect()
+        };
+        // An all-ones exponent is an infinity or a NaN.
+        let nonfinite = |v: &[u16], exponent: u16| v.iter().any(|&b| b & exponent == exponent);
+        let w = match info.dtype {
+            Dtype::BF16 => Weight::Bf16(bits(&open.mmap[begin..end])),
+            Dtype::F16 => Weight::F16(bits(&open.mmap[begin..end])),
+            _ => return self.get_values(name, shape).map(Weight::F32),
+        };
+        release_pages(&open.mmap, begin, end);
+        let bad = match &w {
+            Weight::Bf16(v) => nonfinite(v, 0x7f80),
+            Weight::F16(v) => nonfinite(v, 0x7c00),
+            Weight::F32(_) => false,
+        };
+        if bad {
+            finite(path, name, &w.to_f32())?;
+        }
+        Ok(w)
+    }
+
     /// Reads the rows of the 2-D tensor `name` that `keep` selects as f32, the others zero; the bytes
     /// of rows not kept are never read.
     pub fn get_rows(

@@ -184,3 +184,67 @@ fn tied_embeddings_use_the_embedding_matrix() {
     let d = max_abs_diff(&model.logits(&fwd.hidden).unwrap(), &expected);
     assert!(d <= 1e-4, "tied head differs by {d}");
 }
+
+/// bf16 weights held as bf16 (the default, `--dtype checkpoint`) give exactly the logits, router
+/// logits and greedy generations of the same weights upcast to f32 at load (`--dtype f32`).
+#[test]
+fn resident_bf16_equals_upcast_exactly() {
+    let dir = fixture("tiny-flexolmo-bf16-sharded");
+    let resident = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let upcast = Model::load(
+        &dir,
+        &LoadOptions {
+            dtype: engine::WeightDtype::F32,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(resident.weights_dtype(), "bf16");
+    assert_eq!(upcast.weights_dtype(), "f32");
+    let tok = resident.require_tokenizer().unwrap();
+    for text in [
+        "The capital of France is",
+        "def add(a, b):\n    return",
+        "1 2 3 4 5 6 7 8",
+    ] {
+        let tokens = tok.encode(text).unwrap();
+        let (a, ra) = run(&resident, &tokens);
+        let (b, rb) = run(&upcast, &tokens);
+        let diff = a.sub(&b).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{text}");
+        for (x, y) in ra.iter().zip(&rb) {
+            assert_eq!(
+                x.to_vec2::<f32>().unwrap(),
+                y.to_vec2::<f32>().unwrap(),
+                "{text}"
+            );
+        }
+        let params = GenParams {
+            max_new_tokens: 8,
+            ..GenParams::default()
+        };
+        let gen = |m: &Model| {
+            generate(m, &[(tokens.clone(), params.clone())], None).unwrap()[0]
+                .tokens
+                .clone()
+        };
+        assert_eq!(gen(&resident), gen(&upcast), "{text}");
+    }
+    // An f32 checkpoint held as bf16 is rounded: close to, not equal to, f32.
+    let f32_dir = fixture("tiny-flexolmo");
+    let rounded = Model::load(
+        &f32_dir,
+        &LoadOptions {
+            dtype: engine::WeightDtype::Bf16,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(rounded.weights_dtype(), "bf16");
+    assert_eq!(
+        Model::load(&f32_dir, &LoadOptions::default())
+            .unwrap()
+            .weights_dtype(),
+        "f32"
+    );
+}

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use engine::{Device, LoadOptions, Model};
+use engine::{Device, LoadOptions, Model, WeightDtype};
 
 /// Expert selection shared by everything that runs a model: the owners' opt-outs recorded with
 /// `moeval experts opt-out` always apply as well.
@@ -15,12 +15,19 @@ pub struct Experts {
     pub experts: Vec<String>,
 }
 
-/// Loads a model directory on `device` with the given expert selection, honouring the owners' policy.
-pub fn load_model(dir: &Path, experts: &Experts, device: Device) -> Result<Model> {
+/// Loads a model directory on `device` with the given expert selection, honouring the owners'
+/// policy; `dtype` is how the CPU holds its projection weights.
+pub fn load_model(
+    dir: &Path,
+    experts: &Experts,
+    device: Device,
+    dtype: WeightDtype,
+) -> Result<Model> {
     let opts = LoadOptions {
         opt_out: experts.opt_out.clone(),
         experts: experts.experts.clone(),
         device,
+        dtype,
     };
     Model::load(dir, &opts).with_context(|| format!("cannot load the model in {}", dir.display()))
 }

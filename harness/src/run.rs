@@ -94,9 +94,14 @@ fn device_label(model: &Model) -> String {
             .and_then(|l| l.split_once(':'))
             .map(|(_, v)| v.trim().to_string())
     });
+    let held = format!(
+        "weights held as {}, {} kernels",
+        model.weights_dtype(),
+        engine::matmul::kernel_name()
+    );
     match cpu {
-        Some(c) => format!("cpu ({c})"),
-        None => "cpu".into(),
+        Some(c) => format!("cpu ({c}; {held})"),
+        None => format!("cpu ({held})"),
     }
 }
 
@@ -206,7 +211,11 @@ fn variants(
     restricted: bool,
 ) -> Result<Vec<(Variant, Option<ExpertMask>)>> {
     // GPU answers (bf16) are not the CPU's (f32): each device caches its own.
+    // So are answers of weights rounded to bf16 (`--dtype bf16` on a wider checkpoint).
     let scope = |allowed: &[usize]| match model.device() {
+        engine::Device::Cpu if model.weights_rounded() => {
+            format!("bf16w-{}", scope_name(&info.weights_hash, allowed))
+        }
         engine::Device::Cpu => scope_name(&info.weights_hash, allowed),
         engine::Device::Cuda(_) => format!("cuda-{}", scope_name(&info.weights_hash, allowed)),
     };
@@ -634,9 +643,11 @@ fn remove_temporary_files(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The compute precision of a device: f32 on the CPU, bf16 on a GPU.
-fn dtype(device: engine::Device) -> &'static str {
-    match device {
+/// The precision a model's numbers have: f32 on the CPU (weights held as stored give f32's numbers
+/// exactly), `bf16-weights` when loading rounded wider weights to bf16, bf16 on a GPU.
+fn dtype(model: &Model) -> &'static str {
+    match model.device() {
+        engine::Device::Cpu if model.weights_rounded() => "bf16-weights",
         engine::Device::Cpu => "f32",
         engine::Device::Cuda(_) => "bf16",
     }
@@ -730,6 +741,8 @@ pub struct EvalSettings {
     pub experts: Experts,
     pub retrieval: RetrievalSettings,
     pub device: engine::Device,
+    /// How the CPU holds projection weights (`--dtype`).
+    pub dtype: engine::WeightDtype,
 }
 
 /// A new run, or the continuation of an interrupted one from its folder (every setting then comes
@@ -758,119 +771,138 @@ pub fn evaluate(start: Start, hooks: &Hooks, progress: &dyn Progress) -> Result<
     // the run's lock, so no other process is writing it).
     let mut lock = None;
     let resuming = matches!(start, Start::Resume { .. });
-    let (mut manifest, run_dir, root, model_dir, sweep, retrieval_args, device) = match start {
-        Start::Resume { dir, device } => {
-            let path = dir.join("manifest.json");
-            let read = || {
-                Manifest::read(&path).with_context(|| format!("cannot resume {}", dir.display()))
-            };
-            lock = Some(lock_run(&dir, &read()?.run_id)?);
-            let m = read()?;
-            remove_temporary_files(&dir)?;
-            if m.status == "complete" {
-                bail!(
-                    "{}: run `{}` is already complete; nothing to resume",
-                    path.display(),
-                    m.run_id
-                );
-            }
-            let Some(scoring) = &m.settings.scoring else {
-                bail!(
+    let (mut manifest, run_dir, root, model_dir, sweep, retrieval_args, device, weights) =
+        match start {
+            Start::Resume { dir, device } => {
+                let path = dir.join("manifest.json");
+                let read = || {
+                    Manifest::read(&path)
+                        .with_context(|| format!("cannot resume {}", dir.display()))
+                };
+                lock = Some(lock_run(&dir, &read()?.run_id)?);
+                let m = read()?;
+                remove_temporary_files(&dir)?;
+                if m.status == "complete" {
+                    bail!(
+                        "{}: run `{}` is already complete; nothing to resume",
+                        path.display(),
+                        m.run_id
+                    );
+                }
+                let Some(scoring) = &m.settings.scoring else {
+                    bail!(
                     "{}: run `{}` was started by a moeval that did not record its retrieval, window \
                      and device settings, so resuming could change its numbers; start a new run",
                     path.display(),
                     m.run_id
                 );
-            };
-            if scoring.device != device.to_string() {
-                bail!(
+                };
+                if scoring.device != device.to_string() {
+                    bail!(
                     "{}: run `{}` computes on {}, this process on {device}; resume it with --device {}",
                     path.display(),
                     m.run_id,
                     scoring.device,
                     scoring.device
                 );
+                }
+                let retrieval_args = RetrievalSettings::from_scoring(scoring)
+                    .with_context(|| format!("cannot resume {}", path.display()))?;
+                let root = if m.settings.shard.is_some() {
+                    dir.parent().and_then(Path::parent)
+                } else {
+                    dir.parent()
+                }
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+                let sweep = match m.settings.opt_out_sweep.as_deref() {
+                    Some("leave-one-out") => Some(Sweep::LeaveOneOut),
+                    Some(o) => bail!("{}: unknown opt-out sweep `{o}`", path.display()),
+                    None => None,
+                };
+                let model_dir = PathBuf::from(&m.model.dir);
+                // Weights rounded to bf16 stay so; otherwise held as stored, which gives f32's numbers.
+                let weights = if scoring.dtype == "bf16-weights" {
+                    engine::WeightDtype::Bf16
+                } else {
+                    engine::WeightDtype::Checkpoint
+                };
+                (
+                    m,
+                    dir.clone(),
+                    root,
+                    model_dir,
+                    sweep,
+                    retrieval_args,
+                    device,
+                    weights,
+                )
             }
-            let retrieval_args = RetrievalSettings::from_scoring(scoring)
-                .with_context(|| format!("cannot resume {}", path.display()))?;
-            let root = if m.settings.shard.is_some() {
-                dir.parent().and_then(Path::parent)
-            } else {
-                dir.parent()
+            Start::New(a) => {
+                ensure!(a.batch_size > 0, "--batch-size must be at least 1");
+                let output = a.output.clone();
+                let model_dir = a.model.clone();
+                let shard = a.shard;
+                let run_id = a.run_id.clone().unwrap_or_else(default_run_id);
+                check_run_id(&run_id)?;
+                let mut dir = output.join(&run_id);
+                if let Some(s) = shard {
+                    dir = dir.join(shard_label(s));
+                }
+                // Checked again under the lock, before anything is written.
+                if dir.join("manifest.json").exists() {
+                    bail!(
+                        "{} already holds a run; use --resume {} to finish it, or another --run-id",
+                        dir.display(),
+                        dir.display()
+                    );
+                }
+                let settings = Settings {
+                    tasks: a.tasks.clone(),
+                    include_paths: a.include_paths.iter().map(|p| abs(p)).collect(),
+                    data_dir: abs(&a.data_dir),
+                    limit: a.limit,
+                    num_fewshot: a.num_fewshot,
+                    gen_kwargs: a.gen_kwargs.clone(),
+                    pairs: a.pairs,
+                    batch_size: a.batch_size,
+                    opt_out: a.experts.opt_out.clone(),
+                    experts: a.experts.experts.clone(),
+                    opt_out_sweep: a.sweep.map(|_| "leave-one-out".to_string()),
+                    shard: shard.map(|s| format!("{}/{}", s.index, s.count)),
+                    shard_source: a.shard_source.clone().filter(|_| shard.is_some()),
+                    retrieval: "none".into(),
+                    scoring: None,
+                };
+                let m = Manifest {
+                    manifest_version: MANIFEST_VERSION,
+                    run_id,
+                    status: "running".into(),
+                    settings,
+                    seeds: Seeds {
+                        fewshot: a.fewshot_seed,
+                        bootstrap: 1234,
+                        generation: 1234,
+                    },
+                    start_time: utc_now(),
+                    ..Manifest::default()
+                };
+                // The datastore by absolute path, so a resume from another folder finds the same one.
+                let mut retrieval_args = a.retrieval.clone();
+                retrieval_args.datastore =
+                    retrieval_args.datastore.as_deref().map(|d| abs(d).into());
+                (
+                    m,
+                    dir,
+                    output,
+                    model_dir,
+                    a.sweep,
+                    retrieval_args,
+                    a.device,
+                    a.dtype,
+                )
             }
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-            let sweep = match m.settings.opt_out_sweep.as_deref() {
-                Some("leave-one-out") => Some(Sweep::LeaveOneOut),
-                Some(o) => bail!("{}: unknown opt-out sweep `{o}`", path.display()),
-                None => None,
-            };
-            let model_dir = PathBuf::from(&m.model.dir);
-            (
-                m,
-                dir.clone(),
-                root,
-                model_dir,
-                sweep,
-                retrieval_args,
-                device,
-            )
-        }
-        Start::New(a) => {
-            ensure!(a.batch_size > 0, "--batch-size must be at least 1");
-            let output = a.output.clone();
-            let model_dir = a.model.clone();
-            let shard = a.shard;
-            let run_id = a.run_id.clone().unwrap_or_else(default_run_id);
-            check_run_id(&run_id)?;
-            let mut dir = output.join(&run_id);
-            if let Some(s) = shard {
-                dir = dir.join(shard_label(s));
-            }
-            // Checked again under the lock, before anything is written.
-            if dir.join("manifest.json").exists() {
-                bail!(
-                    "{} already holds a run; use --resume {} to finish it, or another --run-id",
-                    dir.display(),
-                    dir.display()
-                );
-            }
-            let settings = Settings {
-                tasks: a.tasks.clone(),
-                include_paths: a.include_paths.iter().map(|p| abs(p)).collect(),
-                data_dir: abs(&a.data_dir),
-                limit: a.limit,
-                num_fewshot: a.num_fewshot,
-                gen_kwargs: a.gen_kwargs.clone(),
-                pairs: a.pairs,
-                batch_size: a.batch_size,
-                opt_out: a.experts.opt_out.clone(),
-                experts: a.experts.experts.clone(),
-                opt_out_sweep: a.sweep.map(|_| "leave-one-out".to_string()),
-                shard: shard.map(|s| format!("{}/{}", s.index, s.count)),
-                shard_source: a.shard_source.clone().filter(|_| shard.is_some()),
-                retrieval: "none".into(),
-                scoring: None,
-            };
-            let m = Manifest {
-                manifest_version: MANIFEST_VERSION,
-                run_id,
-                status: "running".into(),
-                settings,
-                seeds: Seeds {
-                    fewshot: a.fewshot_seed,
-                    bootstrap: 1234,
-                    generation: 1234,
-                },
-                start_time: utc_now(),
-                ..Manifest::default()
-            };
-            // The datastore by absolute path, so a resume from another folder finds the same one.
-            let mut retrieval_args = a.retrieval.clone();
-            retrieval_args.datastore = retrieval_args.datastore.as_deref().map(|d| abs(d).into());
-            (m, dir, output, model_dir, a.sweep, retrieval_args, a.device)
-        }
-    };
+        };
     let shard = manifest
         .settings
         .shard
@@ -883,7 +915,7 @@ pub fn evaluate(start: Start, hooks: &Hooks, progress: &dyn Progress) -> Result<
         opt_out: manifest.settings.opt_out.clone(),
         experts: manifest.settings.experts.clone(),
     };
-    let model = crate::load_model(&model_dir, &experts, device)?;
+    let model = crate::load_model(&model_dir, &experts, device, weights)?;
     let info = model_info(&model, &model_dir)?;
     if resuming && info.weights_hash != manifest.model.weights_hash {
         bail!(
@@ -905,7 +937,7 @@ pub fn evaluate(start: Start, hooks: &Hooks, progress: &dyn Progress) -> Result<
     let scoring = Scoring {
         max_length: model.config().max_position_embeddings,
         device: model.device().to_string(),
-        dtype: dtype(model.device()).into(),
+        dtype: dtype(&model).into(),
         ..retrieval_args.scoring(retrieval.as_ref())
     };
     let task_info = task_infos(&tasks)?;

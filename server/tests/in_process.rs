@@ -12,8 +12,13 @@ use server::{client, Server, Settings};
 #[test]
 fn a_library_server_answers_and_refuses() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/default-model");
-    let model = harness::load_model(&dir, &harness::Experts::default(), engine::Device::Cpu)
-        .expect("the default model loads");
+    let model = harness::load_model(
+        &dir,
+        &harness::Experts::default(),
+        engine::Device::Cpu,
+        engine::WeightDtype::default(),
+    )
+    .expect("the default model loads");
     let settings = Settings::new("default", model.config().max_position_embeddings);
     let rt = server::runtime().unwrap();
     let server = rt

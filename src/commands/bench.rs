@@ -40,9 +40,10 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(a: Args, threads: Option<usize>, device: engine::Device) -> Result<()> {
+pub fn run(a: Args, threads: Option<usize>, at: super::Placement) -> Result<()> {
     let opts = LoadOptions {
-        device,
+        device: at.device,
+        dtype: at.dtype,
         ..LoadOptions::default()
     };
     let load_start = Instant::now();
@@ -93,6 +94,8 @@ pub fn run(a: Args, threads: Option<usize>, device: engine::Device) -> Result<()
                 .collect::<Vec<_>>(),
             "peak_rss_mb": rss,
             "weights_mb_f32": weights_mb,
+            "weights_dtype": model.weights_dtype(),
+            "kernel": engine::matmul::kernel_name(),
             "params": params,
             "load_s": load_s,
         });
@@ -105,6 +108,11 @@ pub fn run(a: Args, threads: Option<usize>, device: engine::Device) -> Result<()
             a.batch, a.prefill_len
         );
         println!("device         {device}");
+        println!(
+            "weights        held as {} ({} kernels)",
+            model.weights_dtype(),
+            engine::matmul::kernel_name()
+        );
         for (batch, tok_s) in &decode {
             println!(
                 "decode         {tok_s:.0} tok/s  (batch {batch}, {} steps after {} tokens)",

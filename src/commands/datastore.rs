@@ -122,10 +122,10 @@ struct BenchArgs {
     top1: Option<PathBuf>,
 }
 
-pub fn run(a: Args, device: engine::Device) -> Result<()> {
+pub fn run(a: Args, at: super::Placement) -> Result<()> {
     match a.command {
-        Sub::Build(b) => build(b, device),
-        Sub::Knn { dir, model } => knn(&dir, &model, device),
+        Sub::Build(b) => build(b, at),
+        Sub::Knn { dir, model } => knn(&dir, &model, at),
         Sub::Stats { dir, json } => stats(&dir, json),
         Sub::Query { dir, text, k, json } => query(&dir, &text, k, json),
         Sub::OptOut {
@@ -146,7 +146,7 @@ fn bar(len: u64, template: &str) -> Result<ProgressBar> {
     ))
 }
 
-fn build(a: BuildArgs, device: engine::Device) -> Result<()> {
+fn build(a: BuildArgs, at: super::Placement) -> Result<()> {
     let tok = Tokenizer::from_model_dir(&a.tokenizer)?;
     let total: u64 = a
         .input
@@ -193,14 +193,14 @@ fn build(a: BuildArgs, device: engine::Device) -> Result<()> {
     );
     if a.knn {
         if let Some(model) = &a.model {
-            knn(&a.out, model, device)?;
+            knn(&a.out, model, at)?;
         }
     }
     Ok(())
 }
 
-fn knn(dir: &Path, model_dir: &Path, device: engine::Device) -> Result<()> {
-    let model = super::load_model_with(model_dir, &super::ExpertArgs::default(), device)?;
+fn knn(dir: &Path, model_dir: &Path, at: super::Placement) -> Result<()> {
+    let model = super::load_model_with(model_dir, &super::ExpertArgs::default(), at)?;
     let pb = bar(0, "kNN keys [{bar:30}] {pos}/{len} blocks, eta {eta}")?;
     let start = Instant::now();
     let n = harness::retrieval::build_knn_keys(dir, &model, model_dir, &|done, total| {

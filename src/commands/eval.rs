@@ -229,12 +229,15 @@ fn list_tasks(include_paths: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-pub fn run(a: Args, device: engine::Device) -> Result<()> {
+pub fn run(a: Args, at: super::Placement) -> Result<()> {
     if a.resume.is_none() && a.tasks == ["list"] {
         return list_tasks(&a.include_path);
     }
     let start = match a.resume {
-        Some(dir) => Start::Resume { dir, device },
+        Some(dir) => Start::Resume {
+            dir,
+            device: at.device,
+        },
         None => {
             let explicit = a.shard.as_deref().map(Shard::parse).transpose();
             let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
@@ -261,7 +264,8 @@ pub fn run(a: Args, device: engine::Device) -> Result<()> {
                 sweep: a.opt_out_sweep.map(|_| Sweep::LeaveOneOut),
                 experts: a.experts.into(),
                 retrieval: a.retrieval.into(),
-                device,
+                device: at.device,
+                dtype: at.dtype,
             }))
         }
     };

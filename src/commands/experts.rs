@@ -45,7 +45,7 @@ enum Sub {
     Route(super::route::Args),
 }
 
-pub fn run(a: Args, device: engine::Device) -> Result<()> {
+pub fn run(a: Args, at: super::Placement) -> Result<()> {
     match a.command {
         Sub::List { model, json } => list(&model, json),
         Sub::OptOut {
@@ -58,7 +58,7 @@ pub fn run(a: Args, device: engine::Device) -> Result<()> {
             model,
             reason,
         } => decide(&model, &expert, Action::OptIn, &reason),
-        Sub::Route(a) => super::route::run(a, device),
+        Sub::Route(a) => super::route::run(a, at),
     }
 }
 

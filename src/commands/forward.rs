@@ -21,8 +21,8 @@ pub struct Args {
     experts: super::ExpertArgs,
 }
 
-pub fn run(a: Args, device: engine::Device) -> Result<()> {
-    let model = super::load_model_with(&a.model, &a.experts, device)?;
+pub fn run(a: Args, at: super::Placement) -> Result<()> {
+    let model = super::load_model_with(&a.model, &a.experts, at)?;
     let tokens = harness::inspect::forward_to_file(&model, &a.prompt, &a.out)?;
     eprintln!(
         "wrote {} ({tokens} tokens, vocab {})",

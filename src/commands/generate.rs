@@ -35,12 +35,12 @@ pub struct Args {
     experts: super::ExpertArgs,
 }
 
-pub fn run(a: Args, device: engine::Device) -> Result<()> {
+pub fn run(a: Args, at: super::Placement) -> Result<()> {
     anyhow::ensure!(a.temperature >= 0.0, "--temperature must be >= 0");
     if let Some(p) = a.top_p {
         anyhow::ensure!(p > 0.0 && p <= 1.0, "--top-p must be in (0, 1]");
     }
-    let model = super::load_model_with(&a.model, &a.experts, device)?;
+    let model = super::load_model_with(&a.model, &a.experts, at)?;
     let tokens = model.require_tokenizer()?.encode(&a.prompt)?;
     anyhow::ensure!(!tokens.is_empty(), "the prompt encodes to no tokens");
     let params = GenParams {

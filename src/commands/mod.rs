@@ -19,7 +19,7 @@ pub mod train;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use engine::{Device, Model};
+use engine::Model;
 
 /// The Python interpreter for task files' `!function` hooks, shared by the commands that load tasks.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -60,9 +60,16 @@ impl From<ExpertArgs> for harness::Experts {
     }
 }
 
-/// Loads a model directory on `device` with the given expert selection ([`harness::load_model`]).
-pub fn load_model_with(dir: &Path, experts: &ExpertArgs, device: Device) -> Result<Model> {
-    harness::load_model(dir, &experts.clone().into(), device)
+/// Where and how commands run a model: the global `--device` and `--dtype`.
+#[derive(Clone, Copy, Debug)]
+pub struct Placement {
+    pub device: engine::Device,
+    pub dtype: engine::WeightDtype,
+}
+
+/// Loads a model directory with the given expert selection ([`harness::load_model`]).
+pub fn load_model_with(dir: &Path, experts: &ExpertArgs, at: Placement) -> Result<Model> {
+    harness::load_model(dir, &experts.clone().into(), at.device, at.dtype)
 }
 
 /// How `--retrieval` uses the datastore.

@@ -27,8 +27,8 @@ pub struct Args {
     experts: super::ExpertArgs,
 }
 
-pub fn run(a: Args, device: engine::Device) -> Result<()> {
-    let model = super::load_model_with(&a.model, &a.experts, device)?;
+pub fn run(a: Args, at: super::Placement) -> Result<()> {
+    let model = super::load_model_with(&a.model, &a.experts, at)?;
     let groups = harness::route::route(
         &model,
         &harness::route::RouteSettings {

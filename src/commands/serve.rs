@@ -112,14 +112,15 @@ impl Args {
     }
 }
 
-pub fn run(a: Args, device: engine::Device) -> Result<()> {
+pub fn run(a: Args, at: super::Placement) -> Result<()> {
     // Validated before the (slow) load; the model decides the prompt limit.
     let probe = a.settings(usize::MAX)?;
     probe.validate()?;
     let model = Arc::new(harness::load_model(
         &a.model,
         &probe.experts_to_load()?,
-        device,
+        at.device,
+        at.dtype,
     )?);
     let settings = a.settings(model.config().max_position_embeddings)?;
     let ip: std::net::IpAddr = a
@@ -177,7 +178,7 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-pub fn run_bench(a: BenchArgs, device: engine::Device) -> Result<()> {
+pub fn run_bench(a: BenchArgs, at: super::Placement) -> Result<()> {
     let opts = server::bench::BenchOptions {
         concurrency: a.concurrency.clone(),
         requests_per_client: a.requests_per_client,
@@ -189,7 +190,7 @@ pub fn run_bench(a: BenchArgs, device: engine::Device) -> Result<()> {
     let model = Arc::new(super::load_model_with(
         &a.model,
         &super::ExpertArgs::default(),
-        device,
+        at,
     )?);
     let r = server::bench::run(model, &opts)?;
     let max_c = a.concurrency.iter().copied().max().unwrap_or(1);
