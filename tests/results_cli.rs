@@ -642,3 +642,33 @@ fn scheduler_shards_written_on_other_machines_merge_to_the_unsharded_run() {
     );
     assert!(!tmp.path().join("x/x").exists());
 }
+
+/// `--dtype bf16` on an f32 checkpoint rounds its weights: the run says so (`bf16-weights`, and the
+/// device line names what was held), and its answers are cached apart from the f32 ones.
+#[test]
+fn bf16_rounded_weights_are_recorded_and_cached_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = default_model(tmp.path());
+    let out = tmp.path().join("out");
+    let args = ["--tasks", "default_ppl", "--limit", "4"];
+    ok(
+        eval(&model, &out, &[&args[..], &["--run-id", "f32"]].concat())
+            .output()
+            .unwrap(),
+    );
+    let o = ok(
+        eval(&model, &out, &[&args[..], &["--run-id", "bf16"]].concat())
+            .args(["--dtype", "bf16"])
+            .output()
+            .unwrap(),
+    );
+    // Nothing from the f32 run's cache.
+    assert_eq!(counts(&o).1, 0, "{}", stderr(&o));
+    let m = Manifest::read(&out.join("bf16/manifest.json")).unwrap();
+    assert_eq!(m.settings.scoring.unwrap().dtype, "bf16-weights");
+    assert!(m.device.contains("weights held as bf16"), "{}", m.device);
+    let f = Manifest::read(&out.join("f32/manifest.json")).unwrap();
+    assert_eq!(f.settings.scoring.unwrap().dtype, "f32");
+    assert!(f.device.contains("weights held as f32"), "{}", f.device);
+    assert_ne!(samples(&out.join("bf16")), samples(&out.join("f32")));
+}
