@@ -469,6 +469,25 @@ fn cache_is_shared_across_tasks_and_shards_merge_to_the_unsharded_run() {
     assert_eq!(m.settings.shard, None);
 }
 
+/// Runs `command(i, folder)` for four "machines" `tmp/<prefix>0..3` at once; all must succeed.
+/// Returns their folders.
+fn on_four_nodes(
+    tmp: &Path,
+    prefix: &str,
+    command: impl Fn(usize, &Path) -> Command,
+) -> Vec<PathBuf> {
+    let nodes: Vec<PathBuf> = (0..4).map(|i| tmp.join(format!("{prefix}{i}"))).collect();
+    let procs: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| command(i, node).spawn().unwrap())
+        .collect();
+    for mut p in procs {
+        assert!(p.wait().unwrap().success());
+    }
+    nodes
+}
+
 /// The shard folders of run `s` written under each of `roots` (one per "machine"), moved into
 /// `dest/s/`; then each machine's folder, request cache included, is deleted.
 fn gather_shards(roots: &[PathBuf], dest: &Path) {
@@ -542,32 +561,21 @@ fn scheduler_shards_written_on_other_machines_merge_to_the_unsharded_run() {
     // Slurm: deploy/slurm/eval.sbatch as array tasks 1-4, four processes at once, each writing to
     // its own "node".
     let sbatch = format!("{ROOT}/deploy/slurm/eval.sbatch");
-    let nodes: Vec<PathBuf> = (0..4)
-        .map(|i| tmp.path().join(format!("node{i}")))
-        .collect();
-    let procs: Vec<_> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, node)| {
-            Command::new("bash")
-                .arg(&sbatch)
-                .env("PATH", &path)
-                .env("SLURM_ARRAY_JOB_ID", "77")
-                .env("SLURM_ARRAY_TASK_ID", (i + 1).to_string())
-                .env("SLURM_ARRAY_TASK_MIN", "1")
-                .env("SLURM_ARRAY_TASK_COUNT", "4")
-                .env("MODEL", &model)
-                .env("TASKS", tasks)
-                .env("OUT", node)
-                .env("RUN_ID", "s")
-                .env("EVAL_ARGS", &extra)
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for mut p in procs {
-        assert!(p.wait().unwrap().success());
-    }
+    let nodes = on_four_nodes(tmp.path(), "node", |i, node| {
+        let mut c = Command::new("bash");
+        c.arg(&sbatch)
+            .env("PATH", &path)
+            .env("SLURM_ARRAY_JOB_ID", "77")
+            .env("SLURM_ARRAY_TASK_ID", (i + 1).to_string())
+            .env("SLURM_ARRAY_TASK_MIN", "1")
+            .env("SLURM_ARRAY_TASK_COUNT", "4")
+            .env("MODEL", &model)
+            .env("TASKS", tasks)
+            .env("OUT", node)
+            .env("RUN_ID", "s")
+            .env("EVAL_ARGS", &extra);
+        c
+    });
     let shard = Manifest::read(&nodes[2].join("s/shard=2-of-4/manifest.json")).unwrap();
     assert_eq!(shard.settings.shard_source.as_deref(), Some("slurm"));
     assert!(nodes[2].join("s/shard=2-of-4/journal").is_dir());
@@ -587,31 +595,22 @@ fn scheduler_shards_written_on_other_machines_merge_to_the_unsharded_run() {
 
     // Kubernetes: the Indexed Job's container script with JOB_COMPLETION_INDEX 0..3.
     let (script, env) = k8s_container("moeval-eval");
-    let nodes: Vec<PathBuf> = (0..4).map(|i| tmp.path().join(format!("pod{i}"))).collect();
-    let procs: Vec<_> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, node)| {
-            let script = script
-                .replace("/results", &node.display().to_string())
-                .replace("/models/flexolmo", &model.display().to_string());
-            let mut c = Command::new("sh");
-            c.args(["-c", &script]).env("PATH", &path);
-            for (k, v) in &env {
-                c.env(k, v);
-            }
-            c.env("JOB_COMPLETION_INDEX", i.to_string())
-                .env("RUN_ID", "s")
-                .env("TASKS", tasks)
-                .env("THREADS", "1")
-                .env("EVAL_ARGS", &extra)
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for mut p in procs {
-        assert!(p.wait().unwrap().success());
-    }
+    let nodes = on_four_nodes(tmp.path(), "pod", |i, node| {
+        let script = script
+            .replace("/results", &node.display().to_string())
+            .replace("/models/flexolmo", &model.display().to_string());
+        let mut c = Command::new("sh");
+        c.args(["-c", &script]).env("PATH", &path);
+        for (k, v) in &env {
+            c.env(k, v);
+        }
+        c.env("JOB_COMPLETION_INDEX", i.to_string())
+            .env("RUN_ID", "s")
+            .env("TASKS", tasks)
+            .env("THREADS", "1")
+            .env("EVAL_ARGS", &extra);
+        c
+    });
     let shard = Manifest::read(&nodes[3].join("s/shard=3-of-4/manifest.json")).unwrap();
     assert_eq!(shard.settings.shard_source.as_deref(), Some("kubernetes"));
     let k8s = tmp.path().join("k8s");

@@ -100,14 +100,6 @@ impl WeightDtype {
             ))),
         }
     }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            WeightDtype::Checkpoint => "checkpoint",
-            WeightDtype::F32 => "f32",
-            WeightDtype::Bf16 => "bf16",
-        }
-    }
 }
 
 /// A tensor source whose projection weights are held as `dtype` says; records the dtypes held.

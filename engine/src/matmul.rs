@@ -58,10 +58,7 @@ impl Weight {
         match self {
             Weight::F32(v) => v.clone(),
             Weight::Bf16(v) => v.iter().map(|&b| bf16_to_f32(b)).collect(),
-            Weight::F16(v) => v
-                .iter()
-                .map(|&b| half::f16::from_bits(b).to_f32())
-                .collect(),
+            Weight::F16(v) => v.iter().map(|&b| f16_to_f32(b)).collect(),
         }
     }
 
@@ -95,7 +92,7 @@ impl Weight {
         match self {
             Weight::F32(v) => out.extend_from_slice(&v[span]),
             Weight::Bf16(v) => out.extend(v[span].iter().map(|&b| bf16_to_f32(b))),
-            Weight::F16(v) => out.extend(v[span].iter().map(|&b| half::f16::from_bits(b).to_f32())),
+            Weight::F16(v) => out.extend(v[span].iter().map(|&b| f16_to_f32(b))),
         }
     }
 
@@ -113,17 +110,13 @@ fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
+fn f16_to_f32(b: u16) -> f32 {
+    half::f16::from_bits(b).to_f32()
+}
+
 /// The micro-kernel this CPU runs (`avx512`, `avx2` or `portable`), for manifests and benchmarks.
 pub fn kernel_name() -> &'static str {
     Kernel::detect().name()
-}
-
-/// Packed panels in the weight's own dtype.
-#[derive(Clone, Debug)]
-enum Panels {
-    F32(Vec<f32>),
-    Bf16(Vec<u16>),
-    F16(Vec<u16>),
 }
 
 /// A projection `y = x W^T`, its weight `W [out, in]` held in packed panels.
@@ -131,8 +124,9 @@ enum Panels {
 pub struct Linear {
     n: usize,
     k: usize,
-    /// `ceil(n / NR)` panels of `k * NR` values; panel `p` row `t` holds `W[p*NR .. p*NR+NR, t]`, zero-padded.
-    panels: Panels,
+    /// `ceil(n / NR)` panels of `k * NR` values in the weight's own dtype; panel `p` row `t` holds
+    /// `W[p*NR .. p*NR+NR, t]`, zero-padded.
+    panels: Weight,
 }
 
 /// Packs a row-major `[n, k]` weight in place (each panel is a contiguous run of `NR` rows already).
@@ -159,19 +153,21 @@ impl Linear {
     /// A projection holding a row-major `[n, k]` weight in its own dtype.
     pub fn from_weight(w: Weight, n: usize, k: usize) -> Self {
         let panels = match w {
-            Weight::F32(v) => Panels::F32(pack(v, n, k)),
-            Weight::Bf16(v) => Panels::Bf16(pack(v, n, k)),
-            Weight::F16(v) => Panels::F16(pack(v, n, k)),
+            Weight::F32(v) => Weight::F32(pack(v, n, k)),
+            Weight::Bf16(v) => Weight::Bf16(pack(v, n, k)),
+            Weight::F16(v) => Weight::F16(pack(v, n, k)),
         };
         Self { n, k, panels }
     }
 
     /// Bytes the packed weight occupies.
     pub fn bytes(&self) -> usize {
-        match &self.panels {
-            Panels::F32(v) => 4 * v.len(),
-            Panels::Bf16(v) | Panels::F16(v) => 2 * v.len(),
-        }
+        let width = if let Weight::F32(_) = self.panels {
+            4
+        } else {
+            2
+        };
+        width * self.panels.len()
     }
 
     /// `x [m, in] -> [m, out]`.
@@ -194,11 +190,12 @@ impl Linear {
     }
 
     fn matmul(&self, x: &[f32], m: usize, ldx: usize) -> Vec<f32> {
-        match &self.panels {
-            Panels::F32(p) => matmul_packed(x, m, ldx, PanelRef::F32(p), self.n, self.k),
-            Panels::Bf16(p) => matmul_packed(x, m, ldx, PanelRef::Bf16(p), self.n, self.k),
-            Panels::F16(p) => matmul_packed(x, m, ldx, PanelRef::F16(p), self.n, self.k),
-        }
+        let panels = match &self.panels {
+            Weight::F32(p) => PanelRef::F32(p),
+            Weight::Bf16(p) => PanelRef::Bf16(p),
+            Weight::F16(p) => PanelRef::F16(p),
+        };
+        matmul_packed(x, m, ldx, panels, self.n, self.k)
     }
 
     /// Like [`forward_rows`](Self::forward_rows) for rows `ldx` floats apart whose first `in` values are
@@ -395,9 +392,7 @@ impl Kernel {
         match panel {
             PanelRef::F32(p) => portable(x, rows, k, ldx, tile, |t| p[t]),
             PanelRef::Bf16(p) => portable(x, rows, k, ldx, tile, |t| bf16_to_f32(p[t])),
-            PanelRef::F16(p) => portable(x, rows, k, ldx, tile, |t| {
-                half::f16::from_bits(p[t]).to_f32()
-            }),
+            PanelRef::F16(p) => portable(x, rows, k, ldx, tile, |t| f16_to_f32(p[t])),
         }
     }
 }
@@ -693,7 +688,7 @@ mod tests {
                     let (mut a, mut b) = ([[0f32; NR]; MR], [[0f32; NR]; MR]);
                     let rows = m.min(MR);
                     let p32 = match &upcast.panels {
-                        Panels::F32(p) => p[..k * NR].to_vec(),
+                        Weight::F32(p) => p[..k * NR].to_vec(),
                         _ => unreachable!(),
                     };
                     kern.tile(
@@ -705,9 +700,9 @@ mod tests {
                         &mut a,
                     );
                     let half = match &resident.panels {
-                        Panels::Bf16(p) => PanelRef::Bf16(&p[..k * NR]),
-                        Panels::F16(p) => PanelRef::F16(&p[..k * NR]),
-                        Panels::F32(_) => unreachable!(),
+                        Weight::Bf16(p) => PanelRef::Bf16(&p[..k * NR]),
+                        Weight::F16(p) => PanelRef::F16(&p[..k * NR]),
+                        Weight::F32(_) => unreachable!(),
                     };
                     kern.tile(&x[..(rows - 1) * k + k], rows, k, k, half, &mut b);
                     assert_eq!(

@@ -189,16 +189,18 @@ fn tied_embeddings_use_the_embedding_matrix() {
 /// logits and greedy generations of the same weights upcast to f32 at load (`--dtype f32`).
 #[test]
 fn resident_bf16_equals_upcast_exactly() {
-    let dir = fixture("tiny-flexolmo-bf16-sharded");
-    let resident = Model::load(&dir, &LoadOptions::default()).unwrap();
-    let upcast = Model::load(
-        &dir,
-        &LoadOptions {
-            dtype: engine::WeightDtype::F32,
+    let load = |name: &str, dtype| {
+        let opts = LoadOptions {
+            dtype,
             ..LoadOptions::default()
-        },
-    )
-    .unwrap();
+        };
+        Model::load(&fixture(name), &opts).unwrap()
+    };
+    let resident = load(
+        "tiny-flexolmo-bf16-sharded",
+        engine::WeightDtype::Checkpoint,
+    );
+    let upcast = load("tiny-flexolmo-bf16-sharded", engine::WeightDtype::F32);
     assert_eq!(resident.weights_dtype(), "bf16");
     assert_eq!(upcast.weights_dtype(), "f32");
     let tok = resident.require_tokenizer().unwrap();
@@ -230,21 +232,12 @@ fn resident_bf16_equals_upcast_exactly() {
         };
         assert_eq!(gen(&resident), gen(&upcast), "{text}");
     }
-    // An f32 checkpoint held as bf16 is rounded: close to, not equal to, f32.
-    let f32_dir = fixture("tiny-flexolmo");
-    let rounded = Model::load(
-        &f32_dir,
-        &LoadOptions {
-            dtype: engine::WeightDtype::Bf16,
-            ..LoadOptions::default()
-        },
-    )
-    .unwrap();
+    // An f32 checkpoint held as bf16 is rounded, and says so.
+    let rounded = load("tiny-flexolmo", engine::WeightDtype::Bf16);
     assert_eq!(rounded.weights_dtype(), "bf16");
+    assert!(rounded.weights_rounded() && !resident.weights_rounded());
     assert_eq!(
-        Model::load(&f32_dir, &LoadOptions::default())
-            .unwrap()
-            .weights_dtype(),
+        load("tiny-flexolmo", engine::WeightDtype::Checkpoint).weights_dtype(),
         "f32"
     );
 }

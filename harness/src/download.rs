@@ -1,6 +1,6 @@
 //! Downloads from the Hugging Face Hub, only when asked or when a task's dataset is missing:
 //!
-//! - Datasets named by tasks ([`fetch_task_dataset`], [`load_task`]; `moeval download --tasks`, and
+//! - Datasets named by tasks ([`fetch_task_dataset`], [`finish_load`]; `moeval download --tasks`, and
 //!   `moeval eval` when a task's Hub dataset has files missing from the cache): the files the task's
 //!   splits resolve to (`tasks::hub`'s resolution over the repository's remote file list) are
 //!   fetched with `hf-hub` into the Hugging Face cache (`HF_HUB_CACHE`, the layout huggingface_hub
@@ -370,16 +370,18 @@ pub fn fetch_task_dataset(
     Ok(Some(fetched))
 }
 
-/// Loads a task; when its Hub dataset has files missing from the cache and `HF_HUB_OFFLINE` is
-/// not set, downloads what the task needs ([`fetch_task_dataset`]) and loads again. Offline, the
-/// missing-file error (`tasks::Error::HubMissing`) is returned as it is.
-pub fn load_task(
+/// Completes `attempt`, a `Task::load` of `cfg`: when its Hub dataset had files missing from the
+/// cache and `HF_HUB_OFFLINE` is not set, downloads what the task needs ([`fetch_task_dataset`])
+/// and loads again. Offline, the missing-file error (`tasks::Error::HubMissing`) is returned as it
+/// is.
+pub fn finish_load(
+    attempt: tasks::Result<Task>,
     cfg: &TaskConfig,
     opts: &LoadOptions,
     s: &HubSettings,
     on_file: &mut dyn FnMut(&str, &str),
 ) -> Result<Task> {
-    match Task::load(cfg.clone(), opts) {
+    match attempt {
         Err(tasks::Error::HubMissing(_)) if !hub::offline() => {
             fetch_task_dataset(cfg, s, on_file)?;
             Ok(Task::load(cfg.clone(), opts)?)

@@ -308,7 +308,7 @@ pub(crate) fn load_tasks(
     let datasets = configs
         .iter()
         .any(|c| c.process_docs.is_some() || c.fewshot.process_docs.is_some());
-    hooks.warm(&functions.iter().collect::<Vec<_>>(), datasets);
+    hooks.warm(&functions, datasets);
     let loaded: Vec<_> = configs
         .par_iter()
         .map(|cfg| Task::load(cfg.clone(), &load))
@@ -320,13 +320,8 @@ pub(crate) fn load_tasks(
         .into_iter()
         .zip(&configs)
         .map(|(task, cfg)| {
-            match task {
-                Err(tasks::Error::HubMissing(_)) if !tasks::hub::offline() => {
-                    crate::download::load_task(cfg, &load, &hub, &mut on_file)
-                }
-                r => Ok(r?),
-            }
-            .with_context(|| format!("cannot load task `{}`", cfg.name))
+            crate::download::finish_load(task, cfg, &load, &hub, &mut on_file)
+                .with_context(|| format!("cannot load task `{}`", cfg.name))
         })
         .collect::<Result<_>>()?;
     Ok((registry, tasks))
@@ -643,11 +638,14 @@ fn remove_temporary_files(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The recorded dtype of a CPU run whose loading rounded wider weights to bf16 (`--dtype bf16`).
+const ROUNDED_BF16: &str = "bf16-weights";
+
 /// The precision a model's numbers have: f32 on the CPU (weights held as stored give f32's numbers
-/// exactly), `bf16-weights` when loading rounded wider weights to bf16, bf16 on a GPU.
+/// exactly), [`ROUNDED_BF16`] when loading rounded wider weights to bf16, bf16 on a GPU.
 fn dtype(model: &Model) -> &'static str {
     match model.device() {
-        engine::Device::Cpu if model.weights_rounded() => "bf16-weights",
+        engine::Device::Cpu if model.weights_rounded() => ROUNDED_BF16,
         engine::Device::Cpu => "f32",
         engine::Device::Cuda(_) => "bf16",
     }
@@ -822,7 +820,7 @@ pub fn evaluate(start: Start, hooks: &Hooks, progress: &dyn Progress) -> Result<
                 };
                 let model_dir = PathBuf::from(&m.model.dir);
                 // Weights rounded to bf16 stay so; otherwise held as stored, which gives f32's numbers.
-                let weights = if scoring.dtype == "bf16-weights" {
+                let weights = if scoring.dtype == ROUNDED_BF16 {
                     engine::WeightDtype::Bf16
                 } else {
                     engine::WeightDtype::Checkpoint

@@ -259,21 +259,25 @@ pub fn choose_shard(
 mod tests {
     use super::*;
 
-    fn choose(explicit: Option<&str>, vars: &[(&str, &str)]) -> Result<ShardChoice> {
+    /// An environment holding `vars` (empty values count as unset, as in the binary).
+    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let vars: Vec<(String, String)> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let env = move |k: &str| {
+        move |k: &str| {
             vars.iter()
                 .find(|(n, _)| n == k)
                 .map(|(_, v)| v.clone())
                 .filter(|v| !v.is_empty())
-        };
+        }
+    }
+
+    fn choose(explicit: Option<&str>, vars: &[(&str, &str)]) -> Result<ShardChoice> {
         choose_shard(
             explicit.map(|s| Shard::parse(s).unwrap()),
             Some("r".into()),
-            &env,
+            &env_of(vars),
         )
     }
 
@@ -341,20 +345,12 @@ mod tests {
 
     #[test]
     fn shards_share_a_run_id() {
-        let slurm = |job: &str| {
-            let vars = [
-                ("SLURM_ARRAY_TASK_ID", "0".to_string()),
-                ("SLURM_ARRAY_TASK_COUNT", "2".to_string()),
-                ("SLURM_ARRAY_JOB_ID", job.to_string()),
-            ];
-            move |k: &str| {
-                vars.iter()
-                    .find(|(n, _)| *n == k)
-                    .map(|(_, v)| v.clone())
-                    .filter(|v| !v.is_empty())
-            }
-        };
-        let c = choose_shard(None, None, &slurm("77")).unwrap();
+        let slurm = env_of(&[
+            ("SLURM_ARRAY_TASK_ID", "0"),
+            ("SLURM_ARRAY_TASK_COUNT", "2"),
+            ("SLURM_ARRAY_JOB_ID", "77"),
+        ]);
+        let c = choose_shard(None, None, &slurm).unwrap();
         assert_eq!(c.run_id.as_deref(), Some("slurm-77"));
         let e = choose_shard(Some(Shard { index: 0, count: 2 }), None, &|_| None)
             .unwrap_err()

@@ -227,7 +227,7 @@ impl Hooks {
     /// imports overlap with loading data and the model. Hook calls wait for it; a failure is left
     /// to the first call that needs the module, which reports it as usual. Does nothing when
     /// `functions` is empty.
-    pub fn warm(&self, functions: &[&Function], datasets: bool) {
+    pub fn warm<'a>(&self, functions: impl IntoIterator<Item = &'a Function>, datasets: bool) {
         #[derive(Serialize)]
         struct Preload {
             op: &'static str,
@@ -235,13 +235,13 @@ impl Hooks {
             modules: Vec<(String, String)>,
             datasets: bool,
         }
-        if functions.is_empty() {
-            return;
-        }
         let mut modules: Vec<(String, String)> = functions
-            .iter()
+            .into_iter()
             .map(|f| (f.module.clone(), f.file().to_string_lossy().into_owned()))
             .collect();
+        if modules.is_empty() {
+            return;
+        }
         modules.sort_by(|a, b| a.1.cmp(&b.1));
         modules.dedup_by(|a, b| a.1 == b.1);
         let req = Preload {

@@ -308,8 +308,7 @@ fn deferred_imports_task(dir: &Path) -> Task {
     let cfg = reg.task_config("deferred", Path::new(".")).unwrap();
     let opts = with_python("python3");
     let functions = tasks::check::hook_functions(&cfg).unwrap();
-    opts.hooks
-        .warm(&functions.iter().map(|(_, f)| f).collect::<Vec<_>>(), false);
+    opts.hooks.warm(functions.iter().map(|(_, f)| f), false);
     Task::load(cfg, &opts).unwrap()
 }
 
@@ -370,7 +369,7 @@ fn a_hook_file_that_fails_to_import_in_the_background_fails_the_first_call() {
     // doc_to_text, and the few-shot examples' doc_to_text, which defaults to it.
     let fields: Vec<&str> = functions.iter().map(|(field, _)| *field).collect();
     assert_eq!(fields, ["doc_to_text", "fewshot_config.doc_to_text"]);
-    opts.hooks.warm(&[&functions[0].1], false);
+    opts.hooks.warm([&functions[0].1], false);
     let e = Task::load(cfg, &opts)
         .err()
         .expect("import fails")
