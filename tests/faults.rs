@@ -113,9 +113,48 @@ fn build_store(input: &Path, out: &Path, fault: Option<&str>) -> Output {
     )
 }
 
-fn knn(store: &Path, fault: Option<&str>) -> Output {
+/// An approximate index in parts of 1,024 keys (several parts even for this small store).
+const HNSW: &[&str] = &["--knn-index", "hnsw", "--knn-part-mib", "0"];
+
+fn knn_with(store: &Path, fault: Option<&str>, index: &[&str]) -> Output {
     let model = default_model();
-    run(fault, &["datastore", "knn", s(store), "--model", s(&model)])
+    let args = [&["datastore", "knn", s(store), "--model", s(&model)], index].concat();
+    run(fault, &args)
+}
+
+/// The current key folder's index: its layout and every graph file's bytes (builds are
+/// deterministic, so a redone step must give the same files).
+fn knn_index_files(store: &Path) -> Vec<(String, Vec<u8>)> {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("manifest.json")).unwrap()).unwrap();
+    let dir = store.join(m["knn"]["dir"].as_str().unwrap_or("knn"));
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "usearch" || x == "json"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The raw key bytes (f16) of the entries of `blocks` in the store's current key folder.
+fn keys_of(store: &Path, blocks: &HashSet<u64>) -> Vec<Vec<u8>> {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("manifest.json")).unwrap()).unwrap();
+    let dir = store.join(m["knn"]["dir"].as_str().unwrap_or("knn"));
+    let dim = m["knn"]["dim"].as_u64().unwrap() as usize;
+    let keys = std::fs::read(dir.join("keys.f16")).unwrap();
+    knn_entries(store)
+        .0
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, b))| blocks.contains(b))
+        .map(|(i, _)| keys[i * dim * 2..(i + 1) * dim * 2].to_vec())
+        .collect()
 }
 
 fn opt_out_news(store: &Path, fault: Option<&str>) -> Output {
@@ -216,9 +255,14 @@ fn news_block_ids(store: &Path) -> HashSet<u64> {
 }
 
 /// The owner's blocks are nowhere in the store: not in any segment's stored documents (deleted ones
-/// included), not as raw text or token bytes in any file, not in the kNN entries, and no stale key
-/// folder is left.
-fn assert_canary_absent(store: &Path, canary: &[(String, String, Vec<u8>)], blocks: &HashSet<u64>) {
+/// included), not as raw text or token bytes in any file, not in the kNN entries, their kNN keys in
+/// no file (key files and index graphs alike), and no stale key folder is left.
+fn assert_canary_absent(
+    store: &Path,
+    canary: &[(String, String, Vec<u8>)],
+    blocks: &HashSet<u64>,
+    keys: &[Vec<u8>],
+) {
     let stored = all_stored_blocks(store);
     assert!(
         stored.iter().all(|(o, _, _)| o != "news"),
@@ -250,6 +294,15 @@ fn assert_canary_absent(store: &Path, canary: &[(String, String, Vec<u8>)], bloc
             );
         }
     }
+    for key in keys.iter().step_by(7) {
+        for (path, bytes) in &file_bytes {
+            assert!(
+                !bytes.windows(key.len()).any(|w| w == key.as_slice()),
+                "a news kNN key found in {}",
+                path.display()
+            );
+        }
+    }
     let (entries, dirs) = knn_entries(store);
     assert!(
         entries.iter().all(|(_, b)| !blocks.contains(b)),
@@ -276,31 +329,44 @@ fn datastore_opt_out_survives_a_crash_at_every_step() {
     let input = corpus(tmp.path());
     let base = tmp.path().join("base");
     ok(&build_store(&input, &base, None));
-    ok(&knn(&base, None));
+    // With an approximate index, so that the opt-out has graphs to rebuild too.
+    ok(&knn_with(&base, None, HNSW));
     let canary: Vec<_> = all_stored_blocks(&base)
         .into_iter()
         .filter(|(o, _, _)| o == "news")
         .collect();
     assert!(!canary.is_empty());
     let blocks = news_block_ids(&base);
+    let keys = keys_of(&base, &blocks);
+    assert!(!keys.is_empty());
     let reference = tmp.path().join("reference");
     copy_tree(&base, &reference);
     ok(&opt_out_news(&reference, None));
-    assert_canary_absent(&reference, &canary, &blocks);
-    let want = (stats_json(&reference), knn_entries(&reference).0);
+    assert_canary_absent(&reference, &canary, &blocks, &keys);
+    let want = (
+        stats_json(&reference),
+        knn_entries(&reference).0,
+        knn_index_files(&reference),
+    );
+    assert!(want.2.len() > 2, "several index parts: {:?}", want.2.len());
 
     let points = [
         "datastore.opt-out.intent",
         "datastore.opt-out.logged",
         "datastore.opt-out.deleted",
         "datastore.opt-out.merged",
+        // The owner's keys sit in one or two parts: crash while rebuilding the first.
+        "knn.index.part",
         "datastore.opt-out.knn",
         "datastore.opt-out.manifest",
     ];
     for (i, point) in points.iter().enumerate() {
         let store = tmp.path().join(format!("crash-{i}"));
         copy_tree(&base, &store);
-        killed(&opt_out_news(&store, Some(point)), point);
+        killed(
+            &opt_out_news(&store, Some(point)),
+            point.split('@').next().unwrap(),
+        );
         assert!(
             store.join("opt-out.pending.json").exists(),
             "{point}: no intent"
@@ -316,9 +382,13 @@ fn datastore_opt_out_survives_a_crash_at_every_step() {
         } else {
             ok(&opt_out_news(&store, None));
         }
-        assert_canary_absent(&store, &canary, &blocks);
+        assert_canary_absent(&store, &canary, &blocks, &keys);
         assert_eq!(
-            (stats_json(&store), knn_entries(&store).0),
+            (
+                stats_json(&store),
+                knn_entries(&store).0,
+                knn_index_files(&store)
+            ),
             want,
             "{point}: differs from an uninterrupted opt-out"
         );
@@ -352,28 +422,66 @@ fn killed_knn_and_build_leave_usable_stores_and_retries_complete_them() {
 
     let reference = tmp.path().join("reference");
     copy_tree(&base, &reference);
-    ok(&knn(&reference, None));
-    let want = knn_entries(&reference).0;
-    for (i, point) in ["knn.push@3", "knn.written", "knn.committed"]
-        .iter()
-        .enumerate()
+    ok(&knn_with(&reference, None, HNSW));
+    let want = (knn_entries(&reference).0, knn_index_files(&reference));
+    for (i, point) in [
+        "knn.push@3",
+        "knn.written",
+        "knn.index.part@2",
+        "knn.committed",
+    ]
+    .iter()
+    .enumerate()
     {
         // Killed while computing keys for a store with none, and while replacing existing keys.
         for with_keys in [false, true] {
             let store = tmp.path().join(format!("knn-{i}-{with_keys}"));
             copy_tree(if with_keys { &reference } else { &base }, &store);
-            killed(&knn(&store, Some(point)), point.split('@').next().unwrap());
+            killed(
+                &knn_with(&store, Some(point), HNSW),
+                point.split('@').next().unwrap(),
+            );
             // Still a usable store: it opens and answers queries.
             stats_json(&store);
             ok(&run(
                 None,
                 &["datastore", "query", s(&store), "--text", "news", "--json"],
             ));
-            ok(&knn(&store, None));
-            assert_eq!(knn_entries(&store).0, want, "{point}");
+            ok(&knn_with(&store, None, HNSW));
+            assert_eq!(
+                (knn_entries(&store).0, knn_index_files(&store)),
+                want,
+                "{point}"
+            );
             assert_eq!(knn_entries(&store).1.len(), 1, "{point}: stale key folders");
         }
     }
+    // Dropping the index and building it again on the same keys, killed half-way: the store keeps
+    // searching with what it had, and the retry gives the same graphs.
+    let store = tmp.path().join("reindexed");
+    copy_tree(&reference, &store);
+    let reindex = |fault, index: &[&str]| {
+        run(
+            fault,
+            &[&["datastore", "reindex", s(&store)], index].concat(),
+        )
+    };
+    ok(&reindex(None, &["--knn-index", "exact"]));
+    assert!(knn_index_files(&store).is_empty());
+    for point in ["knn.index.part@2", "knn.index.committed"] {
+        killed(
+            &reindex(Some(point), HNSW),
+            point.split('@').next().unwrap(),
+        );
+        stats_json(&store);
+    }
+    ok(&reindex(None, HNSW));
+    assert_eq!(
+        (knn_entries(&store).0, knn_index_files(&store)),
+        want,
+        "reindexed"
+    );
+    assert_eq!(knn_entries(&store).1.len(), 1, "stale key folders");
 }
 
 #[test]

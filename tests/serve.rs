@@ -159,12 +159,8 @@ fn openai_endpoints_masks_policy_and_errors() {
     bad["moeval"] = json!({"opt_out": ["0,1,2,3"]});
     assert_error(&s.post("/v1/completions", &bad), 400, "at least one expert");
     bad["moeval"] = json!({"retrieval": {"mode": "knn"}});
-    // kNN-LM runs in `moeval eval` only; the server says so (with or without a datastore).
-    assert_error(
-        &s.post("/v1/completions", &bad),
-        400,
-        "not in the server yet",
-    );
+    // No datastore: the server says how to start one.
+    assert_error(&s.post("/v1/completions", &bad), 400, "--datastore");
     let mut big = body.clone();
     big["max_tokens"] = json!(65);
     assert_error(&s.post("/v1/completions", &big), 400, "limit of 64");
@@ -822,7 +818,7 @@ fn ric_retrieval_attributes_scores_only_the_prompt_and_honours_opt_out() {
     assert_error(
         &bad(json!({"mode": "knn", "lambda": 0.3})),
         400,
-        "not in the server yet",
+        "no kNN-LM keys",
     );
     assert_error(&bad(json!({"mode": "ric", "k": 0})), 400, "k must be");
     assert_error(
@@ -853,6 +849,123 @@ fn ric_retrieval_attributes_scores_only_the_prompt_and_honours_opt_out() {
     );
     let docs = info["documents"].as_array().unwrap();
     assert!(docs.iter().all(|d| d["owner"] != "river_trust"), "{info}");
+}
+
+#[test]
+fn knn_lm_generation_equals_moeval_eval_and_honours_opt_out() {
+    let dir = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    build_store("canary_corpus.jsonl", &store);
+    let moeval = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_moeval"))
+            .args(["--threads", "2"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (st, fx) = (store.to_str().unwrap(), fixture());
+    // Through an approximate index (parts of 1,024 keys), as a large store would be searched.
+    moeval(&[
+        "datastore",
+        "knn",
+        st,
+        "--model",
+        fx.to_str().unwrap(),
+        "--knn-index",
+        "hnsw",
+        "--knn-part-mib",
+        "0",
+    ]);
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/datastore");
+    let runs = tmp.path().join("runs");
+    moeval(&[
+        "eval",
+        "--model",
+        fx.to_str().unwrap(),
+        "--include-path",
+        data.to_str().unwrap(),
+        "--tasks",
+        "canary_gen",
+        "--retrieval",
+        "knn",
+        "--datastore",
+        st,
+        "--k",
+        "16",
+        "--temperature",
+        "1",
+        "--lambda",
+        "0.3",
+        "--output",
+        runs.to_str().unwrap(),
+        "--run-id",
+        "knn",
+    ]);
+    let samples = read(
+        &Source::parse(runs.join("knn/samples.parquet").to_str().unwrap(), &[]),
+        Format::Parquet,
+    )
+    .unwrap();
+    assert!(samples[0]["retrieval"]
+        .as_str()
+        .unwrap()
+        .contains("search=hnsw"));
+    let s = Server::start(dir.path(), &["--datastore", st]);
+    let knn = json!({"mode": "knn", "k": 16, "temperature": 1, "lambda": 0.3});
+    for sample in &samples {
+        let args: Value = serde_json::from_str(sample["arguments"].as_str().unwrap()).unwrap();
+        let context = args["gen_args_0"]["arg_0"].as_str().unwrap();
+        let r = s.post(
+            "/v1/completions",
+            &json!({"prompt": context, "max_tokens": 6, "temperature": 0,
+                    "moeval": {"retrieval": knn}}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        // The same greedy kNN-LM decoding as `moeval eval`.
+        assert_eq!(v["choices"][0]["text"], sample["prediction"], "{v}");
+        let info = &v["moeval"]["retrieval"];
+        assert_eq!(info["mode"], "knn");
+        assert_eq!(info["datastore"]["search"], "hnsw");
+        let docs = info["documents"].as_array().unwrap();
+        assert!(docs.iter().any(|d| d["owner"] == "owner_x"), "{info}");
+        let total: f64 = docs.iter().map(|d| d["weight"].as_f64().unwrap()).sum();
+        assert!((total - 0.3).abs() < 1e-6, "lambda's share: {total}");
+    }
+
+    // Refusals: what kNN-LM cannot do in the server says so.
+    let post = |body: Value| s.post("/v1/completions", &body);
+    let with = |extra: Value| {
+        let mut b = json!({"prompt": "The secret", "max_tokens": 2, "temperature": 0,
+                           "moeval": {"retrieval": knn}});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    assert_error(&post(with(json!({"temperature": 0.7}))), 400, "greedily");
+    assert_error(&post(with(json!({"logprobs": 1}))), 400, "moeval eval");
+    assert_error(&post(with(json!({"stream": true}))), 400, "not streamed");
+    let bad_k = json!({"moeval": {"retrieval": {"mode": "knn", "k": 0}}});
+    assert_error(&post(with(bad_k)), 400, "k must be");
+    let bad_mix = json!({"moeval": {"retrieval": {"mode": "knn", "query_tokens": 5}}});
+    assert_error(&post(with(bad_mix)), 400, "RIC-LM setting");
+
+    // Owner X leaves while the server runs: the next answer has none of X's neighbours.
+    moeval(&["datastore", "opt-out", st, "--owner", "owner_x"]);
+    let args: Value = serde_json::from_str(samples[0]["arguments"].as_str().unwrap()).unwrap();
+    let r = s.post(
+        "/v1/completions",
+        &json!({"prompt": args["gen_args_0"]["arg_0"], "max_tokens": 6, "temperature": 0,
+                "moeval": {"retrieval": knn}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let info = r.json()["moeval"]["retrieval"].clone();
+    assert_eq!(info["datastore"]["excluded_owners"], json!(["owner_x"]));
+    let docs = info["documents"].as_array().unwrap();
+    assert!(docs.iter().all(|d| d["owner"] != "owner_x"), "{info}");
 }
 
 #[test]

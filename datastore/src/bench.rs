@@ -115,3 +115,76 @@ pub fn run(store: &Datastore, tok: &Tokenizer, s: &BenchSettings) -> Result<Benc
         blocks: store.num_blocks(),
     })
 }
+
+/// Approximate against exact kNN search (`moeval datastore knn-bench`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KnnBenchReport {
+    pub entries: usize,
+    pub dim: usize,
+    pub queries: usize,
+    pub k: usize,
+    pub threads: usize,
+    /// The index's settings (`None`: the store searches exactly, and only exact search is timed).
+    pub index: Option<crate::AnnSettings>,
+    /// Mean over queries of |approximate top-k ∩ exact top-k| / k.
+    pub recall: Option<f64>,
+    pub exact_queries_per_second: f64,
+    pub index_queries_per_second: Option<f64>,
+}
+
+/// Searches `queries` query vectors (keys of `from`, evenly spaced) for their `k` nearest keys of
+/// `knn`, exactly and, when `knn` has one, through its approximate index; both timed over the thread
+/// pool. Vectors of the wrong dimension are refused.
+pub fn knn_recall(
+    knn: &crate::knn::KnnIndex,
+    from: &crate::knn::KnnIndex,
+    queries: usize,
+    k: usize,
+) -> Result<KnnBenchReport> {
+    if from.dim() != knn.dim() {
+        return Err(Error::Usage(format!(
+            "query keys have {} dimensions, the store's {}",
+            from.dim(),
+            knn.dim()
+        )));
+    }
+    let n = queries.min(from.len());
+    let qs: Vec<Vec<f32>> = (0..n).map(|i| from.key(i * from.len() / n)).collect();
+    let start = Instant::now();
+    let exact: Vec<Vec<usize>> = qs
+        .iter()
+        .map(|q| knn.search_exact(q, k).iter().map(|h| h.entry).collect())
+        .collect();
+    let exact_qps = n as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    let (recall, index_qps) = match knn.index_settings() {
+        Some(_) => {
+            let start = Instant::now();
+            let approx: Vec<Vec<usize>> = qs
+                .par_iter()
+                .map(|q| Ok(knn.search(q, k)?.iter().map(|h| h.entry).collect()))
+                .collect::<Result<_>>()?;
+            let qps = n as f64 / start.elapsed().as_secs_f64().max(1e-9);
+            let found: f64 = exact
+                .iter()
+                .zip(&approx)
+                .map(|(e, a)| {
+                    let hit = a.iter().filter(|x| e.contains(x)).count();
+                    hit as f64 / e.len().max(1) as f64
+                })
+                .sum();
+            (Some(found / n.max(1) as f64), Some(qps))
+        }
+        None => (None, None),
+    };
+    Ok(KnnBenchReport {
+        entries: knn.len(),
+        dim: knn.dim(),
+        queries: n,
+        k,
+        threads: rayon::current_num_threads(),
+        index: knn.index_settings(),
+        recall,
+        exact_queries_per_second: exact_qps,
+        index_queries_per_second: index_qps,
+    })
+}

@@ -1,6 +1,9 @@
 //! kNN-LM entries: one per datastore position, key = the model's final hidden state there (stored as
-//! f16), value = the next token, with the block it came from. Search is exact (squared L2 over all
-//! keys), which is what small stores need and what makes opt-out trivially exact.
+//! f16), value = the next token, with the block it came from. Keys and entries stay on disk,
+//! memory-mapped; key folders are written once and never changed, so a mapping never sees a write.
+//! Search is exact (squared L2 over all keys) unless the folder holds an approximate index
+//! ([`crate::ann`], built with [`KnnWriter::with_index`] or [`reindex`]), whose candidates are
+//! re-ranked with the exact distances.
 //!
 //! ```
 //! use datastore::knn::{KnnIndex, KnnWriter, next_token_distribution};
@@ -10,7 +13,7 @@
 //! w.push(7, &[0.0, 0.0, 1.0, 1.0], &[42, 43])?; // block 7: two positions
 //! w.finish("my-model", "")?;
 //! let knn = KnnIndex::open(tmp.path())?;
-//! let nn = knn.search(&[0.9, 1.0], 1);
+//! let nn = knn.search(&[0.9, 1.0], 1)?;
 //! assert_eq!(knn.value(nn[0].entry), 43);
 //! let p = next_token_distribution(&knn, &nn, 10.0);
 //! assert_eq!(p[0].0, 43);
@@ -23,7 +26,10 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use half::f16;
+use memmap2::Mmap;
+use rayon::prelude::*;
 
+use crate::ann::{Ann, AnnSettings};
 use crate::manifest::{KnnInfo, Manifest};
 use crate::{Error, Result};
 
@@ -50,6 +56,7 @@ pub struct KnnWriter {
     keys: BufWriter<File>,
     entries: BufWriter<File>,
     count: u64,
+    search: Search,
     _lock: Option<durable::Lock>,
 }
 
@@ -83,8 +90,15 @@ impl KnnWriter {
             dir: d,
             dim,
             count: 0,
+            search: Search::Exact,
             _lock: lock,
         })
+    }
+
+    /// How the keys will be searched: [`KnnWriter::finish`] builds the approximate index it asks for.
+    pub fn with_search(mut self, search: Search) -> Self {
+        self.search = search;
+        self
     }
 
     /// Adds the entries of one block: `keys` is `values.len()` rows of `dim` floats.
@@ -118,7 +132,18 @@ impl KnnWriter {
     /// Syncs the files and returns the number of entries. In a store, the manifest then records the
     /// keys' folder and model (a name and a hash identifying its weights) in one atomic write, and the
     /// previous keys are removed.
-    pub fn finish(mut self, model: &str, model_sha256: &str) -> Result<u64> {
+    pub fn finish(self, model: &str, model_sha256: &str) -> Result<u64> {
+        self.finish_with(model, model_sha256, &|_, _| {})
+    }
+
+    /// [`KnnWriter::finish`], telling `progress` how many entries the approximate index holds so far
+    /// while it is built.
+    pub fn finish_with(
+        mut self,
+        model: &str,
+        model_sha256: &str,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<u64> {
         for (w, name) in [(&mut self.keys, KEYS), (&mut self.entries, ENTRIES)] {
             let p = self.dir.join(name);
             w.flush().map_err(Error::io(&p))?;
@@ -126,6 +151,11 @@ impl KnnWriter {
         }
         durable::sync_dir(&self.dir).map_err(Error::io(&self.dir))?;
         durable::fault::point("knn.written");
+        let index = self.search.resolve(self.count);
+        if let Some(settings) = index {
+            let keys = KnnIndex::open_folder(&self.store, &self.dir)?;
+            crate::ann::build(&keys, &self.dir, settings, progress)?;
+        }
         let store = &self.store;
         if store.join(crate::manifest::FILE).is_file() {
             let mut m = Manifest::read(store)?;
@@ -135,7 +165,8 @@ impl KnnWriter {
                 dim: self.dim,
                 entries: self.count,
                 dtype: "f16".into(),
-                search: "exact".into(),
+                search: search_name(index.as_ref()),
+                index,
                 dir: self.name.clone(),
             });
             m.write(store)?;
@@ -148,6 +179,89 @@ impl KnnWriter {
         }
         Ok(self.count)
     }
+}
+
+/// Entries from which [`Search::Auto`] builds an approximate index: below, a scan of every key is
+/// fast enough and exact.
+pub const AUTO_INDEX_ENTRIES: u64 = 1_000_000;
+
+/// How a store's kNN keys are searched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Search {
+    /// Scan every key.
+    Exact,
+    /// Through an approximate index built with these settings.
+    Index(AnnSettings),
+    /// An index from [`AUTO_INDEX_ENTRIES`] entries on, exact below.
+    Auto(AnnSettings),
+}
+
+impl Search {
+    /// The index to build for `entries` keys (`None`: exact search).
+    pub fn resolve(self, entries: u64) -> Option<AnnSettings> {
+        match self {
+            Search::Exact => None,
+            Search::Index(s) => Some(s),
+            Search::Auto(s) => (entries >= AUTO_INDEX_ENTRIES).then_some(s),
+        }
+    }
+}
+
+fn search_name(index: Option<&AnnSettings>) -> String {
+    match index {
+        Some(_) => "hnsw".into(),
+        None => "exact".into(),
+    }
+}
+
+/// Gives the keys of the store in `dir` the search `search` asks for: an approximate index, or none
+/// (exact search). The keys are linked into a new key folder, the index is built there,
+/// and the manifest switches to it in one write; `progress` gets the entries indexed so far. Holds the
+/// store's writers' lock throughout.
+pub fn reindex(
+    dir: &Path,
+    search: Search,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Manifest> {
+    let _lock = crate::txn::lock(dir)?;
+    crate::store::complete_pending(dir)?;
+    let mut m = Manifest::read(dir)?;
+    let Some(info) = m.knn.clone() else {
+        return Err(Error::store(
+            dir,
+            "has no kNN-LM keys; build them with `moeval datastore knn`",
+        ));
+    };
+    remove_stale(dir, Some(&info.dir))?;
+    let settings = search.resolve(info.entries);
+    let name = fresh_name(dir);
+    let d = dir.join(&name);
+    std::fs::create_dir_all(&d).map_err(Error::io(&d))?;
+    for f in [KEYS, ENTRIES, DIM] {
+        let (from, to) = (dir.join(&info.dir).join(f), d.join(f));
+        std::fs::hard_link(&from, &to)
+            .or_else(|_| std::fs::copy(&from, &to).map(|_| ()))
+            .map_err(Error::io(&to))?;
+    }
+    durable::sync_dir(&d).map_err(Error::io(&d))?;
+    if let Some(s) = settings {
+        let keys = KnnIndex::open_folder(dir, &d)?;
+        crate::ann::build(&keys, &d, s, progress)?;
+    }
+    m.knn = Some(KnnInfo {
+        search: search_name(settings.as_ref()),
+        index: settings,
+        dir: name.clone(),
+        ..info
+    });
+    m.write(dir)?;
+    durable::fault::point("knn.index.committed");
+    remove_stale(dir, Some(&name))?;
+    crate::store::audit(
+        dir,
+        serde_json::json!({"action": "knn-index", "search": search_name(settings.as_ref()), "index": settings, "identity": m.identity()}),
+    )?;
+    Ok(m)
 }
 
 /// A key folder name not in use: `knn`, else `knn-1`, `knn-2`, ...
@@ -176,12 +290,33 @@ pub(crate) fn remove_stale(store: &Path, keep: Option<&str>) -> Result<()> {
     durable::sync_dir(store).map_err(Error::io(store))
 }
 
-/// kNN entries in memory (keys widened to f32 for the distance loop).
+/// A file's bytes, memory-mapped (an empty file maps to nothing).
+struct Mapped(Option<Mmap>);
+
+impl Mapped {
+    fn open(path: &Path) -> Result<Mapped> {
+        let f = File::open(path).map_err(Error::io(path))?;
+        let len = f.metadata().map_err(Error::io(path))?.len();
+        if len == 0 {
+            return Ok(Mapped(None));
+        }
+        // Sound because key folders are never written after they are complete (see the module docs).
+        let map = unsafe { Mmap::map(&f) }.map_err(Error::io(path))?;
+        Ok(Mapped(Some(map)))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or(&[])
+    }
+}
+
+/// kNN entries, memory-mapped from a key folder, with its approximate index when it has one.
 pub struct KnnIndex {
     dim: usize,
-    keys: Vec<f32>,
-    values: Vec<u32>,
-    blocks: Vec<u64>,
+    len: usize,
+    keys: Mapped,
+    entries: Mapped,
+    ann: Option<Ann>,
 }
 
 fn read_all(path: &Path) -> Result<Vec<u8>> {
@@ -192,8 +327,10 @@ fn read_all(path: &Path) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Entries whose distances one exact-search task computes.
+const SCAN_CHUNK: usize = 1 << 14;
+
 impl KnnIndex {
-    /// Loads `knn/` from a store directory.
     /// Opens the keys of the store in `dir` (the folder its manifest names; `knn/` outside a store).
     pub fn open(dir: &Path) -> Result<Self> {
         let name = if dir.join(crate::manifest::FILE).is_file() {
@@ -205,16 +342,23 @@ impl KnnIndex {
     }
 
     pub(crate) fn open_in(dir: &Path, name: &str) -> Result<Self> {
-        let d = dir.join(name);
+        let mut k = Self::open_folder(dir, &dir.join(name))?;
+        k.ann = Ann::open(&dir.join(name), k.dim, k.len as u64)?;
+        Ok(k)
+    }
+
+    /// Opens the keys and entries of key folder `d` of store `dir`, without its index.
+    fn open_folder(dir: &Path, d: &Path) -> Result<Self> {
         let dim_path = d.join(DIM);
         let dim: usize = String::from_utf8_lossy(&read_all(&dim_path)?)
             .trim()
             .parse()
             .map_err(|_| Error::store(dir, format!("{} is not a number", dim_path.display())))?;
-        let kb = read_all(&d.join(KEYS))?;
-        let eb = read_all(&d.join(ENTRIES))?;
-        let n = eb.len() / 12;
-        if eb.len() % 12 != 0 || dim == 0 || kb.len() != n * dim * 2 {
+        let keys = Mapped::open(&d.join(KEYS))?;
+        let entries = Mapped::open(&d.join(ENTRIES))?;
+        let (kb, eb) = (keys.bytes().len(), entries.bytes().len());
+        let len = eb / 12;
+        if eb % 12 != 0 || dim == 0 || kb != len * dim * 2 {
             return Err(Error::store(
                 dir,
                 format!(
@@ -223,75 +367,133 @@ impl KnnIndex {
                 ),
             ));
         }
-        let keys = kb
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect();
-        let (values, blocks) = eb
-            .chunks_exact(12)
-            .map(|c| {
-                let v = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&c[4..12]);
-                (v, u64::from_le_bytes(b))
-            })
-            .unzip();
         Ok(KnnIndex {
             dim,
+            len,
             keys,
-            values,
-            blocks,
+            entries,
+            ann: None,
         })
     }
 
     pub fn len(&self) -> usize {
-        self.values.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
+        self.len == 0
     }
 
     pub fn dim(&self) -> usize {
         self.dim
     }
 
+    /// The approximate index's settings, when search goes through one.
+    pub fn index_settings(&self) -> Option<AnnSettings> {
+        self.ann.as_ref().map(Ann::settings)
+    }
+
+    fn entry(&self, entry: usize) -> &[u8] {
+        &self.entries.bytes()[entry * 12..entry * 12 + 12]
+    }
+
     /// Next token stored at an entry.
     pub fn value(&self, entry: usize) -> u32 {
-        self.values[entry]
+        let e = self.entry(entry);
+        u32::from_le_bytes([e[0], e[1], e[2], e[3]])
     }
 
     /// Block an entry came from.
     pub fn block(&self, entry: usize) -> u64 {
-        self.blocks[entry]
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.entry(entry)[4..12]);
+        u64::from_le_bytes(b)
     }
 
-    /// The `k` nearest entries to `query` by squared L2 distance, nearest first (ties: lower entry).
-    pub fn search(&self, query: &[f32], k: usize) -> Vec<Neighbor> {
+    fn key_bytes(&self, entry: usize) -> &[u8] {
+        &self.keys.bytes()[entry * self.dim * 2..(entry + 1) * self.dim * 2]
+    }
+
+    /// An entry's key, widened to f32 (exactly).
+    pub fn key(&self, entry: usize) -> Vec<f32> {
+        self.key_bytes(entry)
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()
+    }
+
+    /// Squared L2 distance of an entry's key to `query`, summed in dimension order (the arithmetic
+    /// every search uses, so approximate and exact search agree on a neighbour's distance).
+    pub fn distance(&self, entry: usize, query: &[f32]) -> f32 {
+        self.key_bytes(entry)
+            .chunks_exact(2)
+            .zip(query)
+            .map(|(c, q)| {
+                let a = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                (a - q) * (a - q)
+            })
+            .sum()
+    }
+
+    /// The `k` nearest entries to `query` by squared L2 distance, nearest first (ties: lower entry):
+    /// through the approximate index when the keys have one, else exact.
+    pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<Neighbor>> {
+        match &self.ann {
+            Some(ann) if query.len() == self.dim && k > 0 => {
+                let mut candidates = ann.candidates(query, k)?;
+                candidates.sort_unstable();
+                candidates.dedup();
+                let all = candidates
+                    .into_iter()
+                    .map(|entry| Neighbor {
+                        entry,
+                        distance: self.distance(entry, query),
+                    })
+                    .collect();
+                Ok(nearest(all, k))
+            }
+            _ => Ok(self.search_exact(query, k)),
+        }
+    }
+
+    /// The `k` nearest entries by scanning every key (the reference the approximate index is measured
+    /// against).
+    pub fn search_exact(&self, query: &[f32], k: usize) -> Vec<Neighbor> {
         if query.len() != self.dim || k == 0 {
             return Vec::new();
         }
-        let mut all: Vec<Neighbor> = self
-            .keys
-            .chunks_exact(self.dim)
-            .enumerate()
-            .map(|(entry, key)| Neighbor {
-                entry,
-                distance: key.iter().zip(query).map(|(a, b)| (a - b) * (a - b)).sum(),
+        let chunks = self.len.div_ceil(SCAN_CHUNK);
+        let found: Vec<Neighbor> = (0..chunks)
+            .into_par_iter()
+            .flat_map_iter(|c| {
+                let first = c * SCAN_CHUNK;
+                let last = (first + SCAN_CHUNK).min(self.len);
+                let all = (first..last)
+                    .map(|entry| Neighbor {
+                        entry,
+                        distance: self.distance(entry, query),
+                    })
+                    .collect();
+                nearest(all, k)
             })
             .collect();
-        let order = |a: &Neighbor, b: &Neighbor| {
-            a.distance
-                .total_cmp(&b.distance)
-                .then(a.entry.cmp(&b.entry))
-        };
-        if all.len() > k {
-            all.select_nth_unstable_by(k - 1, order);
-            all.truncate(k);
-        }
-        all.sort_by(order);
-        all
+        nearest(found, k)
     }
+}
+
+/// The `k` nearest of `all`, nearest first (ties: lower entry).
+fn nearest(mut all: Vec<Neighbor>, k: usize) -> Vec<Neighbor> {
+    let order = |a: &Neighbor, b: &Neighbor| {
+        a.distance
+            .total_cmp(&b.distance)
+            .then(a.entry.cmp(&b.entry))
+    };
+    if all.len() > k {
+        all.select_nth_unstable_by(k - 1, order);
+        all.truncate(k);
+    }
+    all.sort_by(order);
+    all
 }
 
 /// Weight of each neighbour: softmax of negative distance / temperature (same order as `nn`).
@@ -322,38 +524,42 @@ pub fn next_token_distribution(
     p
 }
 
-/// Writes the store's keys without the entries of `blocks` into a new folder, synced, and returns its
-/// name and the number of entries dropped. The caller switches the manifest to it.
+/// Writes the store's keys without the entries of `blocks` into a new folder, synced, with an index
+/// when the current keys have one (parts that held removed entries rebuilt), and returns its name and
+/// the number of entries dropped. The caller switches the manifest to it.
 pub(crate) fn remove_blocks(
     dir: &Path,
     current: &str,
     blocks: &HashSet<u64>,
 ) -> Result<(String, u64)> {
-    let knn = KnnIndex::open_in(dir, current)?;
+    let knn = KnnIndex::open_folder(dir, &dir.join(current))?;
     let name = fresh_name(dir);
     let d = dir.join(&name);
     std::fs::create_dir_all(&d).map_err(Error::io(&d))?;
-    let mut keys = Vec::new();
-    let mut entries = Vec::new();
-    let mut removed = 0;
-    for i in 0..knn.len() {
-        if blocks.contains(&knn.blocks[i]) {
-            removed += 1;
-            continue;
+    let kept: Vec<bool> = (0..knn.len())
+        .map(|i| !blocks.contains(&knn.block(i)))
+        .collect();
+    let removed = kept.iter().filter(|&&k| !k).count() as u64;
+    // Streamed to temporary files, synced, then renamed: a store's keys need not fit in memory.
+    for file in [KEYS, ENTRIES] {
+        let (p, tmp) = (d.join(file), d.join(format!("{file}.tmp")));
+        let mut w = BufWriter::new(File::create(&tmp).map_err(Error::io(&tmp))?);
+        for i in (0..knn.len()).filter(|&i| kept[i]) {
+            let row = if file == KEYS {
+                knn.key_bytes(i)
+            } else {
+                knn.entry(i)
+            };
+            w.write_all(row).map_err(Error::io(&tmp))?;
         }
-        for &x in &knn.keys[i * knn.dim..(i + 1) * knn.dim] {
-            keys.extend_from_slice(&f16::from_f32(x).to_le_bytes());
-        }
-        entries.extend_from_slice(&knn.values[i].to_le_bytes());
-        entries.extend_from_slice(&knn.blocks[i].to_le_bytes());
+        w.flush().map_err(Error::io(&tmp))?;
+        w.get_ref().sync_all().map_err(Error::io(&tmp))?;
+        std::fs::rename(&tmp, &p).map_err(Error::io(&p))?;
     }
-    for (file, bytes) in [
-        (KEYS, keys),
-        (ENTRIES, entries),
-        (DIM, knn.dim.to_string().into_bytes()),
-    ] {
-        let p = d.join(file);
-        crate::manifest::write_atomic(&p, &bytes)?;
+    crate::manifest::write_atomic(&d.join(DIM), knn.dim.to_string().as_bytes())?;
+    if dir.join(current).join(crate::ann::LAYOUT).is_file() {
+        let compacted = KnnIndex::open_folder(dir, &d)?;
+        crate::ann::carry_over(&dir.join(current), &d, &kept, &compacted)?;
     }
     Ok((name, removed))
 }

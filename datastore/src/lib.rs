@@ -3,7 +3,8 @@
 //!
 //! A store is a directory holding a tantivy index (one row per block, with its block id, document id,
 //! owner, license, text and token ids), a `manifest.json` whose hash identifies the store, an
-//! `audit.jsonl` of opt-outs, and optionally `knn/` (f16 keys, next-token values, block ids).
+//! `audit.jsonl` of opt-outs, and optionally `knn/` (f16 keys, next-token values, block ids, and for
+//! large stores an approximate index over the keys).
 //!
 //! ```
 //! use datastore::{build, BuildOptions, Datastore, OptOut, Tokenizer};
@@ -34,6 +35,7 @@
 //! ```
 
 mod analyzer;
+mod ann;
 pub mod bench;
 mod build;
 mod error;
@@ -45,6 +47,7 @@ mod tokenizer;
 mod txn;
 
 pub use analyzer::{analyze, english_analyzer};
+pub use ann::AnnSettings;
 pub use build::{build, BuildOptions, BuildReport, Malformed};
 pub use error::{Error, Result};
 pub use manifest::{InputFile, KnnInfo, Manifest};

@@ -53,9 +53,12 @@ pub struct KnnInfo {
     pub model_sha256: String,
     pub dim: usize,
     pub entries: u64,
-    /// Key storage (`f16`) and search (`exact`).
+    /// Key storage (`f16`) and search (`exact`, or `hnsw` through an approximate index).
     pub dtype: String,
     pub search: String,
+    /// How the approximate index was built and is searched (with `search` `hnsw`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<crate::ann::AnnSettings>,
     /// Folder of the key files in the store. A writer writes a new folder and switches this name in
     /// one manifest write, so a crash leaves the old keys or the new ones, never a mix.
     #[serde(

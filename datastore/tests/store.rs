@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use datastore::knn::{KnnIndex, KnnWriter};
-use datastore::{build, BuildOptions, Datastore, Error, OptOut, Tokenizer};
+use datastore::knn::{KnnIndex, KnnWriter, Search};
+use datastore::{build, AnnSettings, BuildOptions, Datastore, Error, OptOut, Tokenizer};
 
 const WORDS: &[&str] = &[
     "river", "mountain", "glacier", "valley", "forest", "ocean", "desert", "storm", "harbor",
@@ -410,7 +410,7 @@ fn knn_entries_of_opted_out_blocks_are_removed() {
     let knn = KnnIndex::open(&dir).unwrap();
     assert_eq!(knn.len(), 4);
     // Exact neighbours: the nearest key to (1, 1) is block 1's.
-    assert_eq!(knn.block(knn.search(&[1.0, 1.0], 1)[0].entry), 1);
+    assert_eq!(knn.block(knn.search(&[1.0, 1.0], 1).unwrap()[0].entry), 1);
     let r = Datastore::opt_out(&dir, &OptOut::owner("y", "")).unwrap();
     assert_eq!(r.knn_entries_removed, 2);
     let store = Datastore::open(&dir).unwrap();
@@ -418,9 +418,162 @@ fn knn_entries_of_opted_out_blocks_are_removed() {
     assert_eq!(knn.len(), 2);
     assert!(knn
         .search(&[1.0, 1.0], 10)
+        .unwrap()
         .iter()
         .all(|n| knn.block(n.entry) == 0));
     assert_eq!(store.manifest().knn.as_ref().unwrap().entries, 2);
+}
+
+/// Random keys around a few centres per block, so that neighbours are meaningful (seeded).
+fn clustered_keys(rng: &mut Rng, block: u64, n: usize, dim: usize) -> Vec<f32> {
+    let unit = |r: &mut Rng| (r.next() % 10_000) as f32 / 10_000.0;
+    let centre: Vec<f32> = (0..dim)
+        .map(|d| ((block as usize * 7 + d) % 13) as f32 / 4.0)
+        .collect();
+    (0..n * dim)
+        .map(|i| centre[i % dim] + unit(rng) - 0.5)
+        .collect()
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn approximate_index_matches_exact_search_and_opt_out_removes_keys_from_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = make(tmp.path(), "s", &corpus(None));
+    let store = Datastore::open(&dir).unwrap();
+    let blocks = store.blocks().unwrap();
+    let owner_of: BTreeMap<u64, String> = blocks
+        .iter()
+        .map(|b| {
+            (
+                b.block_id,
+                store.source(b.block_id).unwrap().unwrap().owner.clone(),
+            )
+        })
+        .collect();
+    drop(store);
+    let dim = 16;
+    let per_block = 3;
+    let settings = AnnSettings {
+        part_entries: 1000,
+        ..AnnSettings::default()
+    };
+    let mut w = KnnWriter::create(&dir, dim)
+        .unwrap()
+        .with_search(Search::Index(settings));
+    let mut rng = Rng(7);
+    let mut bob_keys = Vec::new();
+    for b in &blocks {
+        let keys = clustered_keys(&mut rng, b.block_id, per_block, dim);
+        if owner_of[&b.block_id] == "bob" {
+            bob_keys.extend(keys.chunks(dim).map(<[f32]>::to_vec));
+        }
+        let values: Vec<u32> = (0..per_block as u32).collect();
+        w.push(b.block_id, &keys, &values).unwrap();
+    }
+    let n = w.finish("test-model", "0").unwrap() as usize;
+    assert!(n > 3 * 1000, "{n} entries: more than three parts");
+    let store = Datastore::open(&dir).unwrap();
+    assert_eq!(store.manifest().knn.as_ref().unwrap().search, "hnsw");
+    let knn = store.knn().unwrap();
+    assert_eq!(knn.index_settings(), Some(settings));
+
+    // Recall@16 against the exact scan, and every distance equal to the exact one.
+    let queries: Vec<Vec<f32>> = (0..50)
+        .map(|i| {
+            let mut q = knn.key(i * n / 50);
+            q[0] += 0.05;
+            q
+        })
+        .collect();
+    let mut found = 0;
+    for q in &queries {
+        let exact = knn.search_exact(q, 16);
+        let approx = knn.search(q, 16).unwrap();
+        assert_eq!(approx.len(), 16);
+        for h in &approx {
+            assert_eq!(h.distance, knn.distance(h.entry, q));
+        }
+        found += approx.iter().filter(|h| exact.contains(h)).count();
+    }
+    let recall = found as f64 / (16 * queries.len()) as f64;
+    assert!(recall >= 0.95, "recall@16 {recall}");
+    // Asking for every entry returns exactly the exact search's list.
+    assert_eq!(
+        knn.search(&queries[0], n).unwrap(),
+        knn.search_exact(&queries[0], n)
+    );
+    drop(store);
+
+    // Bob leaves: no file of the store holds any of his keys (as the f16 bytes both the key files and
+    // the graphs store), and his blocks are never found.
+    let r = Datastore::opt_out(&dir, &OptOut::owner("bob", "canary")).unwrap();
+    assert_eq!(r.knn_entries_removed as usize, bob_keys.len());
+    let files: Vec<(PathBuf, Vec<u8>)> = files_under(&dir)
+        .into_iter()
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    let as_f16 = |k: &[f32]| -> Vec<u8> {
+        k.iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect()
+    };
+    for k in bob_keys.iter().step_by(37) {
+        let needle = as_f16(k);
+        for (p, bytes) in &files {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "a key of bob's is still in {}",
+                p.display()
+            );
+        }
+    }
+    let store = Datastore::open(&dir).unwrap();
+    let knn = store.knn().unwrap();
+    assert_eq!(knn.len(), n - bob_keys.len());
+    assert_eq!(knn.index_settings(), Some(settings));
+    for k in bob_keys.iter().step_by(53) {
+        for h in knn.search(k, 16).unwrap() {
+            assert_ne!(owner_of[&knn.block(h.entry)], "bob");
+        }
+    }
+    // The index after the opt-out is the one a build without bob's keys gives.
+    let mut recall_after = 0;
+    for q in &queries {
+        let exact = knn.search_exact(q, 16);
+        recall_after += knn
+            .search(q, 16)
+            .unwrap()
+            .iter()
+            .filter(|h| exact.contains(h))
+            .count();
+    }
+    assert!(recall_after as f64 / (16 * queries.len()) as f64 >= 0.95);
+    drop(store);
+
+    // Back to exact search, and the index files are gone.
+    datastore::knn::reindex(&dir, Search::Exact, &|_, _| {}).unwrap();
+    let store = Datastore::open(&dir).unwrap();
+    assert_eq!(store.manifest().knn.as_ref().unwrap().search, "exact");
+    assert!(store.knn().unwrap().index_settings().is_none());
+    assert!(!files_under(&dir)
+        .iter()
+        .any(|p| p.to_string_lossy().ends_with(".usearch")));
 }
 
 #[test]

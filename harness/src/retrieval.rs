@@ -231,10 +231,15 @@ impl Retrieval {
         let mut parts = Vec::new();
         match self.mode {
             Some(Mode::Knn) => parts.push(format!(
-                "knn:k={},lambda={},temperature={}{}",
+                "knn:k={},lambda={},temperature={}{}{}",
                 self.k,
                 self.lambda,
                 self.temperature,
+                if self.knn_index().is_some() {
+                    ",search=hnsw"
+                } else {
+                    ""
+                },
                 store()
             )),
             Some(Mode::Ric) => parts.push(format!(
@@ -255,6 +260,11 @@ impl Retrieval {
         }
     }
 
+    /// The approximate index kNN-LM searches through, when the store's keys have one.
+    fn knn_index(&self) -> Option<datastore::AnnSettings> {
+        self.store.as_ref()?.knn()?.index_settings()
+    }
+
     /// A request-cache scope that separates these settings and this datastore state from any other.
     pub fn cache_scope(&self, base: &str) -> String {
         use sha2::{Digest, Sha256};
@@ -273,10 +283,15 @@ impl Retrieval {
             "excluded_documents": m.map(|m| m.excluded_documents.clone()).unwrap_or_default(),
             "blocks": m.map(|m| m.blocks),
             "knn_entries": self.store.as_ref().and_then(|s| s.knn()).map(|k| k.len()),
-            "search": match self.mode {
-                Some(Mode::Ric) => Some("bm25 (tantivy, k1 = 1.2, b = 0.75)"),
-                Some(Mode::Knn) => Some("exact (squared L2 over all keys)"),
-                None => None,
+            "search": match (self.mode, self.knn_index()) {
+                (Some(Mode::Ric), _) => Some("bm25 (tantivy, k1 = 1.2, b = 0.75)".to_string()),
+                (Some(Mode::Knn), None) => Some("exact (squared L2 over all keys)".to_string()),
+                (Some(Mode::Knn), Some(i)) => Some(format!(
+                    "hnsw (usearch, f16 vectors; connectivity {}, expansion_add {}, expansion_search {}, \
+                     {} entries per part; candidates re-ranked by exact squared L2)",
+                    i.connectivity, i.expansion_add, i.expansion_search, i.part_entries
+                )),
+                (None, _) => None,
             },
             "k": self.mode.map(|_| self.k),
             "lambda": (self.mode == Some(Mode::Knn)).then_some(self.lambda),
@@ -713,10 +728,7 @@ impl RetrievalLm<'_> {
             pickers.push(picker);
         }
         let (out, routed) = generate_requests(self.model, reqs)?;
-        let sources = pickers
-            .iter()
-            .map(|p| std::mem::take(&mut *p.sources.lock().unwrap_or_else(|e| e.into_inner())))
-            .collect();
+        let sources = pickers.iter().map(|p| p.take_sources()).collect();
         Ok(Answers {
             values: out.into_iter().map(|g| g.text).collect(),
             sources,
@@ -754,7 +766,7 @@ impl KnnMix {
         let Some(knn) = store.knn() else {
             return Ok((None, Vec::new()));
         };
-        let nn = knn.search(key, self.k);
+        let nn = knn.search(key, self.k)?;
         if nn.is_empty() || self.lambda == 0.0 {
             return Ok((None, Vec::new()));
         }
@@ -803,10 +815,43 @@ impl KnnMix {
 }
 
 /// kNN-LM greedy decoding through the engine's decoder: each next token is the argmax of the mixed
-/// distribution; the documents behind every step are kept for the answer's sources.
-struct KnnPicker {
+/// distribution; the documents behind every step are kept for the answer's sources. `moeval eval`
+/// and `moeval serve` decode kNN-LM through it.
+pub struct KnnPicker {
     mix: KnnMix,
     sources: Mutex<Sources>,
+}
+
+impl KnnPicker {
+    /// A picker mixing `store`'s `k` nearest neighbours in with weight `lambda` (neighbour weights:
+    /// softmax of -distance / `temperature`). The store must have kNN keys.
+    pub fn new(
+        store: Arc<Datastore>,
+        k: usize,
+        lambda: f64,
+        temperature: f32,
+    ) -> Result<KnnPicker> {
+        if store.knn().is_none() {
+            bail!(
+                "{} has no kNN-LM keys; build them with `moeval datastore knn`",
+                store.dir().display()
+            );
+        }
+        Ok(KnnPicker {
+            mix: KnnMix {
+                store,
+                k,
+                lambda,
+                temperature,
+            },
+            sources: Mutex::new(Sources::default()),
+        })
+    }
+
+    /// The documents behind the tokens picked so far (one unit per token), emptied.
+    pub fn take_sources(&self) -> Sources {
+        std::mem::take(&mut *self.sources.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 impl TokenPicker for KnnPicker {
@@ -972,6 +1017,14 @@ pub fn model_fingerprint(dir: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// What [`build_knn_keys`] reports progress on: blocks whose keys are computed, then entries in the
+/// approximate index (when one is built).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KnnStage {
+    Keys,
+    Index,
+}
+
 /// Computes kNN-LM keys for every position of a store (`moeval datastore knn`). Each block supplies
 /// the positions the previous block of its document did not, so every next-token target appears once,
 /// with at least `block - stride` tokens of context. Returns the number of entries.
@@ -979,11 +1032,13 @@ pub fn build_knn_keys(
     store_dir: &Path,
     model: &Model,
     model_dir: &Path,
-    progress: &dyn Fn(u64, u64),
+    search: datastore::knn::Search,
+    progress: &(dyn Fn(KnnStage, u64, u64) + Sync),
 ) -> Result<u64> {
     // The writer holds the store's lock from here to `finish`: no opt-out can slip in between reading
     // the blocks and committing their keys.
-    let mut w = datastore::knn::KnnWriter::create(store_dir, model.config().hidden_size)?;
+    let mut w = datastore::knn::KnnWriter::create(store_dir, model.config().hidden_size)?
+        .with_search(search);
     let store = Datastore::open(store_dir)?;
     let m = store.manifest().clone();
     let max = model.config().max_position_embeddings;
@@ -1025,12 +1080,20 @@ pub fn build_knn_keys(
             let keys: Vec<f32> = rows.flatten_all()?.to_vec1()?;
             w.push(b.block_id, &keys, &b.tokens[lo + 1..])?;
         }
-        progress(((ci + 1) * 16).min(blocks.len()) as u64, total);
+        progress(
+            KnnStage::Keys,
+            ((ci + 1) * 16).min(blocks.len()) as u64,
+            total,
+        );
     }
     let name = model_dir
         .canonicalize()
         .unwrap_or_else(|_| model_dir.to_path_buf());
-    Ok(w.finish(&name.display().to_string(), &model_fingerprint(model_dir)?)?)
+    Ok(w.finish_with(
+        &name.display().to_string(),
+        &model_fingerprint(model_dir)?,
+        &|done, total| progress(KnnStage::Index, done, total),
+    )?)
 }
 
 #[cfg(test)]

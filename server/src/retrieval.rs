@@ -1,6 +1,8 @@
-//! Retrieval in the server (`--datastore DIR`): RIC-LM through [`harness::retrieval::ric_retrieve`], the
-//! same retrieval `moeval eval --retrieval ric` uses. The retrieved blocks' tokens go before the prompt;
-//! they are never echoed nor scored, and every response names the documents it used.
+//! Retrieval in the server (`--datastore DIR`), as `moeval eval --retrieval` does it: RIC-LM through
+//! [`harness::retrieval::ric_retrieve`] (the retrieved blocks' tokens go before the prompt; they are
+//! never echoed nor scored), and kNN-LM through [`harness::retrieval::KnnPicker`] (greedy decoding,
+//! each token the argmax of the model's distribution mixed with its datastore neighbours'). Every
+//! response names the documents it used.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -11,10 +13,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::api::ApiError;
-use harness::retrieval::{ric_retrieve, RetrievedBlock};
+use harness::retrieval::{ric_retrieve, KnnPicker, RetrievedBlock};
 
 /// Most blocks one request may retrieve (each is a whole block of tokens in the context).
 pub const MAX_K: usize = 16;
+/// Most kNN-LM neighbours one request may ask for at every generated token.
+pub const MAX_KNN_K: usize = 4096;
 
 /// The `"retrieval"` member of a request's `"moeval"` object.
 #[derive(Debug, Deserialize)]
@@ -23,10 +27,7 @@ struct Body {
     mode: String,
     k: Option<usize>,
     query_tokens: Option<usize>,
-    // kNN-LM settings: accepted by the parser so the refusal below can say what is missing.
-    #[allow(dead_code)]
     lambda: Option<f64>,
-    #[allow(dead_code)]
     temperature: Option<f64>,
 }
 
@@ -37,46 +38,89 @@ pub struct Ric {
     pub query_tokens: usize,
 }
 
-impl Ric {
-    /// Parses and checks a request's `moeval.retrieval` (defaults as in `moeval eval`: k 1, 512 tokens).
-    pub fn parse(v: &Value, has_store: bool) -> Result<Ric, ApiError> {
+/// A request's kNN-LM settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Knn {
+    pub k: usize,
+    pub lambda: f64,
+    pub temperature: f32,
+}
+
+/// What a request asks its datastore for.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    Ric(Ric),
+    Knn(Knn),
+}
+
+impl Mode {
+    /// Parses and checks a request's `moeval.retrieval`, with `moeval eval`'s defaults (RIC-LM: k 1,
+    /// 512 query tokens; kNN-LM: k 1024, lambda 0.3, temperature 10).
+    pub fn parse(v: &Value, has_store: bool) -> Result<Mode, ApiError> {
         const P: &str = "moeval.retrieval";
         let b: Body = serde_json::from_value(v.clone())
             .map_err(|e| ApiError::param(P, format!("invalid retrieval settings: {e}")))?;
-        match b.mode.as_str() {
-            "ric" => {}
-            "knn" => {
-                return Err(ApiError::param(
-                    P,
-                    "knn retrieval is supported in `moeval eval`, not in the server yet; \
-                     use \"mode\": \"ric\"",
-                ))
-            }
-            other => {
-                return Err(ApiError::param(
-                    P,
-                    format!("unknown retrieval mode `{other}`: use `ric`"),
-                ))
-            }
-        }
         if !has_store {
             return Err(ApiError::param(
                 P,
                 "this server has no datastore; start it with --datastore DIR",
             ));
         }
-        let k = b.k.unwrap_or(1);
-        if k == 0 || k > MAX_K {
-            return Err(ApiError::param(
+        match b.mode.as_str() {
+            "ric" => {
+                if b.lambda.is_some() || b.temperature.is_some() {
+                    return Err(ApiError::param(
+                        P,
+                        "lambda and temperature are kNN-LM settings (\"mode\": \"knn\")",
+                    ));
+                }
+                let k = b.k.unwrap_or(1);
+                if k == 0 || k > MAX_K {
+                    return Err(ApiError::param(
+                        P,
+                        format!("k must be between 1 and {MAX_K}"),
+                    ));
+                }
+                let query_tokens = b.query_tokens.unwrap_or(512);
+                if query_tokens == 0 {
+                    return Err(ApiError::param(P, "query_tokens must be at least 1"));
+                }
+                Ok(Mode::Ric(Ric { k, query_tokens }))
+            }
+            "knn" => {
+                if b.query_tokens.is_some() {
+                    return Err(ApiError::param(
+                        P,
+                        "query_tokens is a RIC-LM setting (\"mode\": \"ric\")",
+                    ));
+                }
+                let d = harness::retrieval::RetrievalSettings::default();
+                let k = b.k.unwrap_or(1024);
+                if k == 0 || k > MAX_KNN_K {
+                    return Err(ApiError::param(
+                        P,
+                        format!("k must be between 1 and {MAX_KNN_K}"),
+                    ));
+                }
+                let lambda = b.lambda.unwrap_or(d.lambda);
+                if !(0.0..=1.0).contains(&lambda) {
+                    return Err(ApiError::param(P, "lambda must be within [0, 1]"));
+                }
+                let temperature = b.temperature.unwrap_or(f64::from(d.temperature));
+                if !(temperature > 0.0 && temperature.is_finite()) {
+                    return Err(ApiError::param(P, "temperature must be positive"));
+                }
+                Ok(Mode::Knn(Knn {
+                    k,
+                    lambda,
+                    temperature: temperature as f32,
+                }))
+            }
+            other => Err(ApiError::param(
                 P,
-                format!("k must be between 1 and {MAX_K}"),
-            ));
+                format!("unknown retrieval mode `{other}`: use `ric` or `knn`"),
+            )),
         }
-        let query_tokens = b.query_tokens.unwrap_or(512);
-        if query_tokens == 0 {
-            return Err(ApiError::param(P, "query_tokens must be at least 1"));
-        }
-        Ok(Ric { k, query_tokens })
     }
 }
 
@@ -193,5 +237,43 @@ pub fn report(store: &Datastore, ric: Ric, per_choice: &[Retrieved]) -> Value {
                       "excluded_documents": m.excluded_documents.len()},
         "documents": documents,
         "retrieved_tokens": per_choice.iter().map(|r| r.tokens.len()).collect::<Vec<_>>(),
+    })
+}
+
+/// kNN-LM decoding for one prompt: the engine decodes through the picker, which keeps the documents
+/// behind every generated token.
+pub fn knn_picker(store: &Arc<Datastore>, knn: Knn) -> Result<Arc<KnnPicker>, ApiError> {
+    KnnPicker::new(store.clone(), knn.k, knn.lambda, knn.temperature)
+        .map(Arc::new)
+        .map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+/// The `"retrieval"` member of a kNN-LM response: settings, store identity and search, excluded
+/// owners, and per prompt (`choice`) the documents whose neighbours shaped the generated tokens, with
+/// `weight`: their share of the next-token probability (lambda x neighbour weight), averaged over the
+/// generated tokens.
+pub fn knn_report(store: &Datastore, knn: Knn, per_choice: &[tasks::lm::Sources]) -> Value {
+    let m = store.manifest();
+    let mut documents = Vec::new();
+    for (i, s) in per_choice.iter().enumerate() {
+        let mut per_doc: Vec<(&tasks::lm::Contribution, f64)> = Vec::new();
+        for c in &s.contributions {
+            match per_doc.iter_mut().find(|(d, _)| d.doc_id == c.doc_id) {
+                Some(d) => d.1 += c.weight,
+                None => per_doc.push((c, c.weight)),
+            }
+        }
+        let units = f64::from(s.units.max(1));
+        documents.extend(per_doc.into_iter().map(|(c, w)| {
+            json!({"choice": i, "document_id": c.doc_id, "owner": c.owner, "license": c.license,
+                   "weight": w / units, "block_id": c.block_id})
+        }));
+    }
+    let search = m.knn.as_ref().map(|k| k.search.clone());
+    json!({
+        "mode": "knn", "k": knn.k, "lambda": knn.lambda, "temperature": knn.temperature,
+        "datastore": {"identity": store.identity(), "excluded_owners": m.excluded_owners,
+                      "excluded_documents": m.excluded_documents.len(), "search": search},
+        "documents": documents,
     })
 }

@@ -19,6 +19,8 @@ pub struct Job {
     pub mask: Option<ExpertMask>,
     pub logprobs: Option<usize>,
     pub prompt_logprobs: bool,
+    /// Picks each next token instead of the sampler (kNN-LM).
+    pub picker: Option<engine::generate::Picker>,
     pub deadline: Instant,
     pub events: mpsc::UnboundedSender<Event>,
 }
@@ -229,7 +231,7 @@ fn admit(
         mask: job.mask,
         logprobs: job.logprobs,
         prompt_logprobs: job.prompt_logprobs,
-        picker: None,
+        picker: job.picker,
     };
     match decoder.add(req) {
         Ok(id) => {

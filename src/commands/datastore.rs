@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use datastore::{BuildOptions, Datastore, OptOut, Tokenizer};
+use datastore::knn::Search;
+use datastore::{AnnSettings, BuildOptions, Datastore, OptOut, Tokenizer};
+use harness::retrieval::KnnStage;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// `moeval datastore`: SILO-style nonparametric datastores.
@@ -25,6 +27,28 @@ enum Sub {
         /// Model whose hidden states are the keys (the one you evaluate with).
         #[arg(long)]
         model: PathBuf,
+        #[command(flatten)]
+        index: IndexArgs,
+    },
+    /// Build (or drop, with --knn-index exact) the approximate index over a store's kNN-LM keys,
+    /// keeping the keys.
+    Reindex {
+        dir: PathBuf,
+        #[command(flatten)]
+        index: IndexArgs,
+    },
+    /// Recall@k of the store's approximate kNN index against exact search, and queries per second of
+    /// both, on query vectors taken from another store's keys (built with the same model).
+    KnnBench {
+        dir: PathBuf,
+        /// Store whose kNN keys are the queries (e.g. one built from held-out text).
+        #[arg(long)]
+        queries: PathBuf,
+        /// Queries (evenly spaced over the query store's keys).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[arg(long, default_value_t = 16)]
+        k: usize,
     },
     /// Documents, blocks and tokens per owner and license.
     Stats {
@@ -98,6 +122,58 @@ struct BuildArgs {
     /// Model for the kNN-LM keys.
     #[arg(long)]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    index: IndexArgs,
+}
+
+/// How kNN-LM searches a store's keys.
+#[derive(clap::Args, Clone, Copy)]
+struct IndexArgs {
+    /// `exact` scans every key; `hnsw` builds an approximate index (usearch HNSW graphs on disk,
+    /// memory-mapped; candidates re-ranked with exact distances); `auto`: `hnsw` from 1,000,000 keys on.
+    #[arg(long, value_enum, default_value_t = IndexKind::Auto)]
+    knn_index: IndexKind,
+    /// Memory of one part of the index in MiB: keys are indexed in parts of this size, each built on
+    /// one thread (a build holds up to --threads parts at once).
+    #[arg(long, default_value_t = 1024)]
+    knn_part_mib: u64,
+    /// Graph edges per key (HNSW's M).
+    #[arg(long, default_value_t = AnnSettings::default().connectivity)]
+    knn_connectivity: usize,
+    /// Candidates kept while building (HNSW's efConstruction).
+    #[arg(long, default_value_t = AnnSettings::default().expansion_add)]
+    knn_expansion_add: usize,
+    /// Candidates kept while searching (HNSW's ef; a search for k neighbours keeps at least k).
+    #[arg(long, default_value_t = AnnSettings::default().expansion_search)]
+    knn_expansion_search: usize,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum IndexKind {
+    Auto,
+    Exact,
+    Hnsw,
+}
+
+impl IndexArgs {
+    /// The search for keys of `dim` dimensions.
+    fn search(self, dim: usize) -> Search {
+        let settings = AnnSettings {
+            connectivity: self.knn_connectivity,
+            expansion_add: self.knn_expansion_add,
+            expansion_search: self.knn_expansion_search,
+            part_entries: AnnSettings::part_entries_for(
+                self.knn_part_mib,
+                dim,
+                self.knn_connectivity,
+            ),
+        };
+        match self.knn_index {
+            IndexKind::Auto => Search::Auto(settings),
+            IndexKind::Exact => Search::Exact,
+            IndexKind::Hnsw => Search::Index(settings),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -125,7 +201,14 @@ struct BenchArgs {
 pub fn run(a: Args, at: super::Placement) -> Result<()> {
     match a.command {
         Sub::Build(b) => build(b, at),
-        Sub::Knn { dir, model } => knn(&dir, &model, at),
+        Sub::Knn { dir, model, index } => knn(&dir, &model, index, at),
+        Sub::Reindex { dir, index } => reindex(&dir, index),
+        Sub::KnnBench {
+            dir,
+            queries,
+            limit,
+            k,
+        } => knn_bench(&dir, &queries, limit, k),
         Sub::Stats { dir, json } => stats(&dir, json),
         Sub::Query { dir, text, k, json } => query(&dir, &text, k, json),
         Sub::OptOut {
@@ -193,22 +276,88 @@ fn build(a: BuildArgs, at: super::Placement) -> Result<()> {
     );
     if a.knn {
         if let Some(model) = &a.model {
-            knn(&a.out, model, at)?;
+            knn(&a.out, model, a.index, at)?;
         }
     }
     Ok(())
 }
 
-fn knn(dir: &Path, model_dir: &Path, at: super::Placement) -> Result<()> {
+fn knn(dir: &Path, model_dir: &Path, index: IndexArgs, at: super::Placement) -> Result<()> {
     let model = super::load_model_with(model_dir, &super::ExpertArgs::default(), at)?;
+    let search = index.search(model.config().hidden_size);
     let pb = bar(0, "kNN keys [{bar:30}] {pos}/{len} blocks, eta {eta}")?;
     let start = Instant::now();
-    let n = harness::retrieval::build_knn_keys(dir, &model, model_dir, &|done, total| {
+    let stage = std::sync::Mutex::new(KnnStage::Keys);
+    let n =
+        harness::retrieval::build_knn_keys(dir, &model, model_dir, search, &|now, done, total| {
+            let mut s = stage.lock().unwrap_or_else(|p| p.into_inner());
+            if *s != now {
+                *s = now;
+                pb.set_style(
+                    ProgressStyle::with_template(
+                        "kNN index [{bar:30}] {pos}/{len} keys, eta {eta}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+            }
+            pb.set_length(total);
+            pb.set_position(done);
+        })?;
+    pb.finish_and_clear();
+    let how = match search.resolve(n) {
+        Some(_) => "approximate index (hnsw)",
+        None => "exact search",
+    };
+    eprintln!(
+        "{n} kNN entries, {how}, in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn reindex(dir: &Path, index: IndexArgs) -> Result<()> {
+    let dim = Datastore::open(dir)?
+        .knn()
+        .map(|k| k.dim())
+        .with_context(|| {
+            format!(
+                "{} has no kNN-LM keys; build them with `moeval datastore knn {} --model DIR`",
+                dir.display(),
+                dir.display()
+            )
+        })?;
+    let pb = bar(0, "kNN index [{bar:30}] {pos}/{len} keys, eta {eta}")?;
+    let start = Instant::now();
+    let m = datastore::knn::reindex(dir, index.search(dim), &|done, total| {
         pb.set_length(total);
         pb.set_position(done);
     })?;
     pb.finish_and_clear();
-    eprintln!("{n} kNN entries in {:.1}s", start.elapsed().as_secs_f64());
+    let k = m.knn.as_ref().context("the store lost its kNN keys")?;
+    eprintln!(
+        "{} kNN entries, search {}, in {:.1}s; identity {}",
+        k.entries,
+        k.search,
+        start.elapsed().as_secs_f64(),
+        &m.identity()[..16]
+    );
+    Ok(())
+}
+
+fn knn_bench(dir: &Path, queries: &Path, limit: usize, k: usize) -> Result<()> {
+    let store = Datastore::open(dir)?;
+    let from = Datastore::open(queries)?;
+    let missing = |s: &Datastore| {
+        format!(
+            "{} has no kNN-LM keys; build them with `moeval datastore knn`",
+            s.dir().display()
+        )
+    };
+    let knn = store.knn().with_context(|| missing(&store))?;
+    let q = from.knn().with_context(|| missing(&from))?;
+    let report = datastore::bench::knn_recall(knn, q, limit, k)?;
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
 

@@ -119,21 +119,65 @@ impl AppState {
         })
     }
 
-    /// The request's RIC-LM settings and the store as it is now (`None`: no retrieval asked for).
+    /// The request's retrieval settings and the store as it is now (`None`: no retrieval asked for).
+    /// kNN-LM needs keys of the model's hidden size, greedy decoding and no log-probabilities (the
+    /// engine reports the model's own, not the mixed distribution's).
     pub(super) fn retrieval_for(
         &self,
         ext: &Extension,
-    ) -> Result<Option<(retrieval::Ric, Arc<datastore::Datastore>)>, ApiError> {
+        greedy: bool,
+        logprobs: bool,
+        stream: bool,
+    ) -> Result<Option<(retrieval::Mode, Arc<datastore::Datastore>)>, ApiError> {
         let Some(v) = &ext.retrieval else {
             return Ok(None);
         };
-        let ric = retrieval::Ric::parse(v, self.store.is_some())?;
+        let mode = retrieval::Mode::parse(v, self.store.is_some())?;
         let store = self
             .store
             .as_ref()
             .ok_or_else(|| ApiError::internal("no datastore"))?
             .get()?;
-        Ok(Some((ric, store)))
+        if let retrieval::Mode::Knn(_) = mode {
+            const P: &str = "moeval.retrieval";
+            let Some(knn) = store.knn() else {
+                return Err(ApiError::param(
+                    P,
+                    "this server's datastore has no kNN-LM keys; build them with \
+                     `moeval datastore knn DIR --model MODEL`, or use \"mode\": \"ric\"",
+                ));
+            };
+            let hidden = self.model.config().hidden_size;
+            if knn.dim() != hidden {
+                return Err(ApiError::param(
+                    P,
+                    format!(
+                        "the datastore's kNN keys have {} dimensions, the model's hidden states {hidden}",
+                        knn.dim()
+                    ),
+                ));
+            }
+            if !greedy {
+                return Err(ApiError::param(
+                    "temperature",
+                    "kNN-LM decodes greedily: set \"temperature\": 0",
+                ));
+            }
+            if logprobs {
+                return Err(ApiError::param(
+                    "logprobs",
+                    "log-probabilities are not reported with kNN-LM (they would be the model's, not \
+                     the mixed distribution's); score with `moeval eval --retrieval knn`",
+                ));
+            }
+            if stream {
+                return Err(ApiError::param(
+                    "stream",
+                    "kNN-LM responses are not streamed: the documents behind them are known at the end",
+                ));
+            }
+        }
+        Ok(Some((mode, store)))
     }
 
     /// Retrieves for each (already checked) prompt; the blocks' tokens are cut from the left so that

@@ -16,6 +16,7 @@ use crate::api::{self, ApiError, ChatRequest, CompletionRequest, Prompt};
 use crate::retrieval;
 use crate::worker::{self, Event, Job};
 use crate::AppState;
+use harness::retrieval::KnnPicker;
 
 use super::stream::{StreamKind, StreamOut};
 use super::{respond, Shared};
@@ -36,6 +37,27 @@ pub(super) struct JobSpec {
     pub(super) deadline: Instant,
 }
 
+/// A queued job, its event stream and, for kNN-LM, the picker that holds its sources.
+type KnnJob = (Job, mpsc::UnboundedReceiver<Event>, Option<Arc<KnnPicker>>);
+
+/// A job for `prompt`, decoded through a kNN-LM picker when `knn` is given (the picker is returned
+/// for its sources).
+pub(super) fn knn_job(
+    prompt: Vec<u32>,
+    spec: &JobSpec,
+    knn: Option<(&Arc<datastore::Datastore>, retrieval::Knn)>,
+) -> Result<KnnJob, ApiError> {
+    let (mut j, rx) = job(prompt, spec);
+    let picker = match knn {
+        Some((store, k)) => Some(retrieval::knn_picker(store, k)?),
+        None => None,
+    };
+    j.picker = picker
+        .clone()
+        .map(|p| engine::generate::Picker(p as Arc<dyn engine::generate::TokenPicker>));
+    Ok((j, rx, picker))
+}
+
 pub(super) fn job(prompt: Vec<u32>, spec: &JobSpec) -> (Job, mpsc::UnboundedReceiver<Event>) {
     let (tx, rx) = mpsc::unbounded_channel();
     (
@@ -45,6 +67,7 @@ pub(super) fn job(prompt: Vec<u32>, spec: &JobSpec) -> (Job, mpsc::UnboundedRece
             mask: spec.mask.clone(),
             logprobs: spec.logprobs,
             prompt_logprobs: spec.prompt_logprobs,
+            picker: None,
             deadline: spec.deadline,
             events: tx,
         },
@@ -107,16 +130,25 @@ impl AppState {
                 "streaming supports one prompt without echo",
             ));
         }
-        let retrieval = self.retrieval_for(&ext)?;
+        let retrieval = self.retrieval_for(
+            &ext,
+            sampling.temperature == 0.0,
+            req.logprobs.is_some(),
+            sampling.stream,
+        )?;
         let retrieved = match &retrieval {
-            Some((ric, store)) => {
+            Some((retrieval::Mode::Ric(ric), store)) => {
                 let ids = prompts.iter().map(|p| p.0.clone()).collect();
                 self.retrieve_all(*ric, store, ids, max_tokens).await?
             }
-            None => Vec::new(),
+            _ => Vec::new(),
+        };
+        let knn = match &retrieval {
+            Some((retrieval::Mode::Knn(k), store)) => Some((store, *k)),
+            _ => None,
         };
         let mut report = json!({"effective_mask": choice.report});
-        if let Some((ric, store)) = &retrieval {
+        if let Some((retrieval::Mode::Ric(ric), store)) = &retrieval {
             report["retrieval"] = retrieval::report(store, *ric, &retrieved);
         }
         // Tokens put before each prompt: never echoed nor scored.
@@ -141,12 +173,14 @@ impl AppState {
             deadline: Instant::now() + self.settings.timeout,
         };
         let mut rxs = Vec::with_capacity(prompts.len());
+        let mut pickers = Vec::new();
         for (i, p) in prompts.iter().enumerate() {
             let mut ids = retrieved.get(i).map_or_else(Vec::new, |r| r.tokens.clone());
             ids.extend_from_slice(&p.0);
-            let (j, rx) = job(ids, &spec);
+            let (j, rx, picker) = knn_job(ids, &spec, knn)?;
             self.submit(j)?;
             rxs.push(rx);
+            pickers.extend(picker);
         }
         let id = self.id("cmpl");
         if sampling.stream {
@@ -204,6 +238,10 @@ impl AppState {
                 "finish_reason": finish_reason(&g),
             }));
         }
+        if let Some((store, k)) = knn {
+            let sources: Vec<_> = pickers.iter().map(|p| p.take_sources()).collect();
+            report["retrieval"] = retrieval::knn_report(store, k, &sources);
+        }
         Ok(Json(json!({
             "id": id, "object": "text_completion", "created": unix_now(), "model": self.settings.name,
             "choices": choices,
@@ -257,10 +295,19 @@ impl AppState {
                 .min(self.settings.max_tokens)
         });
         self.check_prompt(&ids, max_tokens)?;
-        let retrieval = self.retrieval_for(&ext)?;
+        let retrieval = self.retrieval_for(
+            &ext,
+            sampling.temperature == 0.0,
+            logprobs.is_some(),
+            sampling.stream,
+        )?;
+        let knn = match &retrieval {
+            Some((retrieval::Mode::Knn(k), store)) => Some((store, *k)),
+            _ => None,
+        };
         let mut report = json!({"effective_mask": choice.report});
         let mut full = ids.clone();
-        if let Some((ric, store)) = &retrieval {
+        if let Some((retrieval::Mode::Ric(ric), store)) = &retrieval {
             let got = self
                 .retrieve_all(*ric, store, vec![ids.clone()], max_tokens)
                 .await?;
@@ -283,7 +330,7 @@ impl AppState {
             prompt_logprobs: false,
             deadline: Instant::now() + self.settings.timeout,
         };
-        let (j, mut rx) = job(full, &spec);
+        let (j, mut rx, picker) = knn_job(full, &spec, knn)?;
         self.submit(j)?;
         let id = self.id("chatcmpl");
         if sampling.stream {
@@ -304,6 +351,9 @@ impl AppState {
             json!({"content": got.tokens.iter().take(g.tokens.len())
                 .map(|t| self.chat_logprob(t)).collect::<Vec<_>>()})
         });
+        if let (Some((store, k)), Some(p)) = (knn, picker) {
+            report["retrieval"] = retrieval::knn_report(store, k, &[p.take_sources()]);
+        }
         Ok(Json(json!({
             "id": id, "object": "chat.completion", "created": unix_now(), "model": self.settings.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
