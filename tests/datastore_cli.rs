@@ -206,13 +206,24 @@ fn ric_lm_eval_records_attribution_and_identity() {
 
 #[test]
 fn knn_canary_reverts_to_parametric_after_opt_out() {
+    knn_canary("exact");
+}
+
+/// The canary through the approximate index: opt-out rebuilds its graphs without the owner's keys,
+/// and the store then searches as one built without them.
+#[test]
+fn knn_canary_reverts_to_parametric_after_opt_out_with_an_approximate_index() {
+    knn_canary("hnsw");
+}
+
+fn knn_canary(index: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let store = tmp.path().join("store");
     let f = fixture();
     ok(&build(
         "canary_corpus.jsonl",
         &store,
-        &["--knn", "--model", s(&f)],
+        &["--knn", "--model", s(&f), "--knn-index", index],
     ));
     let out = tmp.path().join("runs");
     let knn = [
@@ -236,6 +247,13 @@ fn knn_canary_reverts_to_parametric_after_opt_out() {
     };
     ok(&eval(&out, "parametric", "canary_ppl", &[]));
     ok(&eval(&out, "with_x", "canary_ppl,canary_gen", &knn));
+    let search = |run: &str| -> String {
+        let info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join(run).join("retrieval.json")).unwrap())
+                .unwrap();
+        info["search"].as_str().unwrap().to_string()
+    };
+    assert!(search("with_x").starts_with(index), "{}", search("with_x"));
     // kNN-LM generation decodes through the engine's decoder; every generated token's neighbours
     // are attributed, units counting the tokens.
     let gen_owners = |run: &str| -> Vec<(String, i64)> {
@@ -305,6 +323,8 @@ fn knn_canary_reverts_to_parametric_after_opt_out() {
         "--knn",
         "--model",
         s(&f),
+        "--knn-index",
+        index,
     ]));
     let knn_ref = [
         "--retrieval",
