@@ -175,7 +175,37 @@ impl Task {
                 ),
             });
         }
+        // ROUGE over a subword tokenizer's tokens (SNI's cross-lingual track): loaded once here.
+        let mut rouge_tokens = HashMap::new();
+        for m in &config.metric_list {
+            let Some(v) = m.kwargs.get("tokenizer") else {
+                continue;
+            };
+            let err = |msg: String| Error::Config {
+                file: config.file.clone(),
+                msg: format!("task `{}`, metric `{}`: {msg}", config.name, m.metric),
+            };
+            if crate::rouge::Rouge::parse(&m.metric).is_none() {
+                return Err(err(
+                    "`tokenizer` is an option of the ROUGE metrics only".into()
+                ));
+            }
+            if m.kwargs.contains_key("use_stemmer") {
+                return Err(err(
+                    "`use_stemmer` does nothing with `tokenizer` (rouge_score stems its own \
+                     tokeniser's tokens only); remove one"
+                        .into(),
+                ));
+            }
+            let raw = v.as_str().ok_or_else(|| {
+                err("`tokenizer` must be a path to a tokenizer.json or a model folder".into())
+            })?;
+            let path = crate::dataset::Source::parse(raw, &bases).path;
+            let t = crate::rouge::SubwordTokens::load(&path).map_err(err)?;
+            rouge_tokens.insert(raw.to_string(), t);
+        }
         let mut task = Task {
+            rouge_tokens,
             filters,
             env: template::environment(),
             features,

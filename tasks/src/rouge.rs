@@ -2,7 +2,9 @@
 //! everything but `a-z0-9` is a separator, optional NLTK Porter stemming of tokens longer than
 //! three characters), `rougeN` from clipped n-gram counts, `rougeL` from the longest common
 //! subsequence, and `rougeLsum` from the union LCS over newline-separated sentences with
-//! rouge_score's double-counting guard. Every function returns the F-measure.
+//! rouge_score's double-counting guard. Every function returns the F-measure. A metric's
+//! `tokenizer` option replaces the default tokeniser with a subword tokenizer's tokens, as SNI's
+//! cross-lingual track scores with GPT-2's ([`SubwordTokens`]).
 
 use std::collections::HashMap;
 
@@ -62,18 +64,65 @@ fn fmeasure(p: f64, r: f64) -> f64 {
 
 /// `RougeScorer([kind], use_stemmer=stem).score(target, prediction)[kind].fmeasure`.
 pub fn score(kind: Rouge, target: &str, prediction: &str, stem: bool) -> f64 {
-    match kind {
-        Rouge::N(n) => ngram_score(&tokenize(target, stem), &tokenize(prediction, stem), n),
-        Rouge::L => lcs_score(&tokenize(target, stem), &tokenize(prediction, stem)),
+    let tokens = |t: &str| -> Result<Vec<String>, String> { Ok(tokenize(t, stem)) };
+    score_with(kind, target, prediction, &tokens).unwrap_or(0.0)
+}
+
+/// `RougeScorer([kind], tokenizer=t).score(target, prediction)[kind].fmeasure`: the same scores
+/// over the tokens `tokens` gives (rouge_score neither lowercases nor stems them).
+pub fn score_with(
+    kind: Rouge,
+    target: &str,
+    prediction: &str,
+    tokens: &dyn Fn(&str) -> Result<Vec<String>, String>,
+) -> Result<f64, String> {
+    Ok(match kind {
+        Rouge::N(n) => ngram_score(&tokens(target)?, &tokens(prediction)?, n),
+        Rouge::L => lcs_score(&tokens(target)?, &tokens(prediction)?),
         Rouge::LSum => {
-            let sents = |t: &str| -> Vec<Vec<String>> {
+            let sents = |t: &str| -> Result<Vec<Vec<String>>, String> {
                 t.split('\n')
                     .filter(|s| !s.is_empty())
-                    .map(|s| tokenize(s, stem))
+                    .map(tokens)
                     .collect()
             };
-            summary_lcs_score(&sents(target), &sents(prediction))
+            summary_lcs_score(&sents(target)?, &sents(prediction)?)
         }
+    })
+}
+
+/// SNI's cross-lingual tokenizer (Tk-Instruct's `GPTTokenizer`): the tokens of a byte-level BPE
+/// tokenizer, GPT-2's there, each with its leading `Ġ` (the space marker) removed.
+pub struct SubwordTokens {
+    path: std::path::PathBuf,
+    tokenizer: tokenizers::Tokenizer,
+}
+
+impl SubwordTokens {
+    /// `path`: a `tokenizer.json`, or a model folder holding one.
+    pub fn load(path: &std::path::Path) -> Result<SubwordTokens, String> {
+        let file = if path.is_dir() {
+            path.join("tokenizer.json")
+        } else {
+            path.to_path_buf()
+        };
+        let tokenizer = tokenizers::Tokenizer::from_file(&file)
+            .map_err(|e| format!("cannot load the tokenizer {}: {e}", file.display()))?;
+        Ok(SubwordTokens {
+            path: file,
+            tokenizer,
+        })
+    }
+
+    pub fn tokens(&self, text: &str) -> Result<Vec<String>, String> {
+        let e = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| format!("{}: cannot tokenise {text:?}: {e}", self.path.display()))?;
+        Ok(e.get_tokens()
+            .iter()
+            .map(|t| t.trim_start_matches('Ġ').to_string())
+            .collect())
     }
 }
 

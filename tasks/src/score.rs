@@ -395,9 +395,31 @@ fn generation_metric(
         name if Rouge::parse(name).is_some() => {
             let kind = Rouge::parse(name).unwrap_or(Rouge::L);
             let stem = m.kwargs.get("use_stemmer").and_then(Value::as_bool);
-            Item::Mean(any(&|r| {
-                rouge::score(kind, r, &pred, stem.unwrap_or(false))
-            }))
+            let subword = m
+                .kwargs
+                .get("tokenizer")
+                .and_then(Value::as_str)
+                .and_then(|t| task.rouge_tokens.get(t));
+            match subword {
+                // `Task::load` loaded every `tokenizer` a ROUGE metric names.
+                Some(t) => {
+                    let mut best = 0.0f64;
+                    for r in &refs {
+                        let tokens = |s: &str| t.tokens(s);
+                        let v = rouge::score_with(kind, r, &pred, &tokens).map_err(|msg| {
+                            Error::Config {
+                                file: cfg.file.clone(),
+                                msg: format!("task `{}`, metric `{name}`: {msg}", cfg.name),
+                            }
+                        })?;
+                        best = best.max(v);
+                    }
+                    Item::Mean(best)
+                }
+                None => Item::Mean(any(&|r| {
+                    rouge::score(kind, r, &pred, stem.unwrap_or(false))
+                })),
+            }
         }
         name if Translation::parse(name).is_some() => {
             let t = Translation::parse(name).unwrap_or(Translation::Bleu);

@@ -92,6 +92,8 @@ pub struct Task {
     /// The run's hook worker (process_results, metric, aggregation and filter hooks use it too).
     pub hooks: Hooks,
     pub(crate) hooked: Hooked,
+    /// The subword tokenizers ROUGE metrics name with `tokenizer:`, by that value.
+    pub(crate) rouge_tokens: HashMap<String, crate::rouge::SubwordTokens>,
 }
 
 /// Which `!function` field a hooked value belongs to (index into [`Hooked::docs`]).

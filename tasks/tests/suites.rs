@@ -185,6 +185,111 @@ fn sni_reads_any_folder_and_names_bad_files() {
     assert!(e.contains("my_sni") && e.contains("one_shot"), "{e}");
 }
 
+/// Tk-Instruct's token budget and the cross-lingual ROUGE, end to end through a task file: the
+/// suite's `source_tokenizer` / `max_source_length` and a ROUGE metric's `tokenizer` option.
+#[test]
+fn sni_token_budget_and_cross_lingual_rouge_through_a_task_file() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sni");
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("t.yaml");
+    let write_yaml = |suite_extra: &str, metric_extra: &str| {
+        std::fs::write(
+            &yaml,
+            format!(
+                "task: sni_x\ndataset_path: json\ntest_split: test\noutput_type: generate_until\n\
+                 doc_to_text: prompt_text\ndoc_to_target: outputs\n\
+                 metric_list: [{{metric: rougeL{metric_extra}}}]\n\
+                 suite: {{kind: sni, dir: {}, mode: few_shot{suite_extra}}}\n",
+                data.join("task9100_unit_conversion.json").display()
+            ),
+        )
+        .unwrap();
+    };
+    let t5 = data.join("t5-layout-tokenizer/tokenizer.json");
+    let gpt2 = data.join("gpt2-layout-tokenizer");
+    let opts = LoadOptions::default();
+    let load_task = || {
+        let reg = Registry::scan(&[dir.path().to_path_buf()]).unwrap();
+        Task::load(reg.task_config("sni_x", &opts.data_dir).unwrap(), &opts)
+    };
+    write_yaml(
+        &format!(
+            ", source_tokenizer: {}, max_source_length: 250",
+            t5.display()
+        ),
+        &format!(", tokenizer: {}", gpt2.display()),
+    );
+    let t = load_task().unwrap();
+    let task = tasks::suites::sni::read_task(&data.join("task9100_unit_conversion.json")).unwrap();
+    let budget = tasks::suites::sni::Budget::load(&t5, 250).unwrap();
+    for (d, inst) in t.docs().iter().zip(&task.instances) {
+        let want = tasks::suites::sni::prompt_within(
+            &task,
+            tasks::suites::sni::Mode::FewShot,
+            2,
+            &inst.input,
+            Some(&budget),
+        )
+        .unwrap();
+        assert_eq!(d["prompt_text"].as_str().unwrap(), want);
+    }
+    // Some prompts lost their second example to the budget.
+    assert!(t.docs().iter().any(|d| !d["prompt_text"]
+        .as_str()
+        .unwrap()
+        .contains("Positive Example 2")));
+    let lm = Scripted {
+        ll: no_ll,
+        gen: |_| "Le chat dort".to_string(),
+    };
+    let res = run(&[t], &lm);
+    let words = tasks::rouge::SubwordTokens::load(&gpt2).unwrap();
+    let tokens = |s: &str| words.tokens(s);
+    let want: f64 = task
+        .instances
+        .iter()
+        .map(|i| {
+            i.outputs
+                .iter()
+                .map(|o| {
+                    tasks::rouge::score_with(tasks::rouge::Rouge::L, o, "Le chat dort", &tokens)
+                        .unwrap()
+                })
+                .fold(0.0, f64::max)
+        })
+        .sum::<f64>()
+        / task.instances.len() as f64;
+    assert!((metric(&res[0], "rougeL") - want).abs() < 1e-12);
+
+    // Clear errors: a budget without its tokenizer, a stemmer with a tokenizer, a missing file.
+    for (suite_extra, metric_extra, needle) in [
+        (
+            ", max_source_length: 100".to_string(),
+            String::new(),
+            "source_tokenizer",
+        ),
+        (
+            String::new(),
+            format!(", tokenizer: {}, use_stemmer: true", gpt2.display()),
+            "use_stemmer",
+        ),
+        (
+            String::new(),
+            ", tokenizer: /no/such/tokenizer.json".to_string(),
+            "/no/such",
+        ),
+        (
+            ", source_tokenizer: /no/such/t5".to_string(),
+            String::new(),
+            "/no/such/t5",
+        ),
+    ] {
+        write_yaml(&suite_extra, &metric_extra);
+        let e = load_task().err().unwrap().to_string();
+        assert!(e.contains(needle), "{e}");
+    }
+}
+
 /// The RewardBench score recomputed from per-row scores: subset means, weighted within a section
 /// by the subsets' fixed example counts, then the plain mean of the sections.
 fn rewardbench(rows: &[(String, String, f64)]) -> f64 {

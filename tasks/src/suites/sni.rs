@@ -197,40 +197,177 @@ fn end_sentence(s: &mut String) {
     }
 }
 
+/// Tk-Instruct's token budget: a prompt may hold `max` tokens of the encoder's tokenizer (T5's,
+/// `</s>` included). Examples that would pass it are dropped (from the first that does); a prompt
+/// still too long is cut to `max` tokens and decoded back without special tokens.
+pub struct Budget {
+    path: PathBuf,
+    tokenizer: tokenizers::Tokenizer,
+    max: usize,
+    /// transformers' `clean_up_tokenization_spaces` after decoding a cut prompt.
+    clean_up: bool,
+}
+
+impl Budget {
+    /// The tokenizer of `path` (a `tokenizer.json`, or a model folder holding one and perhaps a
+    /// `tokenizer_config.json` whose `clean_up_tokenization_spaces` is read; default true, as
+    /// transformers 4.x and so Tk-Instruct decoded T5).
+    pub fn load(path: &Path, max: usize) -> Result<Budget> {
+        let (file, config) = if path.is_dir() {
+            (
+                path.join("tokenizer.json"),
+                Some(path.join("tokenizer_config.json")),
+            )
+        } else {
+            (path.to_path_buf(), None)
+        };
+        let tokenizer = tokenizers::Tokenizer::from_file(&file)
+            .map_err(|e| data_err(&file, format!("cannot load the tokenizer: {e}")))?;
+        let clean_up = match config.filter(|c| c.is_file()) {
+            Some(c) => {
+                let bytes = std::fs::read(&c).map_err(|e| data_err(&c, e.to_string()))?;
+                let v: Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| data_err(&c, format!("invalid JSON: {e}")))?;
+                match v.get("clean_up_tokenization_spaces") {
+                    None | Some(Value::Null) => true,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => {
+                        return Err(data_err(
+                            &c,
+                            "`clean_up_tokenization_spaces` must be a boolean",
+                        ))
+                    }
+                }
+            }
+            None => true,
+        };
+        Ok(Budget {
+            path: file,
+            tokenizer,
+            max,
+            clean_up,
+        })
+    }
+
+    fn ids(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer
+            .encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| data_err(&self.path, format!("cannot tokenise a prompt: {e}")))
+    }
+
+    fn fits(&self, text: &str) -> Result<bool> {
+        Ok(self.ids(text)?.len() <= self.max)
+    }
+
+    /// `text`, or its first `max` tokens decoded.
+    fn cut(&self, text: String) -> Result<String> {
+        let ids = self.ids(&text)?;
+        if ids.len() <= self.max {
+            return Ok(text);
+        }
+        let s = self
+            .tokenizer
+            .decode(&ids[..self.max], true)
+            .map_err(|e| data_err(&self.path, format!("cannot decode a cut prompt: {e}")))?;
+        Ok(if self.clean_up { clean_up(&s) } else { s })
+    }
+}
+
+/// transformers' `clean_up_tokenization`: spaces before punctuation and English contractions go.
+fn clean_up(s: &str) -> String {
+    [
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ]
+    .iter()
+    .fold(s.to_string(), |s, (from, to)| s.replace(from, to))
+}
+
 /// The prompt of one input, byte for byte as Tk-Instruct's `DataCollatorForNI` encodes it
 /// (no task name, no negative examples): the definition, up to `k` positive examples (with
 /// their explanations in [`Mode::FewShotExplained`]), then the input, ending with `Output: `.
 /// Each field is stripped and ends with a period unless it ends with punctuation; the example
-/// blocks keep the reference's leading spaces (` Positive Example 1 -`, ` Output:`). The
-/// reference's token budget (examples dropped, then the prompt cut, past
-/// `max_source_length` T5 tokens) is not applied.
+/// blocks keep the reference's leading spaces (` Positive Example 1 -`, ` Output:`). No token
+/// budget: see [`prompt_within`].
 pub fn prompt(task: &SniTask, mode: Mode, k: usize, input: &str) -> String {
+    let mut s = definition(task);
+    if mode != Mode::ZeroShot {
+        for i in 0..k.min(task.positive.len()) {
+            s.push_str(&example(task, mode, i));
+        }
+    }
+    s + &task_input(input)
+}
+
+/// [`prompt`] within a token budget, as the collator applies `max_source_length`: an example is
+/// kept while definition, the examples kept so far (joined by a space, as the collator measures
+/// them, although it joins them without one), the example and the input fit; then the prompt is
+/// cut to the budget if it still passes it.
+pub fn prompt_within(
+    task: &SniTask,
+    mode: Mode,
+    k: usize,
+    input: &str,
+    budget: Option<&Budget>,
+) -> Result<String> {
+    let Some(b) = budget else {
+        return Ok(prompt(task, mode, k, input));
+    };
+    let (def, tail) = (definition(task), task_input(input));
+    let mut kept: Vec<String> = Vec::new();
+    if mode != Mode::ZeroShot {
+        for i in 0..k.min(task.positive.len()) {
+            let e = example(task, mode, i);
+            if !b.fits(&format!("{def}{}{e}{tail}", kept.join(" ")))? {
+                break;
+            }
+            kept.push(e);
+        }
+    }
+    b.cut(format!("{def}{}{tail}", kept.concat()))
+}
+
+fn definition(task: &SniTask) -> String {
     let mut s = format!("Definition: {}", pytext::strip(&task.definition));
     end_sentence(&mut s);
     s.push_str("\n\n");
-    if mode != Mode::ZeroShot {
-        for (i, e) in task.positive.iter().take(k).enumerate() {
-            s.push_str(&format!(
-                " Positive Example {} -\nInput: {}",
-                i + 1,
-                pytext::strip(&e.input)
-            ));
-            end_sentence(&mut s);
-            s.push_str(&format!("\n Output: {}", pytext::strip(&e.output)));
-            end_sentence(&mut s);
-            s.push('\n');
-            if let (Mode::FewShotExplained, Some(x)) = (mode, &e.explanation) {
-                s.push_str(&format!(" Explanation: {}", pytext::strip(x)));
-                end_sentence(&mut s);
-                s.push('\n');
-            }
-            s.push('\n');
-        }
+    s
+}
+
+fn example(task: &SniTask, mode: Mode, i: usize) -> String {
+    let e = &task.positive[i];
+    let mut s = format!(
+        " Positive Example {} -\nInput: {}",
+        i + 1,
+        pytext::strip(&e.input)
+    );
+    end_sentence(&mut s);
+    s.push_str(&format!("\n Output: {}", pytext::strip(&e.output)));
+    end_sentence(&mut s);
+    s.push('\n');
+    if let (Mode::FewShotExplained, Some(x)) = (mode, &e.explanation) {
+        s.push_str(&format!(" Explanation: {}", pytext::strip(x)));
+        end_sentence(&mut s);
+        s.push('\n');
     }
-    s.push_str(&format!(
+    s.push('\n');
+    s
+}
+
+fn task_input(input: &str) -> String {
+    let mut s = format!(
         "Now complete the following example -\nInput: {}",
         pytext::strip(input)
-    ));
+    );
     end_sentence(&mut s);
     s.push_str("\nOutput: ");
     s
@@ -274,8 +411,30 @@ impl Suite for Sni {
 /// Builds documents `{prompt_text, outputs, sni_task, reasoning, category, id}` from the task files of
 /// `suite.dir`: the first `max_instances` (100) instances of each file.
 pub(crate) fn load(spec: &Spec, bases: &[&Path], opts: &LoadOptions) -> Result<Vec<Doc>> {
-    spec.allow(&["dir", "mode", "k", "max_instances", "tasks"])?;
+    spec.allow(&[
+        "dir",
+        "mode",
+        "k",
+        "max_instances",
+        "tasks",
+        "source_tokenizer",
+        "max_source_length",
+    ])?;
     let dir = spec.path("dir", bases, &opts.data_dir)?;
+    // Tk-Instruct's budget: max_source_length 1024 tokens of the T5 tokenizer named here.
+    let budget = if spec.has("source_tokenizer") {
+        Some(Budget::load(
+            &spec.path("source_tokenizer", bases, &opts.data_dir)?,
+            spec.uint("max_source_length", 1024)? as usize,
+        )?)
+    } else if spec.has("max_source_length") {
+        return Err(spec.err(
+            "suite.max_source_length needs suite.source_tokenizer (the encoder's tokenizer.json, \
+             e.g. a T5 model folder), which counts the tokens",
+        ));
+    } else {
+        None
+    };
     let mode_s = spec.str_or("mode", "few_shot_explained")?;
     let mode = Mode::parse(&mode_s).ok_or_else(|| {
         spec.err(format!(
@@ -335,7 +494,7 @@ pub(crate) fn load(spec: &Spec, bases: &[&Path], opts: &LoadOptions) -> Result<V
             let mut d = Map::new();
             d.insert(
                 "prompt_text".into(),
-                prompt(&t, mode, k, &inst.input).into(),
+                prompt_within(&t, mode, k, &inst.input, budget.as_ref())?.into(),
             );
             d.insert(
                 "outputs".into(),

@@ -49,6 +49,11 @@ impl<'a> Spec<'a> {
         }
     }
 
+    /// Whether the key is given (and not null).
+    pub(crate) fn has(&self, key: &str) -> bool {
+        !matches!(self.map.get(key), None | Some(Value::Null))
+    }
+
     pub(crate) fn str(&self, key: &str) -> Result<Option<String>> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(None),
