@@ -87,68 +87,16 @@ fn prompts_within_a_token_budget_equal_tk_instruct_encodings() {
     assert!(dropped >= 10 && cut >= 10, "{dropped} dropped, {cut} cut");
 }
 
-/// SNI's scorer with the options the reasoning suite's `_sni.yaml` gives: exact match after
-/// SNI's normalisation, ROUGE-1 and ROUGE-L with the stemmer, max over the references.
-#[test]
-fn scores_equal_tk_instruct_compute_metrics() {
+/// Checks moeval's SNI scores against the reference's rows `rows` and x100 totals `totals`: exact
+/// match after SNI's normalisation, and ROUGE-1 / ROUGE-L by `rouge_of(kind, reference, prediction)`,
+/// each the max over the references.
+fn assert_scores(rows: &str, totals: &str, rouge_of: &dyn Fn(Rouge, &str, &str) -> f64) {
     let r = reference();
     let opts: Map<String, Value> = serde_json::from_value(serde_json::json!(
         {"ignore_case": true, "ignore_punctuation": true, "collapse_whitespace": true}
     ))
     .expect("options");
-    let scores = r["scores"].as_array().expect("scores");
-    let (mut em_sum, mut r1_sum, mut rl_sum) = (0.0, 0.0, 0.0);
-    for s in scores {
-        let pred = s["prediction"].as_str().expect("prediction");
-        let refs: Vec<&str> = s["references"]
-            .as_array()
-            .expect("references")
-            .iter()
-            .filter_map(Value::as_str)
-            .collect();
-        let max = |f: &dyn Fn(&str) -> f64| refs.iter().map(|r| f(r)).fold(0.0, f64::max);
-        let em = max(&|g| f64::from(u8::from(normalise(pred, &opts) == normalise(g, &opts))));
-        let r1 = max(&|g| rouge::score(Rouge::N(1), g, pred, true));
-        let rl = max(&|g| rouge::score(Rouge::L, g, pred, true));
-        for (name, got) in [("exact_match", em), ("rouge1", r1), ("rougeL", rl)] {
-            let want = s[name].as_f64().expect("number");
-            assert!(
-                (got - want).abs() < 1e-9,
-                "{pred:?} {name}: {got} vs {want}"
-            );
-        }
-        em_sum += em;
-        r1_sum += r1;
-        rl_sum += rl;
-    }
-    // compute_metrics reports x100, rounded to 4 decimals.
-    let n = scores.len() as f64;
-    let totals = &r["compute_metrics"];
-    for (name, sum) in [
-        ("exact_match", em_sum),
-        ("rouge1", r1_sum),
-        ("rougeL", rl_sum),
-    ] {
-        let want = totals[name].as_f64().expect("number");
-        assert!((100.0 * sum / n - want).abs() < 5e-5, "{name}");
-    }
-}
-
-/// The cross-lingual track: `compute_metrics(xlingual=True)` scores ROUGE over GPT-2's tokens (here a
-/// small tokenizer in GPT-2's layout), without the stemmer; moeval's `tokenizer:` ROUGE option.
-#[test]
-fn cross_lingual_scores_equal_tk_instruct_compute_metrics() {
-    let r = reference();
-    let tokenizer = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(r["xlingual_tokenizer"].as_str().expect("tokenizer path"));
-    let t = rouge::SubwordTokens::load(&tokenizer).expect("tokenizer");
-    let tokens = |s: &str| t.tokens(s);
-    let opts: Map<String, Value> = serde_json::from_value(serde_json::json!(
-        {"ignore_case": true, "ignore_punctuation": true, "collapse_whitespace": true}
-    ))
-    .expect("options");
-    let scores = r["xlingual_scores"].as_array().expect("scores");
+    let scores = r[rows].as_array().expect("scores");
     let mut sums = [0.0; 3];
     for s in scores {
         let pred = s["prediction"].as_str().expect("prediction");
@@ -160,8 +108,8 @@ fn cross_lingual_scores_equal_tk_instruct_compute_metrics() {
             .collect();
         let max = |f: &dyn Fn(&str) -> f64| refs.iter().map(|r| f(r)).fold(0.0, f64::max);
         let em = max(&|g| f64::from(u8::from(normalise(pred, &opts) == normalise(g, &opts))));
-        let r1 = max(&|g| rouge::score_with(Rouge::N(1), g, pred, &tokens).expect("tokens"));
-        let rl = max(&|g| rouge::score_with(Rouge::L, g, pred, &tokens).expect("tokens"));
+        let r1 = max(&|g| rouge_of(Rouge::N(1), g, pred));
+        let rl = max(&|g| rouge_of(Rouge::L, g, pred));
         for (i, (name, got)) in [("exact_match", em), ("rouge1", r1), ("rougeL", rl)]
             .into_iter()
             .enumerate()
@@ -169,15 +117,42 @@ fn cross_lingual_scores_equal_tk_instruct_compute_metrics() {
             let want = s[name].as_f64().expect("number");
             assert!(
                 (got - want).abs() < 1e-9,
-                "{pred:?} {name}: {got} vs {want}"
+                "{rows}: {pred:?} {name}: {got} vs {want}"
             );
             sums[i] += got;
         }
     }
+    // compute_metrics reports x100, rounded to 4 decimals.
     let n = scores.len() as f64;
-    let totals = &r["xlingual_compute_metrics"];
     for (name, sum) in ["exact_match", "rouge1", "rougeL"].into_iter().zip(sums) {
-        let want = totals[name].as_f64().expect("number");
-        assert!((100.0 * sum / n - want).abs() < 5e-5, "{name}");
+        let want = r[totals][name].as_f64().expect("number");
+        assert!((100.0 * sum / n - want).abs() < 5e-5, "{totals}: {name}");
     }
+}
+
+/// SNI's scorer with the options the reasoning suite's `_sni.yaml` gives: exact match after
+/// SNI's normalisation, ROUGE-1 and ROUGE-L with the stemmer, max over the references.
+#[test]
+fn scores_equal_tk_instruct_compute_metrics() {
+    assert_scores("scores", "compute_metrics", &|kind, g, pred| {
+        rouge::score(kind, g, pred, true)
+    });
+}
+
+/// The cross-lingual track: `compute_metrics(xlingual=True)` scores ROUGE over GPT-2's tokens (here a
+/// small tokenizer in GPT-2's layout), without the stemmer; moeval's `tokenizer:` ROUGE option.
+#[test]
+fn cross_lingual_scores_equal_tk_instruct_compute_metrics() {
+    let tokenizer = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(
+        reference()["xlingual_tokenizer"]
+            .as_str()
+            .expect("tokenizer path"),
+    );
+    let t = rouge::SubwordTokens::load(&tokenizer).expect("tokenizer");
+    let tokens = |s: &str| t.tokens(s);
+    assert_scores(
+        "xlingual_scores",
+        "xlingual_compute_metrics",
+        &|kind, g, pred| rouge::score_with(kind, g, pred, &tokens).expect("tokens"),
+    );
 }
