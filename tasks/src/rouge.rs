@@ -91,6 +91,15 @@ pub fn score_with(
     })
 }
 
+/// The `tokenizer.json` a path names: the file itself, or the one in a model folder.
+pub(crate) fn tokenizer_file(path: &std::path::Path) -> std::path::PathBuf {
+    if path.is_dir() {
+        path.join("tokenizer.json")
+    } else {
+        path.to_path_buf()
+    }
+}
+
 /// SNI's cross-lingual tokenizer (Tk-Instruct's `GPTTokenizer`): the tokens of a byte-level BPE
 /// tokenizer, GPT-2's there, each with its leading `Ġ` (the space marker) removed.
 pub struct SubwordTokens {
@@ -101,11 +110,7 @@ pub struct SubwordTokens {
 impl SubwordTokens {
     /// `path`: a `tokenizer.json`, or a model folder holding one.
     pub fn load(path: &std::path::Path) -> Result<SubwordTokens, String> {
-        let file = if path.is_dir() {
-            path.join("tokenizer.json")
-        } else {
-            path.to_path_buf()
-        };
+        let file = tokenizer_file(path);
         let tokenizer = tokenizers::Tokenizer::from_file(&file)
             .map_err(|e| format!("cannot load the tokenizer {}: {e}", file.display()))?;
         Ok(SubwordTokens {

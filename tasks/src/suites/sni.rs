@@ -213,14 +213,8 @@ impl Budget {
     /// `tokenizer_config.json` whose `clean_up_tokenization_spaces` is read; default true, as
     /// transformers 4.x and so Tk-Instruct decoded T5).
     pub fn load(path: &Path, max: usize) -> Result<Budget> {
-        let (file, config) = if path.is_dir() {
-            (
-                path.join("tokenizer.json"),
-                Some(path.join("tokenizer_config.json")),
-            )
-        } else {
-            (path.to_path_buf(), None)
-        };
+        let file = crate::rouge::tokenizer_file(path);
+        let config = path.is_dir().then(|| path.join("tokenizer_config.json"));
         let tokenizer = tokenizers::Tokenizer::from_file(&file)
             .map_err(|e| data_err(&file, format!("cannot load the tokenizer: {e}")))?;
         let clean_up = match config.filter(|c| c.is_file()) {
