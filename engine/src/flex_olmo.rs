@@ -51,8 +51,10 @@ impl Block {
     }
 
     pub fn forward(&self, x: &Tensor, layer: usize, batch: &mut Batch<'_>) -> Result<Tensor> {
-        let a = self.self_attn.forward(x, layer, batch)?;
-        let x = (x + self.post_attention_layernorm.forward(&a)?)?;
+        // The attention output is a temporary, freed before the feed-forward runs.
+        let x = (x + self
+            .post_attention_layernorm
+            .forward(&self.self_attn.forward(x, layer, batch)?)?)?;
         let m = self.mlp.forward(&x, batch)?;
         Ok((&x + self.post_feedforward_layernorm.forward(&m)?)?)
     }

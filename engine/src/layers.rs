@@ -260,18 +260,31 @@ impl Mlp {
         Ok(Tensor::from_vec(out, (m, h), &Device::Cpu)?)
     }
 
-    /// The MLP on `m` rows of `x`.
+    /// The MLP on `m` rows of `x`, [`MLP_ROWS`] rows at a time: the gate and up activations then stay
+    /// small in a long prefill, and a row's result does not depend on the rows sharing its matmul.
     pub fn forward_rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        let i = self.intermediate;
-        let mut gu = self.gate_up.forward_rows(x, m)?;
-        // silu(gate) * up overwrites the gate half of each row, which the down projection reads in place.
-        gu.par_chunks_mut(2 * i).for_each(|row| {
-            let (g, u) = row.split_at_mut(i);
-            crate::vecmath::silu_mul_in_place(g, u);
-        });
-        self.down.forward_strided(&gu, m, 2 * i)
+        if m == 0 {
+            return Ok(Vec::new());
+        }
+        let (i, h) = (self.intermediate, x.len() / m);
+        let mut out = Vec::with_capacity(m * h);
+        for rows in x.chunks(MLP_ROWS * h) {
+            let r = rows.len() / h;
+            let mut gu = self.gate_up.forward_rows(rows, r)?;
+            // silu(gate) * up overwrites the gate half of each row, which the down projection reads in
+            // place.
+            gu.par_chunks_mut(2 * i).for_each(|row| {
+                let (g, u) = row.split_at_mut(i);
+                crate::vecmath::silu_mul_in_place(g, u);
+            });
+            out.extend(self.down.forward_strided(&gu, r, 2 * i)?);
+        }
+        Ok(out)
     }
 }
+
+/// Rows per pass through an MLP's projections (a multiple of the matmul's row block).
+const MLP_ROWS: usize = 240;
 
 /// Per-batch state every layer sees: the sequences' spans and caches, and each token's expert mask.
 pub(crate) struct Batch<'a> {
@@ -287,7 +300,7 @@ pub(crate) struct Batch<'a> {
 }
 
 /// Batches of up to this many tokens (decoding steps) run their experts concurrently, and do their
-/// row-wise work (norms, combining expert outputs) on one thread; larger ones parallelise within it.
+/// row-wise work (norms) on one thread; larger ones parallelise within it.
 const PARALLEL_MIN_ROWS: usize = 64;
 
 /// Sparse Mixture-of-Experts feed-forward: softmax over all allowed experts, top-k, and each expert run
@@ -398,10 +411,10 @@ impl SparseMoe {
             all.push(Tensor::from_vec(logits, (n, num_experts), &Device::Cpu)?);
         }
         let mut out = vec![0f32; n * h];
-        // Outputs are added in expert-index order below, as the reference accumulates. When decoding (few
-        // tokens) the experts also run concurrently, which keeps more weight streams in flight; with many
-        // tokens each expert's matmul is parallel enough, and running them together would hold every
-        // expert's activations at once.
+        // Each row adds its experts' weighted outputs in expert-index order, as the reference
+        // accumulates. When decoding (few tokens) the experts run concurrently, which keeps more weight
+        // streams in flight; with many tokens each expert's matmul is parallel enough, and each output
+        // is added as soon as it exists, so only one expert's activations are held at a time.
         let run = |(e, (rows, _)): (usize, &(Vec<usize>, Vec<f32>))| -> Result<Vec<f32>> {
             if rows.is_empty() {
                 return Ok(Vec::new());
@@ -417,44 +430,27 @@ impl SparseMoe {
             }
             expert.forward_rows(&xs, rows.len())
         };
-        let outputs = if n <= PARALLEL_MIN_ROWS {
-            routed
-                .par_iter()
-                .enumerate()
-                .map(run)
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            routed
-                .iter()
-                .enumerate()
-                .map(run)
-                .collect::<Result<Vec<_>>>()?
-        };
-        // Each token's row gathers its experts' outputs in expert order, rows in parallel.
-        let mut slot = vec![u32::MAX; num_experts * n];
-        for (e, (rows, _)) in routed.iter().enumerate() {
-            for (j, &row) in rows.iter().enumerate() {
-                slot[row * num_experts + e] = j as u32;
-            }
-        }
-        let gather = |(row, dst): (usize, &mut [f32])| {
-            for (e, &j) in slot[row * num_experts..(row + 1) * num_experts]
-                .iter()
-                .enumerate()
-            {
-                if j == u32::MAX {
-                    continue;
-                }
-                let (w, y) = (routed[e].1[j as usize], &outputs[e][j as usize * h..][..h]);
-                for (d, &v) in dst.iter_mut().zip(y) {
+        let add = |out: &mut [f32], (rows, weights): &(Vec<usize>, Vec<f32>), y: &[f32]| {
+            for ((&row, &w), y) in rows.iter().zip(weights).zip(y.chunks_exact(h)) {
+                for (d, &v) in out[row * h..(row + 1) * h].iter_mut().zip(y) {
                     *d += w * v;
                 }
             }
         };
-        if n > PARALLEL_MIN_ROWS {
-            out.par_chunks_exact_mut(h).enumerate().for_each(gather);
+        if n <= PARALLEL_MIN_ROWS {
+            let outputs = routed
+                .par_iter()
+                .enumerate()
+                .map(run)
+                .collect::<Result<Vec<_>>>()?;
+            for (r, y) in routed.iter().zip(&outputs) {
+                add(&mut out, r, y);
+            }
         } else {
-            out.chunks_exact_mut(h).enumerate().for_each(gather);
+            for (e, r) in routed.iter().enumerate() {
+                let y = run((e, r))?;
+                add(&mut out, r, &y);
+            }
         }
         Ok(out)
     }
@@ -512,6 +508,7 @@ impl Attention {
             k.extend_from_slice(&row[qw..qw + kvw]);
             v.extend_from_slice(&row[qw + kvw..]);
         }
+        drop(qkv);
         self.q_norm.apply_rows(&mut q)?;
         self.k_norm.apply_rows(&mut k)?;
         if let Some(c) = self.clip_qkv {
@@ -529,6 +526,8 @@ impl Attention {
             &v,
             &mut batch.spans,
         );
+        // Freed before the output projection: a long prefill's peak memory is made of such buffers.
+        drop((q, k, v));
         let out = self.o_proj.forward_rows(&out, n)?;
         Ok(Tensor::from_vec(out, (n, h), &Device::Cpu)?)
     }

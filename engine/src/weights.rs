@@ -148,14 +148,18 @@ impl Weights {
             open.data_start + info.data_offsets.0,
             open.data_start + info.data_offsets.1,
         );
-        let data = to_f32(info.dtype, &open.mmap[begin..end]).ok_or_else(|| Error::Weights {
+        let unsupported = || Error::Weights {
             path: path.to_path_buf(),
             message: format!(
                 "tensor `{name}` has dtype {:?}; supported: F32, BF16, F16",
                 info.dtype
             ),
-        })?;
-        release_pages(&open.mmap, begin, end);
+        };
+        to_f32(info.dtype, &[]).ok_or_else(unsupported)?;
+        let mut data = Vec::with_capacity((end - begin) * 8 / info.dtype.bitsize());
+        stream(&open.mmap, begin, end, |bytes| {
+            data.extend(to_f32(info.dtype, bytes).unwrap_or_default())
+        });
         finite(path, name, &data)?;
         Ok(data)
     }
@@ -168,20 +172,24 @@ impl Weights {
             open.data_start + info.data_offsets.0,
             open.data_start + info.data_offsets.1,
         );
-        let bits = |bytes: &[u8]| -> Vec<u16> {
-            bytes
-                .chunks_exact(2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                .collect()
+        let bits = |mmap: &Mmap| -> Vec<u16> {
+            let mut v = Vec::with_capacity((end - begin) / 2);
+            stream(mmap, begin, end, |bytes| {
+                v.extend(
+                    bytes
+                        .chunks_exact(2)
+                        .map(|b| u16::from_le_bytes([b[0], b[1]])),
+                )
+            });
+            v
         };
         // An all-ones exponent is an infinity or a NaN.
         let nonfinite = |v: &[u16], exponent: u16| v.iter().any(|&b| b & exponent == exponent);
         let w = match info.dtype {
-            Dtype::BF16 => Weight::Bf16(bits(&open.mmap[begin..end])),
-            Dtype::F16 => Weight::F16(bits(&open.mmap[begin..end])),
+            Dtype::BF16 => Weight::Bf16(bits(&open.mmap)),
+            Dtype::F16 => Weight::F16(bits(&open.mmap)),
             _ => return self.get_values(name, shape).map(Weight::F32),
         };
-        release_pages(&open.mmap, begin, end);
         let bad = match &w {
             Weight::Bf16(v) => nonfinite(v, 0x7f80),
             Weight::F16(v) => nonfinite(v, 0x7c00),
@@ -295,7 +303,23 @@ fn finite(path: &Path, name: &str, data: &[f32]) -> Result<()> {
     }
 }
 
-/// Drops the whole pages of `mmap[begin..end]` from this process's resident set once the tensor has been
+/// Hands `mmap[begin..end]` to `convert` in chunks of whole elements, dropping the pages read so far
+/// from this process's resident set after each: loading holds the converted weights plus one chunk of
+/// the file, never a whole tensor twice (the largest, an embedding or LM head, was most of the gap
+/// between peak memory and the weights' size).
+fn stream(mmap: &Mmap, begin: usize, end: usize, mut convert: impl FnMut(&[u8])) {
+    // A multiple of every element width (2 and 4 bytes).
+    const CHUNK: usize = 1 << 20;
+    let mut at = begin;
+    while at < end {
+        let next = (at + CHUNK).min(end);
+        convert(&mmap[at..next]);
+        release_pages(mmap, begin, next);
+        at = next;
+    }
+}
+
+/// Drops the whole pages of `mmap[begin..end]` from this process's resident set once they have been
 /// converted, so loading does not hold the file and the converted weights in memory at the same time.
 fn release_pages(mmap: &Mmap, begin: usize, end: usize) {
     const PAGE: usize = 4096;
