@@ -3,15 +3,17 @@
 measured recall, speed, memory and build time.
 
 Reads the first --entries keys of a store (`knn/keys.f16`, little-endian f16 rows of `knn/dim`
-dimensions) and --queries query keys spread evenly over another store's keys (held-out documents),
-computes the exact top k by brute force (squared L2 on the f16 values, as moeval's exact search), and
-for every method builds an index on --threads threads in a fresh process (so peak RSS is its own),
-then reports build seconds, peak RSS, recall@k and queries/s (one batch over the threads). A found key
-counts when it is no farther than the k-th exact neighbour, as `moeval datastore knn-bench` counts.
+dimensions), keeps each distinct key once (as moeval's index does), takes --queries query vectors
+spread evenly over another store's keys (held-out documents) or over a file of raw little-endian f32
+rows (--query-f32, e.g. the query states of a model with an expert opted out), computes the exact top
+k by brute force (squared L2 on the f16 values, as moeval's exact search), and for every method
+builds an index on --threads threads in a fresh process (so peak RSS is its own), then reports build
+seconds, peak RSS, recall@k and queries/s (one batch over the threads). A found key counts when it is
+no farther than the k-th exact neighbour, as `moeval datastore knn-bench` counts.
 
-Methods: usearch HNSW (what moeval builds: f16 vectors, M 16, efConstruction 128, ef 64), FAISS HNSW
-(flat f32 vectors, same M / efConstruction / ef) and FAISS IVF-PQ (the index SILO's kNN-LM used:
-about 4 sqrt(n) lists, 48 sub-quantizers of 8 bits, nprobe 32, re-ranking nothing).
+Methods, all with the graph settings of --m, --ef-construction and --ef: usearch HNSW (what moeval
+builds: f16 vectors), FAISS HNSW (flat f32 vectors), FAISS IVF-Flat and IVF-PQ (the index SILO's
+kNN-LM used: about 4 sqrt(n) lists, 48 sub-quantizers of 8 bits; --nprobe lists searched).
 
     python3 -m venv /tmp/ann && /tmp/ann/bin/pip install faiss-cpu usearch numpy
     /tmp/ann/bin/python scripts/ann_compare.py --store STORE --query-store QSTORE --entries 1000000
@@ -33,6 +35,14 @@ def keys(store, limit=None):
     m = np.memmap(os.path.join(store, "knn", "keys.f16"), dtype="<f2", mode="r")
     m = m.reshape(-1, d)
     return m if limit is None else m[:limit]
+
+
+def distinct(base):
+    """Each distinct row once, in order of first occurrence."""
+    rows = np.ascontiguousarray(base)
+    _, first = np.unique(rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel(),
+                         return_index=True)
+    return rows[np.sort(first)]
 
 
 def exact(base, queries, k, chunk=200_000):
@@ -59,7 +69,7 @@ def recall(exact_d, found_d):
 def run_method(args):
     import faiss  # noqa: F401  (imported in the child only)
 
-    base = keys(args.store, args.entries)
+    base = np.load(args.qfile + ".base.npy", mmap_mode="r")
     qs = np.load(args.qfile)
     faiss.omp_set_num_threads(args.threads)
     n, d = base.shape
@@ -67,8 +77,8 @@ def run_method(args):
     if args.method == "usearch-hnsw":
         from usearch.index import Index
 
-        index = Index(ndim=d, metric="l2sq", dtype="f16", connectivity=16, expansion_add=128,
-                      expansion_search=64)
+        index = Index(ndim=d, metric="l2sq", dtype="f16", connectivity=args.m,
+                      expansion_add=args.ef_construction, expansion_search=args.ef)
         step = 262_144
         for s in range(0, n, step):
             chunk = np.asarray(base[s : s + step])
@@ -80,18 +90,21 @@ def run_method(args):
         labels = m.keys.astype(np.int64)
     else:
         if args.method == "faiss-hnsw":
-            index = faiss.IndexHNSWFlat(d, 16)
-            index.hnsw.efConstruction = 128
-            index.hnsw.efSearch = 64
+            index = faiss.IndexHNSWFlat(d, args.m)
+            index.hnsw.efConstruction = args.ef_construction
+            index.hnsw.efSearch = max(args.ef, args.k)
         else:
             # about 4 sqrt(n) lists (FAISS's guidance), trained on 64 points per list
             nlist = max(64, 1 << round(np.log2(4 * np.sqrt(n))))
-            index = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, nlist, 48, 8)
+            if args.method == "faiss-ivfflat":
+                index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+            else:
+                index = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, nlist, 48, 8)
             rng = np.random.default_rng(0)
             sample = np.asarray(base[np.sort(rng.choice(n, min(n, 64 * nlist), replace=False))],
                                 dtype=np.float32)
             index.train(sample)
-            index.nprobe = 32
+            index.nprobe = args.nprobe
         step = 262_144
         for s in range(0, n, step):
             index.add(np.asarray(base[s : s + step], dtype=np.float32))
@@ -115,32 +128,45 @@ def run_method(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", required=True)
-    p.add_argument("--query-store", required=True)
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--query-store")
+    q.add_argument("--query-f32", help="raw little-endian f32 query rows of the store's dimension")
     p.add_argument("--entries", type=int, default=1_000_000)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--methods", default="usearch-hnsw,faiss-hnsw,faiss-ivfpq")
+    p.add_argument("--m", type=int, default=32, help="HNSW edges per node (moeval's default)")
+    p.add_argument("--ef-construction", type=int, default=256)
+    p.add_argument("--ef", type=int, default=64, help="HNSW search breadth (at least --k is used)")
+    p.add_argument("--nprobe", type=int, default=32, help="IVF lists searched")
+    p.add_argument("--methods", default="usearch-hnsw,faiss-hnsw,faiss-ivfflat,faiss-ivfpq")
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--qfile", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.method:
         return run_method(args)
 
-    base = keys(args.store, args.entries)
-    qk = keys(args.query_store)
+    base = distinct(keys(args.store, args.entries))
+    if args.query_store:
+        qk = keys(args.query_store)
+    else:
+        qk = np.fromfile(args.query_f32, dtype="<f4").reshape(-1, base.shape[1])
     qs = np.asarray(qk[np.linspace(0, len(qk) - 1, min(args.queries, len(qk))).astype(int)])
     qfile = f"/tmp/ann_compare_queries_{os.getpid()}.npy"
     np.save(qfile, qs)
+    np.save(qfile + ".base.npy", base)
     t0 = time.perf_counter()
     exact_d = exact(base, qs, args.k)
-    print(json.dumps({"entries": len(base), "dim": base.shape[1], "queries": len(qs), "k": args.k,
-                      "threads": args.threads, "exact_s": round(time.perf_counter() - t0, 1)}))
+    print(json.dumps({"entries": args.entries, "distinct": len(base), "dim": base.shape[1],
+                      "queries": len(qs), "k": args.k, "threads": args.threads, "m": args.m,
+                      "ef_construction": args.ef_construction, "ef": args.ef, "nprobe": args.nprobe,
+                      "exact_s": round(time.perf_counter() - t0, 1)}))
     for method in args.methods.split(","):
         out = subprocess.run(
-            [sys.executable, __file__, "--store", args.store, "--query-store", args.query_store,
+            [sys.executable, __file__, "--store", args.store, "--query-f32", "-",
              "--entries", str(args.entries), "--k", str(args.k), "--threads", str(args.threads),
-             "--method", method, "--qfile", qfile],
+             "--m", str(args.m), "--ef-construction", str(args.ef_construction), "--ef", str(args.ef),
+             "--nprobe", str(args.nprobe), "--method", method, "--qfile", qfile],
             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         if out.returncode != 0:
             print(json.dumps({"method": method, "error": out.stderr[-500:]}))
@@ -150,6 +176,7 @@ def main():
         print(json.dumps(row), flush=True)
         os.remove(qfile + f".{method}.npy")
     os.remove(qfile)
+    os.remove(qfile + ".base.npy")
 
 
 if __name__ == "__main__":

@@ -26,9 +26,6 @@ import statistics
 import sys
 import time
 
-PREFILL_BATCH, PREFILL_LEN = 8, 256
-DECODE_BATCH, DECODE_PROMPT, DECODE_STEPS = 8, 128, 32
-
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
@@ -45,6 +42,15 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is reported (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and token ids (default 0)")
+    p.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                   help="compute dtype: f32 (the engine's numbers) or bf16 (transformers' own "
+                        "low-memory path; different numbers)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per prefill and decode batch (default 8)")
+    p.add_argument("--prefill-len", type=int, default=256, help="prefill tokens per sequence (default 256)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt before decoding (default 128)")
+    p.add_argument("--decode-steps", type=int, default=32, help="timed decode steps (default 32)")
+    p.add_argument("--skip-full-logits", action="store_true",
+                   help="skip the all-positions prefill (for large models: its logits alone are big)")
     p.add_argument("--experts-impl", default=None, metavar="NAME",
                    help="transformers' MoE expert kernel: eager or grouped_mm (default: the "
                         "library's choice, grouped_mm in transformers 5.x); batched_mm copies "
@@ -92,12 +98,13 @@ def main():
     torch.set_num_interop_threads(args.threads)
     torch.manual_seed(args.seed)
 
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.model:
         log(f"loading {args.model}")
-        model = FlexOlmoForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        model = FlexOlmoForCausalLM.from_pretrained(args.model, dtype=dtype)
     else:
         log("building random 'small' preset model")
-        model = FlexOlmoForCausalLM(small_preset_config(FlexOlmoConfig)).to(torch.float32)
+        model = FlexOlmoForCausalLM(small_preset_config(FlexOlmoConfig)).to(dtype)
     if args.experts_impl:
         model.set_experts_implementation(args.experts_impl)
     model.eval()
@@ -119,8 +126,8 @@ def main():
         return cache if cache is not None else out.past_key_values
 
     gen = torch.Generator().manual_seed(args.seed)
-    prefill_ids = torch.randint(0, cfg.vocab_size, (PREFILL_BATCH, PREFILL_LEN), generator=gen)
-    prompt_ids = torch.randint(0, cfg.vocab_size, (DECODE_BATCH, DECODE_PROMPT), generator=gen)
+    prefill_ids = torch.randint(0, cfg.vocab_size, (args.batch, args.prefill_len), generator=gen)
+    prompt_ids = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), generator=gen)
 
     def prefill_last():
         model(input_ids=prefill_ids, use_cache=True, **{keep_kw: 1})
@@ -136,7 +143,7 @@ def main():
         cache = out_cache(out)
         next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
         t0 = time.perf_counter()
-        for _ in range(DECODE_STEPS):
+        for _ in range(args.decode_steps):
             out = model(input_ids=next_ids, use_cache=True, **{cache_kw: cache, keep_kw: 1})
             cache = out_cache(out)
             next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -152,8 +159,10 @@ def main():
         # Read peak RSS before the full-logits pass: its 8x256xvocab logits
         # tensor is not part of what the engine does.
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        log("prefill (all logits)")
-        t_prefill_full = median_time(prefill_full, args.repeats)
+        t_prefill_full = None
+        if not args.skip_full_logits:
+            log("prefill (all logits)")
+            t_prefill_full = median_time(prefill_full, args.repeats)
 
     print(json.dumps({
         "impl": "transformers",
@@ -162,9 +171,12 @@ def main():
         "threads": args.threads,
         "experts_impl": getattr(cfg, "_experts_implementation", None),
         "model": args.model or "random:small",
-        "prefill_tok_s": round(PREFILL_BATCH * PREFILL_LEN / t_prefill, 1),
-        "prefill_full_logits_tok_s": round(PREFILL_BATCH * PREFILL_LEN / t_prefill_full, 1),
-        "decode_tok_s": round(DECODE_BATCH * DECODE_STEPS / t_decode, 1),
+        "prefill_tok_s": round(args.batch * args.prefill_len / t_prefill, 1),
+        "prefill_full_logits_tok_s": t_prefill_full and round(args.batch * args.prefill_len / t_prefill_full, 1),
+        "dtype": args.dtype,
+        "batch": args.batch, "prefill_len": args.prefill_len, "prompt_len": args.prompt_len,
+        "decode_steps": args.decode_steps,
+        "decode_tok_s": round(args.batch * args.decode_steps / t_decode, 1),
         "peak_rss_mb": round(peak_rss_mb, 1),
         "params": params,
         "weights_mb_f32": round(params * 4 / 2**20, 1),

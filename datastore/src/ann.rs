@@ -3,16 +3,22 @@
 //! Invariants:
 //! - The keys stay in the key folder (`keys.f16`, memory-mapped); the graphs are extra files there.
 //! - The keys are cut into contiguous *parts*; part `i` covers entries `start..start + len` and labels
-//!   its vectors `0..len`. Each part is built alone, on one thread, in entry order: a build holds at
-//!   most one part's graph per thread in memory, the same keys always give the same graphs, and an
-//!   opt-out rebuilds only the parts that held removed entries.
+//!   its vectors by their offset `0..len`. Each part is built alone, on one thread, in entry order: a
+//!   build holds at most one part's graph per thread in memory, the same keys always give the same
+//!   graphs, and an opt-out rebuilds only the parts that held removed entries.
+//! - A key repeated within a part (every document's first position, boilerplate) enters the graph
+//!   once, at its first offset; the part's duplicates file lists the offsets that share it. Thousands
+//!   of identical vectors otherwise fill each other's edge lists, and a query that lands away from the
+//!   keys (a model with an expert opted out) cannot walk the graph to its true neighbours.
 //! - Part files are written once (temporary file, sync, rename) and never changed; `ann.json` lists
 //!   them and is written last, so a folder either has a complete index or is not switched to.
 //! - The graphs only propose candidates: [`crate::knn::KnnIndex::search`] re-ranks them with the exact
 //!   distances, so every neighbour returned carries the distance exact search gives it.
 
+use std::collections::HashMap;
 use std::path::Path;
 
+use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
@@ -40,9 +46,11 @@ pub struct AnnSettings {
 impl Default for AnnSettings {
     fn default() -> Self {
         AnnSettings {
-            connectivity: 16,
-            expansion_add: 128,
-            expansion_search: 64,
+            // Measured on 6.5M keys with queries from a model with an expert opted out (far from
+            // the keys): kNN-LM perplexity within 1% of exact search needs this breadth.
+            connectivity: 32,
+            expansion_add: 256,
+            expansion_search: 16384,
             part_entries: 1 << 20,
         }
     }
@@ -50,9 +58,10 @@ impl Default for AnnSettings {
 
 impl AnnSettings {
     /// Entries per part that keep one part's graph and vectors within `mib` MiB for keys of `dim`
-    /// dimensions (f16 vectors, `connectivity` edges per node in both directions on the base layer).
+    /// dimensions (f16 vectors, `connectivity` edges per node in both directions on the base layer,
+    /// and the table that finds repeated keys while building).
     pub fn part_entries_for(mib: u64, dim: usize, connectivity: usize) -> u64 {
-        let per_entry = (dim * 2 + connectivity * 2 * 4 + 64) as u64;
+        let per_entry = (dim * 2 + connectivity * 2 * 4 + 64 + 48) as u64;
         ((mib << 20) / per_entry).max(1024)
     }
 
@@ -75,6 +84,46 @@ pub(crate) struct Part {
     pub file: String,
     pub start: u64,
     pub len: u64,
+    /// The file of `(first offset, offset)` pairs (little-endian u64, sorted) for the offsets whose key
+    /// repeats an earlier one's; absent when every key of the part is distinct.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicates: Option<String>,
+}
+
+/// A part's duplicates file, memory-mapped.
+struct Duplicates(Mmap);
+
+impl Duplicates {
+    fn pair(&self, i: usize) -> (u64, u64) {
+        let b = &self.0[i * 16..i * 16 + 16];
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&b[..8]);
+        let first = u64::from_le_bytes(x);
+        x.copy_from_slice(&b[8..]);
+        (first, u64::from_le_bytes(x))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len() / 16
+    }
+
+    /// The offsets sharing the key at `first`, ascending, at most `limit` of them.
+    fn of(&self, first: u64, limit: usize) -> impl Iterator<Item = u64> + '_ {
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.pair(mid).0 < first {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        (lo..self.len())
+            .map(|i| self.pair(i))
+            .take_while(move |p| p.0 == first)
+            .map(|p| p.1)
+            .take(limit)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -84,12 +133,13 @@ struct Layout {
     parts: Vec<Part>,
 }
 
-const LIBRARY: &str = "usearch hnsw, f16 vectors, squared L2";
+/// Names the graphs' format; an index whose layout names another is rebuilt, never reused.
+const LIBRARY: &str = "usearch hnsw, f16 vectors, squared L2, repeated keys once";
 
-/// An opened approximate index: the parts' graphs, memory-mapped.
+/// An opened approximate index: the parts' graphs and duplicates, memory-mapped.
 pub(crate) struct Ann {
     settings: AnnSettings,
-    parts: Vec<(Part, Index)>,
+    parts: Vec<(Part, Index, Option<Duplicates>)>,
 }
 
 fn usearch_error<E: std::fmt::Display>(path: &Path, what: &str) -> impl FnOnce(E) -> Error {
@@ -133,14 +183,30 @@ impl Ann {
             index
                 .view(&file.to_string_lossy())
                 .map_err(usearch_error(&file, "cannot map the index"))?;
-            if index.size() as u64 != p.len || index.dimensions() != dim {
+            let duplicates = match &p.duplicates {
+                Some(name) => {
+                    let path = dir.join(name);
+                    let f = std::fs::File::open(&path).map_err(Error::io(&path))?;
+                    // SAFETY: part files are written once and never changed while a store is open.
+                    let map = unsafe { Mmap::map(&f) }.map_err(Error::io(&path))?;
+                    if map.len() % 16 != 0 {
+                        return Err(Error::Input {
+                            path,
+                            message: "truncated duplicates file; rebuild the kNN index".into(),
+                        });
+                    }
+                    Some(Duplicates(map))
+                }
+                None => None,
+            };
+            let distinct = p.len - duplicates.as_ref().map_or(0, |d| d.len() as u64);
+            if index.size() as u64 != distinct || index.dimensions() != dim {
                 return Err(Error::Input {
                     path: file,
                     message: format!(
-                        "holds {} vectors of {} dimensions, expected {} of {dim}; rebuild the kNN index",
+                        "holds {} vectors of {} dimensions, expected {distinct} of {dim}; rebuild the kNN index",
                         index.size(),
                         index.dimensions(),
-                        p.len
                     ),
                 });
             }
@@ -148,7 +214,7 @@ impl Ann {
             index
                 .reserve_capacity_and_threads(index.size(), threads)
                 .map_err(usearch_error(&file, "cannot prepare the index for search"))?;
-            parts.push((p, index));
+            parts.push((p, index, duplicates));
         }
         Ok(Some(Ann {
             settings: layout.settings,
@@ -160,14 +226,23 @@ impl Ann {
         self.settings
     }
 
-    /// Candidate entries for the `k` nearest neighbours of `query`: up to `k` from every part.
-    pub(crate) fn candidates(&self, query: &[f32], k: usize) -> Result<Vec<usize>> {
+    /// Candidates for the `k` nearest neighbours of `query`, in groups of entries that share one key
+    /// (the first entry of each group is the one in the graph): up to `k` keys from every part, each
+    /// with the first `k` entries holding it (ties between equal distances go to the lower entry, so
+    /// no later one can be among the `k` nearest).
+    pub(crate) fn candidates(&self, query: &[f32], k: usize) -> Result<Vec<Vec<usize>>> {
         let mut out = Vec::with_capacity(k * self.parts.len());
-        for (p, index) in &self.parts {
+        for (p, index, duplicates) in &self.parts {
             let m = index
-                .search(query, k.min(p.len as usize))
+                .search(query, k.min(index.size()))
                 .map_err(|e| Error::Usage(format!("kNN index search failed: {e}")))?;
-            out.extend(m.keys.iter().map(|&label| (p.start + label) as usize));
+            for &label in &m.keys {
+                let mut group = vec![(p.start + label) as usize];
+                if let Some(d) = duplicates {
+                    group.extend(d.of(label, k - 1).map(|o| (p.start + o) as usize));
+                }
+                out.push(group);
+            }
         }
         Ok(out)
     }
@@ -190,14 +265,41 @@ fn build_part(
     index
         .reserve(len as usize)
         .map_err(usearch_error(&path, "cannot reserve the index"))?;
-    // In entry order on one thread: the graph then depends on the keys alone, so a rebuild (after a
-    // crash, or on another machine) gives the same neighbours. Parts are built in parallel instead.
+    let mut first: HashMap<&[u8], u64> = HashMap::new();
+    let mut distinct: Vec<u64> = Vec::new();
+    let mut repeats: Vec<(u64, u64)> = Vec::new();
     for label in 0..len {
-        let key = keys.key((start + label) as usize);
+        let bytes = keys.key_bytes((start + label) as usize);
+        match first.get(bytes) {
+            Some(&f) => repeats.push((f, label)),
+            None => {
+                first.insert(bytes, label);
+                distinct.push(label);
+            }
+        }
+    }
+    drop(first);
+    // In entry order on one thread: the graph then depends on the keys alone, so a rebuild (after a
+    // crash, or on another machine) gives the same neighbours; parts are built in parallel instead.
+    // A scrambled order found held-out keys' neighbours more often at small search breadths but served
+    // kNN-LM with an expert opted out worse at the default breadth (docs/datastore.md).
+    for label in distinct {
         index
-            .add(label, &key)
+            .add(label, &keys.key((start + label) as usize))
             .map_err(usearch_error(&path, "cannot add a key"))?;
     }
+    let duplicates = if repeats.is_empty() {
+        None
+    } else {
+        repeats.sort_unstable();
+        let name = format!("part-{start:012}-{len}.duplicates");
+        let bytes: Vec<u8> = repeats
+            .iter()
+            .flat_map(|&(f, o)| f.to_le_bytes().into_iter().chain(o.to_le_bytes()))
+            .collect();
+        crate::manifest::write_atomic(&dir.join(&name), &bytes)?;
+        Some(name)
+    };
     index
         .save(&tmp.to_string_lossy())
         .map_err(usearch_error(&tmp, "cannot save the index"))?;
@@ -207,7 +309,12 @@ fn build_part(
         .map_err(Error::io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(Error::io(&path))?;
     durable::fault::point("knn.index.part");
-    Ok(Part { file, start, len })
+    Ok(Part {
+        file,
+        start,
+        len,
+        duplicates,
+    })
 }
 
 /// Writes the list of parts, completing the index of key folder `dir`.
@@ -253,6 +360,38 @@ pub(crate) fn build(
     write_layout(dir, settings, parts)
 }
 
+/// Gives key folder `new` the graphs of `old` (same keys) when they were built as `settings` asks,
+/// apart from `expansion_search`, which only searches read: the part files are linked and the new
+/// breadth recorded. False (nothing written) when the graphs must be built.
+pub(crate) fn reuse(old: &Path, new: &Path, settings: AnnSettings) -> Result<bool> {
+    let path = old.join(LAYOUT);
+    let layout: Layout = match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Input {
+            path: path.clone(),
+            message: format!("invalid index layout: {e}"),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io(&path)(e)),
+    };
+    let same = AnnSettings {
+        expansion_search: settings.expansion_search,
+        ..layout.settings
+    };
+    if layout.library != LIBRARY || same != settings {
+        return Ok(false);
+    }
+    for p in &layout.parts {
+        for f in std::iter::once(&p.file).chain(&p.duplicates) {
+            let to = new.join(f);
+            std::fs::hard_link(old.join(f), &to)
+                .or_else(|_| std::fs::copy(old.join(f), &to).map(|_| ()))
+                .map_err(Error::io(&to))?;
+        }
+    }
+    write_layout(new, settings, layout.parts)?;
+    Ok(true)
+}
+
 /// After an opt-out compacted the keys from folder `old` into `new` (`kept[i]`: whether old entry `i`
 /// survived), gives `new` an index: a part none of whose entries went is linked as it is, at its new
 /// offset; a part that lost entries is rebuilt from the remaining keys, so removed keys are in no
@@ -269,17 +408,26 @@ pub(crate) fn carry_over(old: &Path, new: &Path, kept: &[bool], keys: &KnnIndex)
         let range = p.start as usize..(p.start + p.len) as usize;
         let survivors = kept[range].iter().filter(|&&k| k).count() as u64;
         if survivors == p.len {
-            let file = format!("part-{new_start:012}-{}.usearch", p.len);
-            let to = new.join(&file);
-            if !to.exists() {
-                std::fs::hard_link(old.join(&p.file), &to)
-                    .or_else(|_| std::fs::copy(old.join(&p.file), &to).map(|_| ()))
-                    .map_err(Error::io(&to))?;
-            }
+            let link = |from: &str, file: String| -> Result<String> {
+                let to = new.join(&file);
+                if !to.exists() {
+                    std::fs::hard_link(old.join(from), &to)
+                        .or_else(|_| std::fs::copy(old.join(from), &to).map(|_| ()))
+                        .map_err(Error::io(&to))?;
+                }
+                Ok(file)
+            };
             parts.push(Part {
-                file,
+                file: link(&p.file, format!("part-{new_start:012}-{}.usearch", p.len))?,
                 start: new_start,
                 len: p.len,
+                duplicates: match &p.duplicates {
+                    Some(d) => Some(link(
+                        d,
+                        format!("part-{new_start:012}-{}.duplicates", p.len),
+                    )?),
+                    None => None,
+                },
             });
         } else if survivors > 0 {
             parts.push(build_part(

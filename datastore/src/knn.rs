@@ -245,8 +245,12 @@ pub fn reindex(
     }
     durable::sync_dir(&d).map_err(Error::io(&d))?;
     if let Some(s) = settings {
-        let keys = KnnIndex::open_folder(dir, &d)?;
-        crate::ann::build(&keys, &d, s, progress)?;
+        // Only the search breadth changed: the graphs are kept, no rebuild.
+        let old = dir.join(&info.dir);
+        if !crate::ann::reuse(&old, &d, s)? {
+            let keys = KnnIndex::open_folder(dir, &d)?;
+            crate::ann::build(&keys, &d, s, progress)?;
+        }
     }
     m.knn = Some(KnnInfo {
         search: search_name(settings.as_ref()),
@@ -410,7 +414,7 @@ impl KnnIndex {
         u64::from_le_bytes(b)
     }
 
-    fn key_bytes(&self, entry: usize) -> &[u8] {
+    pub(crate) fn key_bytes(&self, entry: usize) -> &[u8] {
         &self.keys.bytes()[entry * self.dim * 2..(entry + 1) * self.dim * 2]
     }
 
@@ -440,16 +444,13 @@ impl KnnIndex {
     pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<Neighbor>> {
         match &self.ann {
             Some(ann) if query.len() == self.dim && k > 0 => {
-                let mut candidates = ann.candidates(query, k)?;
-                candidates.sort_unstable();
-                candidates.dedup();
-                let all = candidates
-                    .into_iter()
-                    .map(|entry| Neighbor {
-                        entry,
-                        distance: self.distance(entry, query),
-                    })
-                    .collect();
+                let mut all = Vec::new();
+                // Parts are disjoint and list each entry once, so no entry comes twice; the entries of
+                // a group hold identical keys, hence one distance.
+                for group in ann.candidates(query, k)? {
+                    let distance = self.distance(group[0], query);
+                    all.extend(group.into_iter().map(|entry| Neighbor { entry, distance }));
+                }
                 Ok(nearest(all, k))
             }
             _ => Ok(self.search_exact(query, k)),

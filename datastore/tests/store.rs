@@ -576,6 +576,93 @@ fn approximate_index_matches_exact_search_and_opt_out_removes_keys_from_it() {
         .any(|p| p.to_string_lossy().ends_with(".usearch")));
 }
 
+/// Keys repeated across documents (every document's first position holds the same state) enter each
+/// graph once; a search still returns every entry holding such a key, ties broken by the lower entry
+/// as exact search does, before and after an opt-out removes some of them.
+#[test]
+fn repeated_keys_enter_the_graph_once_and_are_all_found() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = make(tmp.path(), "s", &corpus(None));
+    let store = Datastore::open(&dir).unwrap();
+    let blocks = store.blocks().unwrap();
+    drop(store);
+    let dim = 8;
+    let settings = AnnSettings {
+        part_entries: 40,
+        ..AnnSettings::default()
+    };
+    let mut w = KnnWriter::create(&dir, dim)
+        .unwrap()
+        .with_search(Search::Index(settings));
+    let mut rng = Rng(11);
+    let shared = vec![3.0f32; dim];
+    for b in &blocks {
+        let mut keys = shared.clone();
+        keys.extend(clustered_keys(&mut rng, b.block_id, 3, dim));
+        w.push(b.block_id, &keys, &[9, 1, 2, 3]).unwrap();
+    }
+    let n = w.finish("test-model", "0").unwrap() as usize;
+    assert!(n > 2 * 40, "{n} entries: several parts");
+    let duplicates = files_under(&dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".duplicates"))
+        .count();
+    assert!(duplicates >= 2, "{duplicates} duplicates files");
+
+    let check = |dir: &Path| {
+        let store = Datastore::open(dir).unwrap();
+        let knn = store.knn().unwrap();
+        let mut near = shared.clone();
+        near[0] += 0.01;
+        let far = vec![40.0f32; dim];
+        for q in [&shared, &near, &far] {
+            for k in [1, 5, 16, knn.len()] {
+                assert_eq!(knn.search(q, k).unwrap(), knn.search_exact(q, k), "k {k}");
+            }
+        }
+        knn.len()
+    };
+    assert_eq!(check(&dir), n);
+
+    // Another search breadth needs no rebuild: the graphs are linked into the new key folder as they are.
+    let graphs = |dir: &Path| -> BTreeMap<String, u64> {
+        use std::os::unix::fs::MetadataExt;
+        files_under(dir)
+            .into_iter()
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|e| e == "usearch" || e == "duplicates")
+            })
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    std::fs::metadata(&p).unwrap().ino(),
+                )
+            })
+            .collect()
+    };
+    let before = graphs(&dir);
+    let breadth = AnnSettings {
+        expansion_search: 500,
+        ..settings
+    };
+    datastore::knn::reindex(&dir, Search::Index(breadth), &|_, _| panic!("rebuilt")).unwrap();
+    assert_eq!(graphs(&dir), before);
+    assert_eq!(
+        Datastore::open(&dir)
+            .unwrap()
+            .knn()
+            .unwrap()
+            .index_settings(),
+        Some(breadth)
+    );
+    assert_eq!(check(&dir), n);
+
+    let r = Datastore::opt_out(&dir, &OptOut::owner("bob", "")).unwrap();
+    assert!(r.knn_entries_removed > 0);
+    assert_eq!(check(&dir), n - r.knn_entries_removed as usize);
+}
+
 #[test]
 fn document_ids_shared_by_two_owners_are_refused() {
     let tmp = tempfile::tempdir().unwrap();

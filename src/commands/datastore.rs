@@ -144,6 +144,7 @@ struct IndexArgs {
     #[arg(long, default_value_t = AnnSettings::default().expansion_add)]
     knn_expansion_add: usize,
     /// Candidates kept while searching (HNSW's ef; a search for k neighbours keeps at least k).
+    /// `datastore reindex` changing only this keeps the graphs: no rebuild.
     #[arg(long, default_value_t = AnnSettings::default().expansion_search)]
     knn_expansion_search: usize,
 }
