@@ -22,7 +22,6 @@ kNN-LM used: about 4 sqrt(n) lists, 48 sub-quantizers of 8 bits; --nprobe lists 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -120,7 +119,9 @@ def run_method(args):
     found_d[labels < 0] = np.inf
     found_d.sort(axis=1)
     np.save(args.qfile + f".{args.method}.npy", found_d)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec.
+    with open("/proc/self/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     print(json.dumps({"method": args.method, "build_s": round(build, 1),
                       "queries_per_s": round(len(qs) / search, 1), "peak_rss_mib": round(rss)}))
 
