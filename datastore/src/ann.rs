@@ -15,7 +15,7 @@
 //! - The graphs only propose candidates: [`crate::knn::KnnIndex::search`] re-ranks them with the exact
 //!   distances, so every neighbour returned carries the distance exact search gives it.
 
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap};
 use std::path::Path;
 
 use memmap2::Mmap;
@@ -151,24 +151,32 @@ fn usearch_error<E: std::fmt::Display>(path: &Path, what: &str) -> impl FnOnce(E
     }
 }
 
+/// The layout of key folder `dir`'s index, or `None` when the folder has none.
+fn read_layout(dir: &Path) -> Result<Option<Layout>> {
+    let path = dir.join(LAYOUT);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Error::Input {
+                path,
+                message: format!("invalid index layout: {e}"),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(&path)(e)),
+    }
+}
+
 impl Ann {
     /// Opens the index of key folder `dir` (keys of `dim` dimensions, `entries` of them), or `None` when
     /// the folder has none.
     pub(crate) fn open(dir: &Path, dim: usize, entries: u64) -> Result<Option<Ann>> {
-        let path = dir.join(LAYOUT);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(&path)(e)),
+        let Some(layout) = read_layout(dir)? else {
+            return Ok(None);
         };
-        let layout: Layout = serde_json::from_slice(&bytes).map_err(|e| Error::Input {
-            path: path.clone(),
-            message: format!("invalid index layout: {e}"),
-        })?;
         let covered: u64 = layout.parts.iter().map(|p| p.len).sum();
         if covered != entries {
             return Err(Error::Input {
-                path,
+                path: dir.join(LAYOUT),
                 message: format!(
                     "the index covers {covered} entries, the keys hold {entries}; rebuild the kNN index"
                 ),
@@ -270,10 +278,10 @@ fn build_part(
     let mut repeats: Vec<(u64, u64)> = Vec::new();
     for label in 0..len {
         let bytes = keys.key_bytes((start + label) as usize);
-        match first.get(bytes) {
-            Some(&f) => repeats.push((f, label)),
-            None => {
-                first.insert(bytes, label);
+        match first.entry(bytes) {
+            Entry::Occupied(f) => repeats.push((*f.get(), label)),
+            Entry::Vacant(v) => {
+                v.insert(label);
                 distinct.push(label);
             }
         }
@@ -364,14 +372,8 @@ pub(crate) fn build(
 /// apart from `expansion_search`, which only searches read: the part files are linked and the new
 /// breadth recorded. False (nothing written) when the graphs must be built.
 pub(crate) fn reuse(old: &Path, new: &Path, settings: AnnSettings) -> Result<bool> {
-    let path = old.join(LAYOUT);
-    let layout: Layout = match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Input {
-            path: path.clone(),
-            message: format!("invalid index layout: {e}"),
-        })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(Error::io(&path)(e)),
+    let Some(layout) = read_layout(old)? else {
+        return Ok(false);
     };
     let same = AnnSettings {
         expansion_search: settings.expansion_search,
@@ -382,10 +384,7 @@ pub(crate) fn reuse(old: &Path, new: &Path, settings: AnnSettings) -> Result<boo
     }
     for p in &layout.parts {
         for f in std::iter::once(&p.file).chain(&p.duplicates) {
-            let to = new.join(f);
-            std::fs::hard_link(old.join(f), &to)
-                .or_else(|_| std::fs::copy(old.join(f), &to).map(|_| ()))
-                .map_err(Error::io(&to))?;
+            crate::manifest::link_or_copy(&old.join(f), &new.join(f))?;
         }
     }
     write_layout(new, settings, layout.parts)?;
@@ -397,11 +396,8 @@ pub(crate) fn reuse(old: &Path, new: &Path, settings: AnnSettings) -> Result<boo
 /// offset; a part that lost entries is rebuilt from the remaining keys, so removed keys are in no
 /// file of the new folder.
 pub(crate) fn carry_over(old: &Path, new: &Path, kept: &[bool], keys: &KnnIndex) -> Result<()> {
-    let bytes = std::fs::read(old.join(LAYOUT)).map_err(Error::io(old.join(LAYOUT)))?;
-    let layout: Layout = serde_json::from_slice(&bytes).map_err(|e| Error::Input {
-        path: old.join(LAYOUT),
-        message: format!("invalid index layout: {e}"),
-    })?;
+    let layout = read_layout(old)?
+        .ok_or_else(|| Error::io(old.join(LAYOUT))(std::io::ErrorKind::NotFound.into()))?;
     let mut parts = Vec::new();
     let mut new_start = 0u64;
     for p in layout.parts {
@@ -411,9 +407,7 @@ pub(crate) fn carry_over(old: &Path, new: &Path, kept: &[bool], keys: &KnnIndex)
             let link = |from: &str, file: String| -> Result<String> {
                 let to = new.join(&file);
                 if !to.exists() {
-                    std::fs::hard_link(old.join(from), &to)
-                        .or_else(|_| std::fs::copy(old.join(from), &to).map(|_| ()))
-                        .map_err(Error::io(&to))?;
+                    crate::manifest::link_or_copy(&old.join(from), &to)?;
                 }
                 Ok(file)
             };

@@ -238,10 +238,7 @@ pub fn reindex(
     let d = dir.join(&name);
     std::fs::create_dir_all(&d).map_err(Error::io(&d))?;
     for f in [KEYS, ENTRIES, DIM] {
-        let (from, to) = (dir.join(&info.dir).join(f), d.join(f));
-        std::fs::hard_link(&from, &to)
-            .or_else(|_| std::fs::copy(&from, &to).map(|_| ()))
-            .map_err(Error::io(&to))?;
+        crate::manifest::link_or_copy(&dir.join(&info.dir).join(f), &d.join(f))?;
     }
     durable::sync_dir(&d).map_err(Error::io(&d))?;
     if let Some(s) = settings {

@@ -147,3 +147,11 @@ fn hex(bytes: &[u8]) -> String {
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     durable::write_atomic(path, bytes).map_err(Error::io(path))
 }
+
+/// Gives `to` the contents of the never-changed file `from`: a hard link, or a copy where the
+/// filesystem has none.
+pub(crate) fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    std::fs::hard_link(from, to)
+        .or_else(|_| std::fs::copy(from, to).map(|_| ()))
+        .map_err(Error::io(to))
+}
