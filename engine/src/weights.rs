@@ -303,6 +303,9 @@ fn finite(path: &Path, name: &str, data: &[f32]) -> Result<()> {
     }
 }
 
+/// The page size [`release_pages`] rounds to.
+const PAGE: usize = 4096;
+
 /// Hands `mmap[begin..end]` to `convert` in chunks of whole elements, dropping the pages read so far
 /// from this process's resident set after each: loading holds the converted weights plus one chunk of
 /// the file, never a whole tensor twice (the largest, an embedding or LM head, was most of the gap
@@ -310,11 +313,13 @@ fn finite(path: &Path, name: &str, data: &[f32]) -> Result<()> {
 fn stream(mmap: &Mmap, begin: usize, end: usize, mut convert: impl FnMut(&[u8])) {
     // A multiple of every element width (2 and 4 bytes).
     const CHUNK: usize = 1 << 20;
-    let mut at = begin;
+    let (mut at, mut released) = (begin, begin);
     while at < end {
         let next = (at + CHUNK).min(end);
         convert(&mmap[at..next]);
-        release_pages(mmap, begin, next);
+        // From the page the last call stopped at: the page straddling `at` is complete only now.
+        release_pages(mmap, released, next);
+        released = released.max(next / PAGE * PAGE);
         at = next;
     }
 }
@@ -322,7 +327,6 @@ fn stream(mmap: &Mmap, begin: usize, end: usize, mut convert: impl FnMut(&[u8]))
 /// Drops the whole pages of `mmap[begin..end]` from this process's resident set once they have been
 /// converted, so loading does not hold the file and the converted weights in memory at the same time.
 fn release_pages(mmap: &Mmap, begin: usize, end: usize) {
-    const PAGE: usize = 4096;
     let (first, last) = (begin.div_ceil(PAGE) * PAGE, end / PAGE * PAGE);
     if last > first {
         // SAFETY: the map is a read-only private file mapping that no slice outlives here; after
